@@ -1,0 +1,297 @@
+"""Find, decode and validate (image, label) pairs of a dataset in its official layout."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from softprep.manifest import VOID, Manifest
+
+Image.MAX_IMAGE_PIXELS = (
+    None  # Mapillary panoramas exceed PIL's decompression-bomb guard
+)
+
+
+class DatasetError(ValueError):
+    """A dataset file or folder that cannot be used; the message names the path."""
+
+    def __init__(self, path: Path | str, message: str):
+        super().__init__(f"{path}: {message}")
+        self.path, self.message = str(path), message
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One image and its label file. ``name`` is the stem shared by both (relative path)."""
+
+    split: str
+    name: str
+    image: Path
+    label: Path
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+def _split_dirs(manifest: Manifest, root: Path, split: str) -> tuple[Path, Path]:
+    token = manifest.splits[split]
+    lay = manifest.layout
+    return root / lay["images"].format(split=token), root / lay["labels"].format(
+        split=token
+    )
+
+
+def _stems(folder: Path, suffix: str) -> dict[str, Path]:
+    return {
+        str(p.relative_to(folder))[: -len(suffix)]: p
+        for p in sorted(folder.rglob(f"*{suffix}"))
+        if p.is_file()
+    }
+
+
+def discover(
+    manifest: Manifest, root: Path, splits: list[str] | None = None
+) -> tuple[list[Pair], list[Problem]]:
+    """All pairs of the requested splits (default: every split present under ``root``),
+    sorted by split then name, and every pairing problem found (not just the first).
+
+    Raises ``DatasetError`` if ``root`` is missing or holds none of the manifest's splits.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(root, f"dataset root not found")
+    unknown = [s for s in splits or [] if s not in manifest.splits]
+    if unknown:
+        raise DatasetError(
+            root,
+            f"{manifest.dataset} has no split {unknown}; known: {', '.join(manifest.splits)}",
+        )
+    wanted = splits or [
+        s for s in manifest.splits if _split_dirs(manifest, root, s)[0].is_dir()
+    ]
+    if not wanted:
+        expected = _split_dirs(manifest, root, next(iter(manifest.splits)))[0]
+        raise DatasetError(
+            root,
+            f"no {manifest.dataset} split found (expected e.g. {expected}); "
+            "is this the dataset root?",
+        )
+    pairs, problems = [], []
+    lay = manifest.layout
+    for split in wanted:
+        img_dir, lab_dir = _split_dirs(manifest, root, split)
+        if not img_dir.is_dir():
+            problems.append(
+                Problem(str(img_dir), f"split '{split}': image folder missing")
+            )
+            continue
+        if not lab_dir.is_dir():
+            problems.append(
+                Problem(str(lab_dir), f"split '{split}': label folder missing")
+            )
+            continue
+        images = _stems(img_dir, lay["image_suffix"])
+        labels = _stems(lab_dir, lay["label_suffix"])
+        if not images:
+            problems.append(Problem(str(img_dir), f"no *{lay['image_suffix']} images"))
+        for stem, img in images.items():
+            if stem in labels:
+                pairs.append(Pair(split, stem, img, labels[stem]))
+            else:
+                expected = lab_dir / f"{stem}{lay['label_suffix']}"
+                problems.append(
+                    Problem(str(img), f"no label file (expected {expected})")
+                )
+        for stem in sorted(set(labels) - set(images)):
+            problems.append(Problem(str(labels[stem]), "label without an image"))
+    return pairs, problems
+
+
+def read_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the file header, without decoding the pixels."""
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except (OSError, SyntaxError) as e:
+        raise DatasetError(path, f"not a readable image ({e})") from e
+
+
+def decode_image(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB. Grayscale and palette images are converted; EXIF orientation is
+    deliberately not applied (the labels were drawn on the stored pixel grid)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError) as e:
+        raise DatasetError(path, f"cannot decode image ({e})") from e
+
+
+def _label_mode_error(path: Path, mode: str, manifest: Manifest) -> str:
+    if mode in ("RGB", "RGBA"):
+        if manifest.dataset == "ade20k" or path.name.endswith("_seg.png"):
+            return (
+                f"{mode} label: this looks like the full ADE20K release (class encoded as "
+                "R/10*256+G in *_seg.png). softprep reads the SceneParsing benchmark "
+                "(ADEChallengeData2016, one 8-bit value per pixel, 0 = other)"
+            )
+        return (
+            f"{mode} label: colour-coded labels are ambiguous; labels must be 8-bit class ids "
+            "(mode L) or a palette PNG (mode P) whose index is the class id"
+        )
+    if mode.startswith("I"):
+        return f"{mode} (16/32-bit) label: looks like an instance-id file, not a class-id label"
+    return f"label mode {mode} is not supported (need L or P)"
+
+
+def decode_label(path: Path, manifest: Manifest) -> np.ndarray:
+    """(H, W) uint8 train ids (``VOID`` = 255 for ignore) from a label file.
+
+    Palette (P) PNGs are read as indices, never converted to luminance. Raises
+    ``DatasetError`` naming the file for RGB/16-bit files and for values the manifest
+    does not define.
+    """
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P"):
+                raise DatasetError(
+                    path, f"{_label_mode_error(path, im.mode, manifest)}"
+                )
+            im.load()
+            raw = np.asarray(im)
+    except (OSError, SyntaxError) as e:
+        raise DatasetError(path, f"cannot decode label ({e})") from e
+    lut, valid = manifest.lookup_table()
+    seen = np.flatnonzero(np.bincount(raw.ravel(), minlength=256))
+    bad = [int(v) for v in seen if not valid[v]]
+    if bad:
+        hint = ""
+        if manifest.dataset == "cityscapes":
+            hint = (
+                " (labelTrainIds given where labelIds are expected? use --labels trainIds)"
+                if manifest.variant is None
+                else " (labelIds given where labelTrainIds are expected? drop --labels trainIds)"
+            )
+        raise DatasetError(
+            path,
+            f"label values {bad[:10]} are not defined in the {manifest.dataset} "
+            f"manifest{hint}",
+        )
+    return lut[raw]
+
+
+def load_pair(pair: Pair, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    """Decode one pair: ((H, W, 3) uint8 RGB, (H, W) uint8 train ids). Sizes must agree."""
+    image = decode_image(pair.image)
+    label = decode_label(pair.label, manifest)
+    if image.shape[:2] != label.shape:
+        raise DatasetError(
+            pair.label,
+            f"label is {label.shape[1]}x{label.shape[0]} but image "
+            f"{pair.image.name} is {image.shape[1]}x{image.shape[0]}",
+        )
+    return image, label
+
+
+def check_config_json(manifest: Manifest, root: Path) -> list[Problem]:
+    """Compare the dataset's own class config (Mapillary ``config*.json``) with the manifest:
+    one problem per label whose name or colour differs. Empty if there is no such file."""
+    if not manifest.config_json:
+        return []
+    path = Path(root) / manifest.config_json
+    if not path.is_file():
+        return []
+    try:
+        labels = json.loads(path.read_text())["labels"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        return [Problem(str(path), f"not a dataset config with a 'labels' list ({e})")]
+    problems = []
+    by_id = {c.id: c for c in manifest.classes}
+    raw_ids = sorted(manifest.label_values)
+    if len(labels) != len(raw_ids):
+        problems.append(
+            Problem(
+                str(path), f"{len(labels)} labels, the manifest defines {len(raw_ids)}"
+            )
+        )
+    for raw, entry in zip(raw_ids, labels):
+        tid = manifest.label_values[raw]
+        if tid == manifest.ignore_index:
+            continue
+        ours = by_id[tid]
+        names = {entry.get("name"), entry.get("readable")}
+        if ours.name not in names or list(ours.color) != list(entry.get("color", [])):
+            problems.append(
+                Problem(
+                    str(path),
+                    f"label {raw} is '{entry.get('name')}' {entry.get('color')}, "
+                    f"the manifest says '{ours.name}' {list(ours.color)}",
+                )
+            )
+    return problems
+
+
+@dataclass
+class ScanReport:
+    """What ``softprep scan`` prints: per split counts and sizes, a class histogram, problems."""
+
+    manifest: Manifest
+    counts: dict[str, int]
+    sizes: dict[str, dict[tuple[int, int], int]]  # split -> {(H, W): images}
+    class_pixels: np.ndarray  # (C + 1,) int64, last entry = void
+    problems: list[Problem]
+
+
+def scan(
+    manifest: Manifest,
+    root: Path,
+    splits: list[str] | None = None,
+    histogram: bool = True,
+) -> ScanReport:
+    """Check every pair (sizes, decodability, label values) and count classes.
+
+    Every problem is collected; nothing is raised for individual files.
+    """
+    from rich.progress import track
+
+    pairs, problems = discover(manifest, root, splits)
+    problems = check_config_json(manifest, root) + problems
+    counts: dict[str, int] = {}
+    sizes: dict[str, dict[tuple[int, int], int]] = {}
+    hist = np.zeros(manifest.num_classes + 1, dtype=np.int64)
+    for pair in track(pairs, description="scanning", transient=True):
+        try:
+            hw = read_size(pair.image)
+            if read_size(pair.label) != hw:
+                lh, lw = read_size(pair.label)
+                raise DatasetError(
+                    pair.label,
+                    f"label is {lw}x{lh} but image {pair.image.name} is "
+                    f"{hw[1]}x{hw[0]}",
+                )
+            if histogram:
+                label = decode_label(pair.label, manifest)
+                hist += class_histogram(label, manifest.num_classes)
+        except DatasetError as e:
+            problems.append(Problem(e.path, e.message))
+            continue
+        counts[pair.split] = counts.get(pair.split, 0) + 1
+        sizes.setdefault(pair.split, {})
+        sizes[pair.split][hw] = sizes[pair.split].get(hw, 0) + 1
+    return ScanReport(manifest, counts, sizes, hist, problems)
+
+
+def class_histogram(label: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C + 1,) int64 pixel counts of a train-id map; the last entry counts void."""
+    h = np.bincount(label.ravel(), minlength=256).astype(np.int64)
+    return np.concatenate([h[:num_classes], [h[VOID]]])

@@ -1,0 +1,197 @@
+"""Dataset manifests: the data-driven part of a dataset (classes, label values, file layout).
+
+A manifest is a JSON file (see ``manifests/`` at the repository root). Fields:
+
+- ``dataset``, ``version``, ``description``
+- ``classes``: ``[{"id": train_id, "name": str, "color": [r, g, b]}]``, train ids 0..C-1
+- ``ignore_index``: the train id of void/ignore (255)
+- ``label_values``: raw label-file value -> train id (``ignore_index`` for void); a value
+  missing from the map is invalid, or ``"identity"`` for files that already hold train ids
+- ``splits``: split name -> directory token substituted for ``{split}`` in the layout
+- ``eval_splits``: splits whose full-resolution labels are kept for evaluation
+- ``layout``: ``images``/``labels`` directories (with ``{split}``) and the
+  ``image_suffix``/``label_suffix`` that pair files by their common stem
+- ``variants`` (optional): named overrides of ``layout`` fields and ``label_values``
+- ``config_json`` (optional): the dataset's own class config file, checked against the manifest
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+VOID = 255
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be found or does not make sense."""
+
+
+def manifest_dirs() -> list[Path]:
+    """Where built-in manifests live: the repository's ``manifests/`` or the installed copy."""
+    here = Path(__file__).resolve().parent
+    return [p for p in (here.parent / "manifests", here / "_manifests") if p.is_dir()]
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    id: int
+    name: str
+    color: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    dataset: str
+    version: str
+    description: str
+    classes: tuple[ClassInfo, ...]
+    label_values: dict[int, int]
+    splits: dict[str, str]
+    eval_splits: tuple[str, ...]
+    layout: dict[str, str]
+    ignore_index: int = VOID
+    config_json: str | None = None
+    variant: str | None = None
+    source: str = ""
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    @property
+    def palette(self) -> np.ndarray:
+        """(C, 3) uint8 class colours, indexed by train id."""
+        return np.array([c.color for c in self.classes], dtype=np.uint8)
+
+    def lookup_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """Raw value -> train id as a (65536,) uint8 table and a (65536,) bool validity mask."""
+        lut = np.full(65536, VOID, dtype=np.uint8)
+        valid = np.zeros(65536, dtype=bool)
+        for raw, tid in self.label_values.items():
+            lut[raw] = VOID if tid == self.ignore_index else tid
+            valid[raw] = True
+        return lut, valid
+
+    def raw_value_of(self, train_id: int) -> int:
+        """The first raw label value that maps to ``train_id`` (``VOID`` for void)."""
+        target = self.ignore_index if train_id == VOID else train_id
+        for raw, tid in sorted(self.label_values.items()):
+            if tid == target:
+                return raw
+        raise ManifestError(
+            f"{self.source}: no raw label value maps to train id {train_id}"
+        )
+
+    def to_json(self) -> dict:
+        """The manifest as it was loaded, with the chosen variant applied."""
+        return {**self.raw, "variant": self.variant}
+
+
+def _parse(raw: dict, source: str, variant: str | None) -> Manifest:
+    for key in ("dataset", "classes", "label_values", "splits", "layout"):
+        if key not in raw:
+            raise ManifestError(f"{source}: missing field '{key}'")
+    layout = dict(raw["layout"])
+    values = raw["label_values"]
+    if variant is not None:
+        variants = raw.get("variants", {})
+        if variant not in variants:
+            raise ManifestError(
+                f"{source}: no label variant '{variant}'; known: {sorted(variants) or 'none'}"
+            )
+        override = dict(variants[variant])
+        values = override.pop("label_values", values)
+        layout.update(override)
+    classes = tuple(
+        ClassInfo(int(c["id"]), str(c["name"]), tuple(int(v) for v in c["color"]))
+        for c in raw["classes"]
+    )
+    if [c.id for c in classes] != list(range(len(classes))):
+        raise ManifestError(f"{source}: class ids must be 0..C-1 in order")
+    if not 0 < len(classes) < VOID:
+        raise ManifestError(f"{source}: need 1..254 classes, got {len(classes)}")
+    ignore = int(raw.get("ignore_index", VOID))
+    if values == "identity":
+        label_values = {c.id: c.id for c in classes} | {ignore: ignore}
+    else:
+        label_values = {int(k): int(v) for k, v in values.items()}
+    bad = {
+        k: v
+        for k, v in label_values.items()
+        if v != ignore and not 0 <= v < len(classes)
+    }
+    if bad:
+        raise ManifestError(f"{source}: label_values map to unknown train ids: {bad}")
+    for key in ("images", "labels", "image_suffix", "label_suffix"):
+        if key not in layout:
+            raise ManifestError(f"{source}: layout is missing '{key}'")
+    return Manifest(
+        dataset=str(raw["dataset"]),
+        version=str(raw.get("version", "")),
+        description=str(raw.get("description", "")),
+        classes=classes,
+        label_values=label_values,
+        splits=dict(raw["splits"]),
+        eval_splits=tuple(raw.get("eval_splits", ())),
+        layout=layout,
+        ignore_index=ignore,
+        config_json=raw.get("config_json"),
+        variant=variant,
+        source=source,
+        raw=raw,
+    )
+
+
+def available() -> list[dict]:
+    """Every built-in manifest as its raw dict, with ``path``."""
+    found = []
+    for d in manifest_dirs():
+        for p in sorted(d.glob("*.json")):
+            found.append(json.loads(p.read_text()) | {"path": str(p)})
+    return found
+
+
+def load_manifest(
+    name: str, version: str | None = None, variant: str | None = None
+) -> Manifest:
+    """A manifest by dataset name (``cityscapes``, ``mapillary``, ``ade20k``), optionally a
+    version (``v2.0``), or by the path of a user-written JSON file (the ``folder`` dataset)."""
+    path = Path(name)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise ManifestError(f"{path}: manifest file not found")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{path}: not valid JSON ({e})") from e
+        return _parse(raw, str(path), variant)
+    candidates = [m for m in available() if m["dataset"] == name]
+    if not candidates:
+        known = sorted({m["dataset"] for m in available()})
+        raise ManifestError(
+            f"unknown dataset '{name}'; known: {', '.join(known)}, or a path to a manifest .json"
+        )
+    if version is not None:
+        candidates = [m for m in candidates if m.get("version") == version]
+        if not candidates:
+            versions = sorted(
+                m.get("version", "") for m in available() if m["dataset"] == name
+            )
+            raise ManifestError(
+                f"{name}: no version '{version}'; known: {', '.join(versions)}"
+            )
+    elif len(candidates) > 1:
+        candidates = [m for m in candidates if m.get("default_version")] or candidates[
+            :1
+        ]
+    raw = dict(candidates[0])
+    return _parse(raw, raw.pop("path"), variant)

@@ -1,0 +1,56 @@
+"""Top-K exact-sum quantisation of soft labels to uint8.
+
+A soft label with K kept classes per pixel is stored as K uint8 class ids and K uint8
+probabilities that sum to exactly 255. Encoding: renormalise the kept mass to 1, scale by
+255, floor, then hand the missing units to the entries with the largest remainders
+(largest-remainder / Hamilton rounding). Each entry is within 1/255 of the renormalised
+probability, slot order is preserved, so slot 0 stays the argmax (the hard label).
+
+On disk (``softprep.store``) the K id planes are followed by the probabilities of slots
+1..K-1; slot 0's probability is 255 minus their sum.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TOTAL = 255
+RULE = "top-k, renormalised, largest-remainder rounding to sum 255"
+
+
+def quantize_probs(prob: np.ndarray) -> np.ndarray:
+    """(K, ...) non-negative float, slot 0 > 0 -> (K, ...) uint8 summing to 255 over axis 0."""
+    x = prob / prob.sum(axis=0, keepdims=True) * TOTAL
+    base = np.floor(x)
+    deficit = TOTAL - base.sum(axis=0, keepdims=True)
+    order = np.argsort(-(x - base), axis=0, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(
+        rank,
+        order,
+        np.arange(len(prob)).reshape((-1,) + (1,) * (prob.ndim - 1)),
+        axis=0,
+    )
+    return (base + (rank < deficit)).astype(np.uint8)
+
+
+def encode_planes(index: np.ndarray, prob: np.ndarray) -> np.ndarray:
+    """(K, H, W) uint8 ids + (K, H, W) float probs -> (2K-1, H, W) uint8 store planes.
+
+    Only pixels with more than one class are rounded; single-class pixels store 255.
+    """
+    k = len(index)
+    rest = np.zeros((k - 1,) + index.shape[1:], dtype=np.uint8)
+    mixed = prob[1] > 0
+    rest[:, mixed] = quantize_probs(prob[:, mixed])[1:]
+    return np.concatenate([index, rest], axis=0)
+
+
+def decode_planes(planes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(..., 2K-1, H, W) uint8 store planes -> ids (..., K, H, W) uint8 and
+    probabilities (..., K, H, W) uint8 summing to 255 (axis -3)."""
+    k = (planes.shape[-3] + 1) // 2
+    index = planes[..., :k, :, :]
+    rest = planes[..., k:, :, :]
+    first = TOTAL - rest.sum(axis=-3, dtype=np.int32, keepdims=True)
+    return index, np.concatenate([first.astype(np.uint8), rest], axis=-3)

@@ -1,0 +1,279 @@
+"""Resampling kernels and the paired down-sampling of colour images and soft labels.
+
+Every kernel is separable and expressed as sparse per-axis weights (``AxisWeights``). The
+same weights drive the colour image and the soft label, which is what makes them paired.
+
+Kernels (``antialias=True`` is the default and follows PIL / torch ``antialias=True``: the
+filter support grows with the down-sampling factor so every input pixel contributes):
+
+- ``nearest``: centre sampling, ``src = floor((i + 0.5) * s)`` (PIL, torch ``nearest-exact``)
+- ``nearest-floor``: top-left sampling, ``src = floor(i * s)`` (torch ``nearest``, OpenCV);
+  shifted by (s - 1) / 2 input pixels against a smooth colour resize
+- ``area``: exact area coverage (PIL ``BOX``); without antialias, torch ``area``
+  (adaptive average pooling)
+- ``bilinear``: triangle filter; without antialias a 2-tap filter (torch, align_corners=False)
+- ``bicubic``: Keys cubic, a = -0.5 with antialias (PIL), a = -0.75 without (torch).
+  Its negative lobes can give negative class mass; soft labels clip it and renormalise.
+
+``s = n_in / n_out`` per axis; output sizes are ``round_half_up(n_in * scale)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from softprep.manifest import VOID
+
+KERNELS = ("nearest", "nearest-floor", "area", "bilinear", "bicubic")
+NEAREST_KERNELS = ("nearest", "nearest-floor")
+_PIL_FILTERS = {"area": Image.BOX, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+_SUPPORT = {"area": 0.5, "bilinear": 1.0, "bicubic": 2.0}
+
+
+@dataclass(frozen=True)
+class AxisWeights:
+    """Sparse 1-D resampling: output ``i`` = sum_t ``weight[i, t] * input[index[i, t]]``.
+
+    ``index``: (n_out, T) int64 in [0, n_in); ``weight``: (n_out, T) float64, rows sum to 1.
+    Zero-weight taps repeat the row's strongest tap, so min/max over taps ignore them.
+    """
+
+    index: np.ndarray
+    weight: np.ndarray
+    n_in: int
+
+    @property
+    def n_out(self) -> int:
+        return self.index.shape[0]
+
+    def column_sums(self) -> np.ndarray:
+        """(n_in,) float64: total weight each input sample gives to all outputs."""
+        return np.bincount(self.index.ravel(), self.weight.ravel(), minlength=self.n_in)
+
+    def dense(self) -> np.ndarray:
+        """(n_out, n_in) float64 matrix; for tests and small inputs only."""
+        m = np.zeros((self.n_out, self.n_in))
+        np.add.at(m, (np.arange(self.n_out)[:, None], self.index), self.weight)
+        return m
+
+
+def output_size(n: int, scale: float) -> int:
+    """Output length for ``n`` input samples at ``scale`` (round half up, at least 1)."""
+    return max(1, int(np.floor(n * scale + 0.5)))
+
+
+def _filter(kernel: str, x: np.ndarray, a: float) -> np.ndarray:
+    x = np.abs(x)
+    if kernel == "area":
+        return (x <= 0.5).astype(
+            np.float64
+        )  # PIL box: (-0.5, 0.5]; |x| form is symmetric
+    if kernel == "bilinear":
+        return np.clip(1.0 - x, 0.0, None)
+    return np.where(
+        x < 1,
+        ((a + 2) * x - (a + 3)) * x * x + 1,
+        np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0),
+    )
+
+
+def _antialiased(n_in: int, n_out: int, kernel: str) -> tuple[np.ndarray, np.ndarray]:
+    scale = n_in / n_out
+    fscale = max(scale, 1.0)
+    support = _SUPPORT[kernel] * fscale
+    centre = (np.arange(n_out) + 0.5) * scale
+    lo = np.maximum((centre - support + 0.5).astype(np.int64), 0)
+    hi = np.minimum((centre + support + 0.5).astype(np.int64), n_in)
+    taps = int((hi - lo).max())
+    index = lo[:, None] + np.arange(taps)[None, :]
+    x = (index - centre[:, None] + 0.5) / fscale
+    if kernel == "area":  # PIL's box filter is half-open: x in (-0.5, 0.5]
+        w = ((x > -0.5) & (x <= 0.5)).astype(np.float64)
+    else:
+        w = _filter(kernel, x, a=-0.5)
+    w[index >= hi[:, None]] = 0.0
+    return np.minimum(index, n_in - 1), w
+
+
+def _plain(n_in: int, n_out: int, kernel: str) -> tuple[np.ndarray, np.ndarray]:
+    scale = n_in / n_out
+    i = np.arange(n_out)
+    if kernel == "area":  # torch adaptive average pooling
+        start = (i * n_in) // n_out
+        end = -((-(i + 1) * n_in) // n_out)
+        taps = int((end - start).max())
+        index = start[:, None] + np.arange(taps)[None, :]
+        w = (index < end[:, None]).astype(np.float64)
+        return np.minimum(index, n_in - 1), w
+    src = (i + 0.5) * scale - 0.5
+    if kernel == "bilinear":
+        src = np.maximum(src, 0.0)
+        i0 = np.floor(src).astype(np.int64)
+        t = src - i0
+        index = np.stack([i0, i0 + 1], axis=1)
+        w = np.stack([1 - t, t], axis=1)
+    else:  # bicubic, torch's a = -0.75 with replicated borders
+        i0 = np.floor(src).astype(np.int64)
+        t = (src - i0)[:, None]
+        index = i0[:, None] + np.arange(-1, 3)[None, :]
+        w = _filter("bicubic", t - np.arange(-1, 3)[None, :], a=-0.75)
+    return np.clip(index, 0, n_in - 1), w
+
+
+def axis_weights(
+    n_in: int, n_out: int, kernel: str, antialias: bool = True
+) -> AxisWeights:
+    """Weights resampling ``n_in`` samples to ``n_out`` with ``kernel``."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel '{kernel}'; choose from {', '.join(KERNELS)}")
+    scale = n_in / n_out
+    if kernel in NEAREST_KERNELS:
+        offset = 0.5 if kernel == "nearest" else 0.0
+        src = np.floor((np.arange(n_out) + offset) * scale).astype(np.int64)
+        index, w = np.minimum(src, n_in - 1)[:, None], np.ones((n_out, 1))
+    elif antialias:
+        index, w = _antialiased(n_in, n_out, kernel)
+    else:
+        index, w = _plain(n_in, n_out, kernel)
+    w = w / w.sum(axis=1, keepdims=True)
+    strongest = np.take_along_axis(index, np.abs(w).argmax(axis=1)[:, None], axis=1)
+    index = np.where(w == 0, strongest, index)
+    return AxisWeights(index=index, weight=w, n_in=n_in)
+
+
+@dataclass(frozen=True)
+class Resampler:
+    """The separable kernel from an (H, W) input to an (Ho, Wo) output."""
+
+    kernel: str
+    antialias: bool
+    y: AxisWeights
+    x: AxisWeights
+
+    @classmethod
+    def make(cls, in_hw, out_hw, kernel: str, antialias: bool = True) -> Resampler:
+        return cls(
+            kernel,
+            antialias,
+            axis_weights(in_hw[0], out_hw[0], kernel, antialias),
+            axis_weights(in_hw[1], out_hw[1], kernel, antialias),
+        )
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return self.y.n_out, self.x.n_out
+
+    def resample_float(self, planes: np.ndarray) -> np.ndarray:
+        """(H, W, ...) float -> (Ho, Wo, ...) float64 with the sparse weights."""
+        out = 0.0
+        for t in range(self.x.index.shape[1]):
+            w = self.x.weight[:, t].reshape((1, -1) + (1,) * (planes.ndim - 2))
+            out = out + planes[:, self.x.index[:, t]] * w
+        res = 0.0
+        for t in range(self.y.index.shape[1]):
+            w = self.y.weight[:, t].reshape((-1,) + (1,) * (planes.ndim - 1))
+            res = res + out[self.y.index[:, t]] * w
+        return res
+
+    def colour(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 -> (Ho, Wo, 3) uint8, rounded and clipped.
+
+        Antialiased smooth kernels use PIL's resize, which computes these same weights in
+        C; the others apply the weights here (nearest kernels by indexing).
+        """
+        if self.kernel in NEAREST_KERNELS:
+            return image[self.y.index[:, 0]][:, self.x.index[:, 0]]
+        if self.antialias:
+            pil = Image.fromarray(image).resize(
+                (self.x.n_out, self.y.n_out), _PIL_FILTERS[self.kernel]
+            )
+            return np.asarray(pil)
+        out = self.resample_float(image.astype(np.float32))
+        return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
+
+    def nearest_label(self, label: np.ndarray) -> np.ndarray:
+        """(Ho, Wo) label sampled at each output's strongest tap (only exact for nearest)."""
+        return label[self.y.index[:, 0]][:, self.x.index[:, 0]]
+
+    def class_mass(self, label: np.ndarray, num_classes: int) -> np.ndarray:
+        """(C + 1,) float64 sum over output pixels of the (linear) soft label, void last.
+
+        Exact and cheap: each input pixel contributes the product of its axis column sums.
+        """
+        cy, cx = self.y.column_sums(), self.x.column_sums()
+        mass = np.zeros(256)
+        for row, wy in zip(label, cy):
+            mass += wy * np.bincount(row, cx, minlength=256)
+        return np.concatenate([mass[:num_classes], [mass[VOID]]])
+
+    def _tap_range(self, label: np.ndarray, reduce) -> np.ndarray:
+        acc = label[:, self.x.index[:, 0]]
+        for t in range(1, self.x.index.shape[1]):
+            acc = reduce(acc, label[:, self.x.index[:, t]])
+        out = acc[self.y.index[:, 0]]
+        for t in range(1, self.y.index.shape[1]):
+            out = reduce(out, acc[self.y.index[:, t]])
+        return out
+
+    def soft_topk(self, label: np.ndarray, k: int, chunk: int = 1 << 22):
+        """Top-``k`` soft label of an (H, W) uint8 train-id map (void = 255 is a class).
+
+        Returns ``index`` (k, Ho, Wo) uint8 class ids and ``prob`` (k, Ho, Wo) float32
+        class proportions, sorted by decreasing proportion (slot 0 = argmax), and
+        ``truncated`` (Ho, Wo) float32, the mass dropped by keeping only ``k`` classes.
+        No dense one-hot: output pixels whose taps all hold one class are set directly;
+        the rest are reduced from their taps, so cost grows with pixels, not classes.
+        ``chunk`` bounds the taps held in memory at once.
+        """
+        ho, wo = self.out_hw
+        lo = self._tap_range(label, np.minimum)
+        hi = self._tap_range(label, np.maximum)
+        index = np.zeros((k, ho * wo), dtype=np.uint8)
+        prob = np.zeros((k, ho * wo), dtype=np.float32)
+        truncated = np.zeros(ho * wo, dtype=np.float32)
+        index[0], prob[0] = lo.ravel(), 1.0
+        mixed = np.flatnonzero((lo != hi).ravel())
+        ty, tx = self.y.index.shape[1], self.x.index.shape[1]
+        step = max(1, chunk // (ty * tx))
+        for start in range(0, len(mixed), step):
+            m = mixed[start : start + step]
+            oy, ox = np.divmod(m, wo)
+            iy, ix = self.y.index[oy], self.x.index[ox]
+            labels = label[iy[:, :, None], ix[:, None, :]].reshape(len(m), -1)
+            weights = (
+                self.y.weight[oy][:, :, None] * self.x.weight[ox][:, None, :]
+            ).reshape(len(m), -1)
+            cls, mass, total = _class_masses(labels, weights)
+            top = np.argsort(-mass, axis=1, kind="stable")[:, :k]
+            kept = np.take_along_axis(mass, top, axis=1)
+            n = top.shape[1]
+            index[:n, m] = np.where(kept > 0, np.take_along_axis(cls, top, axis=1), 0).T
+            prob[:n, m] = (kept / total[:, None]).T
+            prob[n:, m] = 0.0
+            truncated[m] = np.clip(1.0 - kept.sum(axis=1) / total, 0.0, None)
+        return (
+            index.reshape(k, ho, wo),
+            prob.reshape(k, ho, wo),
+            truncated.reshape(ho, wo),
+        )
+
+
+def _class_masses(labels: np.ndarray, weights: np.ndarray):
+    """Per row, sum ``weights`` by ``labels``: (M, T) -> class ids (M, T), masses (M, T)
+    (non-negative, 0 where no class ends) and total positive mass (M,)."""
+    order = np.argsort(labels, axis=1, kind="stable")
+    cls = np.take_along_axis(labels, order, axis=1)
+    cum = np.cumsum(np.take_along_axis(weights, order, axis=1), axis=1)
+    ends = np.ones(cls.shape, dtype=bool)
+    ends[:, :-1] = cls[:, 1:] != cls[:, :-1]
+    prev = np.zeros_like(cum)
+    rows, cols = np.nonzero(ends)
+    run_sum = cum[rows, cols]
+    first = np.r_[True, rows[1:] != rows[:-1]]
+    before = np.where(first, 0.0, np.r_[0.0, run_sum[:-1]])
+    prev[rows, cols] = run_sum - before
+    mass = np.clip(prev, 0.0, None)  # bicubic lobes: negative class mass is clipped
+    return cls, mass, mass.sum(axis=1)
