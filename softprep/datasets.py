@@ -69,7 +69,7 @@ def discover(
     """
     root = Path(root)
     if not root.is_dir():
-        raise DatasetError(root, f"dataset root not found")
+        raise DatasetError(root, "dataset root not found")
     unknown = [s for s in splits or [] if s not in manifest.splits]
     if unknown:
         raise DatasetError(
@@ -291,7 +291,13 @@ def scan(
     return ScanReport(manifest, counts, sizes, hist, problems)
 
 
+def with_void_last(hist256: np.ndarray, num_classes: int) -> np.ndarray:
+    """(256,) per-train-id values -> (C + 1,): the C classes, then void."""
+    return np.concatenate([hist256[:num_classes], [hist256[VOID]]])
+
+
 def class_histogram(label: np.ndarray, num_classes: int) -> np.ndarray:
     """(C + 1,) int64 pixel counts of a train-id map; the last entry counts void."""
-    h = np.bincount(label.ravel(), minlength=256).astype(np.int64)
-    return np.concatenate([h[:num_classes], [h[VOID]]])
+    return with_void_last(
+        np.bincount(label.ravel(), minlength=256).astype(np.int64), num_classes
+    )

@@ -25,8 +25,6 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from softprep.manifest import VOID
-
 KERNELS = ("nearest", "nearest-floor", "area", "bilinear", "bicubic")
 NEAREST_KERNELS = ("nearest", "nearest-floor")
 _PIL_FILTERS = {"area": Image.BOX, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
@@ -198,16 +196,22 @@ class Resampler:
         """(Ho, Wo) label sampled at each output's strongest tap (only exact for nearest)."""
         return label[self.y.index[:, 0]][:, self.x.index[:, 0]]
 
-    def class_mass(self, label: np.ndarray, num_classes: int) -> np.ndarray:
-        """(C + 1,) float64 sum over output pixels of the (linear) soft label, void last.
+    def class_mass(
+        self, label: np.ndarray, counts: np.ndarray | None = None
+    ) -> np.ndarray:
+        """(256,) float64 per label value: sum over output pixels of the (linear) soft
+        label. ``counts``: the label's (256,) full-resolution histogram, if known.
 
-        Exact and cheap: each input pixel contributes the product of its axis column sums.
+        Exact without resampling: nearest kernels count the sampled pixels; smooth ones
+        weight each input pixel by the product of its axis column sums (``separable_mass``).
         """
-        cy, cx = self.y.column_sums(), self.x.column_sums()
-        mass = np.zeros(256)
-        for row, wy in zip(label, cy):
-            mass += wy * np.bincount(row, cx, minlength=256)
-        return np.concatenate([mass[:num_classes], [mass[VOID]]])
+        if self.kernel in NEAREST_KERNELS:
+            return np.bincount(self.nearest_label(label).ravel(), minlength=256).astype(
+                float
+            )
+        if counts is None:
+            counts = np.bincount(label.ravel(), minlength=256)
+        return separable_mass(label, self.y.column_sums(), self.x.column_sums(), counts)
 
     def _tap_range(self, label: np.ndarray, reduce) -> np.ndarray:
         acc = label[:, self.x.index[:, 0]]
@@ -277,3 +281,41 @@ def _class_masses(labels: np.ndarray, weights: np.ndarray):
     prev[rows, cols] = run_sum - before
     mass = np.clip(prev, 0.0, None)  # bicubic lobes: negative class mass is clipped
     return cls, mass, mass.sum(axis=1)
+
+
+def _split_common(c: np.ndarray) -> tuple[float, np.ndarray]:
+    """``c`` = common value + sparse deviations: (most frequent value, indices that differ)."""
+    values, counts = np.unique(np.round(c, 12), return_counts=True)
+    common = float(values[counts.argmax()])
+    return common, np.flatnonzero(np.abs(c - common) > 1e-12)
+
+
+def separable_mass(
+    label: np.ndarray, cy: np.ndarray, cx: np.ndarray, counts: np.ndarray
+):
+    """(256,) float64: sum over pixels of ``cy[h] * cx[w]`` per label value, given the
+    label's (256,) histogram ``counts``.
+
+    ``cy = a + dy``, ``cx = b + dx`` with sparse ``dy``/``dx`` (kernel borders, or the
+    sampled rows of a nearest kernel): only the rows and columns where they are non-zero
+    are visited, so the cost is far below one weighted pass over every pixel.
+    """
+    a, ry = _split_common(cy)
+    b, rx = _split_common(cx)
+    mass = a * b * counts.astype(np.float64)
+    if len(rx):
+        cols = label[:, rx]
+        mass += a * np.bincount(
+            cols.ravel(), np.broadcast_to(cx[rx] - b, cols.shape).ravel(), 256
+        )
+    if len(ry):
+        rows = label[ry]
+        dy = (cy[ry] - a)[:, None]
+        mass += np.bincount(
+            rows.ravel(), np.broadcast_to(dy * b, rows.shape).ravel(), 256
+        )
+        if len(rx):
+            both = rows[:, rx]
+            w = dy * (cx[rx] - b)[None, :]
+            mass += np.bincount(both.ravel(), w.ravel(), 256)
+    return mass

@@ -110,8 +110,7 @@ def scene_image(label: np.ndarray, palette: np.ndarray, rng: np.random.Generator
     pal[: len(palette)] = palette
     pal[VOID] = (20, 20, 20)
     img = pal[label]
-    h, w = label.shape
-    shade = np.linspace(0.85, 1.1, h, dtype=np.float32)[:, None, None]
+    shade = np.linspace(0.85, 1.1, label.shape[0], dtype=np.float32)[:, None, None]
     img = img * shade + rng.normal(0, 6, size=img.shape).astype(np.float32)
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 

@@ -1,0 +1,418 @@
+"""``softprep build``: read a dataset once, write paired soft-label pyramids to a store.
+
+The parent discovers pairs, reads their sizes from file headers, creates every array, then
+runs one joblib task per image. A task decodes the pair, computes every level (soft label,
+colour, statistics) and writes that image's whole shards; it returns only the small
+per-image statistics, which the parent writes in batches followed by the ``done`` flags.
+Killing the build at any point loses at most the unflushed batch; running the same command
+again skips completed images and rewrites the others whole.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import joblib
+import numpy as np
+import zarr
+
+from softprep import __version__, store
+from softprep.datasets import (
+    DatasetError,
+    Pair,
+    Problem,
+    check_config_json,
+    discover,
+    load_pair,
+    read_size,
+    with_void_last,
+)
+from softprep.manifest import VOID, Manifest
+from softprep.quantize import RULE, encode_planes
+from softprep.resample import KERNELS, Resampler, output_size
+
+BASE_STRATEGIES = ("soft", "nn", "nn-floor")
+FLUSH_EVERY = 32
+FLUSH_SECONDS = 5.0
+
+
+class BuildError(RuntimeError):
+    """The build cannot start or had to stop; the message names the files concerned."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What a store is built with; stored in its metadata and checked on resume.
+
+    ``scales``: fractions of each image's size, or of the size at which its short side is
+    ``short_side`` px. ``stats_for``: extra strategies whose class priors are recorded
+    (``area``, ``bilinear``, ``bicubic``; ``-noaa`` suffix for no antialias).
+    """
+
+    scales: tuple[float, ...]
+    kernel: str = "bilinear"
+    antialias: bool = True
+    k: int = 6
+    short_side: int | None = None
+    stats_for: tuple[str, ...] = ()
+    splits: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if not self.scales:
+            raise ValueError("give at least one scale")
+        if self.kernel not in KERNELS:
+            raise ValueError(
+                f"unknown kernel '{self.kernel}'; choose from {', '.join(KERNELS)}"
+            )
+        if not 1 <= self.k <= 16:
+            raise ValueError(f"k must be in 1..16, got {self.k}")
+        for s in self.stats_for:
+            strategy_kernel(s, self)
+
+    @property
+    def strategies(self) -> list[str]:
+        return list(BASE_STRATEGIES) + [
+            s for s in self.stats_for if s not in BASE_STRATEGIES
+        ]
+
+
+def strategy_kernel(name: str, options: BuildOptions) -> tuple[str, bool]:
+    """A statistics strategy -> (kernel, antialias). ``soft`` is the store's own kernel."""
+    if name == "soft":
+        return options.kernel, options.antialias
+    if name == "nn":
+        return "nearest", True
+    if name == "nn-floor":
+        return "nearest-floor", True
+    kernel, _, suffix = name.partition("-")
+    if kernel not in ("area", "bilinear", "bicubic") or suffix not in ("", "noaa"):
+        raise ValueError(
+            f"unknown strategy '{name}'; use nn, nn-floor, area, bilinear, bicubic "
+            "(add -noaa for no antialias, e.g. bilinear-noaa)"
+        )
+    return kernel, suffix != "noaa"
+
+
+def level_size(
+    hw: tuple[int, int], scale: float, short_side: int | None
+) -> tuple[int, int]:
+    """Output (h, w) of an (H, W) image at ``scale`` (relative to ``short_side`` if given)."""
+    f = scale * (short_side / min(hw) if short_side else 1.0)
+    return output_size(hw[0], f), output_size(hw[1], f)
+
+
+@dataclass
+class ImageResult:
+    """What a task returns to the parent: statistics or the error that stopped it."""
+
+    index: int
+    full: np.ndarray | None = None  # (C+1,) int64
+    levels: dict = field(
+        default_factory=dict
+    )  # name -> {"truncated": (2,), strategy: (C+1,)}
+    error: str | None = None
+
+
+def process_pair(
+    pair: Pair, manifest: Manifest, options: BuildOptions, keep_full: bool
+):
+    """Decode one pair and compute every level: returns ({level: (planes, rgb)}, result
+    without index, full label or None). Pure: writes nothing."""
+    image, label = load_pair(pair, manifest)
+    counts = np.bincount(label.ravel(), minlength=256)
+    c = manifest.num_classes
+    result = ImageResult(index=-1, full=with_void_last(counts, c))
+    arrays = {}
+    for scale in options.scales:
+        out_hw = level_size(label.shape, scale, options.short_side)
+        r = Resampler.make(label.shape, out_hw, options.kernel, options.antialias)
+        index, prob, truncated = r.soft_topk(label, options.k)
+        arrays[store.level_name(scale)] = (encode_planes(index, prob), r.colour(image))
+        stats = {"truncated": np.array([truncated.sum(), truncated.max()])}
+        for s in options.strategies:
+            kernel, aa = strategy_kernel(s, options)
+            rs = (
+                r
+                if (kernel, aa) == (r.kernel, r.antialias)
+                else Resampler.make(label.shape, out_hw, kernel, aa)
+            )
+            stats[s] = with_void_last(rs.class_mass(label, counts), c)
+        result.levels[store.level_name(scale)] = stats
+    return arrays, result, (label if keep_full else None)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_for_write(url: str, build_id: str) -> zarr.Group:
+    return zarr.open_group(url, mode="r+")
+
+
+def _task(url, build_id, i, pair, manifest, options, keep_full, catch) -> ImageResult:
+    """One image: compute and write its shards (runs in a worker)."""
+    try:
+        arrays, result, full = process_pair(pair, manifest, options, keep_full)
+    except DatasetError as e:
+        if not catch:
+            raise
+        return ImageResult(index=i, error=str(e))
+    store.write_image(_open_for_write(url, build_id), i, arrays, full)
+    result.index = i
+    return result
+
+
+@dataclass
+class BuildSummary:
+    url: str
+    total: int
+    built: int
+    already_done: int
+    skipped: list[Problem]
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.built / self.seconds if self.seconds else 0.0
+
+
+def _config(manifest: Manifest, options: BuildOptions) -> dict:
+    cfg = asdict(options)
+    cfg["scales"] = list(options.scales)
+    cfg["stats_for"] = list(options.stats_for)
+    cfg["splits"] = list(options.splits) if options.splits else None
+    cfg.update(
+        dataset=manifest.dataset, version=manifest.version, variant=manifest.variant
+    )
+    return cfg
+
+
+def _metadata(manifest: Manifest, options: BuildOptions, splits: list[str]) -> dict:
+    return {
+        "format": "softprep-store/1",
+        "softprep_version": __version__,
+        "build_id": uuid.uuid4().hex,
+        "config": _config(manifest, options),
+        "dataset": manifest.dataset,
+        "dataset_version": manifest.version,
+        "manifest": manifest.to_json(),
+        "kernel": options.kernel,
+        "antialias": options.antialias,
+        "scales": list(options.scales),
+        "short_side": options.short_side,
+        "k": options.k,
+        "quantisation": RULE,
+        "void_index": VOID,
+        "strategies": options.strategies,
+        "splits": splits,
+        "eval_splits": list(manifest.eval_splits),
+        "skipped": [],
+        "complete": False,
+        # OME-NGFF vocabulary for the pyramid; not a conformant OME-NGFF label image.
+        "multiscales": [
+            {
+                "name": manifest.dataset,
+                "axes": [
+                    {"name": "c", "type": "channel"},
+                    {"name": "y", "type": "space"},
+                    {"name": "x", "type": "space"},
+                ],
+                "datasets": [
+                    {
+                        "path": f"levels/{store.level_name(s)}/soft",
+                        "coordinateTransformations": [
+                            {"type": "scale", "scale": [1, 1 / s, 1 / s]},
+                            {
+                                "type": "translation",
+                                "translation": [0, (1 / s - 1) / 2, (1 / s - 1) / 2],
+                            },
+                        ],
+                    }
+                    for s in options.scales
+                ],
+            }
+        ],
+    }
+
+
+def _prepare(manifest, root, options, on_error):
+    pairs, problems = discover(manifest, Path(root), list(options.splits or []) or None)
+    config_problems = check_config_json(manifest, Path(root))
+    if config_problems:
+        lines = "\n".join(f"  {p}" for p in config_problems[:20])
+        raise BuildError(
+            f"the dataset's class config disagrees with the manifest:\n{lines}"
+        )
+    sizes, kept = [], []
+    for pair in pairs:
+        try:
+            hw = read_size(pair.image)
+            if read_size(pair.label) != hw:
+                lh, lw = read_size(pair.label)
+                raise DatasetError(
+                    pair.label,
+                    f"label is {lw}x{lh} but image {pair.image.name} is {hw[1]}x{hw[0]}",
+                )
+        except DatasetError as e:
+            problems.append(Problem(e.path, e.message))
+            continue
+        sizes.append(hw)
+        kept.append(pair)
+    if problems and on_error == "fail":
+        lines = "\n".join(f"  {p}" for p in problems[:50])
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        raise BuildError(
+            f"{len(problems)} problem(s) in the dataset (use --on-error skip to build "
+            f"without them):\n{lines}{more}"
+        )
+    if not kept:
+        raise BuildError(f"{root}: no usable image/label pairs")
+    return kept, np.array(sizes, dtype=np.int64).reshape(-1, 2), problems
+
+
+def _open_or_create(url, manifest, options, pairs, sizes):
+    names = [f"{p.split}/{p.name}" for p in pairs]
+    splits = list(dict.fromkeys(p.split for p in pairs))
+    try:
+        existing = store.SoftStore(url, mode="r+")
+    except store.StoreError:
+        existing = None
+    if existing is not None:
+        old, new = existing.meta.get("config", {}), _config(manifest, options)
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff:
+            changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+            raise BuildError(
+                f"{url} was built with other options ({changes}); use another --out or "
+                "delete it to rebuild"
+            )
+        if list(existing.names()) != names:
+            raise BuildError(
+                f"{url} holds a different list of images than {len(names)} pairs found now "
+                "(dataset changed?); use another --out or delete it to rebuild"
+            )
+        return existing.root, existing.meta
+    meta = _metadata(manifest, options, splits)
+    split_idx = np.array([splits.index(p.split) for p in pairs], dtype=np.uint8)
+    level_hw = {
+        s: np.array([level_size(tuple(hw), s, options.short_side) for hw in sizes])
+        for s in options.scales
+    }
+    eval_mask = np.array([p.split in manifest.eval_splits for p in pairs])
+    root = store.create(
+        url,
+        meta,
+        names,
+        split_idx,
+        sizes,
+        level_hw,
+        manifest.num_classes,
+        options.k,
+        options.strategies,
+        eval_mask,
+    )
+    return root, meta
+
+
+class _StatsWriter:
+    """Buffers per-image statistics in the parent and writes them, then ``done``, in batches."""
+
+    def __init__(self, root: zarr.Group, strategies: list[str]):
+        self.root, self.strategies = root, strategies
+        self.buffer: list[ImageResult] = []
+        self.last = time.monotonic()
+
+    def add(self, result: ImageResult) -> None:
+        self.buffer.append(result)
+        if (
+            len(self.buffer) >= FLUSH_EVERY
+            or time.monotonic() - self.last > FLUSH_SECONDS
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        idx = [r.index for r in self.buffer]
+        self.root["stats/full"].oindex[idx, :] = np.stack([r.full for r in self.buffer])
+        for name in self.buffer[0].levels:
+            g = self.root[f"levels/{name}"]
+            rows = [r.levels[name] for r in self.buffer]
+            g["truncated"].oindex[idx, :] = np.stack([r["truncated"] for r in rows])
+            for s in self.strategies:
+                g[f"stats/{s}"].oindex[idx, :] = np.stack([r[s] for r in rows])
+        self.root["images/done"].oindex[idx] = True
+        self.buffer, self.last = [], time.monotonic()
+
+
+def build(
+    manifest: Manifest,
+    root: str | Path,
+    url: str,
+    options: BuildOptions,
+    jobs: int = 1,
+    on_error: str = "fail",
+    backend: str = "loky",
+    progress=None,
+) -> BuildSummary:
+    """Build (or resume) the store at ``url`` from the dataset at ``root``.
+
+    ``on_error``: ``fail`` stops at the first bad pair (after saving finished images),
+    ``skip`` records it in the store's ``skipped`` list and goes on. ``backend``: any joblib
+    backend (``loky`` processes; ``dask`` inside ``joblib.parallel_config``).
+    ``progress(done, total)`` is called after each image.
+    """
+    if on_error not in ("fail", "skip"):
+        raise ValueError("on_error must be 'fail' or 'skip'")
+    start = time.monotonic()
+    pairs, sizes, problems = _prepare(manifest, root, options, on_error)
+    zroot, meta = _open_or_create(url, manifest, options, pairs, sizes)
+    done = zroot["images/done"][:]
+    todo = np.flatnonzero(~done)
+    eval_splits = set(manifest.eval_splits)
+    writer = _StatsWriter(zroot, options.strategies)
+    skipped = list(problems)
+    tasks = (
+        joblib.delayed(_task)(
+            url,
+            meta["build_id"],
+            int(i),
+            pairs[i],
+            manifest,
+            options,
+            pairs[i].split in eval_splits,
+            on_error == "skip",
+        )
+        for i in todo
+    )
+    parallel = joblib.Parallel(
+        n_jobs=jobs, return_as="generator_unordered", backend=backend
+    )
+    built, processed = 0, int(done.sum())
+    try:
+        for result in parallel(tasks):
+            if result.error:
+                path, _, message = result.error.partition(": ")
+                skipped.append(Problem(path, message))
+            else:
+                writer.add(result)
+                built += 1
+            processed += 1
+            if progress:
+                progress(processed, len(pairs))
+    except DatasetError as e:
+        writer.flush()
+        raise BuildError(
+            f"{e}\n(stopped; {built} image(s) finished in this run are saved; fix the file or "
+            "use --on-error skip, then run the same command to resume)"
+        ) from e
+    finally:
+        writer.flush()
+    meta = dict(zroot.attrs[store.NAMESPACE])
+    meta["skipped"] = [{"path": p.path, "error": p.message} for p in skipped]
+    meta["complete"] = bool(zroot["images/done"][:].all())
+    zroot.attrs[store.NAMESPACE] = meta
+    return BuildSummary(
+        url, len(pairs), built, int(done.sum()), skipped, time.monotonic() - start
+    )

@@ -1,0 +1,481 @@
+"""The ``softprep`` command line: parses arguments, calls the library, reports."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from softprep import manifest as manifests
+from softprep.build import BuildError, BuildOptions
+from softprep.build import build as run_build
+from softprep.datasets import DatasetError
+from softprep.datasets import scan as run_scan
+from softprep.manifest import ManifestError, load_manifest
+from softprep.priors import SHOWN_AS, PriorReport, from_dataset, from_store
+from softprep.render import render
+from softprep.resample import KERNELS
+from softprep.sample import write_sample
+from softprep.store import SoftStore, StoreError, parse_scale
+from softprep.verify import verify as run_verify
+
+app = typer.Typer(
+    help="Soft-label pyramids for semantic segmentation: read a dataset once, write paired "
+    "colour + soft-label levels to a Zarr store, report class-prior discrepancies.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+MULTI_VALUE = ("--scales", "--compare", "--stats-for", "--split")
+USER_ERRORS = (BuildError, DatasetError, ManifestError, StoreError, ValueError)
+
+DatasetArg = typer.Argument(
+    ...,
+    help="cityscapes, mapillary, ade20k, or the path of your own manifest .json (the "
+    "'folder' dataset; see manifests/folder-example.json).",
+)
+VersionOpt = typer.Option(
+    None, "--version", help="Dataset version, e.g. v1.2 / v2.0 for mapillary."
+)
+LabelsOpt = typer.Option(
+    None,
+    "--labels",
+    help="Label variant, e.g. 'trainIds' to read Cityscapes *_labelTrainIds.png.",
+)
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.2f} img/s" if speed else "-- img/s", style="cyan")
+
+
+@contextmanager
+def progress_bar(description: str):
+    """Yields a ``progress(done, total)`` callback drawing a rich bar with img/s and ETA."""
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+@contextmanager
+def user_errors():
+    """Known bad-input errors become one red message and exit code 2, no traceback."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _scales(values: list[str]) -> tuple[float, ...]:
+    return tuple(parse_scale(v) for v in values)
+
+
+@app.command()
+def datasets():
+    """List the built-in dataset manifests."""
+    table = Table("dataset", "version", "classes", "description")
+    for m in manifests.available():
+        table.add_row(
+            m["dataset"],
+            m.get("version", ""),
+            str(len(m["classes"])),
+            m.get("description", ""),
+        )
+    out.print(table)
+
+
+@app.command()
+def sample(
+    dataset: str = DatasetArg,
+    directory: Path = typer.Argument(..., help="Where to write the synthetic dataset."),
+    version: str | None = VersionOpt,
+    train: int = typer.Option(6, help="Training images."),
+    val: int = typer.Option(2, help="Validation images."),
+    size: str | None = typer.Option(
+        None, help="HxW of every image, e.g. 1024x2048 (default: dataset-like, small)."
+    ),
+    seed: int = typer.Option(0, help="Random seed."),
+):
+    """Write a small synthetic dataset in the dataset's exact official layout and encoding."""
+    with user_errors():
+        m = load_manifest(dataset, version)
+        hw = tuple(int(v) for v in size.lower().split("x")) if size else None
+        n = write_sample(m, directory, {"train": train, "val": val}, hw, seed)
+    out.print(f"wrote {n} {m.dataset} {m.version} pairs under {directory}")
+
+
+@app.command()
+def scan(
+    dataset: str = DatasetArg,
+    root: Path = typer.Option(
+        ..., help="Dataset root (the folder holding the official layout)."
+    ),
+    version: str | None = VersionOpt,
+    labels: str | None = LabelsOpt,
+    split: list[str] = typer.Option(
+        None, help="Splits to scan (default: all present)."
+    ),
+    histogram: bool = typer.Option(
+        True, help="Decode every label for a class histogram."
+    ),
+):
+    """List splits and pairs with counts, sizes and a class histogram; report every problem.
+
+    Exit code 1 if any problem was found.
+    """
+    with user_errors():
+        m = load_manifest(dataset, version, labels)
+        report = run_scan(m, root, split or None, histogram)
+    table = Table(
+        "split",
+        "pairs",
+        "sizes (HxW: images)",
+        title=f"{m.dataset} {m.version} at {root}",
+    )
+    for s, n in report.counts.items():
+        sizes = sorted(report.sizes[s].items(), key=lambda kv: -kv[1])
+        shown = ", ".join(f"{h}x{w}: {c}" for (h, w), c in sizes[:4])
+        table.add_row(
+            s, str(n), shown + (f", ... ({len(sizes)} sizes)" if len(sizes) > 4 else "")
+        )
+    out.print(table)
+    if histogram and report.class_pixels.sum():
+        total = report.class_pixels.sum()
+        hist = Table("id", "class", "pixels", "share", title="class histogram")
+        for c, name in enumerate(m.class_names + ["(void)"]):
+            n = int(report.class_pixels[c])
+            hist.add_row(
+                str(c) if c < m.num_classes else "255",
+                name,
+                f"{n:,}",
+                f"{n / total:.4%}",
+            )
+        out.print(hist)
+    for p in report.problems:
+        console.print(f"[red]problem:[/red] {p}", highlight=False)
+    if report.problems:
+        console.print(f"[red]{len(report.problems)} problem(s)[/red]")
+        raise typer.Exit(1)
+
+
+@app.command()
+def build(
+    dataset: str = DatasetArg,
+    root: Path = typer.Option(..., help="Dataset root."),
+    scales: list[str] = typer.Option(
+        ["1/8", "1/4", "1/2"],
+        help="Levels as fractions of each image's size: 1/8 1/4 1/2 (above 1 up-samples).",
+    ),
+    kernel: str = typer.Option(
+        "bilinear",
+        help=f"One of {', '.join(KERNELS)}; the colour image gets the same kernel.",
+    ),
+    antialias: bool = typer.Option(
+        True,
+        help="--no-antialias: the paper's exact variant (fixed 2-tap bilinear / 4-tap bicubic).",
+    ),
+    k: int = typer.Option(6, "--k", help="Classes kept per pixel (top-K)."),
+    short_side: int | None = typer.Option(
+        None,
+        help="Scales are relative to this short side in px (varied-size datasets: ADE20K, Mapillary).",
+    ),
+    stats_for: list[str] = typer.Option(
+        [],
+        help="Extra strategies whose class priors are recorded for 'priors --compare': area, bilinear, bicubic (-noaa suffix for no antialias).",
+    ),
+    split: list[str] = typer.Option(
+        None, help="Splits to build (default: all present)."
+    ),
+    out_url: str | None = typer.Option(
+        None, "--out", help="Store path or fsspec URL (default: <dataset>.zarr)."
+    ),
+    jobs: int = typer.Option(1, help="Parallel jobs (one image per task)."),
+    on_error: str = typer.Option(
+        "fail", help="fail: stop at a bad pair; skip: list it in the store and go on."
+    ),
+    backend: str = typer.Option(
+        "loky", help="loky (local processes) or dask (needs --scheduler)."
+    ),
+    scheduler: str | None = typer.Option(
+        None, help="Dask scheduler address, e.g. tcp://host:8786."
+    ),
+    version: str | None = VersionOpt,
+    labels: str | None = LabelsOpt,
+):
+    """Write the soft-label pyramid (and paired colour) of every split to one Zarr store.
+
+    Interrupt at any time and run the same command again to resume.
+    """
+    with user_errors():
+        m = load_manifest(dataset, version, labels)
+        options = BuildOptions(
+            scales=_scales(scales),
+            kernel=kernel,
+            antialias=antialias,
+            k=k,
+            short_side=short_side,
+            stats_for=tuple(stats_for),
+            splits=tuple(split) if split else None,
+        )
+        url = out_url or f"{m.dataset}.zarr"
+        with _backend(backend, scheduler), progress_bar("building") as bar:
+            summary = run_build(
+                m,
+                root,
+                url,
+                options,
+                jobs=jobs,
+                on_error=on_error,
+                backend=backend,
+                progress=bar,
+            )
+    out.print(
+        f"[green]{summary.url}[/green]: {summary.built} built, {summary.already_done} already "
+        f"done, {len(summary.skipped)} skipped, {summary.images_per_second:.2f} img/s"
+    )
+    for p in summary.skipped:
+        console.print(f"[yellow]skipped:[/yellow] {p}", highlight=False)
+
+
+@contextmanager
+def _backend(backend: str, scheduler: str | None):
+    if backend != "dask":
+        yield
+        return
+    try:
+        from dask.distributed import Client
+    except ImportError as e:
+        raise ValueError(
+            "the dask backend needs the extra: pip install 'softprep[dask]'"
+        ) from e
+    with Client(scheduler) if scheduler else Client(processes=False) as client:
+        console.print(f"dask: {client.dashboard_link}")
+        yield
+
+
+@app.command()
+def info(
+    store: str = typer.Argument(..., help="Store path or URL."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+):
+    """What a store holds: dataset, options, images per split, levels, sizes, truncation."""
+    with user_errors():
+        d = SoftStore(store).describe()
+    if as_json:
+        out.print_json(json.dumps(d))
+        return
+    out.print(
+        f"[bold]{d['url']}[/bold]: {d['dataset']} {d['dataset_version']}, {d['classes']} classes, "
+        f"kernel {d['kernel']} ({'antialiased' if d['antialias'] else 'no antialias'}), K={d['k']}"
+    )
+    out.print(
+        "images: "
+        + ", ".join(f"{s} {n}" for s, n in d["images"].items())
+        + f"; done {d['done']}"
+    )
+    table = Table(
+        "level", "max HxW", "soft MB", "rgb MB", "truncated mass", "max truncated/pixel"
+    )
+    mb = lambda b: "-" if b is None else f"{b / 1e6:.1f}"
+    for lv in d["levels"]:
+        table.add_row(
+            lv["level"],
+            "x".join(map(str, lv["max_hw"])),
+            mb(lv["soft_bytes"]),
+            mb(lv["rgb_bytes"]),
+            f"{lv['truncated_mass_share']:.2e}",
+            f"{lv['truncated_max_pixel']:.3f}",
+        )
+    out.print(table)
+    out.print(
+        f"total on disk: {mb(d['total_bytes'])} MB; statistics: {', '.join(d['strategies'])}"
+    )
+    for s in d["skipped"]:
+        console.print(
+            f"[yellow]skipped:[/yellow] {s['path']}: {s['error']}", highlight=False
+        )
+
+
+@app.command()
+def verify(store: str = typer.Argument(..., help="Store path or URL.")):
+    """Check every image is complete, every pixel sums to 255 and ids are valid (exit 1 if not)."""
+    with user_errors():
+        s = SoftStore(store)
+        with progress_bar("verifying") as bar:
+            report = run_verify(s, progress=bar)
+    for p in report.problems[:100]:
+        console.print(f"[red]problem:[/red] {p}", highlight=False)
+    if not report.ok:
+        console.print(f"[red]{len(report.problems)} problem(s)[/red] in {store}")
+        raise typer.Exit(1)
+    out.print(f"[green]ok[/green]: {report.checked} images, {len(s.scales)} levels")
+
+
+@app.command()
+def show(
+    store: str = typer.Argument(..., help="Store path or URL."),
+    index: int = typer.Option(0, help="Image index in the store."),
+    level: str = typer.Option("1/8", help="Level, e.g. 1/8."),
+    output: Path = typer.Option(Path("show.png"), "--out", help="PNG to write."),
+):
+    """PNG of one image at one level: colour | soft label | nearest-neighbour label."""
+    with user_errors():
+        s = SoftStore(store)
+        if not 0 <= index < len(s):
+            raise StoreError(f"{store}: index {index} out of range 0..{len(s) - 1}")
+        render(s, index, level).save(output)
+    out.print(f"wrote {output}")
+
+
+@app.command()
+def priors(
+    dataset: str | None = typer.Argument(
+        None, help="Without a store: the dataset to compute from (needs --root)."
+    ),
+    store: str | None = typer.Option(
+        None, help="Store built by 'softprep build' (reads its statistics)."
+    ),
+    root: Path | None = typer.Option(
+        None, help="Dataset root, when computing without a store."
+    ),
+    compare: list[str] = typer.Option(
+        ["nn"],
+        help="Strategies to compare with the soft labels: nn, nn-floor, and what the build recorded (--stats-for).",
+    ),
+    split: str = typer.Option("train", help="A split name, or 'all'."),
+    scales: list[str] = typer.Option(
+        ["1/8", "1/4", "1/2"], help="Without a store: levels to compute."
+    ),
+    kernel: str = typer.Option(
+        "bilinear", help="Without a store: the soft-label kernel."
+    ),
+    antialias: bool = typer.Option(True, help="Without a store: antialiased kernel."),
+    short_side: int | None = typer.Option(
+        None, help="Without a store: reference short side."
+    ),
+    csv_path: Path | None = typer.Option(None, "--csv", help="Write all rows as CSV."),
+    json_path: Path | None = typer.Option(
+        None, "--json", help="Write rows and summary as JSON."
+    ),
+    plot: Path | None = typer.Option(
+        None,
+        help="Write a PNG: per-class |D| per strategy, log scale, a panel per level.",
+    ),
+    version: str | None = VersionOpt,
+    labels: str | None = LabelsOpt,
+):
+    """Per-class prior discrepancy D = p_original - p_d (x1e4, paper Table V) per level."""
+    with user_errors():
+        if store:
+            report = from_store(SoftStore(store), compare, split)
+        elif dataset and root:
+            m = load_manifest(dataset, version, labels)
+            options = BuildOptions(
+                scales=_scales(scales),
+                kernel=kernel,
+                antialias=antialias,
+                short_side=short_side,
+                stats_for=tuple(c for c in compare if c not in ("nn", "nn-floor")),
+            )
+            with progress_bar("reading labels") as bar:
+                report = from_dataset(m, root, options, compare, split, progress=bar)
+        else:
+            raise ValueError("give --store STORE, or a dataset and --root PATH")
+    print_priors(report)
+    if csv_path:
+        report.write_csv(csv_path)
+    if json_path:
+        report.write_json(json_path)
+    if plot:
+        report.plot(plot)
+    for p in (csv_path, json_path, plot):
+        if p:
+            out.print(f"wrote {p}")
+
+
+def print_priors(report: PriorReport) -> None:
+    """A table per level (classes x strategies, D x 1e4, best per class in bold green),
+    then sums and maxima of |D| and the classes nearest neighbour loses most."""
+    for level in report.levels:
+        table = Table(
+            "class",
+            *[Text(s, justify="right") for s in report.strategies],
+            title=f"scale {level}: D x 1e4 = (p_original - p_d) x 1e4, split {report.split} "
+            f"({report.images} images)",
+        )
+        d = (
+            np.stack([report.discrepancy(level, s) for s in report.strategies], axis=1)
+            * SHOWN_AS
+        )
+        best = np.abs(d).argmin(axis=1)
+        for c, name in enumerate(report.classes):
+            cells = [
+                f"[bold green]{v:.3f}[/bold green]" if j == best[c] else f"{v:.3f}"
+                for j, v in enumerate(d[c])
+            ]
+            table.add_row(name, *cells)
+        table.add_section()
+        table.add_row("sum |D|", *[f"{v:.3f}" for v in np.abs(d).sum(axis=0)])
+        table.add_row("max |D|", *[f"{v:.3f}" for v in np.abs(d).max(axis=0)])
+        out.print(table)
+        if "nn" in report.strategies:
+            lost = report.lost_share(level, "nn")
+            worst = [c for c in lost.argsort()[::-1][:5] if lost[c] > 0]
+            out.print(
+                f"scale {level}: nearest neighbour loses most of "
+                + ", ".join(
+                    f"{report.classes[c]} ({lost[c]:.1%} of its pixels)" for c in worst
+                )
+            )
+
+
+def expand_multi_value(argv: list[str]) -> list[str]:
+    """``--scales 1/8 1/4`` -> ``--scales 1/8 --scales 1/4`` (Typer options take one value)."""
+    result, current = [], None
+    for arg in argv:
+        if arg in MULTI_VALUE:
+            current = arg
+            continue
+        if current and not arg.startswith("-"):
+            result += [current, arg]
+            continue
+        current = None
+        result.append(arg)
+    return result
+
+
+def main() -> None:
+    app(args=expand_multi_value(sys.argv[1:]), prog_name="softprep")

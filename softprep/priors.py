@@ -1,0 +1,228 @@
+"""Per-class prior discrepancy ``D_d,c = p_original,c - p_d,c`` (paper Table V).
+
+``p_original,c`` is class c's share of the non-void pixels at full resolution; ``p_d,c`` its
+share of the non-void mass after down-sampling strategy d (the mean of the soft label for
+smooth kernels, pixel counts for nearest neighbour). Closer to zero is better. Everything
+is computed from the per-image statistics a build records, or (``from_dataset``) by the
+same code directly from the label files.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from softprep.build import BuildOptions, level_size, strategy_kernel
+from softprep.datasets import decode_label, discover, with_void_last
+from softprep.resample import Resampler
+from softprep.store import SoftStore, StoreError, scale_label
+
+SHOWN_AS = 1e4  # the paper shows D x 1e4
+
+
+@dataclass
+class PriorReport:
+    """Class priors and discrepancies of one split (or ``all``).
+
+    ``original``: (C,) priors at full resolution. ``priors[level][strategy]``: (C,) priors
+    after the strategy at that level (level names like ``1/8``). ``images``: how many.
+    """
+
+    classes: list[str]
+    split: str
+    images: int
+    original: np.ndarray
+    priors: dict[str, dict[str, np.ndarray]]
+
+    @property
+    def levels(self) -> list[str]:
+        return list(self.priors)
+
+    @property
+    def strategies(self) -> list[str]:
+        return list(next(iter(self.priors.values())))
+
+    def discrepancy(self, level: str, strategy: str) -> np.ndarray:
+        """(C,) D = p_original - p_d."""
+        return self.original - self.priors[level][strategy]
+
+    def lost_share(self, level: str, strategy: str = "nn") -> np.ndarray:
+        """(C,) share of each class's prior the strategy loses (D / p_original; 0 if absent)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = self.discrepancy(level, strategy) / self.original
+        return np.where(self.original > 0, share, 0.0)
+
+    def records(self) -> list[dict]:
+        """One row per (level, strategy, class): what the CSV and JSON files hold."""
+        rows = []
+        for level in self.levels:
+            for s in self.strategies:
+                d = self.discrepancy(level, s)
+                for c, name in enumerate(self.classes):
+                    rows.append(
+                        {
+                            "split": self.split,
+                            "level": level,
+                            "strategy": s,
+                            "class_id": c,
+                            "class": name,
+                            "p_original": float(self.original[c]),
+                            "p_d": float(self.priors[level][s][c]),
+                            "D": float(d[c]),
+                        }
+                    )
+        return rows
+
+    def summary(self) -> list[dict]:
+        """Per level and strategy: sum and max of |D| over classes."""
+        out = []
+        for level in self.levels:
+            for s in self.strategies:
+                d = np.abs(self.discrepancy(level, s))
+                out.append(
+                    {
+                        "level": level,
+                        "strategy": s,
+                        "sum_abs_D": float(d.sum()),
+                        "max_abs_D": float(d.max()),
+                    }
+                )
+        return out
+
+    def write_csv(self, path: Path) -> None:
+        rows = self.records()
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+    def write_json(self, path: Path) -> None:
+        Path(path).write_text(
+            json.dumps(
+                {
+                    "split": self.split,
+                    "images": self.images,
+                    "rows": self.records(),
+                    "summary": self.summary(),
+                },
+                indent=1,
+            )
+        )
+
+    def plot(self, path: Path) -> None:
+        """Per-class |D| on a log scale, one panel per level, one bar colour per strategy."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        n = len(self.classes)
+        fig, axes = plt.subplots(
+            len(self.levels),
+            1,
+            figsize=(
+                max(8, 0.28 * n * len(self.strategies) / 2),
+                3.2 * len(self.levels),
+            ),
+            squeeze=False,
+        )
+        width = 0.8 / len(self.strategies)
+        x = np.arange(n)
+        for ax, level in zip(axes[:, 0], self.levels):
+            for j, s in enumerate(self.strategies):
+                d = np.abs(self.discrepancy(level, s)) * SHOWN_AS
+                ax.bar(
+                    x + (j - (len(self.strategies) - 1) / 2) * width,
+                    np.maximum(d, 1e-6),
+                    width,
+                    label=s,
+                )
+            ax.set_yscale("log")
+            ax.set_ylim(bottom=1e-4)
+            ax.set_title(f"scale {level}: |D| x 1e4 per class (lower is better)")
+            ax.set_xticks(x, self.classes, rotation=90, fontsize=7)
+            ax.legend(fontsize=7, ncols=len(self.strategies))
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def _normalise(mass: np.ndarray) -> np.ndarray:
+    """(C+1,) mass with void last -> (C,) shares of the non-void mass."""
+    total = mass[:-1].sum()
+    return mass[:-1] / total if total > 0 else np.zeros(len(mass) - 1)
+
+
+def from_store(
+    store: SoftStore, compare: list[str], split: str = "train"
+) -> PriorReport:
+    """The report from a store's recorded statistics (never rereads the dataset)."""
+    if "stats/full" not in store.root:
+        raise StoreError(
+            f"{store.url}: no statistics recorded (not built by softprep build?)"
+        )
+    done = store.done()
+    if split == "all":
+        rows = done
+    elif split in store.splits:
+        rows = done & (store.split_of() == split)
+    else:
+        raise StoreError(
+            f"{store.url}: no split '{split}'; splits: {', '.join(store.splits)} or all"
+        )
+    if not rows.any():
+        raise StoreError(f"{store.url}: no finished images in split '{split}'")
+    strategies = ["soft"] + [s for s in compare if s != "soft"]
+    priors = {}
+    for scale in store.scales:
+        priors[scale_label(scale)] = {
+            s: _normalise(store.stats(scale, s)[rows].sum(axis=0)) for s in strategies
+        }
+    names = [c["name"] for c in store.classes]
+    return PriorReport(
+        names,
+        split,
+        int(rows.sum()),
+        _normalise(store.full_counts()[rows].sum(axis=0)),
+        priors,
+    )
+
+
+def from_dataset(
+    manifest,
+    root,
+    options: BuildOptions,
+    compare: list[str],
+    split: str = "train",
+    progress=None,
+) -> PriorReport:
+    """The same report computed directly from the label files (no store needed)."""
+    strategies = ["soft"] + [s for s in compare if s != "soft"]
+    kernels = {s: strategy_kernel(s, options) for s in strategies}
+    pairs, _ = discover(manifest, Path(root), None if split == "all" else [split])
+    c = manifest.num_classes
+    full = np.zeros(c + 1)
+    mass = {
+        scale_label(s): {k: np.zeros(c + 1) for k in strategies} for s in options.scales
+    }
+    for n, pair in enumerate(pairs):
+        label = decode_label(pair.label, manifest)
+        counts = np.bincount(label.ravel(), minlength=256)
+        full += with_void_last(counts, c)
+        for scale in options.scales:
+            out_hw = level_size(label.shape, scale, options.short_side)
+            for s, (kernel, aa) in kernels.items():
+                m = Resampler.make(label.shape, out_hw, kernel, aa).class_mass(
+                    label, counts
+                )
+                mass[scale_label(scale)][s] += with_void_last(m, c)
+        if progress:
+            progress(n + 1, len(pairs))
+    priors = {lv: {s: _normalise(v) for s, v in d.items()} for lv, d in mass.items()}
+    return PriorReport(
+        manifest.class_names, split, len(pairs), _normalise(full), priors
+    )

@@ -1,0 +1,326 @@
+"""The Zarr layout of a soft-label store (the only module that knows it).
+
+::
+
+    store.zarr/                       attrs["softprep"]: build config and metadata
+      images/name   (N,) str          "<split>/<stem>" of each pair
+      images/split  (N,) uint8        index into attrs splits
+      images/hw     (N, 2) int32      full-resolution (H, W)
+      images/done   (N,) bool         image complete (all levels, stats)
+      stats/full    (N, C+1) int64    full-resolution class pixel counts (void last)
+      full/label    (N, H, W) uint8   full-resolution train ids, evaluation splits only
+                                      (fill 255 = void)
+      levels/<L>/soft   (N, 2K-1, Hl, Wl) uint8   K class-id planes + K-1 prob planes
+      levels/<L>/rgb    (N, Hl, Wl, 3) uint8      colour, same kernel
+      levels/<L>/hw     (N, 2) int32              true size of each image at this level
+      levels/<L>/truncated (N, 2) float64         top-K dropped mass: sum, max per pixel
+      levels/<L>/stats/<strategy> (N, C+1) float64  class mass (soft) or counts (nearest)
+
+Arrays are padded to the largest image: read ``hw`` and crop (padding decodes as class 0).
+Image arrays have one shard per image (256x256 inner chunks, all planes per chunk), so
+parallel workers each write whole shards; only the parent writes the small arrays.
+Level ``L`` is named ``x<scale>``, e.g. ``x0.125`` for 1/8.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from softprep.quantize import decode_planes
+
+NAMESPACE = "softprep"
+CHUNK = 256
+META_CHUNK = 4096
+CODEC = BloscCodec(cname="zstd", clevel=5, shuffle="noshuffle")
+
+
+class StoreError(ValueError):
+    """A store that is missing, incomplete or built with other options."""
+
+
+def parse_scale(text: str | float) -> float:
+    """``"1/8"``, ``"0.125"`` or ``0.125`` -> 0.125. Must be positive."""
+    try:
+        value = float(Fraction(str(text)))
+    except (ValueError, ZeroDivisionError) as e:
+        raise ValueError(f"'{text}' is not a scale (use e.g. 1/8, 0.25, 2)") from e
+    if value <= 0:
+        raise ValueError(f"scale must be positive, got {text}")
+    return value
+
+
+def level_name(scale: float) -> str:
+    """0.125 -> ``x0.125``."""
+    return f"x{scale:.6g}"
+
+
+def scale_label(scale: float) -> str:
+    """0.125 -> ``1/8``; 0.3 -> ``0.3``."""
+    f = Fraction(scale).limit_denominator(64)
+    return (
+        f"{f.numerator}/{f.denominator}"
+        if abs(float(f) - scale) < 1e-9
+        else f"{scale:g}"
+    )
+
+
+def _image_array(
+    group, name, n, planes_shape, dtype="uint8", fill=0, channels_last=False
+):
+    """An (N, ..., H, W[, 3]) array with one shard per image and 256x256 inner chunks."""
+    h, w = planes_shape[-2:] if not channels_last else planes_shape[-3:-1]
+    ch, cw = min(CHUNK, h), min(CHUNK, w)
+    sh, sw = math.ceil(h / ch) * ch, math.ceil(w / cw) * cw
+    if channels_last:
+        chunks, shards = (1, ch, cw, planes_shape[-1]), (1, sh, sw, planes_shape[-1])
+    else:
+        lead = tuple(planes_shape[:-2])
+        chunks, shards = (1, *lead, ch, cw), (1, *lead, sh, sw)
+    return group.create_array(
+        name,
+        shape=(n, *planes_shape),
+        chunks=chunks,
+        shards=shards,
+        dtype=dtype,
+        compressors=CODEC,
+        fill_value=fill,
+    )
+
+
+def _meta_array(group, name, shape, dtype, fill=0):
+    chunks = (min(META_CHUNK, shape[0]),) + tuple(shape[1:])
+    return group.create_array(
+        name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill
+    )
+
+
+@dataclass(frozen=True)
+class LevelSpec:
+    """One pyramid level: its scale and the padded (H, W) its arrays hold."""
+
+    scale: float
+    max_hw: tuple[int, int]
+
+    @property
+    def name(self) -> str:
+        return level_name(self.scale)
+
+
+def create(
+    url: str,
+    meta: dict,
+    names: list[str],
+    splits: np.ndarray,
+    full_hw: np.ndarray,
+    level_hw: dict[float, np.ndarray],
+    num_classes: int,
+    k: int,
+    strategies: list[str],
+    eval_mask: np.ndarray,
+) -> zarr.Group:
+    """Create every array of a new store (the parent does this once, before any worker).
+
+    ``full_hw`` (N, 2) and ``level_hw[scale]`` (N, 2) int: sizes per image;
+    ``eval_mask`` (N,) bool: images whose full-resolution labels are kept.
+    """
+    n = len(names)
+    root = zarr.open_group(url, mode="w")
+    img = root.create_group("images")
+    a = img.create_array("name", shape=(n,), chunks=(min(META_CHUNK, n),), dtype=str)
+    a[:] = np.array(names)
+    _meta_array(img, "split", (n,), "uint8")[:] = splits
+    _meta_array(img, "hw", (n, 2), "int32")[:] = full_hw
+    _meta_array(img, "done", (n,), "bool", False)
+    _meta_array(root.create_group("stats"), "full", (n, num_classes + 1), "int64")
+    if eval_mask.any():
+        fmax = full_hw[eval_mask].max(axis=0)
+        _image_array(root.create_group("full"), "label", n, tuple(fmax), fill=255)
+    levels = root.create_group("levels")
+    for scale, hw in level_hw.items():
+        g = levels.create_group(level_name(scale))
+        hmax, wmax = (int(v) for v in hw.max(axis=0))
+        _image_array(g, "soft", n, (2 * k - 1, hmax, wmax))
+        _image_array(g, "rgb", n, (hmax, wmax, 3), channels_last=True)
+        _meta_array(g, "hw", (n, 2), "int32")[:] = hw
+        _meta_array(g, "truncated", (n, 2), "float64")
+        st = g.create_group("stats")
+        for s in strategies:
+            _meta_array(st, s, (n, num_classes + 1), "float64")
+    root.attrs[NAMESPACE] = meta
+    return root
+
+
+def write_image(
+    root: zarr.Group, i: int, levels: dict, full_label: np.ndarray | None
+) -> None:
+    """Write image ``i``'s shards: ``levels[name] = (planes (2K-1,h,w), rgb (h,w,3))``.
+
+    Each array's shard is written whole, padded to the array's size (worker-safe).
+    """
+    for name, (planes, rgb) in levels.items():
+        g = root[f"levels/{name}"]
+        soft, col = g["soft"], g["rgb"]
+        pad = np.zeros(soft.shape[1:], dtype=np.uint8)
+        pad[:, : planes.shape[1], : planes.shape[2]] = planes
+        soft[i] = pad
+        pad = np.zeros(col.shape[1:], dtype=np.uint8)
+        pad[: rgb.shape[0], : rgb.shape[1]] = rgb
+        col[i] = pad
+    if full_label is not None:
+        arr = root["full/label"]
+        pad = np.full(arr.shape[1:], 255, dtype=np.uint8)
+        pad[: full_label.shape[0], : full_label.shape[1]] = full_label
+        arr[i] = pad
+
+
+class SoftStore:
+    """Read access to a store; what ``softprep info/verify/show`` and ``softtrain`` use."""
+
+    def __init__(self, url: str, mode: str = "r"):
+        try:
+            self.root = zarr.open_group(url, mode=mode)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+            raise StoreError(f"{url}: no zarr store here") from e
+        if NAMESPACE not in self.root.attrs:
+            raise StoreError(
+                f"{url}: a zarr group, but not a softprep store (no metadata)"
+            )
+        self.url = url
+        self.meta = dict(self.root.attrs[NAMESPACE])
+
+    @property
+    def k(self) -> int:
+        return int(self.meta["k"])
+
+    @property
+    def scales(self) -> list[float]:
+        return [float(s) for s in self.meta["scales"]]
+
+    @property
+    def classes(self) -> list[dict]:
+        return self.meta["manifest"]["classes"]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.meta["splits"])
+
+    def __len__(self) -> int:
+        return self.root["images/name"].shape[0]
+
+    def names(self) -> np.ndarray:
+        return self.root["images/name"][:]
+
+    def split_of(self) -> np.ndarray:
+        """(N,) split name of each image."""
+        return np.array(self.splits)[self.root["images/split"][:]]
+
+    def done(self) -> np.ndarray:
+        return self.root["images/done"][:]
+
+    def level(self, scale: float | str) -> zarr.Group:
+        """The group of a level given as 0.125, ``"1/8"`` or ``"x0.125"``."""
+        name = scale if str(scale).startswith("x") else level_name(parse_scale(scale))
+        if f"levels/{name}" not in self.root:
+            have = ", ".join(scale_label(s) for s in self.scales)
+            raise StoreError(f"{self.url}: no level {scale}; levels: {have}")
+        return self.root[f"levels/{name}"]
+
+    def hw(self, scale) -> np.ndarray:
+        """(N, 2) int32 true sizes at a level."""
+        return self.level(scale)["hw"][:]
+
+    def read_soft(self, scale, i: int, window=None) -> tuple[np.ndarray, np.ndarray]:
+        """Image ``i``'s soft label at a level: ids (K, h, w) uint8 and probabilities
+        (K, h, w) uint8 summing to 255. ``window`` = (y0, x0, h, w) reads a crop (only the
+        chunks it touches); default: the whole image at its true size."""
+        g = self.level(scale)
+        y0, x0, h, w = window or (0, 0, *g["hw"][i])
+        return decode_planes(g["soft"][i, :, y0 : y0 + h, x0 : x0 + w])
+
+    def read_rgb(self, scale, i: int, window=None) -> np.ndarray:
+        """Image ``i``'s colour at a level: (h, w, 3) uint8."""
+        g = self.level(scale)
+        y0, x0, h, w = window or (0, 0, *g["hw"][i])
+        return g["rgb"][i, y0 : y0 + h, x0 : x0 + w]
+
+    def read_full_label(self, i: int) -> np.ndarray:
+        """(H, W) uint8 full-resolution train ids (evaluation splits only)."""
+        if "full/label" not in self.root:
+            raise StoreError(
+                f"{self.url}: no full-resolution labels (no evaluation split)"
+            )
+        h, w = self.root["images/hw"][i]
+        return self.root["full/label"][i, :h, :w]
+
+    def stats(self, scale, strategy: str) -> np.ndarray:
+        """(N, C+1) float64 per-image class mass of a strategy at a level (void last)."""
+        g = self.level(scale)
+        if f"stats/{strategy}" not in g:
+            have = ", ".join(sorted(g["stats"].array_keys()))
+            raise StoreError(
+                f"{self.url}: no statistics for '{strategy}'; recorded: {have}"
+            )
+        return g[f"stats/{strategy}"][:]
+
+    def full_counts(self) -> np.ndarray:
+        """(N, C+1) int64 full-resolution class pixel counts (void last)."""
+        return self.root["stats/full"][:]
+
+    def disk_bytes(self, path: str) -> int | None:
+        """Bytes on disk under an array or group path (local stores only, else None)."""
+        local = Path(self.url)
+        if not local.is_dir():
+            return None
+        return sum(f.stat().st_size for f in (local / path).rglob("*") if f.is_file())
+
+    def describe(self) -> dict:
+        """What ``softprep info`` prints: dataset, options, counts, levels, truncation."""
+        split = self.split_of()
+        done = self.done()
+        levels = []
+        for scale in self.scales:
+            g = self.level(scale)
+            hw = g["hw"][:]
+            trunc = g["truncated"][:][done]
+            pixels = float((hw[done, 0].astype(np.int64) * hw[done, 1]).sum())
+            levels.append(
+                {
+                    "level": scale_label(scale),
+                    "name": level_name(scale),
+                    "max_hw": [int(v) for v in hw.max(axis=0)],
+                    "truncated_mass_share": float(trunc[:, 0].sum() / pixels)
+                    if pixels
+                    else 0.0,
+                    "truncated_max_pixel": float(trunc[:, 1].max())
+                    if len(trunc)
+                    else 0.0,
+                    "soft_bytes": self.disk_bytes(f"levels/{level_name(scale)}/soft"),
+                    "rgb_bytes": self.disk_bytes(f"levels/{level_name(scale)}/rgb"),
+                }
+            )
+        return {
+            "url": self.url,
+            "dataset": self.meta["dataset"],
+            "dataset_version": self.meta["dataset_version"],
+            "kernel": self.meta["kernel"],
+            "antialias": self.meta["antialias"],
+            "k": self.k,
+            "classes": self.num_classes,
+            "images": {s: int((split == s).sum()) for s in self.splits},
+            "done": int(done.sum()),
+            "skipped": self.meta.get("skipped", []),
+            "levels": levels,
+            "strategies": self.meta["strategies"],
+            "total_bytes": self.disk_bytes("."),
+        }
