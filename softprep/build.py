@@ -65,9 +65,7 @@ class BuildOptions:
         if not self.scales:
             raise ValueError("give at least one scale")
         if self.kernel not in KERNELS:
-            raise ValueError(
-                f"unknown kernel '{self.kernel}'; choose from {', '.join(KERNELS)}"
-            )
+            raise ValueError(f"unknown kernel '{self.kernel}'; choose from {', '.join(KERNELS)}")
         if not 1 <= self.k <= 16:
             raise ValueError(f"k must be in 1..16, got {self.k}")
         for s in self.stats_for:
@@ -75,9 +73,7 @@ class BuildOptions:
 
     @property
     def strategies(self) -> list[str]:
-        return list(BASE_STRATEGIES) + [
-            s for s in self.stats_for if s not in BASE_STRATEGIES
-        ]
+        return list(BASE_STRATEGIES) + [s for s in self.stats_for if s not in BASE_STRATEGIES]
 
 
 def strategy_kernel(name: str, options: BuildOptions) -> tuple[str, bool]:
@@ -97,9 +93,7 @@ def strategy_kernel(name: str, options: BuildOptions) -> tuple[str, bool]:
     return kernel, suffix != "noaa"
 
 
-def level_size(
-    hw: tuple[int, int], scale: float, short_side: int | None
-) -> tuple[int, int]:
+def level_size(hw: tuple[int, int], scale: float, short_side: int | None) -> tuple[int, int]:
     """Output (h, w) of an (H, W) image at ``scale`` (relative to ``short_side`` if given)."""
     f = scale * (short_side / min(hw) if short_side else 1.0)
     return output_size(hw[0], f), output_size(hw[1], f)
@@ -111,15 +105,11 @@ class ImageResult:
 
     index: int
     full: np.ndarray | None = None  # (C+1,) int64
-    levels: dict = field(
-        default_factory=dict
-    )  # name -> {"truncated": (2,), strategy: (C+1,)}
+    levels: dict = field(default_factory=dict)  # name -> {"truncated": (2,), strategy: (C+1,)}
     error: str | None = None
 
 
-def process_pair(
-    pair: Pair, manifest: Manifest, options: BuildOptions, keep_full: bool
-):
+def process_pair(pair: Pair, manifest: Manifest, options: BuildOptions, keep_full: bool):
     """Decode one pair and compute every level: returns ({level: (planes, rgb)}, result
     without index, full label or None). Pure: writes nothing."""
     image, label = load_pair(pair, manifest)
@@ -182,9 +172,7 @@ def _config(manifest: Manifest, options: BuildOptions) -> dict:
     cfg["scales"] = list(options.scales)
     cfg["stats_for"] = list(options.stats_for)
     cfg["splits"] = list(options.splits) if options.splits else None
-    cfg.update(
-        dataset=manifest.dataset, version=manifest.version, variant=manifest.variant
-    )
+    cfg.update(dataset=manifest.dataset, version=manifest.version, variant=manifest.variant)
     return cfg
 
 
@@ -241,9 +229,7 @@ def _prepare(manifest, root, options, on_error):
     config_problems = check_config_json(manifest, Path(root))
     if config_problems:
         lines = "\n".join(f"  {p}" for p in config_problems[:20])
-        raise BuildError(
-            f"the dataset's class config disagrees with the manifest:\n{lines}"
-        )
+        raise BuildError(f"the dataset's class config disagrees with the manifest:\n{lines}")
     sizes, kept = [], []
     for pair in pairs:
         try:
@@ -325,10 +311,7 @@ class _StatsWriter:
 
     def add(self, result: ImageResult) -> None:
         self.buffer.append(result)
-        if (
-            len(self.buffer) >= FLUSH_EVERY
-            or time.monotonic() - self.last > FLUSH_SECONDS
-        ):
+        if len(self.buffer) >= FLUSH_EVERY or time.monotonic() - self.last > FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:
@@ -386,9 +369,7 @@ def build(
         )
         for i in todo
     )
-    parallel = joblib.Parallel(
-        n_jobs=jobs, return_as="generator_unordered", backend=backend
-    )
+    parallel = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered", backend=backend)
     built, processed = 0, int(done.sum())
     try:
         for result in parallel(tasks):
@@ -413,6 +394,4 @@ def build(
     meta["skipped"] = [{"path": p.path, "error": p.message} for p in skipped]
     meta["complete"] = bool(zroot["images/done"][:].all())
     zroot.attrs[store.NAMESPACE] = meta
-    return BuildSummary(
-        url, len(pairs), built, int(done.sum()), skipped, time.monotonic() - start
-    )
+    return BuildSummary(url, len(pairs), built, int(done.sum()), skipped, time.monotonic() - start)

@@ -19,7 +19,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from softprep import manifest as manifests
@@ -140,17 +140,11 @@ def sample(
 @app.command()
 def scan(
     dataset: str = DatasetArg,
-    root: Path = typer.Option(
-        ..., help="Dataset root (the folder holding the official layout)."
-    ),
+    root: Path = typer.Option(..., help="Dataset root (the folder holding the official layout)."),
     version: str | None = VersionOpt,
     labels: str | None = LabelsOpt,
-    split: list[str] = typer.Option(
-        None, help="Splits to scan (default: all present)."
-    ),
-    histogram: bool = typer.Option(
-        True, help="Decode every label for a class histogram."
-    ),
+    split: list[str] = typer.Option(None, help="Splits to scan (default: all present)."),
+    histogram: bool = typer.Option(True, help="Decode every label for a class histogram."),
 ):
     """List splits and pairs with counts, sizes and a class histogram; report every problem.
 
@@ -168,9 +162,7 @@ def scan(
     for s, n in report.counts.items():
         sizes = sorted(report.sizes[s].items(), key=lambda kv: -kv[1])
         shown = ", ".join(f"{h}x{w}: {c}" for (h, w), c in sizes[:4])
-        table.add_row(
-            s, str(n), shown + (f", ... ({len(sizes)} sizes)" if len(sizes) > 4 else "")
-        )
+        table.add_row(s, str(n), shown + (f", ... ({len(sizes)} sizes)" if len(sizes) > 4 else ""))
     out.print(table)
     if histogram and report.class_pixels.sum():
         total = report.class_pixels.sum()
@@ -216,9 +208,7 @@ def build(
         [],
         help="Extra strategies whose class priors are recorded for 'priors --compare': area, bilinear, bicubic (-noaa suffix for no antialias).",
     ),
-    split: list[str] = typer.Option(
-        None, help="Splits to build (default: all present)."
-    ),
+    split: list[str] = typer.Option(None, help="Splits to build (default: all present)."),
     out_url: str | None = typer.Option(
         None, "--out", help="Store path or fsspec URL (default: <dataset>.zarr)."
     ),
@@ -226,9 +216,7 @@ def build(
     on_error: str = typer.Option(
         "fail", help="fail: stop at a bad pair; skip: list it in the store and go on."
     ),
-    backend: str = typer.Option(
-        "loky", help="loky (local processes) or dask (needs --scheduler)."
-    ),
+    backend: str = typer.Option("loky", help="loky (local processes) or dask (needs --scheduler)."),
     scheduler: str | None = typer.Option(
         None, help="Dask scheduler address, e.g. tcp://host:8786."
     ),
@@ -278,9 +266,7 @@ def _backend(backend: str, scheduler: str | None):
     try:
         from dask.distributed import Client
     except ImportError as e:
-        raise ValueError(
-            "the dask backend needs the extra: pip install 'softprep[dask]'"
-        ) from e
+        raise ValueError("the dask backend needs the extra: pip install 'softprep[dask]'") from e
     with Client(scheduler) if scheduler else Client(processes=False) as client:
         console.print(f"dask: {client.dashboard_link}")
         yield
@@ -302,13 +288,9 @@ def info(
         f"kernel {d['kernel']} ({'antialiased' if d['antialias'] else 'no antialias'}), K={d['k']}"
     )
     out.print(
-        "images: "
-        + ", ".join(f"{s} {n}" for s, n in d["images"].items())
-        + f"; done {d['done']}"
+        "images: " + ", ".join(f"{s} {n}" for s, n in d["images"].items()) + f"; done {d['done']}"
     )
-    table = Table(
-        "level", "max HxW", "soft MB", "rgb MB", "truncated mass", "max truncated/pixel"
-    )
+    table = Table("level", "max HxW", "soft MB", "rgb MB", "truncated mass", "max truncated/pixel")
     mb = lambda b: "-" if b is None else f"{b / 1e6:.1f}"
     for lv in d["levels"]:
         table.add_row(
@@ -320,13 +302,9 @@ def info(
             f"{lv['truncated_max_pixel']:.3f}",
         )
     out.print(table)
-    out.print(
-        f"total on disk: {mb(d['total_bytes'])} MB; statistics: {', '.join(d['strategies'])}"
-    )
+    out.print(f"total on disk: {mb(d['total_bytes'])} MB; statistics: {', '.join(d['strategies'])}")
     for s in d["skipped"]:
-        console.print(
-            f"[yellow]skipped:[/yellow] {s['path']}: {s['error']}", highlight=False
-        )
+        console.print(f"[yellow]skipped:[/yellow] {s['path']}: {s['error']}", highlight=False)
 
 
 @app.command()
@@ -368,9 +346,7 @@ def priors(
     store: str | None = typer.Option(
         None, help="Store built by 'softprep build' (reads its statistics)."
     ),
-    root: Path | None = typer.Option(
-        None, help="Dataset root, when computing without a store."
-    ),
+    root: Path | None = typer.Option(None, help="Dataset root, when computing without a store."),
     compare: list[str] = typer.Option(
         ["nn"],
         help="Strategies to compare with the soft labels: nn, nn-floor, and what the build recorded (--stats-for).",
@@ -379,17 +355,11 @@ def priors(
     scales: list[str] = typer.Option(
         ["1/8", "1/4", "1/2"], help="Without a store: levels to compute."
     ),
-    kernel: str = typer.Option(
-        "bilinear", help="Without a store: the soft-label kernel."
-    ),
+    kernel: str = typer.Option("bilinear", help="Without a store: the soft-label kernel."),
     antialias: bool = typer.Option(True, help="Without a store: antialiased kernel."),
-    short_side: int | None = typer.Option(
-        None, help="Without a store: reference short side."
-    ),
+    short_side: int | None = typer.Option(None, help="Without a store: reference short side."),
     csv_path: Path | None = typer.Option(None, "--csv", help="Write all rows as CSV."),
-    json_path: Path | None = typer.Option(
-        None, "--json", help="Write rows and summary as JSON."
-    ),
+    json_path: Path | None = typer.Option(None, "--json", help="Write rows and summary as JSON."),
     plot: Path | None = typer.Option(
         None,
         help="Write a PNG: per-class |D| per strategy, log scale, a panel per level.",
@@ -432,14 +402,11 @@ def print_priors(report: PriorReport) -> None:
     for level in report.levels:
         table = Table(
             "class",
-            *[Text(s, justify="right") for s in report.strategies],
+            *[Column(s, justify="right") for s in report.strategies],
             title=f"scale {level}: D x 1e4 = (p_original - p_d) x 1e4, split {report.split} "
             f"({report.images} images)",
         )
-        d = (
-            np.stack([report.discrepancy(level, s) for s in report.strategies], axis=1)
-            * SHOWN_AS
-        )
+        d = np.stack([report.discrepancy(level, s) for s in report.strategies], axis=1) * SHOWN_AS
         best = np.abs(d).argmin(axis=1)
         for c, name in enumerate(report.classes):
             cells = [
@@ -456,9 +423,7 @@ def print_priors(report: PriorReport) -> None:
             worst = [c for c in lost.argsort()[::-1][:5] if lost[c] > 0]
             out.print(
                 f"scale {level}: nearest neighbour loses most of "
-                + ", ".join(
-                    f"{report.classes[c]} ({lost[c]:.1%} of its pixels)" for c in worst
-                )
+                + ", ".join(f"{report.classes[c]} ({lost[c]:.1%} of its pixels)" for c in worst)
             )
 
 

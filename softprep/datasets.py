@@ -11,9 +11,7 @@ from PIL import Image
 
 from softprep.manifest import VOID, Manifest
 
-Image.MAX_IMAGE_PIXELS = (
-    None  # Mapillary panoramas exceed PIL's decompression-bomb guard
-)
+Image.MAX_IMAGE_PIXELS = None  # Mapillary panoramas exceed PIL's decompression-bomb guard
 
 
 class DatasetError(ValueError):
@@ -46,9 +44,7 @@ class Problem:
 def _split_dirs(manifest: Manifest, root: Path, split: str) -> tuple[Path, Path]:
     token = manifest.splits[split]
     lay = manifest.layout
-    return root / lay["images"].format(split=token), root / lay["labels"].format(
-        split=token
-    )
+    return root / lay["images"].format(split=token), root / lay["labels"].format(split=token)
 
 
 def _stems(folder: Path, suffix: str) -> dict[str, Path]:
@@ -76,9 +72,7 @@ def discover(
             root,
             f"{manifest.dataset} has no split {unknown}; known: {', '.join(manifest.splits)}",
         )
-    wanted = splits or [
-        s for s in manifest.splits if _split_dirs(manifest, root, s)[0].is_dir()
-    ]
+    wanted = splits or [s for s in manifest.splits if _split_dirs(manifest, root, s)[0].is_dir()]
     if not wanted:
         expected = _split_dirs(manifest, root, next(iter(manifest.splits)))[0]
         raise DatasetError(
@@ -91,14 +85,10 @@ def discover(
     for split in wanted:
         img_dir, lab_dir = _split_dirs(manifest, root, split)
         if not img_dir.is_dir():
-            problems.append(
-                Problem(str(img_dir), f"split '{split}': image folder missing")
-            )
+            problems.append(Problem(str(img_dir), f"split '{split}': image folder missing"))
             continue
         if not lab_dir.is_dir():
-            problems.append(
-                Problem(str(lab_dir), f"split '{split}': label folder missing")
-            )
+            problems.append(Problem(str(lab_dir), f"split '{split}': label folder missing"))
             continue
         images = _stems(img_dir, lay["image_suffix"])
         labels = _stems(lab_dir, lay["label_suffix"])
@@ -109,9 +99,7 @@ def discover(
                 pairs.append(Pair(split, stem, img, labels[stem]))
             else:
                 expected = lab_dir / f"{stem}{lay['label_suffix']}"
-                problems.append(
-                    Problem(str(img), f"no label file (expected {expected})")
-                )
+                problems.append(Problem(str(img), f"no label file (expected {expected})"))
         for stem in sorted(set(labels) - set(images)):
             problems.append(Problem(str(labels[stem]), "label without an image"))
     return pairs, problems
@@ -164,9 +152,7 @@ def decode_label(path: Path, manifest: Manifest) -> np.ndarray:
     try:
         with Image.open(path) as im:
             if im.mode not in ("L", "P"):
-                raise DatasetError(
-                    path, f"{_label_mode_error(path, im.mode, manifest)}"
-                )
+                raise DatasetError(path, f"{_label_mode_error(path, im.mode, manifest)}")
             im.load()
             raw = np.asarray(im)
     except (OSError, SyntaxError) as e:
@@ -184,8 +170,7 @@ def decode_label(path: Path, manifest: Manifest) -> np.ndarray:
             )
         raise DatasetError(
             path,
-            f"label values {bad[:10]} are not defined in the {manifest.dataset} "
-            f"manifest{hint}",
+            f"label values {bad[:10]} are not defined in the {manifest.dataset} manifest{hint}",
         )
     return lut[raw]
 
@@ -220,9 +205,7 @@ def check_config_json(manifest: Manifest, root: Path) -> list[Problem]:
     raw_ids = sorted(manifest.label_values)
     if len(labels) != len(raw_ids):
         problems.append(
-            Problem(
-                str(path), f"{len(labels)} labels, the manifest defines {len(raw_ids)}"
-            )
+            Problem(str(path), f"{len(labels)} labels, the manifest defines {len(raw_ids)}")
         )
     for raw, entry in zip(raw_ids, labels):
         tid = manifest.label_values[raw]
@@ -276,8 +259,7 @@ def scan(
                 lh, lw = read_size(pair.label)
                 raise DatasetError(
                     pair.label,
-                    f"label is {lw}x{lh} but image {pair.image.name} is "
-                    f"{hw[1]}x{hw[0]}",
+                    f"label is {lw}x{lh} but image {pair.image.name} is {hw[1]}x{hw[0]}",
                 )
             if histogram:
                 label = decode_label(pair.label, manifest)
@@ -298,6 +280,4 @@ def with_void_last(hist256: np.ndarray, num_classes: int) -> np.ndarray:
 
 def class_histogram(label: np.ndarray, num_classes: int) -> np.ndarray:
     """(C + 1,) int64 pixel counts of a train-id map; the last entry counts void."""
-    return with_void_last(
-        np.bincount(label.ravel(), minlength=256).astype(np.int64), num_classes
-    )
+    return with_void_last(np.bincount(label.ravel(), minlength=256).astype(np.int64), num_classes)

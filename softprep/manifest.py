@@ -87,9 +87,7 @@ class Manifest:
         for raw, tid in sorted(self.label_values.items()):
             if tid == target:
                 return raw
-        raise ManifestError(
-            f"{self.source}: no raw label value maps to train id {train_id}"
-        )
+        raise ManifestError(f"{self.source}: no raw label value maps to train id {train_id}")
 
     def to_json(self) -> dict:
         """The manifest as it was loaded, with the chosen variant applied."""
@@ -124,11 +122,7 @@ def _parse(raw: dict, source: str, variant: str | None) -> Manifest:
         label_values = {c.id: c.id for c in classes} | {ignore: ignore}
     else:
         label_values = {int(k): int(v) for k, v in values.items()}
-    bad = {
-        k: v
-        for k, v in label_values.items()
-        if v != ignore and not 0 <= v < len(classes)
-    }
+    bad = {k: v for k, v in label_values.items() if v != ignore and not 0 <= v < len(classes)}
     if bad:
         raise ManifestError(f"{source}: label_values map to unknown train ids: {bad}")
     for key in ("images", "labels", "image_suffix", "label_suffix"):
@@ -160,9 +154,7 @@ def available() -> list[dict]:
     return found
 
 
-def load_manifest(
-    name: str, version: str | None = None, variant: str | None = None
-) -> Manifest:
+def load_manifest(name: str, version: str | None = None, variant: str | None = None) -> Manifest:
     """A manifest by dataset name (``cityscapes``, ``mapillary``, ``ade20k``), optionally a
     version (``v2.0``), or by the path of a user-written JSON file (the ``folder`` dataset)."""
     path = Path(name)
@@ -183,15 +175,9 @@ def load_manifest(
     if version is not None:
         candidates = [m for m in candidates if m.get("version") == version]
         if not candidates:
-            versions = sorted(
-                m.get("version", "") for m in available() if m["dataset"] == name
-            )
-            raise ManifestError(
-                f"{name}: no version '{version}'; known: {', '.join(versions)}"
-            )
+            versions = sorted(m.get("version", "") for m in available() if m["dataset"] == name)
+            raise ManifestError(f"{name}: no version '{version}'; known: {', '.join(versions)}")
     elif len(candidates) > 1:
-        candidates = [m for m in candidates if m.get("default_version")] or candidates[
-            :1
-        ]
+        candidates = [m for m in candidates if m.get("default_version")] or candidates[:1]
     raw = dict(candidates[0])
     return _parse(raw, raw.pop("path"), variant)

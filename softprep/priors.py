@@ -157,14 +157,10 @@ def _normalise(mass: np.ndarray) -> np.ndarray:
     return mass[:-1] / total if total > 0 else np.zeros(len(mass) - 1)
 
 
-def from_store(
-    store: SoftStore, compare: list[str], split: str = "train"
-) -> PriorReport:
+def from_store(store: SoftStore, compare: list[str], split: str = "train") -> PriorReport:
     """The report from a store's recorded statistics (never rereads the dataset)."""
     if "stats/full" not in store.root:
-        raise StoreError(
-            f"{store.url}: no statistics recorded (not built by softprep build?)"
-        )
+        raise StoreError(f"{store.url}: no statistics recorded (not built by softprep build?)")
     done = store.done()
     if split == "all":
         rows = done
@@ -206,9 +202,7 @@ def from_dataset(
     pairs, _ = discover(manifest, Path(root), None if split == "all" else [split])
     c = manifest.num_classes
     full = np.zeros(c + 1)
-    mass = {
-        scale_label(s): {k: np.zeros(c + 1) for k in strategies} for s in options.scales
-    }
+    mass = {scale_label(s): {k: np.zeros(c + 1) for k in strategies} for s in options.scales}
     for n, pair in enumerate(pairs):
         label = decode_label(pair.label, manifest)
         counts = np.bincount(label.ravel(), minlength=256)
@@ -216,13 +210,9 @@ def from_dataset(
         for scale in options.scales:
             out_hw = level_size(label.shape, scale, options.short_side)
             for s, (kernel, aa) in kernels.items():
-                m = Resampler.make(label.shape, out_hw, kernel, aa).class_mass(
-                    label, counts
-                )
+                m = Resampler.make(label.shape, out_hw, kernel, aa).class_mass(label, counts)
                 mass[scale_label(scale)][s] += with_void_last(m, c)
         if progress:
             progress(n + 1, len(pairs))
     priors = {lv: {s: _normalise(v) for s, v in d.items()} for lv, d in mass.items()}
-    return PriorReport(
-        manifest.class_names, split, len(pairs), _normalise(full), priors
-    )
+    return PriorReport(manifest.class_names, split, len(pairs), _normalise(full), priors)

@@ -66,9 +66,7 @@ def output_size(n: int, scale: float) -> int:
 def _filter(kernel: str, x: np.ndarray, a: float) -> np.ndarray:
     x = np.abs(x)
     if kernel == "area":
-        return (x <= 0.5).astype(
-            np.float64
-        )  # PIL box: (-0.5, 0.5]; |x| form is symmetric
+        return (x <= 0.5).astype(np.float64)  # PIL box: (-0.5, 0.5]; |x| form is symmetric
     if kernel == "bilinear":
         return np.clip(1.0 - x, 0.0, None)
     return np.where(
@@ -121,9 +119,7 @@ def _plain(n_in: int, n_out: int, kernel: str) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(index, 0, n_in - 1), w
 
 
-def axis_weights(
-    n_in: int, n_out: int, kernel: str, antialias: bool = True
-) -> AxisWeights:
+def axis_weights(n_in: int, n_out: int, kernel: str, antialias: bool = True) -> AxisWeights:
     """Weights resampling ``n_in`` samples to ``n_out`` with ``kernel``."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel '{kernel}'; choose from {', '.join(KERNELS)}")
@@ -196,9 +192,7 @@ class Resampler:
         """(Ho, Wo) label sampled at each output's strongest tap (only exact for nearest)."""
         return label[self.y.index[:, 0]][:, self.x.index[:, 0]]
 
-    def class_mass(
-        self, label: np.ndarray, counts: np.ndarray | None = None
-    ) -> np.ndarray:
+    def class_mass(self, label: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
         """(256,) float64 per label value: sum over output pixels of the (linear) soft
         label. ``counts``: the label's (256,) full-resolution histogram, if known.
 
@@ -206,9 +200,7 @@ class Resampler:
         weight each input pixel by the product of its axis column sums (``separable_mass``).
         """
         if self.kernel in NEAREST_KERNELS:
-            return np.bincount(self.nearest_label(label).ravel(), minlength=256).astype(
-                float
-            )
+            return np.bincount(self.nearest_label(label).ravel(), minlength=256).astype(float)
         if counts is None:
             counts = np.bincount(label.ravel(), minlength=256)
         return separable_mass(label, self.y.column_sums(), self.x.column_sums(), counts)
@@ -247,9 +239,9 @@ class Resampler:
             oy, ox = np.divmod(m, wo)
             iy, ix = self.y.index[oy], self.x.index[ox]
             labels = label[iy[:, :, None], ix[:, None, :]].reshape(len(m), -1)
-            weights = (
-                self.y.weight[oy][:, :, None] * self.x.weight[ox][:, None, :]
-            ).reshape(len(m), -1)
+            weights = (self.y.weight[oy][:, :, None] * self.x.weight[ox][:, None, :]).reshape(
+                len(m), -1
+            )
             cls, mass, total = _class_masses(labels, weights)
             top = np.argsort(-mass, axis=1, kind="stable")[:, :k]
             kept = np.take_along_axis(mass, top, axis=1)
@@ -290,9 +282,7 @@ def _split_common(c: np.ndarray) -> tuple[float, np.ndarray]:
     return common, np.flatnonzero(np.abs(c - common) > 1e-12)
 
 
-def separable_mass(
-    label: np.ndarray, cy: np.ndarray, cx: np.ndarray, counts: np.ndarray
-):
+def separable_mass(label: np.ndarray, cy: np.ndarray, cx: np.ndarray, counts: np.ndarray):
     """(256,) float64: sum over pixels of ``cy[h] * cx[w]`` per label value, given the
     label's (256,) histogram ``counts``.
 
@@ -305,15 +295,11 @@ def separable_mass(
     mass = a * b * counts.astype(np.float64)
     if len(rx):
         cols = label[:, rx]
-        mass += a * np.bincount(
-            cols.ravel(), np.broadcast_to(cx[rx] - b, cols.shape).ravel(), 256
-        )
+        mass += a * np.bincount(cols.ravel(), np.broadcast_to(cx[rx] - b, cols.shape).ravel(), 256)
     if len(ry):
         rows = label[ry]
         dy = (cy[ry] - a)[:, None]
-        mass += np.bincount(
-            rows.ravel(), np.broadcast_to(dy * b, rows.shape).ravel(), 256
-        )
+        mass += np.bincount(rows.ravel(), np.broadcast_to(dy * b, rows.shape).ravel(), 256)
         if len(rx):
             both = rows[:, rx]
             w = dy * (cx[rx] - b)[None, :]

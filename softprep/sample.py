@@ -57,16 +57,14 @@ def class_roles(manifest: Manifest) -> dict[str, int]:
     return roles
 
 
-def scene_label(
-    height: int, width: int, roles: dict[str, int], rng: np.random.Generator
-):
+def scene_label(height: int, width: int, roles: dict[str, int], rng: np.random.Generator):
     """(H, W) uint8 train-id map of a street-like scene (void = 255 at the bottom edge)."""
     h, w = height, width
     lab = np.empty((h, w), dtype=np.uint8)
     cols = np.arange(w)
-    horizon = (
-        h * rng.uniform(0.3, 0.45) + h * 0.05 * np.sin(cols / w * rng.uniform(3, 9))
-    ).astype(int)
+    horizon = (h * rng.uniform(0.3, 0.45) + h * 0.05 * np.sin(cols / w * rng.uniform(3, 9))).astype(
+        int
+    )
     road_top = int(h * rng.uniform(0.62, 0.7))
     rows = np.arange(h)[:, None]
     lab[:] = roles["building"]
@@ -193,14 +191,10 @@ def write_sample(
                 _save(label, lab_dir / f"{stem}{suffix}")
             n += 1
     if manifest.config_json:
-        labels = [{"name": "unlabeled", "color": [0, 0, 0]}] * (
-            max(manifest.label_values) + 1
-        )
+        labels = [{"name": "unlabeled", "color": [0, 0, 0]}] * (max(manifest.label_values) + 1)
         for raw, tid in manifest.label_values.items():
             if tid != manifest.ignore_index:
                 c = manifest.classes[tid]
                 labels[raw] = {"name": c.name, "color": list(c.color)}
-        (out / manifest.config_json).write_text(
-            json.dumps({"labels": labels}, indent=1)
-        )
+        (out / manifest.config_json).write_text(json.dumps({"labels": labels}, indent=1))
     return n

@@ -64,16 +64,10 @@ def level_name(scale: float) -> str:
 def scale_label(scale: float) -> str:
     """0.125 -> ``1/8``; 0.3 -> ``0.3``."""
     f = Fraction(scale).limit_denominator(64)
-    return (
-        f"{f.numerator}/{f.denominator}"
-        if abs(float(f) - scale) < 1e-9
-        else f"{scale:g}"
-    )
+    return f"{f.numerator}/{f.denominator}" if abs(float(f) - scale) < 1e-9 else f"{scale:g}"
 
 
-def _image_array(
-    group, name, n, planes_shape, dtype="uint8", fill=0, channels_last=False
-):
+def _image_array(group, name, n, planes_shape, dtype="uint8", fill=0, channels_last=False):
     """An (N, ..., H, W[, 3]) array with one shard per image and 256x256 inner chunks."""
     h, w = planes_shape[-2:] if not channels_last else planes_shape[-3:-1]
     ch, cw = min(CHUNK, h), min(CHUNK, w)
@@ -96,9 +90,7 @@ def _image_array(
 
 def _meta_array(group, name, shape, dtype, fill=0):
     chunks = (min(META_CHUNK, shape[0]),) + tuple(shape[1:])
-    return group.create_array(
-        name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill
-    )
+    return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill)
 
 
 @dataclass(frozen=True)
@@ -157,9 +149,7 @@ def create(
     return root
 
 
-def write_image(
-    root: zarr.Group, i: int, levels: dict, full_label: np.ndarray | None
-) -> None:
+def write_image(root: zarr.Group, i: int, levels: dict, full_label: np.ndarray | None) -> None:
     """Write image ``i``'s shards: ``levels[name] = (planes (2K-1,h,w), rgb (h,w,3))``.
 
     Each array's shard is written whole, padded to the array's size (worker-safe).
@@ -189,9 +179,7 @@ class SoftStore:
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
             raise StoreError(f"{url}: no zarr store here") from e
         if NAMESPACE not in self.root.attrs:
-            raise StoreError(
-                f"{url}: a zarr group, but not a softprep store (no metadata)"
-            )
+            raise StoreError(f"{url}: a zarr group, but not a softprep store (no metadata)")
         self.url = url
         self.meta = dict(self.root.attrs[NAMESPACE])
 
@@ -257,9 +245,7 @@ class SoftStore:
     def read_full_label(self, i: int) -> np.ndarray:
         """(H, W) uint8 full-resolution train ids (evaluation splits only)."""
         if "full/label" not in self.root:
-            raise StoreError(
-                f"{self.url}: no full-resolution labels (no evaluation split)"
-            )
+            raise StoreError(f"{self.url}: no full-resolution labels (no evaluation split)")
         h, w = self.root["images/hw"][i]
         return self.root["full/label"][i, :h, :w]
 
@@ -268,9 +254,7 @@ class SoftStore:
         g = self.level(scale)
         if f"stats/{strategy}" not in g:
             have = ", ".join(sorted(g["stats"].array_keys()))
-            raise StoreError(
-                f"{self.url}: no statistics for '{strategy}'; recorded: {have}"
-            )
+            raise StoreError(f"{self.url}: no statistics for '{strategy}'; recorded: {have}")
         return g[f"stats/{strategy}"][:]
 
     def full_counts(self) -> np.ndarray:
@@ -299,12 +283,8 @@ class SoftStore:
                     "level": scale_label(scale),
                     "name": level_name(scale),
                     "max_hw": [int(v) for v in hw.max(axis=0)],
-                    "truncated_mass_share": float(trunc[:, 0].sum() / pixels)
-                    if pixels
-                    else 0.0,
-                    "truncated_max_pixel": float(trunc[:, 1].max())
-                    if len(trunc)
-                    else 0.0,
+                    "truncated_mass_share": float(trunc[:, 0].sum() / pixels) if pixels else 0.0,
+                    "truncated_max_pixel": float(trunc[:, 1].max()) if len(trunc) else 0.0,
                     "soft_bytes": self.disk_bytes(f"levels/{level_name(scale)}/soft"),
                     "rgb_bytes": self.disk_bytes(f"levels/{level_name(scale)}/rgb"),
                 }

@@ -58,9 +58,7 @@ def verify(store: SoftStore, progress=None) -> VerifyReport:
     for n, i in enumerate(np.flatnonzero(done)):
         h, w = full_hw[i]
         if counts[i].sum() != int(h) * int(w):
-            report.problems.append(
-                f"{names[i]}: full-resolution statistics do not match its size"
-            )
+            report.problems.append(f"{names[i]}: full-resolution statistics do not match its size")
         for scale in store.scales:
             where = f"{names[i]} at {scale_label(scale)}"
             g = store.level(scale)
@@ -68,12 +66,10 @@ def verify(store: SoftStore, progress=None) -> VerifyReport:
             try:
                 planes = g["soft"][i, :, :hh, :ww]
                 g["rgb"][i, :hh, :ww]
-            except Exception as e:  # corrupt chunks surface as codec errors of any type
+            except Exception as e:  # noqa: BLE001 (corrupt chunks raise codec errors of any type)
                 report.problems.append(f"{where}: unreadable ({type(e).__name__}: {e})")
                 continue
-            report.problems += [
-                f"{where}: {p}" for p in check_planes(planes, store.num_classes)
-            ]
+            report.problems += [f"{where}: {p}" for p in check_planes(planes, store.num_classes)]
         report.checked += 1
         if progress:
             progress(n + 1, int(done.sum()))
