@@ -1,0 +1,39 @@
+"""Shared fixtures: generated sample datasets and the real-format files in ../shared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from softprep.manifest import load_manifest
+from softprep.sample import write_sample
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+FIXTURES = SHARED / "fixtures"
+FACTS = SHARED / "datasets"
+
+needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason="../shared/fixtures absent")
+needs_facts = pytest.mark.skipif(not FACTS.is_dir(), reason="../shared/datasets absent")
+
+
+@pytest.fixture(scope="session")
+def samples(tmp_path_factory):
+    """Sample dataset roots: {"cityscapes": Path, "mapillary-v1.2": ..., "ade20k": ...}."""
+    base = tmp_path_factory.mktemp("samples")
+    roots = {}
+    for key, name, version in [
+        ("cityscapes", "cityscapes", None),
+        ("mapillary-v1.2", "mapillary", "v1.2"),
+        ("mapillary-v2.0", "mapillary", "v2.0"),
+        ("ade20k", "ade20k", None),
+    ]:
+        roots[key] = base / key
+        write_sample(load_manifest(name, version), roots[key], {"train": 4, "val": 2}, seed=1)
+    return roots
+
+
+@pytest.fixture(scope="session")
+def cityscapes():
+    return load_manifest("cityscapes")
