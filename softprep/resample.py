@@ -125,8 +125,8 @@ def axis_weights(n_in: int, n_out: int, kernel: str, antialias: bool = True) -> 
         raise ValueError(f"unknown kernel '{kernel}'; choose from {', '.join(KERNELS)}")
     scale = n_in / n_out
     if kernel in NEAREST_KERNELS:
-        offset = 0.5 if kernel == "nearest" else 0.0
-        src = np.floor((np.arange(n_out) + offset) * scale).astype(np.int64)
+        i = np.arange(n_out, dtype=np.int64)  # exact integer arithmetic: no float ties
+        src = (2 * i + 1) * n_in // (2 * n_out) if kernel == "nearest" else i * n_in // n_out
         index, w = np.minimum(src, n_in - 1)[:, None], np.ones((n_out, 1))
     elif antialias:
         index, w = _antialiased(n_in, n_out, kernel)

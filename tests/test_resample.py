@@ -1,0 +1,120 @@
+"""Kernels and soft labels against dense references: torch.nn.functional.interpolate and
+PIL per class channel, on odd sizes and non-integer factors."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from softprep.manifest import VOID
+from softprep.resample import KERNELS, Resampler, axis_weights, output_size
+
+SIZES = [((37, 53), (9, 13)), ((64, 96), (8, 12)), ((50, 70), (25, 35)), ((101, 77), (13, 29)), ((30, 40), (45, 61))]
+TORCH_MODE = {"nearest": "nearest-exact", "nearest-floor": "nearest", "area": "area", "bilinear": "bilinear", "bicubic": "bicubic"}
+PIL_FILTER = {"area": Image.BOX, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+def torch_reference(x: np.ndarray, out_hw, kernel, antialias):
+    """(H, W, C) float64 -> (Ho, Wo, C) with torch's own kernel."""
+    t = torch.from_numpy(x).permute(2, 0, 1)[None]
+    mode = TORCH_MODE[kernel]
+    kw = dict(antialias=antialias, align_corners=False) if mode in ("bilinear", "bicubic") else {}
+    return F.interpolate(t, size=out_hw, mode=mode, **kw)[0].permute(1, 2, 0).numpy()
+
+
+def pil_reference(x: np.ndarray, out_hw, kernel):
+    """(H, W, C) float -> (Ho, Wo, C): PIL resize of each channel as a float image."""
+    return np.stack(
+        [np.asarray(Image.fromarray(x[..., c].astype(np.float32), "F").resize(out_hw[::-1], PIL_FILTER[kernel])) for c in range(x.shape[2])],
+        axis=-1,
+    )
+
+
+def reference(x, out_hw, kernel, antialias):
+    """Our kernels are PIL's when antialiased (area = PIL BOX) and torch's otherwise; nearest
+    is torch's (PIL's float32 coordinates round exact ties, e.g. 30 -> 45 px, differently)."""
+    if antialias and kernel in ("area", "bilinear", "bicubic"):
+        return pil_reference(x, out_hw, kernel)
+    return torch_reference(x, out_hw, kernel, antialias)
+
+
+def one_hot(label: np.ndarray) -> np.ndarray:
+    return (label[..., None] == np.arange(256)).astype(np.float64)
+
+
+def random_label(hw, classes, rng):
+    """Blocky label with thin lines and isolated pixels, void included."""
+    lab = rng.choice(classes, size=(hw[0] // 4 + 1, hw[1] // 4 + 1)).repeat(4, 0).repeat(4, 1)[: hw[0], : hw[1]]
+    lab = lab.copy()
+    lab[:, rng.integers(0, hw[1], 3)] = classes[0]
+    lab[rng.integers(0, hw[0], 20), rng.integers(0, hw[1], 20)] = VOID
+    return lab.astype(np.uint8)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("antialias", [True, False])
+@pytest.mark.parametrize("in_hw,out_hw", SIZES)
+def test_weights_match_reference(kernel, antialias, in_hw, out_hw):
+    rng = np.random.default_rng(0)
+    x = rng.random((*in_hw, 2))
+    ours = Resampler.make(in_hw, out_hw, kernel, antialias).resample_float(x)
+    np.testing.assert_allclose(ours, reference(x, out_hw, kernel, antialias), atol=2e-6)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("antialias", [True, False])
+@pytest.mark.parametrize("in_hw,out_hw", SIZES[:4])
+def test_soft_labels_match_dense_one_hot_reference(kernel, antialias, in_hw, out_hw):
+    rng = np.random.default_rng(1)
+    label = random_label(in_hw, np.array([0, 3, 7, 11, 18]), rng)
+    r = Resampler.make(in_hw, out_hw, kernel, antialias)
+    index, prob, truncated = r.soft_topk(label, k=6)
+    dense = reference(one_hot(label), out_hw, kernel, antialias)
+    dense = np.clip(dense, 0, None)  # bicubic lobes
+    dense /= dense.sum(-1, keepdims=True)
+    ours = np.zeros_like(dense)
+    for k in range(6):
+        np.add.at(ours, (*np.indices(out_hw), index[k]), prob[k])
+    np.testing.assert_allclose(ours, dense, atol=1e-5)
+    assert (truncated < 1e-6).all()  # 5 classes fit in K = 6
+    assert (prob[:-1] >= prob[1:]).all()  # slot 0 is the argmax
+
+
+def test_truncation_is_accounted():
+    """More classes per pixel than K: the dropped mass is reported, the kept mass is the top."""
+    label = np.arange(64, dtype=np.uint8).reshape(8, 8) % 10
+    r = Resampler.make((8, 8), (1, 1), "area")
+    index, prob, truncated = r.soft_topk(label, k=3)
+    counts = np.bincount(label.ravel(), minlength=10) / 64
+    top = np.sort(counts)[::-1][:3]
+    np.testing.assert_allclose(prob[:, 0, 0], top, atol=1e-7)
+    np.testing.assert_allclose(truncated[0, 0], 1 - top.sum(), atol=1e-7)
+    assert set(index[:, 0, 0]) <= set(np.flatnonzero(counts == counts.max()))
+
+
+@pytest.mark.parametrize("kernel", ["area", "bilinear", "bicubic"])
+def test_colour_is_the_same_kernel_as_pil(kernel):
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 256, (61, 83, 3), dtype=np.uint8)
+    r = Resampler.make((61, 83), (17, 23), kernel, True)
+    ours = r.colour(img).astype(int)
+    exact = r.resample_float(img.astype(np.float64))
+    assert np.abs(ours - np.clip(exact, 0, 255)).max() <= 1.0  # PIL's fixed point rounding
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("antialias", [True, False])
+def test_class_mass_equals_sum_of_dense_soft_label(kernel, antialias):
+    rng = np.random.default_rng(3)
+    label = random_label((45, 67), np.array([1, 2, 5]), rng)
+    r = Resampler.make(label.shape, (11, 19), kernel, antialias)
+    dense = r.resample_float(one_hot(label)).sum(axis=(0, 1))
+    np.testing.assert_allclose(r.class_mass(label), dense, atol=1e-9)
+
+
+def test_output_size_rounds_half_up_and_nearest_phases():
+    assert output_size(1024, 1 / 8) == 128 and output_size(375, 0.5) == 188 and output_size(3, 0.1) == 1
+    centre = axis_weights(16, 2, "nearest").index[:, 0]
+    floor = axis_weights(16, 2, "nearest-floor").index[:, 0]
+    assert list(centre) == [4, 12] and list(floor) == [0, 8]  # shifted by (f - 1) / 2 ~ 4 px
