@@ -336,14 +336,14 @@ def build(
     options: BuildOptions,
     jobs: int = 1,
     on_error: str = "fail",
-    backend: str = "loky",
     progress=None,
 ) -> BuildSummary:
     """Build (or resume) the store at ``url`` from the dataset at ``root``.
 
     ``on_error``: ``fail`` stops at the first bad pair (after saving finished images),
-    ``skip`` records it in the store's ``skipped`` list and goes on. ``backend``: any joblib
-    backend (``loky`` processes; ``dask`` inside ``joblib.parallel_config``).
+    ``skip`` records it in the store's ``skipped`` list and goes on. Tasks run on the active
+    joblib backend (default loky processes; wrap the call in
+    ``joblib.parallel_config(backend="dask")`` with a dask Client to use a cluster).
     ``progress(done, total)`` is called after each image.
     """
     if on_error not in ("fail", "skip"):
@@ -369,7 +369,7 @@ def build(
         )
         for i in todo
     )
-    parallel = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered", backend=backend)
+    parallel = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")
     built, processed = 0, int(done.sum())
     try:
         for result in parallel(tasks):

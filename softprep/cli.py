@@ -7,6 +7,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import joblib
 import numpy as np
 import typer
 from rich.console import Console
@@ -240,16 +241,7 @@ def build(
         )
         url = out_url or f"{m.dataset}.zarr"
         with _backend(backend, scheduler), progress_bar("building") as bar:
-            summary = run_build(
-                m,
-                root,
-                url,
-                options,
-                jobs=jobs,
-                on_error=on_error,
-                backend=backend,
-                progress=bar,
-            )
+            summary = run_build(m, root, url, options, jobs=jobs, on_error=on_error, progress=bar)
     out.print(
         f"[green]{summary.url}[/green]: {summary.built} built, {summary.already_done} already "
         f"done, {len(summary.skipped)} skipped, {summary.images_per_second:.2f} img/s"
@@ -260,16 +252,22 @@ def build(
 
 @contextmanager
 def _backend(backend: str, scheduler: str | None):
-    if backend != "dask":
+    """The joblib backend the build's tasks run on; ``dask`` connects a Client first."""
+    if backend == "loky":
         yield
         return
+    if backend != "dask":
+        raise ValueError(f"unknown backend '{backend}'; use loky or dask")
     try:
         from dask.distributed import Client
     except ImportError as e:
         raise ValueError("the dask backend needs the extra: pip install 'softprep[dask]'") from e
-    with Client(scheduler) if scheduler else Client(processes=False) as client:
-        console.print(f"dask: {client.dashboard_link}")
-        yield
+    with Client(scheduler) if scheduler else Client() as client:
+        console.print(
+            f"dask scheduler {client.scheduler.address}, dashboard {client.dashboard_link}"
+        )
+        with joblib.parallel_config(backend="dask"):
+            yield
 
 
 @app.command()

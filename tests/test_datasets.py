@@ -18,7 +18,11 @@ def test_cityscapes_fixture_labelids_and_trainids_agree_on_value_sets():
     pairs, problems = discover(ids, FIXTURES / "cityscapes")
     assert problems == [] and len(pairs) == 1 and pairs[0].split == "val"
     a = decode_label(pairs[0].label, ids)
-    b = decode_label(FIXTURES / "cityscapes/gtFine/val/frankfurt/frankfurt_000000_000294_gtFine_labelTrainIds.png", train)
+    b = decode_label(
+        FIXTURES
+        / "cityscapes/gtFine/val/frankfurt/frankfurt_000000_000294_gtFine_labelTrainIds.png",
+        train,
+    )
     assert set(np.unique(a)) == set(np.unique(b))
     assert (a == b).mean() > 0.99  # the two files were down-scaled separately
     image = decode_image(pairs[0].image)
@@ -28,7 +32,10 @@ def test_cityscapes_fixture_labelids_and_trainids_agree_on_value_sets():
 @needs_fixtures
 def test_cityscapes_trainids_file_where_labelids_expected_is_refused():
     ids = load_manifest("cityscapes")
-    path = FIXTURES / "cityscapes/gtFine/val/frankfurt/frankfurt_000000_000294_gtFine_labelTrainIds.png"
+    path = (
+        FIXTURES
+        / "cityscapes/gtFine/val/frankfurt/frankfurt_000000_000294_gtFine_labelTrainIds.png"
+    )
     with pytest.raises(DatasetError, match="labelTrainIds given where labelIds") as e:
         decode_label(path, ids)
     assert str(path) in str(e.value)
@@ -36,7 +43,9 @@ def test_cityscapes_trainids_file_where_labelids_expected_is_refused():
 
 @needs_fixtures
 def test_cityscapes_instance_file_is_refused():
-    path = FIXTURES / "cityscapes/gtFine/val/frankfurt/frankfurt_000000_000294_gtFine_instanceIds.png"
+    path = (
+        FIXTURES / "cityscapes/gtFine/val/frankfurt/frankfurt_000000_000294_gtFine_instanceIds.png"
+    )
     with pytest.raises(DatasetError, match="instance"):
         decode_label(path, load_manifest("cityscapes"))
 
@@ -90,13 +99,24 @@ def test_sample_cityscapes_layout_is_official(samples):
     labels = sorted((root / "gtFine/train").rglob("*_gtFine_labelIds.png"))
     assert labels and all(p.parent.name in p.name for p in labels)
     im = Image.open(labels[0])
-    assert im.mode == "L" and set(np.unique(np.asarray(im))) <= set(load_manifest("cityscapes").label_values)
+    assert im.mode == "L" and set(np.unique(np.asarray(im))) <= set(
+        load_manifest("cityscapes").label_values
+    )
     assert sorted((root / "leftImg8bit/train").rglob("*_leftImg8bit.png"))
 
 
-def test_sample_mapillary_labels_are_palette(samples):
+def test_sample_mapillary_labels_are_palette_with_exact_indices(samples):
+    from softprep.sample import class_roles
+
+    m = load_manifest("mapillary", "v1.2")
     p = next((samples["mapillary-v1.2"] / "training/v1.2/labels").glob("*.png"))
-    assert Image.open(p).mode == "P"
+    im = Image.open(p)
+    assert im.mode == "P"
+    raw = np.asarray(im)
+    roles = class_roles(m)
+    assert raw[0, 0] == roles["sky"] and raw[-1, 0] == 65  # sky on top, void (unlabeled) below
+    pal = np.array(im.getpalette()).reshape(-1, 3)
+    assert tuple(pal[roles["sky"]]) == m.classes[roles["sky"]].color
 
 
 def copy_sample(samples, key, tmp_path):
@@ -146,6 +166,10 @@ def test_rgb_label_refused_with_ade_explanation(samples, tmp_path):
 def test_mapillary_config_disagreement_is_reported(samples, tmp_path):
     root = copy_sample(samples, "mapillary-v1.2", tmp_path)
     cfg = root / "config_v1.2.json"
-    cfg.write_text(cfg.read_text().replace('"construction--structure--building"', '"construction--building"'))
+    cfg.write_text(
+        cfg.read_text().replace('"construction--structure--building"', '"construction--building"')
+    )
     report = scan(load_manifest("mapillary", "v1.2"), root, histogram=False)
-    assert any("config_v1.2.json" in p.path and "manifest says" in p.message for p in report.problems)
+    assert any(
+        "config_v1.2.json" in p.path and "manifest says" in p.message for p in report.problems
+    )

@@ -29,7 +29,10 @@ def test_cityscapes_id_to_train_id_matches_official_table():
 
 
 @needs_facts
-@pytest.mark.parametrize("version,table,labels", [("v1.2", "mapillary_v1.2_labels.tsv", 66), ("v2.0", "mapillary_v2.0_classes_mmseg.tsv", 124)])
+@pytest.mark.parametrize(
+    "version,table,labels",
+    [("v1.2", "mapillary_v1.2_labels.tsv", 66), ("v2.0", "mapillary_v2.0_classes_mmseg.tsv", 124)],
+)
 def test_mapillary_tables(version, table, labels):
     m = load_manifest("mapillary", version)
     facts = rows(table)
@@ -72,6 +75,8 @@ def test_folder_manifest_from_path(tmp_path):
     m = load_manifest(str(REPO / "manifests" / "folder-example.json"))
     assert m.dataset == "folder" and m.num_classes == 2
     bad = tmp_path / "bad.json"
-    bad.write_text('{"dataset": "x", "classes": [{"id": 1, "name": "a", "color": [0,0,0]}], "label_values": {}, "splits": {}, "layout": {}}')
+    bad.write_text(
+        '{"dataset": "x", "classes": [{"id": 1, "name": "a", "color": [0,0,0]}], "label_values": {}, "splits": {}, "layout": {}}'
+    )
     with pytest.raises(ManifestError, match="class ids must be 0..C-1"):
         load_manifest(str(bad))

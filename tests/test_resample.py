@@ -10,8 +10,20 @@ from PIL import Image
 from softprep.manifest import VOID
 from softprep.resample import KERNELS, Resampler, axis_weights, output_size
 
-SIZES = [((37, 53), (9, 13)), ((64, 96), (8, 12)), ((50, 70), (25, 35)), ((101, 77), (13, 29)), ((30, 40), (45, 61))]
-TORCH_MODE = {"nearest": "nearest-exact", "nearest-floor": "nearest", "area": "area", "bilinear": "bilinear", "bicubic": "bicubic"}
+SIZES = [
+    ((37, 53), (9, 13)),
+    ((64, 96), (8, 12)),
+    ((50, 70), (25, 35)),
+    ((101, 77), (13, 29)),
+    ((30, 40), (45, 61)),
+]
+TORCH_MODE = {
+    "nearest": "nearest-exact",
+    "nearest-floor": "nearest",
+    "area": "area",
+    "bilinear": "bilinear",
+    "bicubic": "bicubic",
+}
 PIL_FILTER = {"area": Image.BOX, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
@@ -26,7 +38,14 @@ def torch_reference(x: np.ndarray, out_hw, kernel, antialias):
 def pil_reference(x: np.ndarray, out_hw, kernel):
     """(H, W, C) float -> (Ho, Wo, C): PIL resize of each channel as a float image."""
     return np.stack(
-        [np.asarray(Image.fromarray(x[..., c].astype(np.float32), "F").resize(out_hw[::-1], PIL_FILTER[kernel])) for c in range(x.shape[2])],
+        [
+            np.asarray(
+                Image.fromarray(x[..., c].astype(np.float32), "F").resize(
+                    out_hw[::-1], PIL_FILTER[kernel]
+                )
+            )
+            for c in range(x.shape[2])
+        ],
         axis=-1,
     )
 
@@ -45,7 +64,11 @@ def one_hot(label: np.ndarray) -> np.ndarray:
 
 def random_label(hw, classes, rng):
     """Blocky label with thin lines and isolated pixels, void included."""
-    lab = rng.choice(classes, size=(hw[0] // 4 + 1, hw[1] // 4 + 1)).repeat(4, 0).repeat(4, 1)[: hw[0], : hw[1]]
+    lab = (
+        rng.choice(classes, size=(hw[0] // 4 + 1, hw[1] // 4 + 1))
+        .repeat(4, 0)
+        .repeat(4, 1)[: hw[0], : hw[1]]
+    )
     lab = lab.copy()
     lab[:, rng.integers(0, hw[1], 3)] = classes[0]
     lab[rng.integers(0, hw[0], 20), rng.integers(0, hw[1], 20)] = VOID
@@ -114,7 +137,11 @@ def test_class_mass_equals_sum_of_dense_soft_label(kernel, antialias):
 
 
 def test_output_size_rounds_half_up_and_nearest_phases():
-    assert output_size(1024, 1 / 8) == 128 and output_size(375, 0.5) == 188 and output_size(3, 0.1) == 1
+    assert (
+        output_size(1024, 1 / 8) == 128
+        and output_size(375, 0.5) == 188
+        and output_size(3, 0.1) == 1
+    )
     centre = axis_weights(16, 2, "nearest").index[:, 0]
     floor = axis_weights(16, 2, "nearest-floor").index[:, 0]
     assert list(centre) == [4, 12] and list(floor) == [0, 8]  # shifted by (f - 1) / 2 ~ 4 px

@@ -1,0 +1,3 @@
+from softprep.cli import main
+
+main()

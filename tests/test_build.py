@@ -1,0 +1,319 @@
+"""softprep build: pairing, fidelity, store layout, resume, parallelism, errors, verify."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+
+from softprep import build as build_module
+from softprep.build import BuildError, BuildOptions, build
+from softprep.manifest import VOID, load_manifest
+from softprep.resample import Resampler
+from softprep.store import SoftStore
+from softprep.verify import verify
+
+SCALES = (0.125, 0.25, 0.5)
+
+
+def arrays_of(url):
+    """Every array of a store as numpy, by path (for equality checks)."""
+    root = zarr.open_group(url, mode="r")
+    out = {}
+    for path, arr in root.members(max_depth=None):
+        if isinstance(arr, zarr.Array):
+            out[path] = arr[:]
+    return out
+
+
+def assert_same_store(a, b):
+    x, y = arrays_of(a), arrays_of(b)
+    assert sorted(x) == sorted(y)
+    for k in x:
+        np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def one_hot_dataset(root: Path, n=3, hw=(67, 93)):
+    """A 3-class folder dataset whose colour image IS its one-hot label x 255."""
+    manifest = {
+        "dataset": "folder",
+        "version": "onehot",
+        "classes": [
+            {"id": i, "name": f"c{i}", "color": [255 * (i == j) for j in range(3)]}
+            for i in range(3)
+        ],
+        "label_values": {"0": 0, "1": 1, "2": 2},
+        "splits": {"train": "train"},
+        "eval_splits": [],
+        "layout": {
+            "images": "images/{split}",
+            "image_suffix": ".png",
+            "labels": "labels/{split}",
+            "label_suffix": ".png",
+        },
+    }
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        lab = (
+            rng.integers(0, 3, (hw[0] // 3 + 1, hw[1] // 5 + 1))
+            .repeat(3, 0)
+            .repeat(5, 1)[: hw[0], : hw[1]]
+            .astype(np.uint8)
+        )
+        lab[:, rng.integers(0, hw[1], 4)] = 2  # thin lines
+        (root / "images/train").mkdir(parents=True, exist_ok=True)
+        (root / "labels/train").mkdir(parents=True, exist_ok=True)
+        Image.fromarray((np.eye(3)[lab] * 255).astype(np.uint8)).save(
+            root / f"images/train/{i}.png"
+        )
+        Image.fromarray(lab).save(root / f"labels/train/{i}.png")
+    path = root / "manifest.json"
+    path.write_text(json.dumps(manifest))
+    return load_manifest(str(path))
+
+
+@pytest.mark.parametrize(
+    "kernel,antialias",
+    [
+        ("bilinear", True),
+        ("area", True),
+        ("bilinear", False),
+        ("area", False),
+        ("nearest", True),
+        ("nearest-floor", True),
+    ],
+)
+def test_pairing_colour_equals_255_times_soft_label(tmp_path, kernel, antialias):
+    m = one_hot_dataset(tmp_path / "data")
+    url = str(tmp_path / "s.zarr")
+    build(
+        m,
+        tmp_path / "data",
+        url,
+        BuildOptions(scales=(0.125, 0.3, 0.5, 1.5), kernel=kernel, antialias=antialias, k=3),
+    )
+    s = SoftStore(url)
+    for scale in s.scales:
+        for i in range(len(s)):
+            index, q = s.read_soft(scale, i)
+            rgb = s.read_rgb(scale, i).astype(int)
+            soft = np.zeros(rgb.shape, dtype=int)
+            for k in range(3):
+                for c in range(3):
+                    soft[..., c] += np.where(index[k] == c, q[k], 0)
+            assert np.abs(rgb - soft).max() <= 1, (kernel, scale)
+
+
+def test_fidelity_and_priors_on_sample(samples, tmp_path):
+    m = load_manifest("cityscapes")
+    url = str(tmp_path / "cs.zarr")
+    build(m, samples["cityscapes"], url, BuildOptions(scales=SCALES, k=6))
+    s = SoftStore(url)
+    counts = s.full_counts()
+    for scale in SCALES:
+        soft = s.stats(scale, "soft")
+        p_full = counts[:, :-1].sum(0) / counts[:, :-1].sum()
+        p_soft = soft[:, :-1].sum(0) / soft[:, :-1].sum()
+        assert np.abs(p_full - p_soft).max() < 1e-4
+    # every pixel within 1/255 (+ truncated mass) of the exact float soft label
+    i = 0
+    name = s.names()[i]
+    split, stem = name.split("/", 1)
+    label_path = samples["cityscapes"] / f"gtFine/{split}/{stem}_gtFine_labelIds.png"
+    from softprep.datasets import decode_label
+
+    label = decode_label(label_path, m)
+    present = np.unique(label)
+    for scale in SCALES:
+        index, q = s.read_soft(scale, i)
+        r = Resampler.make(label.shape, index.shape[1:], "bilinear")
+        exact = r.resample_float((label[..., None] == present).astype(np.float64))
+        stored = np.zeros_like(exact)
+        for k in range(6):
+            for j, c in enumerate(present):
+                stored[..., j] += np.where(index[k] == c, q[k] / 255, 0)
+        assert np.abs(stored - exact).max() <= 1 / 255 + 1e-6
+        assert index[0][exact.argmax(-1) == np.searchsorted(present, index[0])].size > 0
+
+
+def test_store_is_plain_zarr_with_metadata(samples, tmp_path):
+    url = str(tmp_path / "cs.zarr")
+    build(load_manifest("cityscapes"), samples["cityscapes"], url, BuildOptions(scales=(0.25,)))
+    root = zarr.open_group(url, mode="r")
+    meta = root.attrs["softprep"]
+    for key in (
+        "kernel",
+        "antialias",
+        "scales",
+        "k",
+        "quantisation",
+        "manifest",
+        "dataset",
+        "dataset_version",
+        "softprep_version",
+        "multiscales",
+    ):
+        assert key in meta
+    soft = root["levels/x0.25/soft"]
+    assert soft.dtype == np.uint8 and soft.shape[1] == 11
+    assert soft.shards[0] == 1 and soft.chunks[-2:] == (64, 128)
+    h, w = root["levels/x0.25/hw"][0]
+    planes = soft[0, :, :h, :w]
+    first = 255 - planes[6:].astype(int).sum(0)
+    assert (first >= planes[6:].max(0)).all()
+    names = root["images/name"][:]
+    assert str(names[0]).startswith("train/")
+    val = [i for i, n in enumerate(names) if str(n).startswith("val/")]
+    full = root["full/label"][val[0]]
+    assert full.shape == (256, 512) and set(np.unique(full)) <= set(range(19)) | {VOID}
+
+
+def test_resume_after_interruptions_equals_uninterrupted(samples, tmp_path, monkeypatch):
+    m = load_manifest("cityscapes")
+    opts = BuildOptions(scales=SCALES)
+    ref = str(tmp_path / "ref.zarr")
+    build(m, samples["cityscapes"], ref, opts)
+    url = str(tmp_path / "resumed.zarr")
+    real_write = build_module.store.write_image
+    calls = {"n": 0}
+
+    def dying_write(root, i, levels, full):
+        calls["n"] += 1
+        if calls["n"] == 3:  # die half-way through an image's shards
+            first = dict(list(levels.items())[:1])
+            real_write(root, i, first, None)
+            raise KeyboardInterrupt
+        real_write(root, i, levels, full)
+
+    monkeypatch.setattr(build_module.store, "write_image", dying_write)
+    monkeypatch.setattr(build_module, "FLUSH_EVERY", 1)
+    with pytest.raises(KeyboardInterrupt):
+        build(m, samples["cityscapes"], url, opts)
+    monkeypatch.undo()
+    assert 0 < SoftStore(url).done().sum() < 6
+    summary = build(m, samples["cityscapes"], url, opts)
+    assert summary.already_done == 2 and summary.built == 4
+    assert_same_store(ref, url)
+
+
+def test_resume_after_sigkill_subprocess(samples, tmp_path):
+    """Kill a real build process at random moments; the rerun must equal a clean build."""
+    ref, url = str(tmp_path / "ref.zarr"), str(tmp_path / "killed.zarr")
+    cmd = [
+        sys.executable,
+        "-m",
+        "softprep",
+        "build",
+        "cityscapes",
+        "--root",
+        str(samples["cityscapes"]),
+        "--scales",
+        "1/8",
+        "1/2",
+    ]
+    subprocess.run([*cmd, "--out", ref], check=True, capture_output=True)
+    rng = np.random.default_rng(0)
+    for delay in rng.uniform(0.6, 2.0, 3):
+        p = subprocess.Popen(
+            [*cmd, "--out", url],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        time.sleep(delay)
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    subprocess.run([*cmd, "--out", url], check=True, capture_output=True)
+    assert_same_store(ref, url)
+    assert verify(SoftStore(url)).ok
+
+
+def test_jobs_2_equals_jobs_1(samples, tmp_path):
+    m = load_manifest("ade20k")
+    a, b = str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")
+    opts = BuildOptions(scales=(0.5, 0.25), short_side=128)
+    build(m, samples["ade20k"], a, opts, jobs=1)
+    build(m, samples["ade20k"], b, opts, jobs=2)
+    assert_same_store(a, b)
+    hw = SoftStore(a).hw(0.5)
+    assert (hw.min(axis=1) == 64).all()  # short side 128 * 0.5
+
+
+def test_changed_option_is_refused(samples, tmp_path):
+    m = load_manifest("cityscapes")
+    url = str(tmp_path / "cs.zarr")
+    build(m, samples["cityscapes"], url, BuildOptions(scales=(0.25,)))
+    with pytest.raises(BuildError, match="kernel: 'bilinear' -> 'area'"):
+        build(m, samples["cityscapes"], url, BuildOptions(scales=(0.25,), kernel="area"))
+
+
+def test_bad_pair_fail_and_skip(samples, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(samples["mapillary-v1.2"], root)
+    m = load_manifest("mapillary", "v1.2")
+    bad = sorted((root / "training/v1.2/labels").glob("*.png"))[2]
+    original = Image.open(bad)
+    arr = np.asarray(original).copy()
+    arr[0, 0] = 200  # not a v1.2 label
+    damaged = Image.fromarray(arr, "P")
+    damaged.putpalette(original.getpalette())  # a full palette keeps the indices as written
+    damaged.save(bad)
+    url = str(tmp_path / "m.zarr")
+    with pytest.raises(BuildError, match=str(bad)):
+        build(m, root, url, BuildOptions(scales=(0.25,)))
+    before = SoftStore(url).done().copy()
+    summary = build(m, root, url, BuildOptions(scales=(0.25,)), on_error="skip")
+    assert [p.path for p in summary.skipped] == [str(bad)]
+    s = SoftStore(url)
+    assert s.done().sum() == len(s) - 1 and (s.done() >= before).all()
+    assert s.describe()["skipped"][0]["path"] == str(bad)
+
+
+def test_verify_detects_damage(samples, tmp_path):
+    url = str(tmp_path / "cs.zarr")
+    build(load_manifest("cityscapes"), samples["cityscapes"], url, BuildOptions(scales=(0.25, 0.5)))
+    assert verify(SoftStore(url)).ok
+    root = zarr.open_group(url, mode="r+")
+    planes = root["levels/x0.25/soft"][1]
+    planes[6:, 5, 5] = 200  # probabilities now exceed 255
+    planes[0, 7, 7], planes[6, 7, 7] = 77, 0  # an unknown class id with mass
+    root["levels/x0.25/soft"][1] = planes
+    shard = next(Path(url, "levels/x0.5/soft/c/2").rglob("*"))
+    while shard.is_dir():
+        shard = next(shard.iterdir())
+    shard.write_bytes(b"garbage" * 10)
+    done = root["images/done"]
+    done[4] = False
+    report = verify(SoftStore(url))
+    text = "\n".join(report.problems)
+    assert (
+        "exceed 255" in text
+        and "class ids [77]" in text
+        and "unreadable" in text
+        and "not built" in text
+    )
+
+
+def test_dask_backend_equals_loky(samples, tmp_path):
+    pytest.importorskip("dask.distributed")
+    import joblib
+    from dask.distributed import Client
+
+    m = load_manifest("cityscapes")
+    a, b = str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")
+    build(m, samples["cityscapes"], a, BuildOptions(scales=(0.25,)))
+    with (
+        Client(processes=False, n_workers=1, threads_per_worker=2),
+        joblib.parallel_config(backend="dask"),
+    ):
+        build(m, samples["cityscapes"], b, BuildOptions(scales=(0.25,)), jobs=2)
+    assert_same_store(a, b)
