@@ -4,7 +4,7 @@ import csv
 
 import pytest
 
-from softprep.manifest import ManifestError, VOID, load_manifest
+from softprep.manifest import VOID, ManifestError, load_manifest
 from tests.conftest import FACTS, needs_facts
 
 

@@ -1,0 +1,89 @@
+"""The softprep CLI end to end, as a user runs it."""
+
+import pytest
+from typer.testing import CliRunner
+
+from softprep.cli import app, expand_multi_value
+
+runner = CliRunner()
+
+
+def run(*args):
+    """Invoke the CLI; ``.text`` is the output with rich's line wrapping undone."""
+    result = runner.invoke(app, expand_multi_value([str(a) for a in args]))
+    result.text = " ".join(result.output.split())
+    return result
+
+
+def test_multi_value_options_expand():
+    assert expand_multi_value(["build", "x", "--scales", "1/8", "1/4", "--jobs", "2"]) == [
+        "build",
+        "x",
+        "--scales",
+        "1/8",
+        "--scales",
+        "1/4",
+        "--jobs",
+        "2",
+    ]
+
+
+def test_sample_build_info_verify_show_priors(tmp_path):
+    data, store = tmp_path / "cs", tmp_path / "cs.zarr"
+    assert run("sample", "cityscapes", data, "--train", 3, "--val", 1).exit_code == 0
+    r = run("scan", "cityscapes", "--root", data)
+    assert r.exit_code == 0 and "class histogram" in r.text
+    r = run(
+        "build", "cityscapes", "--root", data, "--scales", "1/8", "1/4", "--out", store, "--jobs", 2
+    )
+    assert r.exit_code == 0, r.output
+    assert "4 built" in r.text
+    r = run("build", "cityscapes", "--root", data, "--scales", "1/8", "1/4", "--out", store)
+    assert "0 built, 4 already done" in r.text
+    r = run("info", store)
+    assert r.exit_code == 0 and "1/4" in r.text
+    assert run("verify", store).exit_code == 0
+    r = run("show", store, "--index", 3, "--level", "1/4", "--out", tmp_path / "s.png")
+    assert r.exit_code == 0 and (tmp_path / "s.png").stat().st_size > 1000
+    r = run(
+        "priors",
+        "--store",
+        store,
+        "--compare",
+        "nn",
+        "nn-floor",
+        "--csv",
+        tmp_path / "p.csv",
+        "--plot",
+        tmp_path / "p.png",
+    )
+    assert r.exit_code == 0 and "nearest neighbour loses most" in r.text
+    assert (tmp_path / "p.png").exists() and (tmp_path / "p.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["build", "cityscapes", "--root", "/nonexistent"], "dataset root not found"),
+        (["build", "pascal", "--root", "."], "unknown dataset"),
+        (["build", "cityscapes", "--root", ".", "--kernel", "lanczos"], "unknown kernel"),
+        (["build", "cityscapes", "--root", ".", "--scales", "1/0"], "is not a scale"),
+        (["info", "/nonexistent.zarr"], "no zarr store"),
+        (["priors"], "give --store"),
+    ],
+)
+def test_bad_input_exit_code_2_and_message(args, message):
+    r = run(*args)
+    assert r.exit_code == 2
+    assert message in r.text
+
+
+def test_verify_exit_code_on_damage(tmp_path):
+    import zarr
+
+    data, store = tmp_path / "cs", tmp_path / "cs.zarr"
+    run("sample", "cityscapes", data, "--train", 2, "--val", 0)
+    run("build", "cityscapes", "--root", data, "--scales", "1/4", "--out", store)
+    zarr.open_group(str(store), mode="r+")["images/done"][0] = False
+    r = run("verify", store)
+    assert r.exit_code == 1 and "not built" in r.text
