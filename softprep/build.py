@@ -33,7 +33,7 @@ from softprep.datasets import (
 )
 from softprep.manifest import VOID, Manifest
 from softprep.quantize import RULE, encode_planes
-from softprep.resample import KERNELS, Resampler, output_size
+from softprep.resample import KERNELS, Resampler, output_size, row_changes
 
 BASE_STRATEGIES = ("soft", "nn", "nn-floor")
 FLUSH_EVERY = 32
@@ -117,10 +117,11 @@ def process_pair(pair: Pair, manifest: Manifest, options: BuildOptions, keep_ful
     c = manifest.num_classes
     result = ImageResult(index=-1, full=with_void_last(counts, c))
     arrays = {}
+    changes = row_changes(label)
     for scale in options.scales:
         out_hw = level_size(label.shape, scale, options.short_side)
         r = Resampler.make(label.shape, out_hw, options.kernel, options.antialias)
-        index, prob, truncated = r.soft_topk(label, options.k)
+        index, prob, truncated = r.soft_topk(label, options.k, changes)
         arrays[store.level_name(scale)] = (encode_planes(index, prob), r.colour(image))
         stats = {"truncated": np.array([truncated.sum(), truncated.max()])}
         for s in options.strategies:

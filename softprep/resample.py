@@ -205,16 +205,31 @@ class Resampler:
             counts = np.bincount(label.ravel(), minlength=256)
         return separable_mass(label, self.y.column_sums(), self.x.column_sums(), counts)
 
-    def _tap_range(self, label: np.ndarray, reduce) -> np.ndarray:
-        acc = label[:, self.x.index[:, 0]]
-        for t in range(1, self.x.index.shape[1]):
-            acc = reduce(acc, label[:, self.x.index[:, t]])
-        out = acc[self.y.index[:, 0]]
-        for t in range(1, self.y.index.shape[1]):
-            out = reduce(out, acc[self.y.index[:, t]])
-        return out
+    def uniform(self, label: np.ndarray, changes: np.ndarray | None = None):
+        """Output pixels whose taps all hold one label: ((Ho, Wo) bool, (Ho, Wo) that label).
 
-    def soft_topk(self, label: np.ndarray, k: int, chunk: int = 1 << 22):
+        A tap window is uniform iff no label change lies inside its index range, which
+        running counts of changes (``row_changes``, shareable between levels) answer
+        with two lookups per window, first along rows, then along columns.
+        """
+        if changes is None:
+            changes = row_changes(label)
+        ax, bx = self.x.index.min(axis=1), self.x.index.max(axis=1)
+        ay, by = self.y.index.min(axis=1), self.y.index.max(axis=1)
+        # along rows; results transposed to (Wo, H) so the column pass runs on contiguous rows
+        row_uniform = np.ascontiguousarray(
+            (np.take(changes, bx, axis=1) == np.take(changes, ax, axis=1)).T
+        )
+        value = np.ascontiguousarray(np.take(label, ax, axis=1).T)  # (Wo, H)
+        broken = np.zeros(value.shape, dtype=np.int32)  # rows not uniform, or differing
+        broken[:, 1:] = (value[:, 1:] != value[:, :-1]) | ~row_uniform[:, 1:]
+        np.cumsum(broken, axis=1, out=broken)
+        uniform = (np.take(broken, by, axis=1) == np.take(broken, ay, axis=1)) & np.take(
+            row_uniform, ay, axis=1
+        )
+        return np.ascontiguousarray(uniform.T), np.ascontiguousarray(np.take(value, ay, axis=1).T)
+
+    def soft_topk(self, label: np.ndarray, k: int, changes=None, chunk: int = 1 << 22):
         """Top-``k`` soft label of an (H, W) uint8 train-id map (void = 255 is a class).
 
         Returns ``index`` (k, Ho, Wo) uint8 class ids and ``prob`` (k, Ho, Wo) float32
@@ -222,57 +237,67 @@ class Resampler:
         ``truncated`` (Ho, Wo) float32, the mass dropped by keeping only ``k`` classes.
         No dense one-hot: output pixels whose taps all hold one class are set directly;
         the rest are reduced from their taps, so cost grows with pixels, not classes.
-        ``chunk`` bounds the taps held in memory at once.
+        ``changes``: ``row_changes(label)`` if already computed; ``chunk`` bounds the taps
+        held in memory at once.
         """
         ho, wo = self.out_hw
-        lo = self._tap_range(label, np.minimum)
-        hi = self._tap_range(label, np.maximum)
+        uniform, value = self.uniform(label, changes)
         index = np.zeros((k, ho * wo), dtype=np.uint8)
         prob = np.zeros((k, ho * wo), dtype=np.float32)
         truncated = np.zeros(ho * wo, dtype=np.float32)
-        index[0], prob[0] = lo.ravel(), 1.0
-        mixed = np.flatnonzero((lo != hi).ravel())
-        ty, tx = self.y.index.shape[1], self.x.index.shape[1]
-        step = max(1, chunk // (ty * tx))
+        index[0], prob[0] = value.ravel(), 1.0
+        mixed = np.flatnonzero(~uniform.ravel())
+        wy, wx = self.y.weight.astype(np.float32), self.x.weight.astype(np.float32)
+        taps = self.y.index.shape[1] * self.x.index.shape[1]
+        step = max(1, chunk // taps)
         for start in range(0, len(mixed), step):
             m = mixed[start : start + step]
             oy, ox = np.divmod(m, wo)
-            iy, ix = self.y.index[oy], self.x.index[ox]
-            labels = label[iy[:, :, None], ix[:, None, :]].reshape(len(m), -1)
-            weights = (self.y.weight[oy][:, :, None] * self.x.weight[ox][:, None, :]).reshape(
-                len(m), -1
+            labels = label[self.y.index[oy][:, :, None], self.x.index[ox][:, None, :]]
+            weights = wy[oy][:, :, None] * wx[ox][:, None, :]
+            cls, mass = _class_masses(labels.reshape(len(m), taps), weights.reshape(len(m), taps))
+            total = mass.sum(axis=1)
+            top = (
+                np.argpartition(-mass, k - 1, axis=1)[:, :k]
+                if taps > k
+                else np.indices(mass.shape)[1]
             )
-            cls, mass, total = _class_masses(labels, weights)
-            top = np.argsort(-mass, axis=1, kind="stable")[:, :k]
             kept = np.take_along_axis(mass, top, axis=1)
+            order = np.argsort(-kept, axis=1, kind="stable")
+            top, kept = (
+                np.take_along_axis(top, order, axis=1),
+                np.take_along_axis(kept, order, axis=1),
+            )
             n = top.shape[1]
             index[:n, m] = np.where(kept > 0, np.take_along_axis(cls, top, axis=1), 0).T
             prob[:n, m] = (kept / total[:, None]).T
             prob[n:, m] = 0.0
             truncated[m] = np.clip(1.0 - kept.sum(axis=1) / total, 0.0, None)
-        return (
-            index.reshape(k, ho, wo),
-            prob.reshape(k, ho, wo),
-            truncated.reshape(ho, wo),
-        )
+        return index.reshape(k, ho, wo), prob.reshape(k, ho, wo), truncated.reshape(ho, wo)
 
 
-def _class_masses(labels: np.ndarray, weights: np.ndarray):
-    """Per row, sum ``weights`` by ``labels``: (M, T) -> class ids (M, T), masses (M, T)
-    (non-negative, 0 where no class ends) and total positive mass (M,)."""
-    order = np.argsort(labels, axis=1, kind="stable")
-    cls = np.take_along_axis(labels, order, axis=1)
-    cum = np.cumsum(np.take_along_axis(weights, order, axis=1), axis=1)
-    ends = np.ones(cls.shape, dtype=bool)
-    ends[:, :-1] = cls[:, 1:] != cls[:, :-1]
-    prev = np.zeros_like(cum)
-    rows, cols = np.nonzero(ends)
-    run_sum = cum[rows, cols]
-    first = np.r_[True, rows[1:] != rows[:-1]]
-    before = np.where(first, 0.0, np.r_[0.0, run_sum[:-1]])
-    prev[rows, cols] = run_sum - before
-    mass = np.clip(prev, 0.0, None)  # bicubic lobes: negative class mass is clipped
-    return cls, mass, mass.sum(axis=1)
+def row_changes(label: np.ndarray) -> np.ndarray:
+    """(H, W) int32: how many label changes lie left of each pixel in its row."""
+    changes = np.zeros(label.shape, dtype=np.int32)
+    np.cumsum(label[:, 1:] != label[:, :-1], axis=1, out=changes[:, 1:])
+    return changes
+
+
+def _class_masses(labels: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, sum ``weights`` by ``labels``: (M, T) uint8 + (M, T) float32 -> class ids
+    (M, T) and masses (M, T), each class's mass at its first position after sorting, 0
+    elsewhere; negative masses (bicubic lobes) are clipped to 0."""
+    m, t = labels.shape
+    key = (labels.astype(np.uint32) << 16) | np.arange(t, dtype=np.uint32)
+    key.sort(axis=1)  # by class, then tap: one fast integer sort instead of argsort
+    cls = (key >> 16).astype(np.uint8)
+    w = np.take_along_axis(weights, (key & 0xFFFF).astype(np.intp), axis=1)
+    starts = np.ones((m, t), dtype=bool)
+    starts[:, 1:] = cls[:, 1:] != cls[:, :-1]
+    first = np.flatnonzero(starts)
+    mass = np.zeros(m * t, dtype=np.float32)
+    mass[first] = np.clip(np.add.reduceat(w.ravel(), first), 0.0, None)
+    return cls, mass.reshape(m, t)
 
 
 def _split_common(c: np.ndarray) -> tuple[float, np.ndarray]:

@@ -1,0 +1,184 @@
+"""Benchmarks for ``softprep build`` (issue 3 targets). Each figure is printed as a ratio
+against a baseline measured in the same run.
+
+    python tests/benchmarks/bench_build.py [--images 8] [--what throughput jobs memory size]
+
+- throughput: build (1 job, scales 1/8 1/4 1/2, bilinear antialiased) vs decoding the same
+  image + label files and resizing the colour image to the same scales with PIL (target <= 2x)
+- jobs: images/s with --jobs 2 vs --jobs 1 (target >= 1.7x on 2 cores)
+- memory: peak RSS building one 4000x6000 image with 124 classes (target < 2 GB), against
+  the peak RSS of only decoding that pair, and the size a dense float32 one-hot would take
+- size: store bytes (labels + colour) vs the source PNG files (target <= 1x)
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from softprep.build import BuildOptions, build
+from softprep.datasets import discover
+from softprep.manifest import load_manifest
+from softprep.sample import write_sample
+
+SCALES = (0.125, 0.25, 0.5)
+CITYSCAPES_HW = (1024, 2048)
+
+
+def cityscapes_like(root: Path, n: int) -> None:
+    write_sample(load_manifest("cityscapes"), root, {"train": n}, size=CITYSCAPES_HW, seed=0)
+
+
+def baseline_seconds(root: Path) -> float:
+    """Decode image + label, PIL-resize the colour image to every scale."""
+    pairs, _ = discover(load_manifest("cityscapes"), root)
+    start = time.perf_counter()
+    for p in pairs:
+        img = Image.open(p.image).convert("RGB")
+        np.asarray(Image.open(p.label))
+        for s in SCALES:
+            img.resize((round(img.width * s), round(img.height * s)), Image.BILINEAR)
+    return time.perf_counter() - start
+
+
+def build_seconds(root: Path, out: Path, jobs: int) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    build(load_manifest("cityscapes"), root, str(out), BuildOptions(scales=SCALES), jobs=jobs)
+    return time.perf_counter() - start
+
+
+def bench_throughput(root: Path, tmp: Path, n: int) -> None:
+    base = min(baseline_seconds(root) for _ in range(2))
+    ours = min(build_seconds(root, tmp / "t.zarr", 1) for _ in range(2))
+    print(
+        f"throughput: build {ours / n * 1e3:.0f} ms/image, baseline (decode + PIL colour resize) "
+        f"{base / n * 1e3:.0f} ms/image -> ratio {ours / base:.2f}x (target <= 2x)"
+    )
+
+
+def bench_jobs(root: Path, tmp: Path, n: int) -> None:
+    build_seconds(root, tmp / "warm.zarr", 2)  # start the worker pool once
+    one = build_seconds(root, tmp / "j1.zarr", 1)
+    two = build_seconds(root, tmp / "j2.zarr", 2)
+    print(
+        f"jobs: --jobs 1 {n / one:.2f} img/s, --jobs 2 {n / two:.2f} img/s -> "
+        f"speed-up {one / two:.2f}x (target >= 1.7x)"
+    )
+
+
+MEMORY_CHILD = """
+import resource, sys, numpy as np
+from pathlib import Path
+from softprep.build import BuildOptions, build
+from softprep.datasets import load_pair, discover
+from softprep.manifest import load_manifest
+sys.path.insert(0, sys.argv[5])
+from bench_build import mapillary_like
+m = load_manifest(sys.argv[1])
+if sys.argv[3] == "generate":
+    mapillary_like(Path(sys.argv[2]))
+elif sys.argv[3] == "decode":
+    pairs, _ = discover(m, Path(sys.argv[2]))
+    load_pair(pairs[0], m)
+else:
+    build(m, sys.argv[2], sys.argv[4], BuildOptions(scales=(0.125, 0.25, 0.5)))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def mapillary_like(root: Path) -> Path:
+    """One 4000x6000 pair with all 124 v2.0 labels present, as a folder dataset."""
+    m = load_manifest("mapillary", "v2.0")
+    rng = np.random.default_rng(0)
+    h, w = 4000, 6000
+    write_sample(m, root, {"train": 1, "val": 0}, size=(h, w), seed=0)
+    lab_path = next((root / "training/v2.0/labels").glob("*.png"))
+    im = Image.open(lab_path)
+    raw = np.asarray(im).copy()
+    for c in range(124):  # a small square of every label, so all 124 are present
+        y, x = rng.integers(0, h - 40), rng.integers(0, w - 40)
+        raw[y : y + 40, x : x + 40] = c
+    out = Image.fromarray(raw, "P")
+    out.putpalette(im.getpalette())
+    out.save(lab_path)
+    return root
+
+
+def bench_memory(tmp: Path) -> None:
+    """Each step in a fresh process (Linux keeps a parent's peak RSS across fork + exec, so
+    the parent must stay small too)."""
+    root = tmp / "mapillary"
+    name = str(Path(load_manifest("mapillary", "v2.0").source))
+    rss = {}
+    for what in ("generate", "decode", "build"):
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                MEMORY_CHILD,
+                name,
+                str(root),
+                what,
+                str(tmp / "m.zarr"),
+                str(Path(__file__).parent),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        rss[what] = int(r.stdout.split()[-1]) / 1024  # KiB -> MiB
+    dense = 4000 * 6000 * 124 * 4 / 2**20
+    print(
+        f"memory: 4000x6000, 124 classes: build peak RSS {rss['build']:.0f} MiB vs decode-only "
+        f"{rss['decode']:.0f} MiB -> {rss['build'] / rss['decode']:.2f}x; a dense float32 "
+        f"one-hot alone would be {dense:.0f} MiB (target < 2048 MiB)"
+    )
+
+
+def bench_size(root: Path, tmp: Path) -> None:
+    out = tmp / "size.zarr"
+    build_seconds(root, out, 1)
+    store = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    source = sum(
+        f.stat().st_size
+        for f in list(root.rglob("*_leftImg8bit.png")) + list(root.rglob("*_gtFine_labelIds.png"))
+    )
+    print(
+        f"size: store {store / 1e6:.1f} MB (labels + colour at 1/8 1/4 1/2) vs source PNGs "
+        f"{source / 1e6:.1f} MB -> {store / source:.2f}x (target <= 1x)"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--what", nargs="+", default=["throughput", "jobs", "memory", "size"])
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        root = tmp / "cityscapes"
+        if {"throughput", "jobs", "size"} & set(args.what):
+            cityscapes_like(root, args.images)
+        if "throughput" in args.what:
+            bench_throughput(root, tmp, args.images)
+        if "jobs" in args.what:
+            bench_jobs(root, tmp, args.images)
+        if "size" in args.what:
+            bench_size(root, tmp)
+        if "memory" in args.what:
+            bench_memory(tmp)
+
+
+if __name__ == "__main__":
+    main()
