@@ -425,11 +425,14 @@ def print_priors(report: PriorReport) -> None:
             )
 
 
-def expand_multi_value(argv: list[str]) -> list[str]:
-    """``--scales 1/8 1/4`` -> ``--scales 1/8 --scales 1/4`` (Typer options take one value)."""
+def expand_multi_value(argv: list[str], options=MULTI_VALUE) -> list[str]:
+    """``--scales 1/8 1/4`` -> ``--scales 1/8 --scales 1/4`` (Typer options take one value).
+
+    Values run until the next argument that starts with ``-``; put positional arguments
+    before such options."""
     result, current = [], None
     for arg in argv:
-        if arg in MULTI_VALUE:
+        if arg in options:
             current = arg
             continue
         if current and not arg.startswith("-"):

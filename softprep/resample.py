@@ -123,7 +123,6 @@ def axis_weights(n_in: int, n_out: int, kernel: str, antialias: bool = True) -> 
     """Weights resampling ``n_in`` samples to ``n_out`` with ``kernel``."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel '{kernel}'; choose from {', '.join(KERNELS)}")
-    scale = n_in / n_out
     if kernel in NEAREST_KERNELS:
         i = np.arange(n_out, dtype=np.int64)  # exact integer arithmetic: no float ties
         src = (2 * i + 1) * n_in // (2 * n_out) if kernel == "nearest" else i * n_in // n_out

@@ -1,0 +1,1 @@
+"""softtrain: single-GPU segmentation training on softprep soft-label stores."""

@@ -1,0 +1,230 @@
+"""Training crops and evaluation images from a ``softprep`` store, with no resampling.
+
+Scale augmentation picks one of the store's levels per sample (uniformly, or with
+``level_weights``); a crop is then read from that level, which reads only the chunks it
+touches. For finer scale steps, build more levels (``softprep build --scales 1/4 0.3
+0.375 1/2 ...``): every level is a real, paired down-sampling of the full-resolution data.
+
+Samples carry the top-K soft label as stored (ids + uint8 probabilities); turn them into
+dense class probabilities on the device with ``densify`` (measured 4x faster overall than
+densifying in loader workers).
+
+Class-balanced crops follow mmsegmentation's ``cat_max_ratio``: up to 10 crop positions
+are tried and the first whose most frequent (argmax, non-void) class covers less than
+``cat_max_ratio`` of the crop is kept (``1.0`` = off).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from softprep.manifest import VOID
+from softprep.quantize import TOTAL
+from softprep.store import SoftStore, StoreError, parse_scale, scale_label
+
+CAT_MAX_TRIES = 10
+
+
+def parse_crop(text: str) -> tuple[int, int]:
+    """``"256x512"`` -> (256, 512) as (height, width)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError as e:
+        raise ValueError(f"crop '{text}' must be HEIGHTxWIDTH, e.g. 256x512") from e
+    if h <= 0 or w <= 0:
+        raise ValueError(f"crop '{text}' must be positive")
+    return h, w
+
+
+def open_checked(url: str, split: str) -> tuple[SoftStore, np.ndarray]:
+    """The store and the indices of its finished images of ``split`` (``all`` for every
+    split). Refuses an incomplete store: run ``softprep verify`` / finish the build."""
+    store = SoftStore(url)
+    done = store.done()
+    if not done.all():
+        raise StoreError(
+            f"{url}: {int((~done).sum())} image(s) not built; finish the build (run the same "
+            "softprep build command again) and check with 'softprep verify'"
+        )
+    if split == "all":
+        return store, np.arange(len(store))
+    if split not in store.splits:
+        raise StoreError(f"{url}: no split '{split}'; splits: {', '.join(store.splits)}")
+    return store, np.flatnonzero(store.split_of() == split)
+
+
+class _LazyStore:
+    """Opens the store on first use in each process (zarr resets its IO loop after fork)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._store: SoftStore | None = None
+
+    def __getstate__(self):
+        return {"url": self.url, "_store": None}
+
+    @property
+    def store(self) -> SoftStore:
+        if self._store is None:
+            self._store = SoftStore(self.url)
+        return self._store
+
+
+class CropDataset(Dataset):
+    """Random training crops of one split.
+
+    Item ``i`` (one image per index; an epoch visits each image once) is a dict:
+    ``image`` (3, h, w) uint8, ``index`` (K, h, w) uint8 class ids (255 = void),
+    ``prob`` (K, h, w) uint8 summing to 255, ``scale`` float. Randomness comes from
+    (seed, epoch, item), so results do not depend on the worker count; call
+    ``set_epoch`` each epoch.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        crop: tuple[int, int],
+        split: str = "train",
+        levels: list[str] | None = None,
+        level_weights: list[float] | None = None,
+        flip: bool = True,
+        pad: bool = True,
+        cat_max_ratio: float = 1.0,
+        seed: int = 0,
+    ):
+        store, self.items = open_checked(url, split)
+        self.lazy = _LazyStore(url)
+        self.crop = crop
+        self.scales = [parse_scale(s) for s in levels] if levels else store.scales
+        for s in self.scales:
+            store.level(s)  # a clear error for a level the store lacks
+        weights = np.asarray(level_weights or [1.0] * len(self.scales), dtype=np.float64)
+        if len(weights) != len(self.scales) or (weights < 0).any() or weights.sum() == 0:
+            raise ValueError("level_weights: one non-negative weight per level")
+        self.weights = weights / weights.sum()
+        self.hw = {s: store.hw(s) for s in self.scales}
+        if not pad:
+            fits = [s for s in self.scales if (self.hw[s][self.items] >= crop).all()]
+            if not fits:
+                raise StoreError(
+                    f"{url}: crop {crop[0]}x{crop[1]} is larger than images at every level "
+                    f"({', '.join(scale_label(s) for s in self.scales)}); allow padding or "
+                    "use a smaller crop"
+                )
+            if len(fits) < len(self.scales):
+                raise StoreError(
+                    f"{url}: crop {crop[0]}x{crop[1]} is larger than some images at level(s) "
+                    f"{', '.join(scale_label(s) for s in self.scales if s not in fits)}; "
+                    "allow padding or leave those levels out"
+                )
+        self.flip, self.pad, self.cat_max_ratio, self.seed = flip, pad, cat_max_ratio, seed
+        self.k = store.k
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _window(self, rng, hw):
+        """A crop window (y0, x0, h, w) inside an image of size ``hw``."""
+        ch, cw = self.crop
+        h, w = min(ch, hw[0]), min(cw, hw[1])
+        return int(rng.integers(0, hw[0] - h + 1)), int(rng.integers(0, hw[1] - w + 1)), h, w
+
+    def _balanced(self, index: np.ndarray) -> bool:
+        if self.cat_max_ratio >= 1.0:
+            return True
+        hard = index[0][(index[0] != VOID)]
+        if hard.size == 0:
+            return True
+        counts = np.bincount(hard)
+        return counts.max() / hard.size < self.cat_max_ratio and len(counts.nonzero()[0]) > 1
+
+    def __getitem__(self, item: int) -> dict:
+        rng = np.random.default_rng([self.seed, self.epoch, item])
+        i = int(self.items[item])
+        scale = self.scales[rng.choice(len(self.scales), p=self.weights)]
+        store = self.lazy.store
+        hw = self.hw[scale][i]
+        for _ in range(CAT_MAX_TRIES):
+            window = self._window(rng, hw)
+            index, prob = store.read_soft(scale, i, window)
+            if self._balanced(index):
+                break
+        image = store.read_rgb(scale, i, window)
+        ch, cw = self.crop
+        out_index = np.zeros((self.k, ch, cw), dtype=np.uint8)
+        out_prob = np.zeros((self.k, ch, cw), dtype=np.uint8)
+        out_image = np.zeros((ch, cw, 3), dtype=np.uint8)
+        out_index[0], out_prob[0] = VOID, TOTAL  # padding is void
+        h, w = window[2:]
+        out_index[:, :h, :w], out_prob[:, :h, :w], out_image[:h, :w] = index, prob, image
+        if self.flip and rng.random() < 0.5:
+            out_index, out_prob, out_image = (
+                out_index[..., ::-1],
+                out_prob[..., ::-1],
+                out_image[:, ::-1],
+            )
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(out_image.transpose(2, 0, 1))),
+            "index": torch.from_numpy(np.ascontiguousarray(out_index)),
+            "prob": torch.from_numpy(np.ascontiguousarray(out_prob)),
+            "scale": scale,
+        }
+
+
+class EvalDataset(Dataset):
+    """Whole images of an evaluation split at one level, with full-resolution labels.
+
+    Item: ``image`` (3, h, w) uint8 at the level, ``label`` (H, W) int64 full-resolution
+    train ids (255 = void), ``index`` (item number in the store).
+    """
+
+    def __init__(self, url: str, level: str | float, split: str = "val"):
+        store, self.items = open_checked(url, split)
+        if "full/label" not in store.root:
+            raise StoreError(f"{url}: no full-resolution labels; evaluation needs an eval split")
+        store.level(level)
+        self.scale = parse_scale(level)
+        self.lazy = _LazyStore(url)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, item: int) -> dict:
+        store, i = self.lazy.store, int(self.items[item])
+        image = store.read_rgb(self.scale, i)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "label": torch.from_numpy(store.read_full_label(i).astype(np.int64)),
+            "index": i,
+        }
+
+
+def densify(index: torch.Tensor, prob: torch.Tensor, num_classes: int):
+    """Top-K to dense, on whatever device the tensors are on.
+
+    ``index``, ``prob``: (B, K, H, W) uint8 (ids, 255 = void; probabilities summing to 255).
+    Returns ``probs`` (B, C, H, W) float32 class probabilities and ``void`` (B, H, W)
+    float32 void mass; ``probs.sum(1) + void == 1``.
+    """
+    idx = index.long()
+    idx = torch.where(idx == VOID, num_classes, idx)
+    b, _, h, w = idx.shape
+    dense = torch.zeros((b, num_classes + 1, h, w), dtype=torch.float32, device=idx.device)
+    dense.scatter_add_(1, idx, prob.float() / TOTAL)
+    return dense[:, :num_classes], dense[:, num_classes]
+
+
+def multi_class_mask(index: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) bool: pixels with more than one non-void class of non-zero mass."""
+    return ((index != VOID) & (prob > 0)).sum(dim=1) > 1
+
+
+def hard_label(index: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) int64 majority-vote label: slot 0 (the argmax), 255 where that is void."""
+    return index[:, 0].long()

@@ -1,0 +1,131 @@
+"""Segmentation models: timm trunks with our own heads, built by name from one registry.
+
+- ``hrnetv2_w18`` / ``hrnetv2_w32`` / ``hrnetv2_w48``: HRNetV2 (timm ``hrnet_w*`` raw
+  branches at strides 4-32, upsampled to stride 4, concatenated, 1x1 conv-BN-ReLU, 1x1 conv)
+- ``deeplabv3plus_r50`` / ``deeplabv3plus_r101``: DeepLabV3+ (ResNet, output stride 16,
+  ASPP rates 6/12/18 + image pooling, decoder with 48-channel stride-4 features)
+- ``deeplabv3plus_r18``: the same on ResNet-18, small enough for CPU tests
+
+Outputs are logits at stride 4; callers upsample bilinearly. Pretrained trunk weights come
+only from a local file (``pretrained=PATH``); nothing is downloaded (``HF_HUB_OFFLINE=1``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def conv_bn_relu(cin: int, cout: int, k: int = 1, dilation: int = 1) -> nn.Sequential:
+    pad = dilation * (k // 2)
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, padding=pad, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _trunk(name: str, pretrained: str | None, **kwargs) -> nn.Module:
+    if pretrained is not None and not Path(pretrained).is_file():
+        raise FileNotFoundError(f"{pretrained}: pretrained weights file not found")
+    return timm.create_model(
+        name,
+        pretrained=pretrained is not None,
+        pretrained_cfg_overlay=dict(file=str(pretrained)) if pretrained else None,
+        features_only=True,
+        **kwargs,
+    )
+
+
+class HRNetV2(nn.Module):
+    """HRNetV2 segmentation: all four branches fused at stride 4."""
+
+    def __init__(self, trunk: str, num_classes: int, pretrained: str | None = None):
+        super().__init__()
+        self.trunk = _trunk(trunk, pretrained, feature_location="", out_indices=(1, 2, 3, 4))
+        channels = sum(self.trunk.feature_info.channels())
+        self.head = nn.Sequential(
+            conv_bn_relu(channels, channels), nn.Conv2d(channels, num_classes, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.trunk(x)
+        size = feats[0].shape[-2:]
+        up = [feats[0]] + [
+            F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats[1:]
+        ]
+        return self.head(torch.cat(up, dim=1))
+
+
+class ASPP(nn.Module):
+    def __init__(self, cin: int, cout: int = 256, rates=(6, 12, 18)):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            [conv_bn_relu(cin, cout)] + [conv_bn_relu(cin, cout, 3, r) for r in rates]
+        )
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(cin, cout))
+        self.project = nn.Sequential(conv_bn_relu(cout * (len(rates) + 2), cout), nn.Dropout(0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = F.interpolate(
+            self.pool(x), size=x.shape[-2:], mode="bilinear", align_corners=False
+        )
+        return self.project(torch.cat([b(x) for b in self.branches] + [pooled], dim=1))
+
+
+class DeepLabV3Plus(nn.Module):
+    """DeepLabV3+: ASPP on stride-16 features, decoder with stride-4 features."""
+
+    def __init__(self, trunk: str, num_classes: int, pretrained: str | None = None):
+        super().__init__()
+        self.trunk = _trunk(trunk, pretrained, out_indices=(1, 4), output_stride=16)
+        low, high = self.trunk.feature_info.channels()
+        self.aspp = ASPP(high)
+        self.low = conv_bn_relu(low, 48)
+        self.decoder = nn.Sequential(
+            conv_bn_relu(256 + 48, 256, 3),
+            conv_bn_relu(256, 256, 3),
+            nn.Conv2d(256, num_classes, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low, high = self.trunk(x)
+        up = F.interpolate(
+            self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=False
+        )
+        return self.decoder(torch.cat([up, self.low(low)], dim=1))
+
+
+MODELS = {
+    "hrnetv2_w18": (HRNetV2, "hrnet_w18"),
+    "hrnetv2_w32": (HRNetV2, "hrnet_w32"),
+    "hrnetv2_w48": (HRNetV2, "hrnet_w48"),
+    "deeplabv3plus_r18": (DeepLabV3Plus, "resnet18"),
+    "deeplabv3plus_r50": (DeepLabV3Plus, "resnet50"),
+    "deeplabv3plus_r101": (DeepLabV3Plus, "resnet101"),
+}
+
+
+def build_model(name: str, num_classes: int, pretrained: str | None = None) -> nn.Module:
+    """A model from the registry; ``pretrained``: path of a local trunk weights file."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model '{name}'; choose from {', '.join(MODELS)}")
+    cls, trunk = MODELS[name]
+    return cls(trunk, num_classes, pretrained)
+
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]) * 255
+STD = torch.tensor([0.229, 0.224, 0.225]) * 255
+
+
+def normalise(image: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> float32 normalised with ImageNet statistics (on its device)."""
+    mean, std = MEAN.to(image.device).view(1, 3, 1, 1), STD.to(image.device).view(1, 3, 1, 1)
+    return (image.float() - mean) / std
