@@ -232,7 +232,8 @@ class SoftStore:
         name = scale if str(scale).startswith("x") else level_name(parse_scale(scale))
         if f"levels/{name}" not in self.root:
             have = ", ".join(scale_label(s) for s in self.scales)
-            raise StoreError(f"{self.url}: no level {scale}; levels: {have}")
+            shown = scale if name == scale else scale_label(parse_scale(scale))
+            raise StoreError(f"{self.url}: no level {shown}; levels: {have}")
         return self.root[f"levels/{name}"]
 
     def hw(self, scale) -> np.ndarray:

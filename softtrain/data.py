@@ -77,7 +77,9 @@ class CropDataset(Dataset):
 
     Item ``i`` (one image per index; an epoch visits each image once) is a dict:
     ``image`` (3, h, w) uint8, ``index`` (K, h, w) uint8 class ids (255 = void),
-    ``prob`` (K, h, w) uint8 summing to 255, ``scale`` float. Randomness comes from
+    ``prob`` (K, h, w) uint8 summing to 255, ``scale`` float, and where it came from:
+    ``item`` (image number in the store), ``origin`` (y0, x0) in the level, ``flipped``.
+    Crops smaller than the level are padded at the bottom/right with void and black. Randomness comes from
     (seed, epoch, item), so results do not depend on the worker count; call
     ``set_epoch`` each epoch.
     """
@@ -163,7 +165,8 @@ class CropDataset(Dataset):
         out_index[0], out_prob[0] = VOID, TOTAL  # padding is void
         h, w = window[2:]
         out_index[:, :h, :w], out_prob[:, :h, :w], out_image[:h, :w] = index, prob, image
-        if self.flip and rng.random() < 0.5:
+        flipped = bool(self.flip and rng.random() < 0.5)
+        if flipped:
             out_index, out_prob, out_image = (
                 out_index[..., ::-1],
                 out_prob[..., ::-1],
@@ -174,6 +177,9 @@ class CropDataset(Dataset):
             "index": torch.from_numpy(np.ascontiguousarray(out_index)),
             "prob": torch.from_numpy(np.ascontiguousarray(out_prob)),
             "scale": scale,
+            "item": i,  # image number in the store
+            "origin": torch.tensor(window[:2]),  # (y0, x0) of the crop in the level
+            "flipped": flipped,
         }
 
 

@@ -157,7 +157,7 @@ def evaluate(
     """Whole images at the dataset's level; logits upsampled bilinearly to full resolution."""
     model.eval()
     confusion = Confusion(num_classes, device)
-    loader = DataLoader(dataset, batch_size=1, num_workers=0)
+    loader = DataLoader(dataset, batch_size=1, num_workers=0, generator=torch.Generator())
     for n, batch in enumerate(loader):
         image = normalise(batch["image"].to(device))
         label = batch["label"].to(device)

@@ -1,0 +1,115 @@
+"""softtrain loader: crops equal the stored level, flips, padding, densify, determinism."""
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch.utils.data import DataLoader
+
+from softprep.build import BuildOptions, build
+from softprep.manifest import load_manifest
+from softprep.quantize import decode_planes
+from softprep.store import StoreError
+from softtrain.data import CropDataset, EvalDataset, densify, multi_class_mask
+from softtrain.fit import EpochSampler
+
+
+@pytest.fixture(scope="module")
+def store(samples, tmp_path_factory):
+    url = str(tmp_path_factory.mktemp("loader") / "ade.zarr")
+    build(load_manifest("ade20k"), samples["ade20k"], url, BuildOptions(scales=(0.25, 0.5)))
+    return url
+
+
+def direct_read(url, scale_name, i, y0, x0, h, w):
+    root = zarr.open_group(url, mode="r")
+    planes = root[f"levels/{scale_name}/soft"][i, :, y0 : y0 + h, x0 : x0 + w]
+    rgb = root[f"levels/{scale_name}/rgb"][i, y0 : y0 + h, x0 : x0 + w]
+    index, prob = decode_planes(planes)
+    return index, prob, rgb
+
+
+def test_crops_match_a_direct_zarr_read_with_flips(store):
+    data = CropDataset(store, (48, 64), "train", flip=True, seed=3)
+    flips = set()
+    for item in range(len(data)):
+        for epoch in range(3):
+            data.set_epoch(epoch)
+            s = data[item]
+            y0, x0 = s["origin"].tolist()
+            name = "x0.25" if s["scale"] == 0.25 else "x0.5"
+            index, prob, rgb = direct_read(store, name, s["item"], y0, x0, 48, 64)
+            got_i, got_p, got_rgb = (
+                s["index"].numpy(),
+                s["prob"].numpy(),
+                s["image"].numpy().transpose(1, 2, 0),
+            )
+            if s["flipped"]:
+                index, prob, rgb = index[..., ::-1], prob[..., ::-1], rgb[:, ::-1]
+            flips.add(s["flipped"])
+            np.testing.assert_array_equal(got_i, index)
+            np.testing.assert_array_equal(got_p, prob)
+            np.testing.assert_array_equal(got_rgb, rgb)
+    assert flips == {True, False}
+
+
+def test_padding_is_void_and_black(store):
+    data = CropDataset(store, (200, 300), "train", levels=["1/4"], flip=False)
+    s = data[0]
+    h, w = data.hw[0.25][s["item"]]
+    assert h < 200 and w < 300
+    assert (s["index"][0, h:, :] == 255).all() and (s["prob"][0, h:, :] == 255).all()
+    assert (s["index"][0, :, w:] == 255).all() and (s["image"][:, h:, :] == 0).all()
+    probs, void = densify(s["index"][None], s["prob"][None], 150)
+    assert torch.allclose(void[0, h:, :], torch.ones(1))
+
+
+def test_densify_sums_to_one_and_mc_mask(store):
+    data = CropDataset(store, (48, 64), "train")
+    batch = next(iter(DataLoader(data, batch_size=4)))
+    probs, void = densify(batch["index"], batch["prob"], 150)
+    assert probs.shape == (4, 150, 48, 64)
+    torch.testing.assert_close(probs.sum(1) + void, torch.ones(4, 48, 64))
+    mc = multi_class_mask(batch["index"], batch["prob"])
+    nonvoid_classes = (probs > 0).sum(1)
+    assert torch.equal(mc, nonvoid_classes > 1)
+
+
+def test_deterministic_across_worker_counts_and_each_image_once(store):
+    data = CropDataset(store, (32, 32), "train", seed=7)
+
+    def epoch(workers):
+        loader = DataLoader(
+            data, batch_size=2, num_workers=workers, sampler=EpochSampler(len(data), 7, 1)
+        )
+        return [b for b in loader]
+
+    a, b = epoch(0), epoch(2)
+    for x, y in zip(a, b):
+        assert torch.equal(x["index"], y["index"]) and torch.equal(x["image"], y["image"])
+    items = sorted(int(i) for batch in b for i in batch["item"])
+    assert items == sorted(data.items.tolist())
+
+
+def test_eval_reader_has_full_resolution_labels(store, samples):
+    ev = EvalDataset(store, "1/2", "val")
+    s = ev[0]
+    h, w = s["label"].shape
+    assert (
+        s["image"].shape[1:] == ((h + 1) // 2, (w + 1) // 2)
+        or abs(s["image"].shape[1] - h / 2) <= 1
+    )
+
+
+def test_errors(store, tmp_path):
+    with pytest.raises(StoreError, match="no level 1/8"):
+        CropDataset(store, (32, 32), levels=["1/8"])
+    with pytest.raises(StoreError, match="larger than images at every level"):
+        CropDataset(store, (1000, 1000), pad=False)
+    root = zarr.open_group(store, mode="r+")
+    root["images/done"][0] = False
+    try:
+        with pytest.raises(StoreError, match="not built"):
+            CropDataset(store, (32, 32))
+    finally:
+        root["images/done"][0] = True

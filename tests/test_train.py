@@ -1,0 +1,181 @@
+"""softtrain: loss identities, mIoU against torchmetrics, a tiny model learning, resume."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from softprep.build import BuildOptions, build
+from softprep.manifest import load_manifest
+from softtrain import fit as fit_module
+from softtrain.data import CropDataset, densify
+from softtrain.fit import FitConfig, TrainingError, fit, load_checkpoint, predict
+from softtrain.losses import soft_label_loss
+from softtrain.metrics import Confusion
+from softtrain.models import build_model
+
+
+@pytest.fixture(scope="module")
+def store(samples, tmp_path_factory):
+    url = str(tmp_path_factory.mktemp("train") / "cs.zarr")
+    build(
+        load_manifest("cityscapes"), samples["cityscapes"], url, BuildOptions(scales=(0.125, 0.25))
+    )
+    return url
+
+
+@pytest.fixture(scope="module")
+def batch(store):
+    data = CropDataset(store, (32, 64), "train", levels=["1/8"], seed=1)
+    return next(iter(DataLoader(data, batch_size=4)))
+
+
+def test_soft_loss_without_mc_equals_hard_cross_entropy(batch):
+    torch.manual_seed(0)
+    logits = torch.randn(4, 19, 32, 64, requires_grad=True)
+    soft = soft_label_loss(logits, batch["index"], batch["prob"], "soft", mc="exclude")
+    hard_target = batch["index"][:, 0].long()
+    probs, void = densify(batch["index"], batch["prob"], 19)
+    mc = (probs > 0).sum(1) > 1
+    hard_target[mc] = 255  # the paper's "MC excluded": only single-class pixels
+    oracle = F.cross_entropy(logits, hard_target, ignore_index=255)
+    assert mc.any() and soft.kept == (hard_target != 255).sum()
+    torch.testing.assert_close(soft.loss, oracle, rtol=0, atol=1e-6)
+    assert soft.kl.item() == pytest.approx(soft.loss.item(), abs=1e-6)  # one-hot targets: H(q) = 0
+
+
+def test_soft_loss_equals_torch_probability_targets(batch):
+    torch.manual_seed(1)
+    logits = torch.randn(4, 19, 32, 64)
+    probs, void = densify(batch["index"], batch["prob"], 19)
+    keep = void == 0
+    ours = soft_label_loss(logits, batch["index"], batch["prob"])
+    # torch's cross_entropy with probability targets, on pixels without void
+    ce = F.cross_entropy(logits, probs, reduction="none")
+    partial = (void > 0) & (void <= 0.5)
+    renorm = probs / (1 - void).clamp_min(1e-6)[:, None]
+    ce_partial = F.cross_entropy(logits, renorm, reduction="none")
+    expected = (ce[keep].sum() + ce_partial[partial].sum()) / (keep.sum() + partial.sum())
+    torch.testing.assert_close(ours.loss, expected, rtol=1e-5, atol=1e-6)
+    kl = F.kl_div(F.log_softmax(logits, 1), renorm, reduction="none").sum(1)
+    kept = keep | partial
+    torch.testing.assert_close(ours.kl, kl[kept].mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_confusion_miou_matches_torchmetrics():
+    tm = pytest.importorskip("torchmetrics")
+    rng = np.random.default_rng(0)
+    target = torch.from_numpy(rng.integers(0, 6, (3, 50, 70)))
+    target[:, :5] = 255
+    pred = torch.where(
+        torch.rand(target.shape) < 0.7, target.clamp_max(5), torch.randint(0, 6, target.shape)
+    )
+    c = Confusion(7)  # class 6 absent from both: excluded from the mean
+    c.update(pred, target)
+    metric = tm.classification.MulticlassJaccardIndex(
+        num_classes=7, ignore_index=255, average="none"
+    )
+    per_class = metric(pred, target)
+    np.testing.assert_allclose(c.iou()[:6], per_class[:6].numpy(), rtol=1e-6)
+    assert c.miou() == pytest.approx(per_class[:6].mean().item(), rel=1e-6)
+
+
+def tiny_config(store, out, **kw):
+    return FitConfig(
+        store=store,
+        out=str(out),
+        model="deeplabv3plus_r18",
+        crop="32x64",
+        levels=["1/8"],
+        batch_size=4,
+        iters=kw.pop("iters", 4),
+        lr=0.02,
+        workers=0,
+        device="cpu",
+        log_every=1,
+        **kw,
+    )
+
+
+def test_tiny_model_loss_falls_and_eval_runs(store, tmp_path):
+    logs = []
+    result = fit(
+        tiny_config(store, tmp_path / "run", iters=30, eval_level="1/8"), on_log=logs.append
+    )
+    first, last = np.mean([l.loss for l in logs[:5]]), np.mean([l.loss for l in logs[-5:]])
+    assert last < 0.7 * first
+    assert 0 <= result["last_miou"] <= 1
+    assert (tmp_path / "run/best.pt").exists() and (tmp_path / "run/config.toml").exists()
+    cfg = FitConfig.from_toml(tmp_path / "run/config.toml")
+    assert cfg.iters == 30 and cfg.model == "deeplabv3plus_r18"
+
+
+def test_resume_continues_exactly(store, tmp_path):
+    straight = tmp_path / "a"
+    fit(tiny_config(store, straight, iters=4, eval_every=2))
+    split = tmp_path / "b"
+    cfg = tiny_config(store, split, iters=4, eval_every=2)
+
+    def interrupt(log):
+        if log.step == 3:  # after last.pt was written at step 2
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, on_log=interrupt)
+    assert load_checkpoint(split / "last.pt")["step"] == 2
+    fit(cfg, resume=True)
+    a = load_checkpoint(straight / "last.pt")["model"]
+    b = load_checkpoint(split / "last.pt")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_checkpoint_for_other_classes_is_refused(store, tmp_path, samples):
+    fit(tiny_config(store, tmp_path / "run", iters=1))
+    other = str(tmp_path / "ade.zarr")
+    build(load_manifest("ade20k"), samples["ade20k"], other, BuildOptions(scales=(0.25,)))
+    from softtrain.fit import eval_checkpoint
+
+    with pytest.raises(TrainingError, match="another class table"):
+        eval_checkpoint(str(tmp_path / "run/last.pt"), other)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(store, tmp_path, monkeypatch):
+    real = fit_module.soft_label_loss
+    calls = {"n": 0}
+
+    def exploding(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        if calls["n"] > 2:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(fit_module, "soft_label_loss", exploding)
+    with pytest.raises(TrainingError, match="loss is nan at step 2"):
+        fit(tiny_config(store, tmp_path / "run", iters=6, eval_every=2))
+    ckpt = load_checkpoint(tmp_path / "run/last.pt")
+    assert ckpt["step"] == 2 and all(
+        torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()
+    )
+
+
+def test_predict_writes_label_pngs(store, tmp_path, samples):
+    from PIL import Image
+
+    fit(tiny_config(store, tmp_path / "run", iters=1))
+    image = next((samples["cityscapes"] / "leftImg8bit/val").rglob("*.png"))
+    files = predict(str(tmp_path / "run/last.pt"), [image], tmp_path / "pred", device="cpu")
+    label = Image.open(files[0])
+    assert label.mode == "P" and label.size == Image.open(image).size
+    assert np.asarray(label).max() < 19
+
+
+@pytest.mark.parametrize("name,params", [("hrnetv2_w48", 65.9e6), ("deeplabv3plus_r50", 40.4e6)])
+def test_model_registry_sizes(name, params):
+    model = build_model(name, 19)
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n - params) / params < 0.01
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        build_model(name, 19, pretrained="/nonexistent.pth")
