@@ -1,0 +1,138 @@
+"""Loader benchmark (issue 5 targets), all measured in the same run on the same
+Cityscapes-size data (2048x1024, 19 classes), DataLoader with the same workers and batch:
+
+- ours: random-scale crops read from a softprep store (levels 1/8 1/4 1/2)
+- paper on-the-fly: decode PNGs, random resize of the colour image (bicubic), one-hot the
+  label and interpolate it (bilinear), crop (what vpulab/soft-labels-SS does per sample)
+- mmseg-style nearest neighbour: decode PNGs, resize colour (bilinear) and label (nearest),
+  crop
+
+Targets: ours >= 10x the paper baseline and >= 3x the mmseg baseline with 2 workers; also
+prints crops/s per worker at 256x512 and 512x1024.
+
+    python tests/benchmarks/bench_loader.py [--images 8] [--workers 2] [--batches 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from softprep.build import BuildOptions, build
+from softprep.datasets import discover, load_pair
+from softprep.manifest import load_manifest
+from softprep.sample import write_sample
+from softtrain.data import CropDataset
+
+SCALES = (0.125, 0.25, 0.5)
+
+
+class OnTheFly(Dataset):
+    """Per-sample decode + resize + crop from the source files (the two baselines)."""
+
+    def __init__(self, root: Path, crop, soft: bool, seed: int = 0):
+        self.manifest = load_manifest("cityscapes")
+        self.pairs, _ = discover(self.manifest, root, ["train"])
+        self.crop, self.soft, self.seed = crop, soft, seed
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, i])
+        image, label = load_pair(self.pairs[i], self.manifest)
+        s = SCALES[rng.integers(len(SCALES))]
+        h, w = round(label.shape[0] * s), round(label.shape[1] * s)
+        ch, cw = min(self.crop[0], h), min(self.crop[1], w)
+        y0, x0 = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        if self.soft:  # paper: bicubic colour, one-hot label interpolated bilinearly
+            img = Image.fromarray(image).resize((w, h), Image.BICUBIC)
+            lab = torch.from_numpy(np.where(label == 255, 19, label).astype(np.int64))
+            onehot = F.one_hot(lab, 20).permute(2, 0, 1)[None].float()
+            target = F.interpolate(onehot, size=(h, w), mode="bilinear", align_corners=False)[0]
+            target = target[:, y0 : y0 + ch, x0 : x0 + cw]
+        else:  # mmseg: bilinear colour, nearest label
+            img = Image.fromarray(image).resize((w, h), Image.BILINEAR)
+            target = torch.from_numpy(
+                np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))[
+                    y0 : y0 + ch, x0 : x0 + cw
+                ].copy()
+            )
+        crop = np.asarray(img)[y0 : y0 + ch, x0 : x0 + cw]
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1))),
+            "target": target,
+        }
+
+
+class Repeat(torch.utils.data.Sampler):
+    def __init__(self, n, total):
+        self.n, self.total = n, total
+
+    def __iter__(self):
+        return (i % self.n for i in range(self.total))
+
+    def __len__(self):
+        return self.total
+
+
+def crops_per_second(dataset, workers: int, batch: int, batches: int) -> float:
+    loader = DataLoader(
+        dataset,
+        batch_size=batch,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        sampler=Repeat(len(dataset), batch * (batches + workers)),
+        collate_fn=list,
+    )
+    it = iter(loader)
+    for _ in range(max(1, workers)):  # warm-up: workers started, store opened
+        next(it)
+    start, n = time.perf_counter(), 0
+    for _ in range(batches):
+        n += len(next(it))
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batches", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=8)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as d:
+        root, url = Path(d) / "cityscapes", str(Path(d) / "cs.zarr")
+        write_sample(load_manifest("cityscapes"), root, {"train": args.images}, size=(1024, 2048))
+        build(load_manifest("cityscapes"), root, url, BuildOptions(scales=SCALES), jobs=2)
+        crop = (256, 512)
+        ours = crops_per_second(CropDataset(url, crop), args.workers, args.batch, args.batches)
+        paper = crops_per_second(
+            OnTheFly(root, crop, soft=True), args.workers, args.batch, max(2, args.batches // 6)
+        )
+        mmseg = crops_per_second(
+            OnTheFly(root, crop, soft=False), args.workers, args.batch, max(2, args.batches // 3)
+        )
+        print(
+            f"256x512, {args.workers} workers: store {ours:.1f} crops/s | paper on-the-fly {paper:.1f} crops/s "
+            f"-> {ours / paper:.1f}x (target >= 10x) | mmseg nearest {mmseg:.1f} crops/s -> {ours / mmseg:.1f}x "
+            f"(target >= 3x)"
+        )
+        for crop in ((256, 512), (512, 1024)):
+            one = crops_per_second(CropDataset(url, crop), 1, args.batch, args.batches)
+            print(f"{crop[0]}x{crop[1]}: {one:.1f} crops/s per worker (store levels 1/8 1/4 1/2)")
+
+
+if __name__ == "__main__":
+    main()
