@@ -193,6 +193,7 @@ def fit(
                     info=(
                         f"loss {log.loss:.4f} KL {log.kl:.4f} lr {log.lr:.2e} "
                         f"{log.crops_per_s:.1f} crops/s, data wait {log.data_wait_share:.0%}"
+                        + (f", {log.peak_memory_gib:.1f} GiB" if log.peak_memory_gib else "")
                     ),
                 )
                 with open(metrics, "a") as f:

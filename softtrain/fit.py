@@ -181,6 +181,7 @@ class StepLog:
     lr: float
     crops_per_s: float
     data_wait_share: float
+    peak_memory_gib: float  # CUDA peak allocated since the start (0 on CPU)
 
 
 def fit(cfg: FitConfig, resume: bool = False, on_log=None, on_eval=None) -> dict:

@@ -1,0 +1,3 @@
+from softtrain.cli import main
+
+main()
