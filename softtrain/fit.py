@@ -312,16 +312,10 @@ def fit(cfg: FitConfig, resume: bool = False, on_log=None, on_eval=None) -> dict
             step += 1
             if on_log and (step % cfg.log_every == 0 or step == cfg.iters):
                 elapsed = time.perf_counter() - t_log
-                on_log(
-                    StepLog(
-                        step,
-                        value,
-                        out_loss.kl.item(),
-                        scheduler.get_last_lr()[0],
-                        seen / elapsed,
-                        wait / elapsed,
-                    )
-                )
+                peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+                lr_now = scheduler.get_last_lr()[0]
+                kl = out_loss.kl.item()
+                on_log(StepLog(step, value, kl, lr_now, seen / elapsed, wait / elapsed, peak))
                 t_log, wait, seen = time.perf_counter(), 0.0, 0
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.iters:
                 last_miou = run_eval()
