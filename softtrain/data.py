@@ -79,9 +79,11 @@ class CropDataset(Dataset):
     ``image`` (3, h, w) uint8, ``index`` (K, h, w) uint8 class ids (255 = void),
     ``prob`` (K, h, w) uint8 summing to 255, ``scale`` float, and where it came from:
     ``item`` (image number in the store), ``origin`` (y0, x0) in the level, ``flipped``.
-    Crops smaller than the level are padded at the bottom/right with void and black. Randomness comes from
-    (seed, epoch, item), so results do not depend on the worker count; call
-    ``set_epoch`` each epoch.
+    Crops smaller than the level are padded at the bottom/right with void and black.
+
+    Indices past the split's length select later epochs: ``epoch * len(self) + i``.
+    Randomness comes from (seed, epoch, i) alone, so it does not depend on the worker
+    count or on which worker reads the item.
     """
 
     def __init__(
@@ -123,10 +125,6 @@ class CropDataset(Dataset):
                 )
         self.flip, self.pad, self.cat_max_ratio, self.seed = flip, pad, cat_max_ratio, seed
         self.k = store.k
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.items)
@@ -146,8 +144,9 @@ class CropDataset(Dataset):
         counts = np.bincount(hard)
         return counts.max() / hard.size < self.cat_max_ratio and len(counts.nonzero()[0]) > 1
 
-    def __getitem__(self, item: int) -> dict:
-        rng = np.random.default_rng([self.seed, self.epoch, item])
+    def __getitem__(self, index: int) -> dict:
+        epoch, item = divmod(index, len(self.items))
+        rng = np.random.default_rng([self.seed, epoch, item])
         i = int(self.items[item])
         scale = self.scales[rng.choice(len(self.scales), p=self.weights)]
         store = self.lazy.store

@@ -91,18 +91,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class EpochSampler(Sampler):
-    """A permutation per epoch from (seed, epoch), starting at ``start`` (for resuming)."""
+class RunSampler(Sampler):
+    """Sample indices for a whole run: epoch after epoch, each a fresh permutation from
+    (seed, epoch) cut to whole batches, encoded as ``epoch * n + item`` (so loader workers
+    need no epoch updates) and starting at batch ``start`` (for resuming).
+    """
 
-    def __init__(self, n: int, seed: int, epoch: int = 0, start: int = 0):
-        self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0):
+        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
+        self.per_epoch = n // batch_size
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g)[self.start :].tolist())
-
-    def __len__(self) -> int:
-        return self.n - self.start
+        epoch, skip = divmod(self.start, self.per_epoch)
+        skip *= self.batch_size
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            perm = torch.randperm(self.n, generator=g)[: self.per_epoch * self.batch_size]
+            yield from (epoch * self.n + perm[skip:]).tolist()
+            epoch, skip = epoch + 1, 0
 
 
 def poly_lr(step: int, cfg: FitConfig) -> float:
@@ -223,8 +229,7 @@ def fit(cfg: FitConfig, resume: bool = False, on_log=None, on_eval=None) -> dict
         scheduler.load_state_dict(ckpt["scheduler"])
         step, best = ckpt["step"], ckpt["best_miou"]
         _set_rng_state(ckpt["rng"])
-    per_epoch = len(train) // cfg.batch_size
-    if per_epoch == 0:
+    if len(train) < cfg.batch_size:
         raise TrainingError(
             f"{cfg.store}: {len(train)} training images, fewer than one batch of {cfg.batch_size}"
         )
@@ -261,64 +266,59 @@ def fit(cfg: FitConfig, resume: bool = False, on_log=None, on_eval=None) -> dict
         return miou
 
     model.train()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop size
+    loader = DataLoader(
+        train,
+        batch_size=cfg.batch_size,
+        sampler=RunSampler(len(train), cfg.batch_size, cfg.seed, micro),
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        prefetch_factor=4 if cfg.workers else None,
+        generator=torch.Generator().manual_seed(cfg.seed),  # leaves the global RNG untouched
+    )
+    batches = iter(loader)
     t_log, wait, seen = time.perf_counter(), 0.0, 0
     while step < cfg.iters:
-        epoch, start = divmod(micro, per_epoch)
-        train.set_epoch(epoch)
-        loader = DataLoader(
-            train,
-            batch_size=cfg.batch_size,
-            sampler=EpochSampler(len(train), cfg.seed, epoch, start * cfg.batch_size),
-            num_workers=cfg.workers,
-            pin_memory=device.type == "cuda",
-            drop_last=True,
-            persistent_workers=False,
-            prefetch_factor=4 if cfg.workers else None,
+        t0 = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - t0
+        image = normalise(batch["image"].to(device, non_blocking=True))
+        if cfg.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        index = batch["index"].to(device, non_blocking=True)
+        prob = batch["prob"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            logits = step_model(image)
+        logits = F.interpolate(
+            logits.float(), size=index.shape[-2:], mode="bilinear", align_corners=False
         )
-        batches = iter(loader)
-        while step < cfg.iters:
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            wait += time.perf_counter() - t0
-            if batch is None:
-                break
-            image = normalise(batch["image"].to(device, non_blocking=True))
-            if cfg.channels_last:
-                image = image.contiguous(memory_format=torch.channels_last)
-            index, prob = (
-                batch["index"].to(device, non_blocking=True),
-                batch["prob"].to(device, non_blocking=True),
+        out_loss = soft_label_loss(logits, index, prob, cfg.loss, cfg.mc)
+        value = out_loss.loss.item()
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"loss is {value} at step {step}; stopped. The last good checkpoint "
+                f"({out / 'last.pt'}) is intact: lower --lr or add --warmup-iters, then --resume"
             )
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits = step_model(image)
-            logits = F.interpolate(
-                logits.float(), size=index.shape[-2:], mode="bilinear", align_corners=False
-            )
-            out_loss = soft_label_loss(logits, index, prob, cfg.loss, cfg.mc)
-            value = out_loss.loss.item()
-            if not math.isfinite(value):
-                raise TrainingError(
-                    f"loss is {value} at step {step}; stopped. The last good checkpoint "
-                    f"({out / 'last.pt'}) is intact: lower --lr or add --warmup-iters, then --resume"
-                )
-            (out_loss.loss / cfg.accum).backward()
-            micro += 1
-            seen += image.shape[0]
-            if micro % cfg.accum:
-                continue
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            if on_log and (step % cfg.log_every == 0 or step == cfg.iters):
-                elapsed = time.perf_counter() - t_log
-                peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-                lr_now = scheduler.get_last_lr()[0]
-                kl = out_loss.kl.item()
-                on_log(StepLog(step, value, kl, lr_now, seen / elapsed, wait / elapsed, peak))
-                t_log, wait, seen = time.perf_counter(), 0.0, 0
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.iters:
-                last_miou = run_eval()
+        (out_loss.loss / cfg.accum).backward()
+        micro += 1
+        seen += image.shape[0]
+        if micro % cfg.accum:
+            continue
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        if on_log and (step % cfg.log_every == 0 or step == cfg.iters):
+            elapsed = time.perf_counter() - t_log
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+            lr_now = scheduler.get_last_lr()[0]
+            kl = out_loss.kl.item()
+            on_log(StepLog(step, value, kl, lr_now, seen / elapsed, wait / elapsed, peak))
+            t_log, wait, seen = time.perf_counter(), 0.0, 0
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.iters:
+            last_miou = run_eval()
     last_miou = run_eval()
     return {"best_miou": best, "last_miou": last_miou, "step": step}
 
