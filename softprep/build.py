@@ -19,6 +19,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 import zarr
+from PIL import Image
 
 from softprep import __version__, store
 from softprep.datasets import (
@@ -118,11 +119,12 @@ def process_pair(pair: Pair, manifest: Manifest, options: BuildOptions, keep_ful
     result = ImageResult(index=-1, full=with_void_last(counts, c))
     arrays = {}
     changes = row_changes(label)
+    pil_image = Image.fromarray(image)  # once, for every level's colour resize
     for scale in options.scales:
         out_hw = level_size(label.shape, scale, options.short_side)
         r = Resampler.make(label.shape, out_hw, options.kernel, options.antialias)
         index, prob, truncated = r.soft_topk(label, options.k, changes)
-        arrays[store.level_name(scale)] = (encode_planes(index, prob), r.colour(image))
+        arrays[store.level_name(scale)] = (encode_planes(index, prob), r.colour(pil_image))
         stats = {"truncated": np.array([truncated.sum(), truncated.max()])}
         for s in options.strategies:
             kernel, aa = strategy_kernel(s, options)

@@ -120,7 +120,7 @@ def decode_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            return np.asarray(im.convert("RGB"))
+            return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
     except (OSError, SyntaxError) as e:
         raise DatasetError(path, f"cannot decode image ({e})") from e
 

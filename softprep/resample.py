@@ -171,19 +171,18 @@ class Resampler:
             res = res + out[self.y.index[:, t]] * w
         return res
 
-    def colour(self, image: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 -> (Ho, Wo, 3) uint8, rounded and clipped.
+    def colour(self, image: np.ndarray | Image.Image) -> np.ndarray:
+        """(H, W, 3) uint8 array or RGB PIL image -> (Ho, Wo, 3) uint8, rounded and clipped.
 
         Antialiased smooth kernels use PIL's resize, which computes these same weights in
         C; the others apply the weights here (nearest kernels by indexing).
         """
+        if self.antialias and self.kernel in _PIL_FILTERS:
+            pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
+            return np.asarray(pil.resize((self.x.n_out, self.y.n_out), _PIL_FILTERS[self.kernel]))
+        image = np.asarray(image)
         if self.kernel in NEAREST_KERNELS:
             return image[self.y.index[:, 0]][:, self.x.index[:, 0]]
-        if self.antialias:
-            pil = Image.fromarray(image).resize(
-                (self.x.n_out, self.y.n_out), _PIL_FILTERS[self.kernel]
-            )
-            return np.asarray(pil)
         out = self.resample_float(image.astype(np.float32))
         return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
 
