@@ -173,3 +173,16 @@ def test_mapillary_config_disagreement_is_reported(samples, tmp_path):
     assert any(
         "config_v1.2.json" in p.path and "manifest says" in p.message for p in report.problems
     )
+
+
+def test_exif_orientation_is_not_applied_and_grayscale_becomes_rgb(tmp_path):
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :10] = 255  # white stripe on the left of the stored pixel grid
+    im = Image.fromarray(arr)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    im.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    out = decode_image(tmp_path / "rotated.jpg")
+    assert out.shape == (20, 40, 3) and out[:, :10].mean() > 200  # as stored, not rotated
+    Image.fromarray(arr[..., 0]).save(tmp_path / "gray.jpg")
+    assert decode_image(tmp_path / "gray.jpg").shape == (20, 40, 3)

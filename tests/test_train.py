@@ -103,7 +103,8 @@ def test_tiny_model_loss_falls_and_eval_runs(store, tmp_path):
     result = fit(
         tiny_config(store, tmp_path / "run", iters=30, eval_level="1/8"), on_log=logs.append
     )
-    first, last = np.mean([l.loss for l in logs[:5]]), np.mean([l.loss for l in logs[-5:]])
+    losses = [log.loss for log in logs]
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last < 0.7 * first
     assert 0 <= result["last_miou"] <= 1
     assert (tmp_path / "run/best.pt").exists() and (tmp_path / "run/config.toml").exists()
