@@ -29,7 +29,7 @@ from softprep.datasets import (
     check_config_json,
     discover,
     load_pair,
-    read_size,
+    pair_size,
     with_void_last,
 )
 from softprep.manifest import VOID, Manifest
@@ -107,7 +107,7 @@ class ImageResult:
     index: int
     full: np.ndarray | None = None  # (C+1,) int64
     levels: dict = field(default_factory=dict)  # name -> {"truncated": (2,), strategy: (C+1,)}
-    error: str | None = None
+    error: Problem | None = None
 
 
 def process_pair(pair: Pair, manifest: Manifest, options: BuildOptions, keep_full: bool):
@@ -150,7 +150,7 @@ def _task(url, build_id, i, pair, manifest, options, keep_full, catch) -> ImageR
     except DatasetError as e:
         if not catch:
             raise
-        return ImageResult(index=i, error=str(e))
+        return ImageResult(index=i, error=Problem(e.path, e.message))
     store.write_image(_open_for_write(url, build_id), i, arrays, full)
     result.index = i
     return result
@@ -236,13 +236,7 @@ def _prepare(manifest, root, options, on_error):
     sizes, kept = [], []
     for pair in pairs:
         try:
-            hw = read_size(pair.image)
-            if read_size(pair.label) != hw:
-                lh, lw = read_size(pair.label)
-                raise DatasetError(
-                    pair.label,
-                    f"label is {lw}x{lh} but image {pair.image.name} is {hw[1]}x{hw[0]}",
-                )
+            hw = pair_size(pair)
         except DatasetError as e:
             problems.append(Problem(e.path, e.message))
             continue
@@ -377,8 +371,7 @@ def build(
     try:
         for result in parallel(tasks):
             if result.error:
-                path, _, message = result.error.partition(": ")
-                skipped.append(Problem(path, message))
+                skipped.append(result.error)
             else:
                 writer.add(result)
                 built += 1

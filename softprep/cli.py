@@ -91,11 +91,11 @@ def progress_bar(description: str):
 
 
 @contextmanager
-def user_errors():
+def user_errors(errors: tuple = USER_ERRORS):
     """Known bad-input errors become one red message and exit code 2, no traceback."""
     try:
         yield
-    except USER_ERRORS as e:
+    except errors as e:
         console.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2) from None
 
@@ -153,7 +153,8 @@ def scan(
     """
     with user_errors():
         m = load_manifest(dataset, version, labels)
-        report = run_scan(m, root, split or None, histogram)
+        with progress_bar("scanning") as bar:
+            report = run_scan(m, root, split or None, histogram, progress=bar)
     table = Table(
         "split",
         "pairs",

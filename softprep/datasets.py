@@ -114,6 +114,17 @@ def read_size(path: Path) -> tuple[int, int]:
         raise DatasetError(path, f"not a readable image ({e})") from e
 
 
+def pair_size(pair: Pair) -> tuple[int, int]:
+    """(height, width) of a pair from the file headers; ``DatasetError`` if they differ."""
+    hw = read_size(pair.image)
+    lh, lw = read_size(pair.label)
+    if (lh, lw) != hw:
+        raise DatasetError(
+            pair.label, f"label is {lw}x{lh} but image {pair.image.name} is {hw[1]}x{hw[0]}"
+        )
+    return hw
+
+
 def decode_image(path: Path) -> np.ndarray:
     """(H, W, 3) uint8 RGB. Grayscale and palette images are converted; EXIF orientation is
     deliberately not applied (the labels were drawn on the stored pixel grid)."""
@@ -240,27 +251,23 @@ def scan(
     root: Path,
     splits: list[str] | None = None,
     histogram: bool = True,
+    progress=None,
 ) -> ScanReport:
     """Check every pair (sizes, decodability, label values) and count classes.
 
     Every problem is collected; nothing is raised for individual files.
+    ``progress(done, total)`` is called per pair.
     """
-    from rich.progress import track
-
     pairs, problems = discover(manifest, root, splits)
     problems = check_config_json(manifest, root) + problems
     counts: dict[str, int] = {}
     sizes: dict[str, dict[tuple[int, int], int]] = {}
     hist = np.zeros(manifest.num_classes + 1, dtype=np.int64)
-    for pair in track(pairs, description="scanning", transient=True):
+    for n, pair in enumerate(pairs):
+        if progress:
+            progress(n + 1, len(pairs))
         try:
-            hw = read_size(pair.image)
-            if read_size(pair.label) != hw:
-                lh, lw = read_size(pair.label)
-                raise DatasetError(
-                    pair.label,
-                    f"label is {lw}x{lh} but image {pair.image.name} is {hw[1]}x{hw[0]}",
-                )
+            hw = pair_size(pair)
             if histogram:
                 label = decode_label(pair.label, manifest)
                 hist += class_histogram(label, manifest.num_classes)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -12,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from softprep.cli import expand_multi_value
+from softprep.cli import expand_multi_value, user_errors
 from softprep.store import StoreError
 from softtrain.bench import bench_loader as run_bench_loader
 from softtrain.fit import (
@@ -39,15 +38,6 @@ console = Console(stderr=True)
 out = Console()
 USER_ERRORS = (StoreError, TrainingError, ValueError, FileNotFoundError)
 MULTI_VALUE = ("--levels", "--level-weights")
-
-
-@contextmanager
-def user_errors():
-    try:
-        yield
-    except USER_ERRORS as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(2) from None
 
 
 def print_iou(confusion: Confusion, names: list[str], title: str) -> None:
@@ -168,7 +158,7 @@ def fit(
         seed=seed,
         log_every=log_every,
     )
-    with user_errors():
+    with user_errors(USER_ERRORS):
         if config:
             cfg = FitConfig.from_toml(config, **flags)
         else:
@@ -233,7 +223,7 @@ def evaluate(
     """Full-resolution mIoU and per-class IoU of a checkpoint."""
     from softprep.store import SoftStore
 
-    with user_errors():
+    with user_errors(USER_ERRORS):
         confusion = eval_checkpoint(checkpoint, store, level, split, device, bf16)
         names = [c["name"] for c in SoftStore(store).classes]
     print_iou(confusion, names, f"{checkpoint} on {store} ({split})")
@@ -248,7 +238,7 @@ def predict(
     device: str = typer.Option("auto", help="cuda, cpu or auto."),
 ):
     """Write label PNGs (class-colour palette) and colour overlays for images."""
-    with user_errors():
+    with user_errors(USER_ERRORS):
         written = run_predict(checkpoint, images, out_dir, device)
     out.print(f"wrote {len(written)} files to {out_dir}")
 
@@ -262,7 +252,7 @@ def bench_loader(
     batches: int = typer.Option(30, help="Batches to time."),
 ):
     """Crops/s and MB/s of the training loader on a store."""
-    with user_errors():
+    with user_errors(USER_ERRORS):
         r = run_bench_loader(store, crop, workers, batch_size, batches)
     out.print(
         f"{r['crops_per_s']:.1f} crops/s ({r['crops_per_s_per_worker']:.1f} per worker), {r['mb_per_s']:.1f} MB/s at {crop} with {workers} workers"
