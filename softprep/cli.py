@@ -218,7 +218,7 @@ def build(
     on_error: str = typer.Option(
         "fail", help="fail: stop at a bad pair; skip: list it in the store and go on."
     ),
-    backend: str = typer.Option("loky", help="loky (local processes) or dask (needs --scheduler)."),
+    backend: str = typer.Option("loky", help="loky (local processes) or dask (the cluster at --scheduler, else a local one)."),
     scheduler: str | None = typer.Option(
         None, help="Dask scheduler address, e.g. tcp://host:8786."
     ),

@@ -85,37 +85,37 @@ def fit(
     out_dir: str = typer.Option(
         None,
         "--out",
-        help="Run directory: config.toml, last.pt, best.pt, metrics.jsonl. [default: runs/run]",
+        help="Run directory: config.toml, last.pt, best.pt, metrics.jsonl. (default: runs/run)",
     ),
-    model: str = typer.Option(None, help=f"One of {', '.join(MODELS)}. [default: hrnetv2_w48]"),
+    model: str = typer.Option(None, help=f"One of {', '.join(MODELS)}. (default: hrnetv2_w48)"),
     pretrained: str = typer.Option(None, help="Local file with trunk weights (never downloaded)."),
-    crop: str = typer.Option(None, help="Crop HEIGHTxWIDTH. [default: 256x512]"),
-    levels: list[str] = typer.Option(None, help="Store levels to draw scales from. [default: all]"),
+    crop: str = typer.Option(None, help="Crop HEIGHTxWIDTH. (default: 256x512)"),
+    levels: list[str] = typer.Option(None, help="Store levels to draw scales from. (default: all)"),
     level_weights: list[float] = typer.Option(
-        None, help="Sampling weight per level. [default: uniform]"
+        None, help="Sampling weight per level. (default: uniform)"
     ),
     cat_max_ratio: float = typer.Option(
-        None, help="Class-balanced crops (mmseg cat_max_ratio, e.g. 0.75). [default: 1.0 = off]"
+        None, help="Class-balanced crops (mmseg cat_max_ratio, e.g. 0.75). (default: 1.0 = off)"
     ),
-    batch_size: int = typer.Option(None, help="Crops per step. [default: 12]"),
-    accum: int = typer.Option(None, help="Gradient accumulation steps. [default: 1]"),
-    iters: int = typer.Option(None, help="Optimiser steps. [default: 1000]"),
-    lr: float = typer.Option(None, help="Base learning rate. [default: 0.01]"),
-    momentum: float = typer.Option(None, help="SGD momentum. [default: 0.9]"),
-    weight_decay: float = typer.Option(None, help="Weight decay. [default: 1e-4]"),
-    warmup_iters: int = typer.Option(None, help="Linear warm-up steps. [default: 0]"),
+    batch_size: int = typer.Option(None, help="Crops per step. (default: 12)"),
+    accum: int = typer.Option(None, help="Gradient accumulation steps. (default: 1)"),
+    iters: int = typer.Option(None, help="Optimiser steps. (default: 1000)"),
+    lr: float = typer.Option(None, help="Base learning rate. (default: 0.01)"),
+    momentum: float = typer.Option(None, help="SGD momentum. (default: 0.9)"),
+    weight_decay: float = typer.Option(None, help="Weight decay. (default: 1e-4)"),
+    warmup_iters: int = typer.Option(None, help="Linear warm-up steps. (default: 0)"),
     loss: str = typer.Option(
-        None, help="soft (KL / soft CE) or ce-hard (CE on the argmax). [default: soft]"
+        None, help="soft (KL / soft CE) or ce-hard (CE on the argmax). (default: soft)"
     ),
     mc: str = typer.Option(
-        None, help="Multi-class pixels in the loss: include or exclude. [default: include]"
+        None, help="Multi-class pixels in the loss: include or exclude. (default: include)"
     ),
-    workers: int = typer.Option(None, help="Loader worker processes. [default: 2]"),
+    workers: int = typer.Option(None, help="Loader worker processes. (default: 2)"),
     eval_every: int = typer.Option(
-        None, help="Evaluate every N steps (0: only at the end). [default: 0]"
+        None, help="Evaluate every N steps (0: only at the end). (default: 0)"
     ),
     eval_level: str = typer.Option(
-        None, help="Level to evaluate at. [default: the largest training level]"
+        None, help="Level to evaluate at. (default: the largest training level)"
     ),
     bf16: bool = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (GPU)."),
     channels_last: bool = typer.Option(
@@ -124,9 +124,9 @@ def fit(
     compile_model: bool = typer.Option(
         None, "--compile/--no-compile", help="torch.compile the model (GPU; slow first step)."
     ),
-    device: str = typer.Option(None, help="cuda, cpu or auto. [default: auto]"),
-    seed: int = typer.Option(None, help="Random seed. [default: 0]"),
-    log_every: int = typer.Option(None, help="Progress/metrics every N steps. [default: 10]"),
+    device: str = typer.Option(None, help="cuda, cpu or auto. (default: auto)"),
+    seed: int = typer.Option(None, help="Random seed. (default: 0)"),
+    log_every: int = typer.Option(None, help="Progress/metrics every N steps. (default: 10)"),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last.pt."),
 ):
     """Train a segmentation model on a store's crops and evaluate at full resolution."""
@@ -213,7 +213,7 @@ def fit(
 def evaluate(
     store: str = typer.Option(..., help="Store with an evaluation split."),
     checkpoint: str = typer.Option(..., help="A checkpoint (best.pt or last.pt)."),
-    level: str = typer.Option(None, help="Level to evaluate at. [default: the checkpoint's]"),
+    level: str = typer.Option(None, help="Level to evaluate at. (default: the checkpoint's)"),
     split: str = typer.Option("val", help="Evaluation split."),
     device: str = typer.Option("auto", help="cuda, cpu or auto."),
     bf16: bool = typer.Option(False, help="bf16 autocast."),
