@@ -150,7 +150,7 @@ def _task(url, build_id, i, pair, manifest, options, keep_full, catch) -> ImageR
     except DatasetError as e:
         if not catch:
             raise
-        return ImageResult(index=i, error=Problem(e.path, e.message))
+        return ImageResult(index=i, error=Problem(e.path, e.message, i))
     store.write_image(_open_for_write(url, build_id), i, arrays, full)
     result.index = i
     return result
@@ -379,7 +379,6 @@ def build(
             if progress:
                 progress(processed, len(pairs))
     except DatasetError as e:
-        writer.flush()
         raise BuildError(
             f"{e}\n(stopped; {built} image(s) finished in this run are saved; fix the file or "
             "use --on-error skip, then run the same command to resume)"
@@ -387,7 +386,7 @@ def build(
     finally:
         writer.flush()
     meta = dict(zroot.attrs[store.NAMESPACE])
-    meta["skipped"] = [{"path": p.path, "error": p.message} for p in skipped]
+    meta["skipped"] = [{"path": p.path, "error": p.message, "index": p.index} for p in skipped]
     meta["complete"] = bool(zroot["images/done"][:].all())
     zroot.attrs[store.NAMESPACE] = meta
     return BuildSummary(url, len(pairs), built, int(done.sum()), skipped, time.monotonic() - start)

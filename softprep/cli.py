@@ -218,7 +218,10 @@ def build(
     on_error: str = typer.Option(
         "fail", help="fail: stop at a bad pair; skip: list it in the store and go on."
     ),
-    backend: str = typer.Option("loky", help="loky (local processes) or dask (the cluster at --scheduler, else a local one)."),
+    backend: str = typer.Option(
+        "loky",
+        help="loky (local processes) or dask (the cluster at --scheduler, else a local one).",
+    ),
     scheduler: str | None = typer.Option(
         None, help="Dask scheduler address, e.g. tcp://host:8786."
     ),
@@ -313,6 +316,8 @@ def verify(store: str = typer.Argument(..., help="Store path or URL.")):
         s = SoftStore(store)
         with progress_bar("verifying") as bar:
             report = run_verify(s, progress=bar)
+    for p in report.skipped:
+        console.print(f"[yellow]skipped:[/yellow] {p}", highlight=False)
     for p in report.problems[:100]:
         console.print(f"[red]problem:[/red] {p}", highlight=False)
     if not report.ok:

@@ -34,8 +34,11 @@ class Pair:
 
 @dataclass(frozen=True)
 class Problem:
+    """A file and what is wrong with it; ``index`` is its image number in a store, if any."""
+
     path: str
     message: str
+    index: int | None = None
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}"

@@ -15,6 +15,7 @@ from softprep.store import SoftStore, scale_label
 class VerifyReport:
     checked: int = 0
     problems: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # left out by --on-error skip: not a failure
 
     @property
     def ok(self) -> bool:
@@ -44,15 +45,22 @@ def check_planes(planes: np.ndarray, num_classes: int) -> list[str]:
 
 
 def verify(store: SoftStore, progress=None) -> VerifyReport:
-    """Every image complete; for each image and level: soft planes valid and readable,
-    colour readable, statistics consistent with the image size. Reads the whole store."""
+    """Every image complete (or skipped on purpose, listed apart); for each image and level:
+    soft planes valid and readable, colour readable, statistics consistent with the image
+    size. Reads the whole store."""
     report = VerifyReport()
     done = store.done()
     names = store.names()
+    skipped = {
+        s["index"]: f"{s['path']}: {s['error']}"
+        for s in store.meta.get("skipped", [])
+        if s.get("index") is not None
+    }
     for i in np.flatnonzero(~done):
-        report.problems.append(
-            f"{names[i]}: not built (incomplete build or skipped; run the build again)"
-        )
+        if i in skipped:
+            report.skipped.append(f"{names[i]}: skipped by the build ({skipped[i]})")
+        else:
+            report.problems.append(f"{names[i]}: not built (incomplete build; run the build again)")
     full_hw = store.root["images/hw"][:]
     counts = store.full_counts()
     for n, i in enumerate(np.flatnonzero(done)):

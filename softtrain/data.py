@@ -40,19 +40,21 @@ def parse_crop(text: str) -> tuple[int, int]:
 
 def open_checked(url: str, split: str) -> tuple[SoftStore, np.ndarray]:
     """The store and the indices of its finished images of ``split`` (``all`` for every
-    split). Refuses an incomplete store: run ``softprep verify`` / finish the build."""
+    split). Refuses an incomplete store (images neither built nor skipped by
+    ``--on-error skip``): finish the build and check it with ``softprep verify``."""
     store = SoftStore(url)
     done = store.done()
-    if not done.all():
+    skipped = {s["index"] for s in store.meta.get("skipped", []) if s.get("index") is not None}
+    missing = [i for i in np.flatnonzero(~done) if i not in skipped]
+    if missing:
         raise StoreError(
-            f"{url}: {int((~done).sum())} image(s) not built; finish the build (run the same "
+            f"{url}: {len(missing)} image(s) not built; finish the build (run the same "
             "softprep build command again) and check with 'softprep verify'"
         )
-    if split == "all":
-        return store, np.arange(len(store))
-    if split not in store.splits:
+    if split != "all" and split not in store.splits:
         raise StoreError(f"{url}: no split '{split}'; splits: {', '.join(store.splits)}")
-    return store, np.flatnonzero(store.split_of() == split)
+    in_split = np.ones(len(store), bool) if split == "all" else store.split_of() == split
+    return store, np.flatnonzero(done & in_split)
 
 
 class _LazyStore:

@@ -193,9 +193,6 @@ class StepLog:
 def fit(cfg: FitConfig, resume: bool = False, on_log=None, on_eval=None) -> dict:
     """Train per ``cfg``; returns {"best_miou", "last_miou", "step"}. ``on_log(StepLog)``
     and ``on_eval(step, Confusion)`` report progress."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(cfg.to_toml())
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -214,6 +211,9 @@ def fit(cfg: FitConfig, resume: bool = False, on_log=None, on_eval=None) -> dict
     eval_level = cfg.eval_level or scale_label(max(train.scales))
     evalset = EvalDataset(cfg.store, eval_level, cfg.eval_split)
     model = build_model(cfg.model, len(classes), cfg.pretrained).to(device)
+    out = Path(cfg.out)  # written only once the inputs are known to be usable
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.toml").write_text(cfg.to_toml())
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if cfg.compile else model

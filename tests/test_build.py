@@ -276,6 +276,13 @@ def test_bad_pair_fail_and_skip(samples, tmp_path):
     s = SoftStore(url)
     assert s.done().sum() == len(s) - 1 and (s.done() >= before).all()
     assert s.describe()["skipped"][0]["path"] == str(bad)
+    from softtrain.data import CropDataset
+
+    crops = CropDataset(url, (32, 32), "train")  # trains on the rest, without the skipped one
+    skipped = s.describe()["skipped"][0]["index"]
+    assert skipped not in crops.items and len(crops.items) == (s.split_of() == "train").sum() - 1
+    report = verify(s)
+    assert report.ok and len(report.skipped) == 1 and str(bad) in report.skipped[0]
 
 
 def test_verify_detects_damage(samples, tmp_path):

@@ -91,7 +91,8 @@ def test_fit_eval_predict_with_nearest_store_and_config_replay(samples, tmp_path
 
 
 def test_bad_input_messages(tmp_path):
-    r = run("fit", "--store", tmp_path / "none.zarr")
+    r = run("fit", "--store", tmp_path / "none.zarr", "--out", tmp_path / "run")
     assert r.exit_code == 2 and "no zarr store" in r.text
+    assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
     r = run("fit")
     assert r.exit_code == 2 and "give --store" in r.text
