@@ -187,7 +187,7 @@ class Resampler:
         return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
 
     def nearest_label(self, label: np.ndarray) -> np.ndarray:
-        """(Ho, Wo) label sampled at each output's strongest tap (only exact for nearest)."""
+        """(Ho, Wo) label sampled by a nearest kernel (its one tap per output)."""
         return label[self.y.index[:, 0]][:, self.x.index[:, 0]]
 
     def class_mass(self, label: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
