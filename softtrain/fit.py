@@ -14,7 +14,6 @@ import json
 import math
 import random
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -22,6 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 
 from softprep.store import SoftStore, parse_scale, scale_label
 from softtrain.data import CropDataset, EvalDataset, parse_crop
