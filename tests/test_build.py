@@ -140,7 +140,9 @@ def test_fidelity_and_priors_on_sample(samples, tmp_path):
             for j, c in enumerate(present):
                 stored[..., j] += np.where(index[k] == c, q[k] / 255, 0)
         assert np.abs(stored - exact).max() <= 1 / 255 + 1e-6
-        assert index[0][exact.argmax(-1) == np.searchsorted(present, index[0])].size > 0
+        ranked = np.sort(exact, axis=-1)
+        clear = ranked[..., -1] - ranked[..., -2] > 2 / 255  # a unique majority class
+        assert (index[0][clear] == present[exact.argmax(-1)][clear]).all()  # slot 0 = argmax
 
 
 def test_store_is_plain_zarr_with_metadata(samples, tmp_path):

@@ -9,6 +9,7 @@ import zarr
 from torch.utils.data import DataLoader
 
 from softprep.build import BuildOptions, build
+from softprep.datasets import decode_label
 from softprep.manifest import load_manifest
 from softprep.quantize import decode_planes
 from softprep.store import StoreError
@@ -92,13 +93,19 @@ def test_deterministic_across_worker_counts_and_each_image_once(store):
 
 
 def test_eval_reader_has_full_resolution_labels(store, samples):
+    from softprep.store import SoftStore
+
+    st = SoftStore(store)
     ev = EvalDataset(store, "1/2", "val")
     s = ev[0]
-    h, w = s["label"].shape
-    assert (
-        s["image"].shape[1:] == ((h + 1) // 2, (w + 1) // 2)
-        or abs(s["image"].shape[1] - h / 2) <= 1
-    )
+    i = s["index"]
+    assert st.split_of()[i] == "val"
+    assert tuple(s["label"].shape) == tuple(st.root["images/hw"][i])
+    assert tuple(s["image"].shape[1:]) == tuple(st.hw(0.5)[i])
+    stem = str(st.names()[i]).split("/", 1)[1]
+    source = samples["ade20k"] / f"ADEChallengeData2016/annotations/validation/{stem}.png"
+    expected = decode_label(source, load_manifest("ade20k"))  # independent: the source file
+    np.testing.assert_array_equal(s["label"].numpy(), expected)
 
 
 def test_errors(store, tmp_path):
