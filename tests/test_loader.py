@@ -120,3 +120,36 @@ def test_errors(store, tmp_path):
             CropDataset(store, (32, 32))
     finally:
         root["images/done"][0] = True
+
+
+class KeyRecorder(zarr.storage.WrapperStore):
+    """Records the keys (and byte ranges) read from the wrapped store."""
+
+    reads: list
+
+    async def get(self, key, prototype, byte_range=None):
+        self.reads.append((key, byte_range))
+        return await self._store.get(key, prototype, byte_range)
+
+
+def test_crop_reads_only_the_chunks_it_touches(tmp_path):
+    from softprep.sample import write_sample
+    from softprep.store import SoftStore
+
+    m = load_manifest("cityscapes")
+    write_sample(m, tmp_path / "cs", {"train": 1, "val": 0}, size=(512, 1024))
+    url = str(tmp_path / "cs.zarr")
+    build(m, tmp_path / "cs", url, BuildOptions(scales=(1.0,)))
+    recorder = KeyRecorder(zarr.storage.LocalStore(url, read_only=True))
+    recorder.reads = []
+    store = SoftStore(recorder)
+    soft_data = "levels/x1/soft/c/"
+    for window, chunks in [((10, 10, 50, 50), 1), ((200, 200, 100, 100), 4), ((0, 0, 256, 512), 2)]:
+        recorder.reads.clear()
+        store.read_soft(1.0, 0, window)
+        data = [r for r in recorder.reads if r[0].startswith(soft_data)]
+        assert len(data) == 1 + chunks  # the shard index, then each 256x256 chunk touched
+        assert all(r[1] is not None for r in data)  # byte ranges, never the whole shard
+    recorder.reads.clear()
+    store.read_soft(1.0, 0)  # the whole image: the whole shard in one read
+    assert [r[1] for r in recorder.reads if r[0].startswith(soft_data)] == [None]
