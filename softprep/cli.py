@@ -424,11 +424,12 @@ def print_priors(report: PriorReport) -> None:
         out.print(table)
         if "nn" in report.strategies:
             lost = report.lost_share(level, "nn")
-            worst = [c for c in lost.argsort()[::-1][:5] if lost[c] > 0]
-            out.print(
-                f"scale {level}: nearest neighbour loses most of "
-                + ", ".join(f"{report.classes[c]} ({lost[c]:.1%} of its pixels)" for c in worst)
-            )
+            worst = [c for c in lost.argsort()[::-1][:5] if lost[c] > 5e-4]  # >= 0.1% shown
+            if worst:
+                out.print(
+                    f"scale {level}: nearest neighbour loses most of "
+                    + ", ".join(f"{report.classes[c]} ({lost[c]:.1%} of its pixels)" for c in worst)
+                )
 
 
 def expand_multi_value(argv: list[str], options=MULTI_VALUE) -> list[str]:
