@@ -29,9 +29,9 @@ except ImportError:  # Python 3.10
 
 from softprep.store import SoftStore, parse_scale, scale_label
 from softtrain.data import CropDataset, EvalDataset, parse_crop
-from softtrain.losses import soft_label_loss
+from softtrain.losses import LOSSES, soft_label_loss
 from softtrain.metrics import Confusion
-from softtrain.models import build_model, normalise
+from softtrain.models import MODELS, build_model, normalise
 
 
 class TrainingError(RuntimeError):
@@ -70,6 +70,18 @@ class FitConfig:
     device: str = "auto"
     seed: int = 0
     log_every: int = 10
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss '{self.loss}'; choose from {', '.join(LOSSES)}")
+        if self.mc not in ("include", "exclude"):
+            raise ValueError(f"mc must be include or exclude, got '{self.mc}'")
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model '{self.model}'; choose from {', '.join(MODELS)}")
+        parse_crop(self.crop)
+        for name in ("batch_size", "accum", "iters", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> FitConfig:

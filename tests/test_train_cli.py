@@ -96,3 +96,5 @@ def test_bad_input_messages(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
     r = run("fit")
     assert r.exit_code == 2 and "give --store" in r.text
+    r = run("fit", "--store", "x.zarr", "--loss", "dice")
+    assert r.exit_code == 2 and "unknown loss 'dice'" in r.text
