@@ -326,3 +326,25 @@ def test_dask_backend_equals_loky(samples, tmp_path):
     ):
         build(m, samples["cityscapes"], b, BuildOptions(scales=(0.25,)), jobs=2)
     assert_same_store(a, b)
+
+
+@pytest.mark.parametrize(
+    "name,version,folder,short_side",
+    [
+        ("cityscapes", None, "cityscapes", None),
+        ("mapillary", "v2.0", "mapillary", 64),
+        ("ade20k", None, "ade20k", 128),
+    ],
+)
+def test_build_on_real_fixture_files(tmp_path, name, version, folder, short_side):
+    from tests.conftest import FIXTURES
+
+    if not FIXTURES.is_dir():
+        pytest.skip("../shared/fixtures absent")
+    url = str(tmp_path / "real.zarr")
+    opts = BuildOptions(scales=(0.25, 0.5), short_side=short_side)
+    summary = build(load_manifest(name, version), FIXTURES / folder, url, opts)
+    s = SoftStore(url)
+    assert summary.built == len(s) > 0 and verify(s).ok
+    report_counts = s.full_counts().sum(0)
+    assert report_counts[:-1].sum() > 0  # real classes, not only void
