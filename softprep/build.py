@@ -264,7 +264,7 @@ def _open_or_create(url, manifest, options, pairs, sizes):
     try:
         existing = store.SoftStore(url, mode="r+")
     except store.StoreError:
-        existing = None
+        existing = None  # store.create refuses to overwrite anything that is not a store
     if existing is not None:
         old, new = existing.meta.get("config", {}), _config(manifest, options)
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -96,16 +95,15 @@ def _meta_array(group, name, shape, dtype, fill=0):
     return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill)
 
 
-@dataclass(frozen=True)
-class LevelSpec:
-    """One pyramid level: its scale and the padded (H, W) its arrays hold."""
+def holds_data(url: str) -> bool:
+    """Whether ``url`` (a path or fsspec URL) exists and holds anything."""
+    if "://" not in str(url):
+        path = Path(url)
+        return path.exists() and (path.is_file() or any(path.iterdir()))
+    import fsspec
 
-    scale: float
-    max_hw: tuple[int, int]
-
-    @property
-    def name(self) -> str:
-        return level_name(self.scale)
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(path) and bool(fs.ls(path))
 
 
 def create(
@@ -125,6 +123,11 @@ def create(
     ``full_hw`` (N, 2) and ``level_hw[scale]`` (N, 2) int: sizes per image;
     ``eval_mask`` (N,) bool: images whose full-resolution labels are kept.
     """
+    if holds_data(url):
+        raise StoreError(
+            f"{url} exists, is not empty and is not a softprep store; refusing to overwrite it "
+            "(choose another --out)"
+        )
     n = len(names)
     root = zarr.open_group(url, mode="w")
     img = root.create_group("images")

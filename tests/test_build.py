@@ -17,7 +17,7 @@ from softprep import build as build_module
 from softprep.build import BuildError, BuildOptions, build
 from softprep.manifest import VOID, load_manifest
 from softprep.resample import Resampler
-from softprep.store import SoftStore
+from softprep.store import SoftStore, StoreError
 from softprep.verify import verify
 
 SCALES = (0.125, 0.25, 0.5)
@@ -348,3 +348,17 @@ def test_build_on_real_fixture_files(tmp_path, name, version, folder, short_side
     assert summary.built == len(s) > 0 and verify(s).ok
     report_counts = s.full_counts().sum(0)
     assert report_counts[:-1].sum() > 0  # real classes, not only void
+
+
+def test_never_overwrites_something_that_is_not_a_store(samples, tmp_path):
+    precious = tmp_path / "thesis"
+    precious.mkdir()
+    (precious / "chapter1.tex").write_text("years of work")
+    with pytest.raises(StoreError, match="refusing to overwrite"):
+        build(
+            load_manifest("cityscapes"),
+            samples["cityscapes"],
+            str(precious),
+            BuildOptions(scales=(0.25,)),
+        )
+    assert (precious / "chapter1.tex").read_text() == "years of work"
