@@ -166,6 +166,8 @@ def fit(
                 raise ValueError("give --store STORE (or --config run/config.toml)")
             cfg = FitConfig(**{k: v for k, v in flags.items() if v is not None})
         metrics = Path(cfg.out) / "metrics.jsonl"
+        if not resume:
+            metrics.unlink(missing_ok=True)  # a new run starts a new log; --resume appends
         with Progress(
             TextColumn("[bold]training"),
             BarColumn(),
