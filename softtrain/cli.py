@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+import softtrain.fit as training
 from softprep.cli import expand_multi_value, user_errors
-from softprep.store import StoreError
+from softprep.store import SoftStore, StoreError
 from softtrain.bench import bench_loader as run_bench_loader
-from softtrain.fit import (
-    FitConfig,
-    StepLog,
-    TrainingError,
-    eval_checkpoint,
-)
-from softtrain.fit import (
-    fit as run_fit,
-)
-from softtrain.fit import (
-    predict as run_predict,
-)
+from softtrain.fit import FitConfig, StepLog, TrainingError
 from softtrain.metrics import Confusion
 from softtrain.models import MODELS
 
@@ -40,40 +32,37 @@ USER_ERRORS = (StoreError, TrainingError, ValueError, FileNotFoundError)
 MULTI_VALUE = ("--levels", "--level-weights")
 
 
+def iou_rows(confusion: Confusion, names: list[str]) -> list[dict]:
+    """Per class: name and IoU (None where the class is absent from truth and prediction)."""
+    return [
+        {"class": n, "iou": None if np.isnan(v) else float(v)}
+        for n, v in zip(names, confusion.iou())
+    ]
+
+
 def print_iou(confusion: Confusion, names: list[str], title: str) -> None:
-    iou = confusion.iou()
     table = Table(
         "class",
         "IoU",
         title=f"{title}: mIoU {confusion.miou():.4f}, pixel acc {confusion.pixel_accuracy():.4f}",
     )
-    for name, v in zip(names, iou):
-        table.add_row(name, "-" if v != v else f"{v:.4f}")
+    for row in iou_rows(confusion, names):
+        table.add_row(row["class"], "-" if row["iou"] is None else f"{row['iou']:.4f}")
     out.print(table)
 
 
 def write_iou(
     confusion: Confusion, names: list[str], csv_path: Path | None, json_path: Path | None
-) -> None:
-    rows = [
-        {"class": n, "iou": None if v != v else float(v)} for n, v in zip(names, confusion.iou())
-    ]
+):
+    rows = iou_rows(confusion, names)
     if csv_path:
-        csv_path.write_text(
-            "class,iou\n"
-            + "".join(f"{r['class']},{'' if r['iou'] is None else r['iou']}\n" for r in rows)
-        )
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["class", "iou"])
+            writer.writeheader()
+            writer.writerows(rows)
     if json_path:
-        json_path.write_text(
-            json.dumps(
-                {
-                    "miou": confusion.miou(),
-                    "pixel_accuracy": confusion.pixel_accuracy(),
-                    "classes": rows,
-                },
-                indent=1,
-            )
-        )
+        summary = {"miou": confusion.miou(), "pixel_accuracy": confusion.pixel_accuracy()}
+        json_path.write_text(json.dumps(summary | {"classes": rows}, indent=1))
 
 
 @app.command()
@@ -191,21 +180,15 @@ def fit(
                 with open(metrics, "a") as f:
                     f.write(json.dumps(log.__dict__) + "\n")
 
+            names = [c["name"] for c in SoftStore(cfg.store).classes]
+
             def on_eval(step: int, confusion: Confusion) -> None:
                 bar.console.print(f"step {step}: mIoU {confusion.miou():.4f}")
+                entry = {"step": step, "miou": confusion.miou(), "iou": iou_rows(confusion, names)}
                 with open(metrics, "a") as f:
-                    f.write(
-                        json.dumps(
-                            {
-                                "step": step,
-                                "miou": confusion.miou(),
-                                "iou": [None if v != v else v for v in confusion.iou()],
-                            }
-                        )
-                        + "\n"
-                    )
+                    f.write(json.dumps(entry) + "\n")
 
-            result = run_fit(cfg, resume=resume, on_log=on_log, on_eval=on_eval)
+            result = training.fit(cfg, resume=resume, on_log=on_log, on_eval=on_eval)
     out.print(
         f"[green]done[/green]: {result['step']} steps, last mIoU {result['last_miou']:.4f}, best {result['best_miou']:.4f}; run in {cfg.out}"
     )
@@ -223,10 +206,8 @@ def evaluate(
     json_path: Path = typer.Option(None, "--json", help="Write mIoU and per-class IoU as JSON."),
 ):
     """Full-resolution mIoU and per-class IoU of a checkpoint."""
-    from softprep.store import SoftStore
-
     with user_errors(USER_ERRORS):
-        confusion = eval_checkpoint(checkpoint, store, level, split, device, bf16)
+        confusion = training.eval_checkpoint(checkpoint, store, level, split, device, bf16)
         names = [c["name"] for c in SoftStore(store).classes]
     print_iou(confusion, names, f"{checkpoint} on {store} ({split})")
     write_iou(confusion, names, csv_path, json_path)
@@ -241,7 +222,7 @@ def predict(
 ):
     """Write label PNGs (class-colour palette) and colour overlays for images."""
     with user_errors(USER_ERRORS):
-        written = run_predict(checkpoint, images, out_dir, device)
+        written = training.predict(checkpoint, images, out_dir, device)
     out.print(f"wrote {len(written)} files to {out_dir}")
 
 
