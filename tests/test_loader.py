@@ -153,3 +153,17 @@ def test_crop_reads_only_the_chunks_it_touches(tmp_path):
     recorder.reads.clear()
     store.read_soft(1.0, 0)  # the whole image: the whole shard in one read
     assert [r[1] for r in recorder.reads if r[0].startswith(soft_data)] == [None]
+
+
+def test_cat_max_ratio_prefers_crops_without_a_dominant_class(store):
+    def dominant_share(data, n=24):
+        shares = []
+        for idx in range(n):
+            hard = data[idx]["index"][0]
+            hard = hard[hard != 255]
+            shares.append(np.bincount(hard.numpy()).max() / hard.numel())
+        return np.array(shares)
+
+    plain = dominant_share(CropDataset(store, (24, 24), "train", seed=5))
+    balanced = dominant_share(CropDataset(store, (24, 24), "train", seed=5, cat_max_ratio=0.75))
+    assert (plain >= 0.75).sum() > (balanced >= 0.75).sum()
