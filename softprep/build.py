@@ -110,6 +110,18 @@ class ImageResult:
     error: Problem | None = None
 
 
+def strategy_masses(label, counts, out_hw, options, strategies, num_classes, made=None) -> dict:
+    """{strategy: (C+1,) class mass (void last)} of an (H, W) label at one output size.
+    ``counts``: its (256,) histogram; ``made``: a Resampler already built for this size."""
+    masses = {}
+    for s in strategies:
+        kernel, aa = strategy_kernel(s, options)
+        same = made is not None and (kernel, aa) == (made.kernel, made.antialias)
+        r = made if same else Resampler.make(label.shape, out_hw, kernel, aa)
+        masses[s] = with_void_last(r.class_mass(label, counts), num_classes)
+    return masses
+
+
 def process_pair(pair: Pair, manifest: Manifest, options: BuildOptions, keep_full: bool):
     """Decode one pair and compute every level: returns ({level: (planes, rgb)}, result
     without index, full label or None). Pure: writes nothing."""
@@ -126,14 +138,7 @@ def process_pair(pair: Pair, manifest: Manifest, options: BuildOptions, keep_ful
         index, prob, truncated = r.soft_topk(label, options.k, changes)
         arrays[store.level_name(scale)] = (encode_planes(index, prob), r.colour(pil_image))
         stats = {"truncated": np.array([truncated.sum(), truncated.max()])}
-        for s in options.strategies:
-            kernel, aa = strategy_kernel(s, options)
-            rs = (
-                r
-                if (kernel, aa) == (r.kernel, r.antialias)
-                else Resampler.make(label.shape, out_hw, kernel, aa)
-            )
-            stats[s] = with_void_last(rs.class_mass(label, counts), c)
+        stats |= strategy_masses(label, counts, out_hw, options, options.strategies, c, r)
         result.levels[store.level_name(scale)] = stats
     return arrays, result, (label if keep_full else None)
 

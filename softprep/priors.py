@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from softprep.build import BuildOptions, level_size, strategy_kernel
+from softprep.build import BuildOptions, level_size, strategy_kernel, strategy_masses
 from softprep.datasets import decode_label, discover, with_void_last
-from softprep.resample import Resampler
 from softprep.store import SoftStore, StoreError, scale_label
 
 SHOWN_AS = 1e4  # the paper shows D x 1e4
@@ -198,7 +197,8 @@ def from_dataset(
 ) -> PriorReport:
     """The same report computed directly from the label files (no store needed)."""
     strategies = ["soft"] + [s for s in compare if s != "soft"]
-    kernels = {s: strategy_kernel(s, options) for s in strategies}
+    for s in strategies:
+        strategy_kernel(s, options)  # unknown strategies fail before any file is read
     pairs, _ = discover(manifest, Path(root), None if split == "all" else [split])
     c = manifest.num_classes
     full = np.zeros(c + 1)
@@ -209,9 +209,9 @@ def from_dataset(
         full += with_void_last(counts, c)
         for scale in options.scales:
             out_hw = level_size(label.shape, scale, options.short_side)
-            for s, (kernel, aa) in kernels.items():
-                m = Resampler.make(label.shape, out_hw, kernel, aa).class_mass(label, counts)
-                mass[scale_label(scale)][s] += with_void_last(m, c)
+            masses = strategy_masses(label, counts, out_hw, options, strategies, c)
+            for s, m in masses.items():
+                mass[scale_label(scale)][s] += m
         if progress:
             progress(n + 1, len(pairs))
     priors = {lv: {s: _normalise(v) for s, v in d.items()} for lv, d in mass.items()}
