@@ -253,25 +253,47 @@ class Resampler:
             oy, ox = np.divmod(m, wo)
             labels = label[self.y.index[oy][:, :, None], self.x.index[ox][:, None, :]]
             weights = wy[oy][:, :, None] * wx[ox][:, None, :]
-            cls, mass = _class_masses(labels.reshape(len(m), taps), weights.reshape(len(m), taps))
-            total = mass.sum(axis=1)
-            top = (
-                np.argpartition(-mass, k - 1, axis=1)[:, :k]
-                if taps > k
-                else np.indices(mass.shape)[1]
-            )
-            kept = np.take_along_axis(mass, top, axis=1)
-            order = np.argsort(-kept, axis=1, kind="stable")
-            top, kept = (
-                np.take_along_axis(top, order, axis=1),
-                np.take_along_axis(kept, order, axis=1),
-            )
-            n = top.shape[1]
-            index[:n, m] = np.where(kept > 0, np.take_along_axis(cls, top, axis=1), 0).T
-            prob[:n, m] = (kept / total[:, None]).T
-            prob[n:, m] = 0.0
-            truncated[m] = np.clip(1.0 - kept.sum(axis=1) / total, 0.0, None)
+            labels, weights = labels.reshape(len(m), taps), weights.reshape(len(m), taps)
+            lo, hi = labels.min(axis=1), labels.max(axis=1)
+            two = ((labels == lo[:, None]) | (labels == hi[:, None])).all(axis=1)
+            for rows, reduce in ((two, _top_of_two), (~two, _top_of_many)):
+                if rows.any():
+                    ids, probs, dropped = reduce(labels[rows], weights[rows], k)
+                    n, sel = len(ids), m[rows]
+                    index[:n, sel], prob[:n, sel], prob[n:, sel] = ids, probs, 0.0
+                    truncated[sel] = dropped
         return index.reshape(k, ho, wo), prob.reshape(k, ho, wo), truncated.reshape(ho, wo)
+
+
+def _top_of_two(labels: np.ndarray, weights: np.ndarray, k: int):
+    """Pixels whose taps hold at most two classes (most boundary pixels): (M, T) labels and
+    weights -> ids (n, M), probabilities (n, M), truncated (M,), n = min(k, 2). Two
+    weighted sums instead of a sort; same result as ``_top_of_many``."""
+    lo, hi = labels.min(axis=1), labels.max(axis=1)
+    w_hi = (weights * (labels == hi[:, None])).sum(axis=1)
+    m_hi = np.clip(w_hi, 0.0, None)
+    m_lo = np.clip(weights.sum(axis=1) - w_hi, 0.0, None)  # bicubic lobes clipped
+    total = m_hi + m_lo
+    first_hi = m_hi > m_lo  # ties go to the lower class id, as in the sort
+    ids = np.stack([np.where(first_hi, hi, lo), np.where(first_hi, lo, hi)])
+    probs = np.stack([np.maximum(m_hi, m_lo), np.minimum(m_hi, m_lo)]) / total
+    ids[1] = np.where(probs[1] > 0, ids[1], 0)
+    n = min(k, 2)
+    return ids[:n], probs[:n], np.clip(1.0 - probs[:n].sum(axis=0), 0.0, None)
+
+
+def _top_of_many(labels: np.ndarray, weights: np.ndarray, k: int):
+    """Any pixels: (M, T) labels and weights -> ids (n, M), probabilities (n, M) and
+    truncated (M,) of the ``k`` largest class masses, n = min(k, T)."""
+    cls, mass = _class_masses(labels, weights)
+    total = mass.sum(axis=1)
+    taps = labels.shape[1]
+    top = np.argpartition(-mass, k - 1, axis=1)[:, :k] if taps > k else np.indices(mass.shape)[1]
+    kept = np.take_along_axis(mass, top, axis=1)
+    order = np.argsort(-kept, axis=1, kind="stable")
+    top, kept = np.take_along_axis(top, order, axis=1), np.take_along_axis(kept, order, axis=1)
+    ids = np.where(kept > 0, np.take_along_axis(cls, top, axis=1), 0).T
+    return ids, (kept / total[:, None]).T, np.clip(1.0 - kept.sum(axis=1) / total, 0.0, None)
 
 
 def row_changes(label: np.ndarray) -> np.ndarray:
