@@ -171,7 +171,7 @@ def decode_label(path: Path, manifest: Manifest) -> np.ndarray:
             raw = np.asarray(im)
     except (OSError, SyntaxError) as e:
         raise DatasetError(path, f"cannot decode label ({e})") from e
-    lut, valid = manifest.lookup_table()
+    lut, valid = manifest.lookup_table
     seen = np.flatnonzero(np.bincount(raw.ravel(), minlength=256))
     bad = [int(v) for v in seen if not valid[v]]
     if bad:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +73,10 @@ class Manifest:
         """(C, 3) uint8 class colours, indexed by train id."""
         return np.array([c.color for c in self.classes], dtype=np.uint8)
 
+    @cached_property
     def lookup_table(self) -> tuple[np.ndarray, np.ndarray]:
-        """Raw value -> train id as a (65536,) uint8 table and a (65536,) bool validity mask."""
+        """Raw value -> train id as a (65536,) uint8 table and a (65536,) bool validity mask
+        (built once per manifest)."""
         lut = np.full(65536, VOID, dtype=np.uint8)
         valid = np.zeros(65536, dtype=bool)
         for raw, tid in self.label_values.items():
