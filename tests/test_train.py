@@ -180,3 +180,14 @@ def test_model_registry_sizes(name, params):
     assert abs(n - params) / params < 0.01
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         build_model(name, 19, pretrained="/nonexistent.pth")
+
+
+def test_pretrained_trunk_weights_come_from_a_local_file(tmp_path):
+    import timm
+
+    reference = timm.create_model("resnet18", pretrained=False)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    model = build_model("deeplabv3plus_r18", 19, pretrained=str(path))
+    torch.testing.assert_close(model.trunk.conv1.weight, reference.conv1.weight)
+    torch.testing.assert_close(model.trunk.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
