@@ -51,12 +51,6 @@ class AxisWeights:
         """(n_in,) float64: total weight each input sample gives to all outputs."""
         return np.bincount(self.index.ravel(), self.weight.ravel(), minlength=self.n_in)
 
-    def dense(self) -> np.ndarray:
-        """(n_out, n_in) float64 matrix; for tests and small inputs only."""
-        m = np.zeros((self.n_out, self.n_in))
-        np.add.at(m, (np.arange(self.n_out)[:, None], self.index), self.weight)
-        return m
-
 
 def output_size(n: int, scale: float) -> int:
     """Output length for ``n`` input samples at ``scale`` (round half up, at least 1)."""
@@ -64,9 +58,10 @@ def output_size(n: int, scale: float) -> int:
 
 
 def _filter(kernel: str, x: np.ndarray, a: float) -> np.ndarray:
-    x = np.abs(x)
+    """The 1-D kernel at signed offsets ``x`` (bicubic: Keys with parameter ``a``)."""
     if kernel == "area":
-        return (x <= 0.5).astype(np.float64)  # PIL box: (-0.5, 0.5]; |x| form is symmetric
+        return ((x > -0.5) & (x <= 0.5)).astype(np.float64)  # PIL's box is half-open
+    x = np.abs(x)
     if kernel == "bilinear":
         return np.clip(1.0 - x, 0.0, None)
     return np.where(
@@ -86,10 +81,7 @@ def _antialiased(n_in: int, n_out: int, kernel: str) -> tuple[np.ndarray, np.nda
     taps = int((hi - lo).max())
     index = lo[:, None] + np.arange(taps)[None, :]
     x = (index - centre[:, None] + 0.5) / fscale
-    if kernel == "area":  # PIL's box filter is half-open: x in (-0.5, 0.5]
-        w = ((x > -0.5) & (x <= 0.5)).astype(np.float64)
-    else:
-        w = _filter(kernel, x, a=-0.5)
+    w = _filter(kernel, x, a=-0.5)
     w[index >= hi[:, None]] = 0.0
     return np.minimum(index, n_in - 1), w
 

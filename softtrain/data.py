@@ -125,7 +125,7 @@ class CropDataset(Dataset):
                     f"{', '.join(scale_label(s) for s in self.scales if s not in fits)}; "
                     "allow padding or leave those levels out"
                 )
-        self.flip, self.pad, self.cat_max_ratio, self.seed = flip, pad, cat_max_ratio, seed
+        self.flip, self.cat_max_ratio, self.seed = flip, cat_max_ratio, seed
         self.k = store.k
 
     def __len__(self) -> int:

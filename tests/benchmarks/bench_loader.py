@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from softprep.build import BuildOptions, build
 from softprep.datasets import discover, load_pair
 from softprep.manifest import load_manifest
 from softprep.sample import write_sample
+from softtrain.bench import time_loader
 from softtrain.data import CropDataset
 
 SCALES = (0.125, 0.25, 0.5)
@@ -73,33 +73,8 @@ class OnTheFly(Dataset):
         }
 
 
-class Repeat(torch.utils.data.Sampler):
-    def __init__(self, n, total):
-        self.n, self.total = n, total
-
-    def __iter__(self):
-        return (i % self.n for i in range(self.total))
-
-    def __len__(self):
-        return self.total
-
-
 def crops_per_second(dataset, workers: int, batch: int, batches: int) -> float:
-    loader = DataLoader(
-        dataset,
-        batch_size=batch,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        sampler=Repeat(len(dataset), batch * (batches + workers)),
-        collate_fn=list,
-    )
-    it = iter(loader)
-    for _ in range(max(1, workers)):  # warm-up: workers started, store opened
-        next(it)
-    start, n = time.perf_counter(), 0
-    for _ in range(batches):
-        n += len(next(it))
-    return n / (time.perf_counter() - start)
+    return time_loader(dataset, workers, batch, batches)["crops_per_s"]
 
 
 def main() -> None:
