@@ -382,7 +382,6 @@ def priors(
                 kernel=kernel,
                 antialias=antialias,
                 short_side=short_side,
-                stats_for=tuple(c for c in compare if c not in ("nn", "nn-floor")),
             )
             with progress_bar("reading labels") as bar:
                 report = from_dataset(m, root, options, compare, split, progress=bar)
