@@ -180,10 +180,15 @@ def write_image(root: zarr.Group, i: int, levels: dict, full_label: np.ndarray |
         writes.append((arr, _padded(full_label, arr.shape[1:], 255)))
 
     async def write_all():
-        await asyncio.gather(*(arr.async_array.setitem(i, data) for arr, data in writes))
+        await asyncio.gather(
+            *(
+                arr.async_array.with_config({"write_empty_chunks": True}).setitem(i, data)
+                for arr, data in writes
+            )
+        )
 
     # encoding several chunks per batch: ~25% less time per image (measured)
-    with zarr.config.set({"array.write_empty_chunks": True, "codec_pipeline.batch_size": 8}):
+    with zarr.config.set({"codec_pipeline.batch_size": 8}):
         sync(write_all())
 
 
