@@ -19,7 +19,6 @@ from pathlib import Path
 import joblib
 import numpy as np
 import zarr
-from PIL import Image
 
 from softprep import __version__, store
 from softprep.datasets import (
@@ -125,18 +124,16 @@ def strategy_masses(label, counts, out_hw, options, strategies, num_classes, mad
 def process_pair(pair: Pair, manifest: Manifest, options: BuildOptions, keep_full: bool):
     """Decode one pair and compute every level: returns ({level: (planes, rgb)}, result
     without index, full label or None). Pure: writes nothing."""
-    image, label = load_pair(pair, manifest)
-    counts = np.bincount(label.ravel(), minlength=256)
+    image, label, counts = load_pair(pair, manifest)
     c = manifest.num_classes
     result = ImageResult(index=-1, full=with_void_last(counts, c))
     arrays = {}
     changes = row_changes(label)
-    pil_image = Image.fromarray(image)  # once, for every level's colour resize
     for scale in options.scales:
         out_hw = level_size(label.shape, scale, options.short_side)
         r = Resampler.make(label.shape, out_hw, options.kernel, options.antialias)
         index, prob, truncated = r.soft_topk(label, options.k, changes)
-        arrays[store.level_name(scale)] = (encode_planes(index, prob), r.colour(pil_image))
+        arrays[store.level_name(scale)] = (encode_planes(index, prob), r.colour(image))
         stats = {"truncated": np.array([truncated.sum(), truncated.max()])}
         stats |= strategy_masses(label, counts, out_hw, options, options.strategies, c, r)
         result.levels[store.level_name(scale)] = stats

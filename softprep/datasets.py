@@ -128,15 +128,21 @@ def pair_size(pair: Pair) -> tuple[int, int]:
     return hw
 
 
-def decode_image(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB. Grayscale and palette images are converted; EXIF orientation is
-    deliberately not applied (the labels were drawn on the stored pixel grid)."""
+def open_image(path: Path) -> Image.Image:
+    """The decoded RGB PIL image (what the colour resize takes). Grayscale and palette
+    images are converted; EXIF orientation is deliberately not applied (the labels were
+    drawn on the stored pixel grid)."""
     try:
         with Image.open(path) as im:
             im.load()
-            return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+            return im if im.mode == "RGB" else im.convert("RGB")
     except (OSError, SyntaxError) as e:
         raise DatasetError(path, f"cannot decode image ({e})") from e
+
+
+def decode_image(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB (see ``open_image``)."""
+    return np.asarray(open_image(path))
 
 
 def _label_mode_error(path: Path, mode: str, manifest: Manifest) -> str:
@@ -156,8 +162,9 @@ def _label_mode_error(path: Path, mode: str, manifest: Manifest) -> str:
     return f"label mode {mode} is not supported (need L or P)"
 
 
-def decode_label(path: Path, manifest: Manifest) -> np.ndarray:
-    """(H, W) uint8 train ids (``VOID`` = 255 for ignore) from a label file.
+def decode_label_counted(path: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W) uint8 train ids (``VOID`` = 255 for ignore) from a label file, and their
+    (256,) int64 pixel counts (counted once, on the raw values, for the check below).
 
     Palette (P) PNGs are read as indices, never converted to luminance. Raises
     ``DatasetError`` naming the file for RGB/16-bit files and for values the manifest
@@ -172,8 +179,8 @@ def decode_label(path: Path, manifest: Manifest) -> np.ndarray:
     except (OSError, SyntaxError) as e:
         raise DatasetError(path, f"cannot decode label ({e})") from e
     lut, valid = manifest.lookup_table
-    seen = np.flatnonzero(np.bincount(raw.ravel(), minlength=256))
-    bad = [int(v) for v in seen if not valid[v]]
+    raw_counts = np.bincount(raw.ravel(), minlength=256)
+    bad = [int(v) for v in np.flatnonzero(raw_counts) if not valid[v]]
     if bad:
         hint = ""
         if manifest.dataset == "cityscapes":
@@ -186,20 +193,27 @@ def decode_label(path: Path, manifest: Manifest) -> np.ndarray:
             path,
             f"label values {bad[:10]} are not defined in the {manifest.dataset} manifest{hint}",
         )
-    return lut[raw]
+    counts = np.bincount(lut[: len(raw_counts)], raw_counts, minlength=256).astype(np.int64)
+    return np.take(lut, raw), counts
 
 
-def load_pair(pair: Pair, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
-    """Decode one pair: ((H, W, 3) uint8 RGB, (H, W) uint8 train ids). Sizes must agree."""
-    image = decode_image(pair.image)
-    label = decode_label(pair.label, manifest)
-    if image.shape[:2] != label.shape:
+def decode_label(path: Path, manifest: Manifest) -> np.ndarray:
+    """(H, W) uint8 train ids (see ``decode_label_counted``)."""
+    return decode_label_counted(path, manifest)[0]
+
+
+def load_pair(pair: Pair, manifest: Manifest) -> tuple[Image.Image, np.ndarray, np.ndarray]:
+    """Decode one pair: RGB PIL image, (H, W) uint8 train ids and their (256,) int64
+    pixel counts. Sizes must agree."""
+    image = open_image(pair.image)
+    label, counts = decode_label_counted(pair.label, manifest)
+    if image.size[::-1] != label.shape:
         raise DatasetError(
             pair.label,
             f"label is {label.shape[1]}x{label.shape[0]} but image "
-            f"{pair.image.name} is {image.shape[1]}x{image.shape[0]}",
+            f"{pair.image.name} is {image.width}x{image.height}",
         )
-    return image, label
+    return image, label, counts
 
 
 def check_config_json(manifest: Manifest, root: Path) -> list[Problem]:
@@ -272,8 +286,7 @@ def scan(
         try:
             hw = pair_size(pair)
             if histogram:
-                label = decode_label(pair.label, manifest)
-                hist += class_histogram(label, manifest.num_classes)
+                hist += with_void_last(decode_label_counted(pair.label, manifest)[1], manifest.num_classes)
         except DatasetError as e:
             problems.append(Problem(e.path, e.message))
             continue
@@ -286,8 +299,3 @@ def scan(
 def with_void_last(hist256: np.ndarray, num_classes: int) -> np.ndarray:
     """(256,) per-train-id values -> (C + 1,): the C classes, then void."""
     return np.concatenate([hist256[:num_classes], [hist256[VOID]]])
-
-
-def class_histogram(label: np.ndarray, num_classes: int) -> np.ndarray:
-    """(C + 1,) int64 pixel counts of a train-id map; the last entry counts void."""
-    return with_void_last(np.bincount(label.ravel(), minlength=256).astype(np.int64), num_classes)

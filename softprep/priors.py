@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from softprep.build import BuildOptions, level_size, strategy_kernel, strategy_masses
-from softprep.datasets import decode_label, discover, with_void_last
+from softprep.datasets import decode_label_counted, discover, with_void_last
 from softprep.store import SoftStore, StoreError, scale_label
 
 SHOWN_AS = 1e4  # the paper shows D x 1e4
@@ -204,8 +204,7 @@ def from_dataset(
     full = np.zeros(c + 1)
     mass = {scale_label(s): {k: np.zeros(c + 1) for k in strategies} for s in options.scales}
     for n, pair in enumerate(pairs):
-        label = decode_label(pair.label, manifest)
-        counts = np.bincount(label.ravel(), minlength=256)
+        label, counts = decode_label_counted(pair.label, manifest)
         full += with_void_last(counts, c)
         for scale in options.scales:
             out_hw = level_size(label.shape, scale, options.short_side)

@@ -195,97 +195,22 @@ class Resampler:
             counts = np.bincount(label.ravel(), minlength=256)
         return separable_mass(label, self.y.column_sums(), self.x.column_sums(), counts)
 
-    def uniform(self, label: np.ndarray, changes: np.ndarray | None = None):
-        """Output pixels whose taps all hold one label: ((Ho, Wo) bool, (Ho, Wo) that label).
-
-        A tap window is uniform iff no label change lies inside its index range, which
-        running counts of changes (``row_changes``, shareable between levels) answer
-        with two lookups per window, first along rows, then along columns.
-        """
-        if changes is None:
-            changes = row_changes(label)
-        ax, bx = self.x.index.min(axis=1), self.x.index.max(axis=1)
-        ay, by = self.y.index.min(axis=1), self.y.index.max(axis=1)
-        # along rows; results transposed to (Wo, H) so the column pass runs on contiguous rows
-        row_uniform = np.ascontiguousarray(
-            (np.take(changes, bx, axis=1) == np.take(changes, ax, axis=1)).T
-        )
-        value = np.ascontiguousarray(np.take(label, ax, axis=1).T)  # (Wo, H)
-        broken = np.zeros(value.shape, dtype=np.int32)  # rows not uniform, or differing
-        broken[:, 1:] = (value[:, 1:] != value[:, :-1]) | ~row_uniform[:, 1:]
-        np.cumsum(broken, axis=1, out=broken)
-        uniform = (np.take(broken, by, axis=1) == np.take(broken, ay, axis=1)) & np.take(
-            row_uniform, ay, axis=1
-        )
-        return np.ascontiguousarray(uniform.T), np.ascontiguousarray(np.take(value, ay, axis=1).T)
-
-    def soft_topk(self, label: np.ndarray, k: int, changes=None, chunk: int = 1 << 22):
+    def soft_topk(self, label: np.ndarray, k: int, changes: np.ndarray | None = None):
         """Top-``k`` soft label of an (H, W) uint8 train-id map (void = 255 is a class).
 
         Returns ``index`` (k, Ho, Wo) uint8 class ids and ``prob`` (k, Ho, Wo) float32
         class proportions, sorted by decreasing proportion (slot 0 = argmax), and
         ``truncated`` (Ho, Wo) float32, the mass dropped by keeping only ``k`` classes.
-        No dense one-hot: output pixels whose taps all hold one class are set directly;
-        the rest are reduced from their taps, so cost grows with pixels, not classes.
-        ``changes``: ``row_changes(label)`` if already computed; ``chunk`` bounds the taps
-        held in memory at once.
+        No dense one-hot: cost grows with pixels, not classes (``softprep.topk``).
+        ``changes``: ``row_changes(label)`` if already computed (shareable between levels).
         """
-        ho, wo = self.out_hw
-        uniform, value = self.uniform(label, changes)
-        index = np.zeros((k, ho * wo), dtype=np.uint8)
-        prob = np.zeros((k, ho * wo), dtype=np.float32)
-        truncated = np.zeros(ho * wo, dtype=np.float32)
-        index[0], prob[0] = value.ravel(), 1.0
-        mixed = np.flatnonzero(~uniform.ravel())
-        wy, wx = self.y.weight.astype(np.float32), self.x.weight.astype(np.float32)
-        taps = self.y.index.shape[1] * self.x.index.shape[1]
-        step = max(1, chunk // taps)
-        for start in range(0, len(mixed), step):
-            m = mixed[start : start + step]
-            oy, ox = np.divmod(m, wo)
-            labels = label[self.y.index[oy][:, :, None], self.x.index[ox][:, None, :]]
-            weights = wy[oy][:, :, None] * wx[ox][:, None, :]
-            labels, weights = labels.reshape(len(m), taps), weights.reshape(len(m), taps)
-            lo, hi = labels.min(axis=1), labels.max(axis=1)
-            two = ((labels == lo[:, None]) | (labels == hi[:, None])).all(axis=1)
-            for rows, reduce in ((two, _top_of_two), (~two, _top_of_many)):
-                if rows.any():
-                    ids, probs, dropped = reduce(labels[rows], weights[rows], k)
-                    n, sel = len(ids), m[rows]
-                    index[:n, sel], prob[:n, sel], prob[n:, sel] = ids, probs, 0.0
-                    truncated[sel] = dropped
-        return index.reshape(k, ho, wo), prob.reshape(k, ho, wo), truncated.reshape(ho, wo)
+        from softprep import topk  # compiled kernel: numba is imported only when needed
 
-
-def _top_of_two(labels: np.ndarray, weights: np.ndarray, k: int):
-    """Pixels whose taps hold at most two classes (most boundary pixels): (M, T) labels and
-    weights -> ids (n, M), probabilities (n, M), truncated (M,), n = min(k, 2). Two
-    weighted sums instead of a sort; same result as ``_top_of_many``."""
-    lo, hi = labels.min(axis=1), labels.max(axis=1)
-    w_hi = (weights * (labels == hi[:, None])).sum(axis=1)
-    m_hi = np.clip(w_hi, 0.0, None)
-    m_lo = np.clip(weights.sum(axis=1) - w_hi, 0.0, None)  # bicubic lobes clipped
-    total = m_hi + m_lo
-    first_hi = m_hi > m_lo  # ties go to the lower class id, as in the sort
-    ids = np.stack([np.where(first_hi, hi, lo), np.where(first_hi, lo, hi)])
-    probs = np.stack([np.maximum(m_hi, m_lo), np.minimum(m_hi, m_lo)]) / total
-    ids[1] = np.where(probs[1] > 0, ids[1], 0)
-    n = min(k, 2)
-    return ids[:n], probs[:n], np.clip(1.0 - probs[:n].sum(axis=0), 0.0, None)
-
-
-def _top_of_many(labels: np.ndarray, weights: np.ndarray, k: int):
-    """Any pixels: (M, T) labels and weights -> ids (n, M), probabilities (n, M) and
-    truncated (M,) of the ``k`` largest class masses, n = min(k, T)."""
-    cls, mass = _class_masses(labels, weights)
-    total = mass.sum(axis=1)
-    taps = labels.shape[1]
-    top = np.argpartition(-mass, k - 1, axis=1)[:, :k] if taps > k else np.indices(mass.shape)[1]
-    kept = np.take_along_axis(mass, top, axis=1)
-    order = np.argsort(-kept, axis=1, kind="stable")
-    top, kept = np.take_along_axis(top, order, axis=1), np.take_along_axis(kept, order, axis=1)
-    ids = np.where(kept > 0, np.take_along_axis(cls, top, axis=1), 0).T
-    return ids, (kept / total[:, None]).T, np.clip(1.0 - kept.sum(axis=1) / total, 0.0, None)
+        if changes is None:
+            changes = row_changes(label)
+        return topk.soft_topk(
+            label, changes, self.y.index, self.y.weight, self.x.index, self.x.weight, k
+        )
 
 
 def row_changes(label: np.ndarray) -> np.ndarray:
@@ -293,23 +218,6 @@ def row_changes(label: np.ndarray) -> np.ndarray:
     changes = np.zeros(label.shape, dtype=np.int32)
     np.cumsum(label[:, 1:] != label[:, :-1], axis=1, out=changes[:, 1:])
     return changes
-
-
-def _class_masses(labels: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, sum ``weights`` by ``labels``: (M, T) uint8 + (M, T) float32 -> class ids
-    (M, T) and masses (M, T), each class's mass at its first position after sorting, 0
-    elsewhere; negative masses (bicubic lobes) are clipped to 0."""
-    m, t = labels.shape
-    key = (labels.astype(np.uint32) << 16) | np.arange(t, dtype=np.uint32)
-    key.sort(axis=1)  # by class, then tap: one fast integer sort instead of argsort
-    cls = (key >> 16).astype(np.uint8)
-    w = np.take_along_axis(weights, (key & 0xFFFF).astype(np.intp), axis=1)
-    starts = np.ones((m, t), dtype=bool)
-    starts[:, 1:] = cls[:, 1:] != cls[:, :-1]
-    first = np.flatnonzero(starts)
-    mass = np.zeros(m * t, dtype=np.float32)
-    mass[first] = np.clip(np.add.reduceat(w.ravel(), first), 0.0, None)
-    return cls, mass.reshape(m, t)
 
 
 def _split_common(c: np.ndarray) -> tuple[float, np.ndarray]:

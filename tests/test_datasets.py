@@ -64,8 +64,9 @@ def test_mapillary_palette_indices_not_luminance():
     assert ((raw12 == 17) == (raw20 == 27)).all() and (raw12 == 17).any()
     assert v12.class_names[l12[raw12 == 17][0]] == "construction--structure--building"
     assert v20.class_names[l20[raw20 == 27][0]] == "Building"
-    img, lab = load_pair(p12, v12)
-    assert img.shape[:2] == lab.shape == (100, 100)
+    img, lab, counts = load_pair(p12, v12)
+    assert img.size == lab.shape == (100, 100) and img.mode == "RGB"
+    np.testing.assert_array_equal(counts, np.bincount(lab.ravel(), minlength=256))
 
 
 @needs_fixtures

@@ -145,21 +145,3 @@ def test_output_size_rounds_half_up_and_nearest_phases():
     centre = axis_weights(16, 2, "nearest").index[:, 0]
     floor = axis_weights(16, 2, "nearest-floor").index[:, 0]
     assert list(centre) == [4, 12] and list(floor) == [0, 8]  # shifted by (f - 1) / 2 ~ 4 px
-
-
-def test_two_class_shortcut_equals_the_general_reduction():
-    from softprep.resample import _top_of_many, _top_of_two
-
-    rng = np.random.default_rng(4)
-    m, t = 500, 16
-    pairs = rng.integers(0, 30, (m, 2)).astype(np.uint8)
-    labels = np.take_along_axis(pairs, rng.integers(0, 2, (m, t)), axis=1)
-    weights = rng.normal(0.1, 0.1, (m, t)).astype(np.float32)  # some negative, like bicubic lobes
-    weights /= weights.sum(axis=1, keepdims=True)
-    for k in (1, 2, 6):
-        a, b = _top_of_two(labels, weights, k), _top_of_many(labels, weights, k)
-        n = len(a[0])
-        np.testing.assert_array_equal(a[0], b[0][:n])
-        np.testing.assert_allclose(a[1], b[1][:n], atol=1e-5)
-        assert (b[1][n:] == 0).all()
-        np.testing.assert_allclose(a[2], b[2], atol=1e-5)

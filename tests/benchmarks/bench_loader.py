@@ -48,19 +48,19 @@ class OnTheFly(Dataset):
 
     def __getitem__(self, i):
         rng = np.random.default_rng([self.seed, i])
-        image, label = load_pair(self.pairs[i], self.manifest)
+        image, label, _ = load_pair(self.pairs[i], self.manifest)
         s = SCALES[rng.integers(len(SCALES))]
         h, w = round(label.shape[0] * s), round(label.shape[1] * s)
         ch, cw = min(self.crop[0], h), min(self.crop[1], w)
         y0, x0 = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
         if self.soft:  # paper: bicubic colour, one-hot label interpolated bilinearly
-            img = Image.fromarray(image).resize((w, h), Image.BICUBIC)
+            img = image.resize((w, h), Image.BICUBIC)
             lab = torch.from_numpy(np.where(label == 255, 19, label).astype(np.int64))
             onehot = F.one_hot(lab, 20).permute(2, 0, 1)[None].float()
             target = F.interpolate(onehot, size=(h, w), mode="bilinear", align_corners=False)[0]
             target = target[:, y0 : y0 + ch, x0 : x0 + cw]
         else:  # mmseg: bilinear colour, nearest label
-            img = Image.fromarray(image).resize((w, h), Image.BILINEAR)
+            img = image.resize((w, h), Image.BILINEAR)
             target = torch.from_numpy(
                 np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))[
                     y0 : y0 + ch, x0 : x0 + cw

@@ -1,0 +1,122 @@
+"""The compiled soft-label kernel: top-K class proportions of every output pixel.
+
+One pass over the output, no dense one-hot and no per-class planes. An output pixel whose
+taps all hold one label (no label change inside its tap window on any of its tap rows,
+answered by two lookups per row in the running change counts) gets that label with
+proportion 1; the others sum their tap weights per label in a short list (the handful of
+labels under one window) and keep the ``k`` largest. Cost grows with output pixels times
+tap rows, plus taps of boundary pixels only; the number of classes never enters.
+
+Compiled with numba on first use and cached on disk (``__pycache__``), so later
+processes, build workers included, load it in well under a second.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+@numba.njit(cache=True, nogil=True)
+def soft_topk(label, changes, yi, yw, xi, xw, k):  # pragma: no cover - compiled
+    """Top-``k`` soft label of an (H, W) uint8 label map under separable weights.
+
+    ``changes``: (H, W) int32 label changes left of each pixel in its row; ``yi``/``yw``:
+    (Ho, Ty) int64 row taps and float64 weights; ``xi``/``xw``: (Wo, Tx) column taps and
+    weights (rows sum to 1, tap windows contiguous). Returns ``index`` (k, Ho, Wo) uint8
+    label values and ``prob`` (k, Ho, Wo) float32 proportions, by decreasing proportion
+    (ties: lower label first; unused slots 0), and ``truncated`` (Ho, Wo) float32, the
+    mass the dropped labels held. Negative masses (bicubic lobes) are clipped to 0 and
+    the rest renormalised.
+    """
+    ho, ty = yi.shape
+    wo, tx = xi.shape
+    index = np.zeros((k, ho, wo), np.uint8)
+    prob = np.zeros((k, ho, wo), np.float32)
+    truncated = np.zeros((ho, wo), np.float32)
+    uniform, value = _uniform_windows(label, changes, yi, xi)
+    index[0] = value
+    labels = np.empty(ty * tx, np.uint8)
+    mass = np.empty(ty * tx, np.float64)
+    for oy in range(ho):
+        for ox in range(wo):
+            if uniform[oy, ox]:
+                prob[0, oy, ox] = 1.0
+                continue
+            n = 0
+            for t in range(ty):
+                y, wy = yi[oy, t], yw[oy, t]
+                if wy == 0.0:
+                    continue
+                for s in range(tx):
+                    w = wy * xw[ox, s]
+                    if w == 0.0:
+                        continue
+                    c = label[y, xi[ox, s]]
+                    j = 0
+                    while j < n and labels[j] != c:
+                        j += 1
+                    if j == n:
+                        labels[n] = c
+                        mass[n] = 0.0
+                        n += 1
+                    mass[j] += w
+            total = 0.0
+            for j in range(n):
+                mass[j] = max(mass[j], 0.0)
+                total += mass[j]
+            kept = 0.0
+            for slot in range(k):
+                best = -1
+                for j in range(n):
+                    if mass[j] > 0.0 and (
+                        best < 0
+                        or mass[j] > mass[best]
+                        or (mass[j] == mass[best] and labels[j] < labels[best])
+                    ):
+                        best = j
+                if best < 0:
+                    break
+                index[slot, oy, ox] = labels[best]
+                prob[slot, oy, ox] = mass[best] / total
+                kept += mass[best]
+                mass[best] = 0.0
+            truncated[oy, ox] = max(0.0, 1.0 - kept / total)
+    return index, prob, truncated
+
+
+@numba.njit(cache=True, nogil=True)
+def _uniform_windows(label, changes, yi, xi):  # pragma: no cover - compiled
+    """Which output pixels have one label under all their taps: ((Ho, Wo) bool, (Ho, Wo)
+    uint8 that label, else the label at the window's top-left tap).
+
+    First along rows: window ``[a, b]`` of input row ``y`` is uniform iff no change lies
+    inside it; ``breaks[y]`` counts rows up to ``y`` that are not uniform or differ from
+    the row above. Then a window of rows ``[c, d]`` is uniform iff ``breaks`` is equal at
+    ``c`` and ``d`` and row ``c`` is uniform: O(1) per output pixel after O(H Wo).
+    """
+    h = label.shape[0]
+    ho, wo = yi.shape[0], xi.shape[0]
+    a = np.empty(wo, np.int64)
+    b = np.empty(wo, np.int64)
+    for ox in range(wo):
+        a[ox], b[ox] = xi[ox].min(), xi[ox].max()
+    row_uniform = np.empty((h, wo), np.bool_)
+    breaks = np.empty((h, wo), np.int32)
+    for y in range(h):
+        for ox in range(wo):
+            u = changes[y, b[ox]] == changes[y, a[ox]]
+            row_uniform[y, ox] = u
+            if y == 0:
+                breaks[y, ox] = 0
+            else:
+                same = label[y, a[ox]] == label[y - 1, a[ox]] and row_uniform[y - 1, ox]
+                breaks[y, ox] = breaks[y - 1, ox] + (0 if u and same else 1)
+    uniform = np.empty((ho, wo), np.bool_)
+    value = np.empty((ho, wo), np.uint8)
+    for oy in range(ho):
+        c, d = yi[oy].min(), yi[oy].max()
+        for ox in range(wo):
+            uniform[oy, ox] = row_uniform[c, ox] and breaks[d, ox] == breaks[c, ox]
+            value[oy, ox] = label[c, a[ox]]
+    return uniform, value
