@@ -141,12 +141,12 @@ def process_pair(pair: Pair, manifest: Manifest, options: BuildOptions, keep_ful
 
 
 @functools.lru_cache(maxsize=4)
-def _open_for_write(url: str, build_id: str) -> zarr.Group:
-    """The store, opened once per worker process. Parallelism comes from ``--jobs``: one
+def _open_for_write(url: str, build_id: str) -> store.ImageWriter:
+    """The store's writer, opened once per worker process. Parallelism comes from ``--jobs``: one
     zarr IO thread per job avoids oversubscribing the cores (2 jobs on 2 cores: ~10%
     more images/s, measured)."""
     zarr.config.set({"threading.max_workers": 1})
-    return zarr.open_group(url, mode="r+")
+    return store.ImageWriter(zarr.open_group(url, mode="r+"))
 
 
 def _task(url, build_id, i, pair, manifest, options, keep_full, catch) -> ImageResult:
@@ -157,7 +157,7 @@ def _task(url, build_id, i, pair, manifest, options, keep_full, catch) -> ImageR
         if not catch:
             raise
         return ImageResult(index=i, error=Problem(e.path, e.message, i))
-    store.write_image(_open_for_write(url, build_id), i, arrays, full)
+    _open_for_write(url, build_id).write(i, arrays, full)
     result.index = i
     return result
 

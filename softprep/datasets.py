@@ -178,8 +178,10 @@ def decode_label_counted(path: Path, manifest: Manifest) -> tuple[np.ndarray, np
             raw = np.asarray(im)
     except (OSError, SyntaxError) as e:
         raise DatasetError(path, f"cannot decode label ({e})") from e
+    from softprep import kernels  # compiled: numba is imported only when needed
+
     lut, valid = manifest.lookup_table
-    raw_counts = np.bincount(raw.ravel(), minlength=256)
+    label, raw_counts = kernels.map_counted(raw, lut[:256])
     bad = [int(v) for v in np.flatnonzero(raw_counts) if not valid[v]]
     if bad:
         hint = ""
@@ -193,8 +195,7 @@ def decode_label_counted(path: Path, manifest: Manifest) -> tuple[np.ndarray, np
             path,
             f"label values {bad[:10]} are not defined in the {manifest.dataset} manifest{hint}",
         )
-    counts = np.bincount(lut[: len(raw_counts)], raw_counts, minlength=256).astype(np.int64)
-    return np.take(lut, raw), counts
+    return label, np.bincount(lut[:256], raw_counts, minlength=256).astype(np.int64)
 
 
 def decode_label(path: Path, manifest: Manifest) -> np.ndarray:

@@ -19,31 +19,25 @@ RULE = "top-k, renormalised, largest-remainder rounding to sum 255"
 
 
 def quantize_probs(prob: np.ndarray) -> np.ndarray:
-    """(K, ...) non-negative float, slot 0 > 0 -> (K, ...) uint8 summing to 255 over axis 0."""
-    x = prob / prob.sum(axis=0, keepdims=True) * TOTAL
-    base = np.floor(x)
-    deficit = TOTAL - base.sum(axis=0, keepdims=True)
-    order = np.argsort(-(x - base), axis=0, kind="stable")
-    rank = np.empty_like(order)
-    np.put_along_axis(
-        rank,
-        order,
-        np.arange(len(prob)).reshape((-1,) + (1,) * (prob.ndim - 1)),
-        axis=0,
-    )
-    return (base + (rank < deficit)).astype(np.uint8)
+    """(K, ...) non-negative float, sums > 0 -> (K, ...) uint8 summing to 255 over axis 0."""
+    from softprep import kernels  # compiled: numba is imported only when needed
+
+    flat = np.ascontiguousarray(prob).reshape(len(prob), -1)
+    out = np.empty(flat.shape, dtype=np.uint8)
+    return kernels.largest_remainder(flat, TOTAL, out).reshape(prob.shape)
 
 
 def encode_planes(index: np.ndarray, prob: np.ndarray) -> np.ndarray:
-    """(K, H, W) uint8 ids + (K, H, W) float probs -> (2K-1, H, W) uint8 store planes.
-
-    Only pixels with more than one class are rounded; single-class pixels store 255.
-    """
+    """(K, H, W) uint8 ids + (K, H, W) float probs, sorted by decreasing probability ->
+    (2K-1, H, W) uint8 store planes. Only pixels with a second class need rounding."""
     k = len(index)
-    rest = np.zeros((k - 1,) + index.shape[1:], dtype=np.uint8)
-    mixed = prob[1] > 0
-    rest[:, mixed] = quantize_probs(prob[:, mixed])[1:]
-    return np.concatenate([index, rest], axis=0)
+    planes = np.zeros((2 * k - 1, *index.shape[1:]), dtype=np.uint8)
+    planes[:k] = index
+    mixed = np.flatnonzero(prob[1] > 0) if k > 1 else []
+    if len(mixed):
+        rest = planes[k:].reshape(k - 1, -1)
+        rest[:, mixed] = quantize_probs(prob.reshape(k, -1)[:, mixed])[1:]
+    return planes
 
 
 def decode_planes(planes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -190,7 +190,9 @@ class Resampler:
         weight each input pixel by the product of its axis column sums (``separable_mass``).
         """
         if self.kernel in NEAREST_KERNELS:
-            return np.bincount(self.nearest_label(label).ravel(), minlength=256).astype(float)
+            from softprep import kernels  # compiled: numba is imported only when needed
+
+            return kernels.sampled_counts(label, self.y.index[:, 0], self.x.index[:, 0]) * 1.0
         if counts is None:
             counts = np.bincount(label.ravel(), minlength=256)
         return separable_mass(label, self.y.column_sums(), self.x.column_sums(), counts)
@@ -201,23 +203,23 @@ class Resampler:
         Returns ``index`` (k, Ho, Wo) uint8 class ids and ``prob`` (k, Ho, Wo) float32
         class proportions, sorted by decreasing proportion (slot 0 = argmax), and
         ``truncated`` (Ho, Wo) float32, the mass dropped by keeping only ``k`` classes.
-        No dense one-hot: cost grows with pixels, not classes (``softprep.topk``).
+        No dense one-hot: cost grows with pixels, not classes (``softprep.kernels``).
         ``changes``: ``row_changes(label)`` if already computed (shareable between levels).
         """
-        from softprep import topk  # compiled kernel: numba is imported only when needed
+        from softprep import kernels  # compiled: numba is imported only when needed
 
         if changes is None:
             changes = row_changes(label)
-        return topk.soft_topk(
+        return kernels.soft_topk(
             label, changes, self.y.index, self.y.weight, self.x.index, self.x.weight, k
         )
 
 
 def row_changes(label: np.ndarray) -> np.ndarray:
     """(H, W) int32: how many label changes lie left of each pixel in its row."""
-    changes = np.zeros(label.shape, dtype=np.int32)
-    np.cumsum(label[:, 1:] != label[:, :-1], axis=1, out=changes[:, 1:])
-    return changes
+    from softprep import kernels  # compiled: numba is imported only when needed
+
+    return kernels.row_changes(label)
 
 
 def _split_common(c: np.ndarray) -> tuple[float, np.ndarray]:

@@ -183,18 +183,18 @@ def test_resume_after_interruptions_equals_uninterrupted(samples, tmp_path, monk
     ref = str(tmp_path / "ref.zarr")
     build(m, samples["cityscapes"], ref, opts)
     url = str(tmp_path / "resumed.zarr")
-    real_write = build_module.store.write_image
+    real_write = build_module.store.ImageWriter.write
     calls = {"n": 0}
 
-    def dying_write(root, i, levels, full):
+    def dying_write(writer, i, levels, full):
         calls["n"] += 1
         if calls["n"] == 3:  # die half-way through an image's shards
             first = dict(list(levels.items())[:1])
-            real_write(root, i, first, None)
+            real_write(writer, i, first, None)
             raise KeyboardInterrupt
-        real_write(root, i, levels, full)
+        real_write(writer, i, levels, full)
 
-    monkeypatch.setattr(build_module.store, "write_image", dying_write)
+    monkeypatch.setattr(build_module.store.ImageWriter, "write", dying_write)
     monkeypatch.setattr(build_module, "FLUSH_EVERY", 1)
     with pytest.raises(KeyboardInterrupt):
         build(m, samples["cityscapes"], url, opts)

@@ -1,14 +1,18 @@
-"""The compiled soft-label kernel: top-K class proportions of every output pixel.
+"""Compiled label kernels (numba): the per-pixel loops numpy cannot express cheaply.
 
-One pass over the output, no dense one-hot and no per-class planes. An output pixel whose
-taps all hold one label (no label change inside its tap window on any of its tap rows,
-answered by two lookups per row in the running change counts) gets that label with
-proportion 1; the others sum their tap weights per label in a short list (the handful of
-labels under one window) and keep the ``k`` largest. Cost grows with output pixels times
-tap rows, plus taps of boundary pixels only; the number of classes never enters.
+- ``soft_topk``: top-K class proportions of every output pixel, in one pass over the
+  output, with no dense one-hot and no per-class planes. An output pixel whose taps all
+  hold one label (``_uniform_windows``: O(1) per pixel from running label-change counts)
+  gets that label with proportion 1; the others sum their tap weights per label in a
+  short list (the handful of labels under one window) and keep the ``k`` largest. Cost
+  grows with pixels, never with the number of classes.
+- ``sampled_counts``: the label histogram of a nearest-neighbour grid, without building it.
+- ``map_counted``, ``row_changes``: one pass each over a full-resolution label.
+- ``largest_remainder``: exact-sum uint8 rounding of proportions (``softprep.quantize``).
 
-Compiled with numba on first use and cached on disk (``__pycache__``), so later
-processes, build workers included, load it in well under a second.
+Compiled on first use and cached on disk (``__pycache__``), so later processes, build
+workers included, load them in well under a second. Callers import this module lazily,
+keeping numba's import time out of commands that do not need it.
 """
 
 from __future__ import annotations
@@ -120,3 +124,75 @@ def _uniform_windows(label, changes, yi, xi):  # pragma: no cover - compiled
             uniform[oy, ox] = row_uniform[c, ox] and breaks[d, ox] == breaks[c, ox]
             value[oy, ox] = label[c, a[ox]]
     return uniform, value
+
+
+@numba.njit(cache=True, nogil=True)
+def sampled_counts(label, yi, xi):  # pragma: no cover - compiled
+    """(256,) int64 histogram of ``label[yi][:, xi]`` for (Ho,) row and (Wo,) column
+    indices (a nearest-neighbour grid), without materialising it."""
+    counts = np.zeros(256, np.int64)
+    for y in yi:
+        row = label[y]
+        for x in xi:
+            counts[row[x]] += 1
+    return counts
+
+
+@numba.njit(cache=True, nogil=True)
+def largest_remainder(prob, total, out):  # pragma: no cover - compiled
+    """Round each column of (K, N) non-negative ``prob`` (column sums > 0) to (K, N) uint8
+    ``out`` summing to exactly ``total``: scale to ``total``, floor, then one more unit to
+    each of the largest remainders (ties: lower slot first)."""
+    k, n = prob.shape
+    x = np.empty(k, np.float64)
+    given = np.empty(k, np.bool_)
+    for p in range(n):
+        s = 0.0
+        for j in range(k):
+            s += prob[j, p]
+        base_sum = 0
+        for j in range(k):
+            x[j] = prob[j, p] / s * total
+            out[j, p] = np.uint8(np.floor(x[j]))
+            x[j] -= np.floor(x[j])
+            base_sum += out[j, p]
+            given[j] = False
+        for _ in range(total - base_sum):
+            best = -1
+            for j in range(k):
+                if not given[j] and (best < 0 or x[j] > x[best]):
+                    best = j
+            if best < 0:
+                break
+            given[best] = True
+            out[best, p] += 1
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def map_counted(raw, lut):  # pragma: no cover - compiled
+    """(H, W) uint8 raw label values -> (H, W) uint8 ``lut[raw]`` and the (256,) int64
+    histogram of the raw values, in one pass."""
+    h, w = raw.shape
+    out = np.empty((h, w), np.uint8)
+    counts = np.zeros(256, np.int64)
+    for y in range(h):
+        for x in range(w):
+            v = raw[y, x]
+            counts[v] += 1
+            out[y, x] = lut[v]
+    return out, counts
+
+
+@numba.njit(cache=True, nogil=True)
+def row_changes(label):  # pragma: no cover - compiled
+    """(H, W) int32: how many label changes lie left of each pixel in its row."""
+    h, w = label.shape
+    changes = np.empty((h, w), np.int32)
+    for y in range(h):
+        n = 0
+        changes[y, 0] = 0
+        for x in range(1, w):
+            n += label[y, x] != label[y, x - 1]
+            changes[y, x] = n
+    return changes
