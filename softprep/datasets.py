@@ -287,7 +287,9 @@ def scan(
         try:
             hw = pair_size(pair)
             if histogram:
-                hist += with_void_last(decode_label_counted(pair.label, manifest)[1], manifest.num_classes)
+                hist += with_void_last(
+                    decode_label_counted(pair.label, manifest)[1], manifest.num_classes
+                )
         except DatasetError as e:
             problems.append(Problem(e.path, e.message))
             continue

@@ -4,8 +4,9 @@
   output, with no dense one-hot and no per-class planes. An output pixel whose taps all
   hold one label (``_uniform_windows``: O(1) per pixel from running label-change counts)
   gets that label with proportion 1; the others sum their tap weights per label in a
-  short list (the handful of labels under one window) and keep the ``k`` largest. Cost
-  grows with pixels, never with the number of classes.
+  short list (the handful of labels under one window; a tap row holding one label adds
+  its row weight at once) and keep the ``k`` largest. Cost grows with pixels, never with
+  the number of classes.
 - ``sampled_counts``: the label histogram of a nearest-neighbour grid, without building it.
 - ``map_counted``, ``row_changes``: one pass each over a full-resolution label.
 - ``largest_remainder``: exact-sum uint8 rounding of proportions (``softprep.quantize``).
@@ -38,7 +39,10 @@ def soft_topk(label, changes, yi, yw, xi, xw, k):  # pragma: no cover - compiled
     index = np.zeros((k, ho, wo), np.uint8)
     prob = np.zeros((k, ho, wo), np.float32)
     truncated = np.zeros((ho, wo), np.float32)
-    uniform, value = _uniform_windows(label, changes, yi, xi)
+    x_lo, x_hi = np.empty(wo, np.int64), np.empty(wo, np.int64)
+    for ox in range(wo):
+        x_lo[ox], x_hi[ox] = xi[ox].min(), xi[ox].max()
+    uniform, value = _uniform_windows(label, changes, yi, x_lo, x_hi)
     index[0] = value
     labels = np.empty(ty * tx, np.uint8)
     mass = np.empty(ty * tx, np.float64)
@@ -48,15 +52,17 @@ def soft_topk(label, changes, yi, yw, xi, xw, k):  # pragma: no cover - compiled
                 prob[0, oy, ox] = 1.0
                 continue
             n = 0
+            a, b = x_lo[ox], x_hi[ox]
             for t in range(ty):
                 y, wy = yi[oy, t], yw[oy, t]
                 if wy == 0.0:
                     continue
-                for s in range(tx):
-                    w = wy * xw[ox, s]
+                row_uniform = changes[y, b] == changes[y, a]  # then its weights sum to 1
+                for s in range(1 if row_uniform else tx):
+                    w = wy if row_uniform else wy * xw[ox, s]
                     if w == 0.0:
                         continue
-                    c = label[y, xi[ox, s]]
+                    c = label[y, a if row_uniform else xi[ox, s]]
                     j = 0
                     while j < n and labels[j] != c:
                         j += 1
@@ -90,21 +96,18 @@ def soft_topk(label, changes, yi, yw, xi, xw, k):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _uniform_windows(label, changes, yi, xi):  # pragma: no cover - compiled
+def _uniform_windows(label, changes, yi, a, b):  # pragma: no cover - compiled
     """Which output pixels have one label under all their taps: ((Ho, Wo) bool, (Ho, Wo)
     uint8 that label, else the label at the window's top-left tap).
 
-    First along rows: window ``[a, b]`` of input row ``y`` is uniform iff no change lies
+    ``a``/``b``: (Wo,) first and last column tap of each output column. First along
+    rows: window ``[a, b]`` of input row ``y`` is uniform iff no change lies
     inside it; ``breaks[y]`` counts rows up to ``y`` that are not uniform or differ from
     the row above. Then a window of rows ``[c, d]`` is uniform iff ``breaks`` is equal at
     ``c`` and ``d`` and row ``c`` is uniform: O(1) per output pixel after O(H Wo).
     """
     h = label.shape[0]
-    ho, wo = yi.shape[0], xi.shape[0]
-    a = np.empty(wo, np.int64)
-    b = np.empty(wo, np.int64)
-    for ox in range(wo):
-        a[ox], b[ox] = xi[ox].min(), xi[ox].max()
+    ho, wo = yi.shape[0], a.shape[0]
     row_uniform = np.empty((h, wo), np.bool_)
     breaks = np.empty((h, wo), np.int32)
     for y in range(h):

@@ -162,7 +162,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--images", type=int, default=24)
     ap.add_argument("--what", nargs="+", default=["throughput", "jobs", "memory", "size"])
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
