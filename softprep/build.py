@@ -10,6 +10,7 @@ again skips completed images and rewrites the others whole.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import time
 import uuid
@@ -142,11 +143,27 @@ def process_pair(pair: Pair, manifest: Manifest, options: BuildOptions, keep_ful
 
 @functools.lru_cache(maxsize=4)
 def _open_for_write(url: str, build_id: str) -> store.ImageWriter:
-    """The store's writer, opened once per worker process. Parallelism comes from ``--jobs``: one
-    zarr IO thread per job avoids oversubscribing the cores (2 jobs on 2 cores: ~10%
-    more images/s, measured)."""
+    """The store's writer, opened once per worker process, which is set up for the build:
+
+    - one zarr IO thread: parallelism comes from ``--jobs``, and one thread per job
+      avoids oversubscribing the cores (2 jobs on 2 cores: ~10% more images/s, measured);
+    - glibc keeps freed buffers up to 32 MiB for the next image instead of handing them
+      back to the OS, which otherwise costs every image ~40 MiB of page faults (~25 ms
+      of 2048x1024 images' ~100 ms, measured). No-op without glibc.
+    """
     zarr.config.set({"threading.max_workers": 1})
+    _keep_freed_buffers()
     return store.ImageWriter(zarr.open_group(url, mode="r+"))
+
+
+def _keep_freed_buffers() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
+    libc.mallopt(m_mmap_threshold, 32 << 20)
+    libc.mallopt(m_trim_threshold, 512 << 20)
 
 
 def _task(url, build_id, i, pair, manifest, options, keep_full, catch) -> ImageResult:
