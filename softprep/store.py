@@ -18,7 +18,10 @@
 
 Arrays are padded to the largest image: read ``hw`` and crop (padding decodes as class 0).
 Image arrays have one shard per image (256x256 inner chunks, all planes per chunk), so
-parallel workers each write whole shards; only the parent writes the small arrays.
+parallel workers each write whole shards; only the parent writes the small arrays. Shard
+keys are flat (``c.<i>.0.0.0``, one file per image in the array's folder): nested keys
+cost a build three new folders per array and image, ~15 ms of 2048x1024 images' ~100 ms
+on ext4 (measured).
 Level ``L`` is named ``x<scale>``, e.g. ``x0.125`` for 1/8.
 """
 
@@ -92,6 +95,7 @@ def _image_array(group, name, n, planes_shape, dtype="uint8", fill=0, channels_l
         dtype=dtype,
         compressors=COLOUR_CODEC if channels_last else LABEL_CODEC,
         fill_value=fill,
+        chunk_key_encoding={"name": "default", "separator": "."},
     )
 
 

@@ -296,9 +296,7 @@ def test_verify_detects_damage(samples, tmp_path):
     planes[6:, 5, 5] = 200  # probabilities now exceed 255
     planes[0, 7, 7], planes[6, 7, 7] = 77, 0  # an unknown class id with mass
     root["levels/x0.25/soft"][1] = planes
-    shard = next(Path(url, "levels/x0.5/soft/c/2").rglob("*"))
-    while shard.is_dir():
-        shard = next(shard.iterdir())
+    shard = Path(url, "levels/x0.5/soft/c.2.0.0.0")  # image 2's shard (flat chunk keys)
     shard.write_bytes(b"garbage" * 10)
     done = root["images/done"]
     done[4] = False

@@ -143,7 +143,7 @@ def test_crop_reads_only_the_chunks_it_touches(tmp_path):
     recorder = KeyRecorder(zarr.storage.LocalStore(url, read_only=True))
     recorder.reads = []
     store = SoftStore(recorder)
-    soft_data = "levels/x1/soft/c/"
+    soft_data = "levels/x1/soft/c."
     for window, chunks in [((10, 10, 50, 50), 1), ((200, 200, 100, 100), 4), ((0, 0, 256, 512), 2)]:
         recorder.reads.clear()
         store.read_soft(1.0, 0, window)

@@ -66,9 +66,10 @@ def bench_throughput(root: Path, tmp: Path, n: int) -> None:
 
 
 def bench_jobs(root: Path, tmp: Path, n: int) -> None:
-    build_seconds(root, tmp / "warm.zarr", 2)  # start the worker pool once
-    one = build_seconds(root, tmp / "j1.zarr", 1)
-    two = build_seconds(root, tmp / "j2.zarr", 2)
+    # best of two each: the first run of a process also loads the compiled kernels, and
+    # the first with --jobs 2 starts the worker pool
+    one = min(build_seconds(root, tmp / "j1.zarr", 1) for _ in range(2))
+    two = min(build_seconds(root, tmp / "j2.zarr", 2) for _ in range(2))
     print(
         f"jobs: --jobs 1 {n / one:.2f} img/s, --jobs 2 {n / two:.2f} img/s -> "
         f"speed-up {one / two:.2f}x (target >= 1.7x)"
