@@ -93,6 +93,10 @@ def test_samples_scan_clean_in_official_layout(samples, key):
     present = np.flatnonzero(report.class_pixels[:-1])
     assert len(present) >= 8  # large regions, thin structures and small objects
     assert report.class_pixels[-1] > 0  # some void
+    pairs, _ = discover(m, samples[key])
+    image, label, counts = load_pair(pairs[0], m)  # counts come from the raw values
+    assert image.size[::-1] == label.shape
+    np.testing.assert_array_equal(counts, np.bincount(label.ravel(), minlength=256))
 
 
 def test_sample_cityscapes_layout_is_official(samples):
