@@ -224,6 +224,7 @@ class SoftStore:
             raise StoreError(f"{url}: a zarr group, but not a softprep store (no metadata)")
         self.url = url
         self.meta = dict(self.root.attrs[NAMESPACE])
+        self._arrays: dict[str, zarr.Array] = {}
 
     @property
     def k(self) -> int:
@@ -258,39 +259,53 @@ class SoftStore:
     def done(self) -> np.ndarray:
         return self.root["images/done"][:]
 
-    def level(self, scale: float | str) -> zarr.Group:
-        """The group of a level given as 0.125, ``"1/8"`` or ``"x0.125"``."""
+    def level_path(self, scale: float | str) -> str:
+        """``levels/<name>`` of a level given as 0.125, ``"1/8"`` or ``"x0.125"``."""
         name = scale if str(scale).startswith("x") else level_name(parse_scale(scale))
-        if f"levels/{name}" not in self.root:
+        if name not in {level_name(s) for s in self.scales}:
             have = ", ".join(scale_label(s) for s in self.scales)
             shown = scale if name == scale else scale_label(parse_scale(scale))
             raise StoreError(f"{self.url}: no level {shown}; levels: {have}")
-        return self.root[f"levels/{name}"]
+        return f"levels/{name}"
+
+    def level(self, scale: float | str) -> zarr.Group:
+        """The group of a level (see ``level_path``)."""
+        return self.root[self.level_path(scale)]
+
+    def array(self, path: str) -> zarr.Array:
+        """An array by path, opened once: opening reads its metadata, which per-crop
+        reads would otherwise pay each time."""
+        if path not in self._arrays:
+            self._arrays[path] = self.root[path]
+        return self._arrays[path]
 
     def hw(self, scale) -> np.ndarray:
         """(N, 2) int32 true sizes at a level."""
-        return self.level(scale)["hw"][:]
+        return self.array(f"{self.level_path(scale)}/hw")[:]
+
+    def _window(self, path: str, i: int, window) -> tuple[int, int, int, int]:
+        return window or (0, 0, *self.array(f"{path}/hw")[i])
 
     def read_soft(self, scale, i: int, window=None) -> tuple[np.ndarray, np.ndarray]:
         """Image ``i``'s soft label at a level: ids (K, h, w) uint8 and probabilities
         (K, h, w) uint8 summing to 255. ``window`` = (y0, x0, h, w) reads a crop (only the
         chunks it touches); default: the whole image at its true size."""
-        g = self.level(scale)
-        y0, x0, h, w = window or (0, 0, *g["hw"][i])
-        return decode_planes(g["soft"][i, :, y0 : y0 + h, x0 : x0 + w])
+        path = self.level_path(scale)
+        y0, x0, h, w = self._window(path, i, window)
+        return decode_planes(self.array(f"{path}/soft")[i, :, y0 : y0 + h, x0 : x0 + w])
 
     def read_rgb(self, scale, i: int, window=None) -> np.ndarray:
         """Image ``i``'s colour at a level: (h, w, 3) uint8."""
-        g = self.level(scale)
-        y0, x0, h, w = window or (0, 0, *g["hw"][i])
-        return g["rgb"][i, y0 : y0 + h, x0 : x0 + w]
+        path = self.level_path(scale)
+        y0, x0, h, w = self._window(path, i, window)
+        return self.array(f"{path}/rgb")[i, y0 : y0 + h, x0 : x0 + w]
 
     def read_full_label(self, i: int) -> np.ndarray:
         """(H, W) uint8 full-resolution train ids (evaluation splits only)."""
         if "full/label" not in self.root:
             raise StoreError(f"{self.url}: no full-resolution labels (no evaluation split)")
-        h, w = self.root["images/hw"][i]
-        return self.root["full/label"][i, :h, :w]
+        h, w = self.array("images/hw")[i]
+        return self.array("full/label")[i, :h, :w]
 
     def stats(self, scale, strategy: str) -> np.ndarray:
         """(N, C+1) float64 per-image class mass of a strategy at a level (void last)."""

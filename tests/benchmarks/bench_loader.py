@@ -10,7 +10,7 @@ Cityscapes-size data (2048x1024, 19 classes), DataLoader with the same workers a
 Targets: ours >= 10x the paper baseline and >= 3x the mmseg baseline with 2 workers; also
 prints crops/s per worker at 256x512 and 512x1024.
 
-    python tests/benchmarks/bench_loader.py [--images 8] [--workers 2] [--batches 12]
+    python tests/benchmarks/bench_loader.py [--images 8] [--workers 2] [--batches 48]
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def main() -> None:
     )
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--batches", type=int, default=12)
+    ap.add_argument("--batches", type=int, default=48)
     ap.add_argument("--batch", type=int, default=8)
     args = ap.parse_args()
     torch.set_num_threads(1)
