@@ -153,6 +153,11 @@ def test_crop_reads_only_the_chunks_it_touches(tmp_path):
     recorder.reads.clear()
     store.read_soft(1.0, 0)  # the whole image: the whole shard in one read
     assert [r[1] for r in recorder.reads if r[0].startswith(soft_data)] == [None]
+    store.read_rgb(1.0, 0, (0, 0, 8, 8))
+    recorder.reads.clear()
+    store.read_soft(1.0, 0, (10, 10, 50, 50))
+    store.read_rgb(1.0, 0, (10, 10, 50, 50))
+    assert not [r for r in recorder.reads if r[0].endswith("zarr.json")]  # arrays opened once
 
 
 def test_cat_max_ratio_prefers_crops_without_a_dominant_class(store):
