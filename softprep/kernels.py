@@ -91,7 +91,8 @@ def soft_topk(label, changes, yi, yw, xi, xw, k):  # pragma: no cover - compiled
                 prob[slot, oy, ox] = mass[best] / total
                 kept += mass[best]
                 mass[best] = 0.0
-            truncated[oy, ox] = max(0.0, 1.0 - kept / total)
+            if n > k:  # else nothing was dropped (and rounding must not say otherwise)
+                truncated[oy, ox] = max(0.0, 1.0 - kept / total)
     return index, prob, truncated
 
 
