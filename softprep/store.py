@@ -182,7 +182,7 @@ class ImageWriter:
 
     def _array(self, path: str) -> zarr.AsyncArray:
         # inner chunks are written even when all zero: checking costs more than the few
-        # bytes an all-zero zstd chunk takes (measured)
+        # bytes an all-zero compressed chunk takes (measured)
         if path not in self._arrays:
             arr = self.root[path].async_array
             self._arrays[path] = arr.with_config({"write_empty_chunks": True})
