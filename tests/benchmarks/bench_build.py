@@ -1,14 +1,15 @@
 """Benchmarks for ``softprep build`` (issue 3 targets). Each figure is printed as a ratio
 against a baseline measured in the same run.
 
-    python tests/benchmarks/bench_build.py [--images 8] [--what throughput jobs memory size]
+    python tests/benchmarks/bench_build.py [--images 24] [--what throughput jobs memory size]
 
 - throughput: build (1 job, scales 1/8 1/4 1/2, bilinear antialiased) vs decoding the same
   image + label files and resizing the colour image to the same scales with PIL (target <= 2x)
 - jobs: images/s with --jobs 2 vs --jobs 1 (target >= 1.7x on 2 cores)
 - memory: peak RSS building one 4000x6000 image with 124 classes (target < 2 GB), against
   the peak RSS of only decoding that pair, and the size a dense float32 one-hot would take
-- size: store bytes (labels + colour) vs the source PNG files (target <= 1x)
+- size: the store's level data (soft planes + colour) vs the source PNG files (target
+  <= 1x), on the synthetic data and on the real Cityscapes fixture frame
 """
 
 from __future__ import annotations
