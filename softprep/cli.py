@@ -11,17 +11,7 @@ import joblib
 import numpy as np
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Column, Table
-from rich.text import Text
 
 from softprep import manifest as manifests
 from softprep.build import BuildError, BuildOptions
@@ -34,6 +24,8 @@ from softprep.render import render
 from softprep.resample import KERNELS
 from softprep.sample import write_sample
 from softprep.store import SoftStore, StoreError, parse_scale
+from softprep.terminal import expand_multi_value, progress_bar
+from softprep.terminal import user_errors as _user_errors
 from softprep.verify import verify as run_verify
 
 app = typer.Typer(
@@ -48,6 +40,10 @@ out = Console()
 MULTI_VALUE = ("--scales", "--compare", "--stats-for", "--split")
 USER_ERRORS = (BuildError, DatasetError, ManifestError, StoreError, ValueError)
 
+
+def user_errors():
+    return _user_errors(USER_ERRORS)
+
 DatasetArg = typer.Argument(
     ...,
     help="cityscapes, mapillary, ade20k, or the path of your own manifest .json (the "
@@ -61,43 +57,6 @@ LabelsOpt = typer.Option(
     "--labels",
     help="Label variant, e.g. 'trainIds' to read Cityscapes *_labelTrainIds.png.",
 )
-
-
-class RateColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:.2f} img/s" if speed else "-- img/s", style="cyan")
-
-
-@contextmanager
-def progress_bar(description: str):
-    """Yields a ``progress(done, total)`` callback drawing a rich bar with img/s and ETA."""
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        RateColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-    ) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
-
-
-@contextmanager
-def user_errors(errors: tuple = USER_ERRORS):
-    """Known bad-input errors become one red message and exit code 2, no traceback."""
-    try:
-        yield
-    except errors as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(2) from None
 
 
 def _scales(values: list[str]) -> tuple[float, ...]:
@@ -431,23 +390,5 @@ def print_priors(report: PriorReport) -> None:
                 )
 
 
-def expand_multi_value(argv: list[str], options=MULTI_VALUE) -> list[str]:
-    """``--scales 1/8 1/4`` -> ``--scales 1/8 --scales 1/4`` (Typer options take one value).
-
-    Values run until the next argument that starts with ``-``; put positional arguments
-    before such options."""
-    result, current = [], None
-    for arg in argv:
-        if arg in options:
-            current = arg
-            continue
-        if current and not arg.startswith("-"):
-            result += [current, arg]
-            continue
-        current = None
-        result.append(arg)
-    return result
-
-
 def main() -> None:
-    app(args=expand_multi_value(sys.argv[1:]), prog_name="softprep")
+    app(args=expand_multi_value(sys.argv[1:], MULTI_VALUE), prog_name="softprep")

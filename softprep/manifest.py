@@ -148,6 +148,13 @@ def _parse(raw: dict, source: str, variant: str | None) -> Manifest:
     )
 
 
+def manifest_from_json(raw: dict, source: str) -> Manifest:
+    """A manifest from ``Manifest.to_json()`` output (as a store or checkpoint records it)."""
+    raw = dict(raw)
+    variant = raw.pop("variant", None)
+    return _parse(raw, source, variant)
+
+
 def available() -> list[dict]:
     """Every built-in manifest as its raw dict, with ``path``."""
     found = []

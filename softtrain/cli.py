@@ -1,68 +1,139 @@
-"""The ``softtrain`` command line: parses arguments, calls the library, reports."""
+"""The ``softtrain`` command line: parses arguments, calls the library, reports.
+
+torch, timm and the training modules are imported inside the commands, so ``--help``
+answers at once.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import sys
+import time
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-import softtrain.fit as training
-from softprep.cli import expand_multi_value, user_errors
-from softprep.store import SoftStore, StoreError
-from softtrain.bench import bench_loader as run_bench_loader
-from softtrain.fit import FitConfig, StepLog, TrainingError
-from softtrain.metrics import Confusion
-from softtrain.models import MODELS
+from softprep.terminal import expand_multi_value, progress_bar, user_errors
+from softtrain.config import LOSSES, MC_MODES, FitConfig
 
 app = typer.Typer(
-    help="Single-GPU segmentation training on softprep soft-label stores.",
+    help="Segmentation training on softprep soft-label stores: fit, eval, predict.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
 out = Console()
-USER_ERRORS = (StoreError, TrainingError, ValueError, FileNotFoundError)
-MULTI_VALUE = ("--levels", "--level-weights")
+MULTI_VALUE = ("--levels", "--level-weights", "--tta-levels")
 
 
-def iou_rows(confusion: Confusion, names: list[str]) -> list[dict]:
-    """Per class: name and IoU (None where the class is absent from truth and prediction)."""
-    return [
-        {"class": n, "iou": None if np.isnan(v) else float(v)}
-        for n, v in zip(names, confusion.iou())
-    ]
+def _user_errors():
+    from softprep.store import StoreError
+    from softtrain.checkpoint import CheckpointError
+    from softtrain.fit import TrainingError
+
+    return user_errors((StoreError, TrainingError, CheckpointError, ValueError, FileNotFoundError))
 
 
-def print_iou(confusion: Confusion, names: list[str], title: str) -> None:
+@contextmanager
+def _notes():
+    """Library warnings (logger ``softtrain``) printed as one yellow line each."""
+
+    class ToConsole(logging.Handler):
+        def emit(self, record):
+            console.print(f"[yellow]note:[/yellow] {record.getMessage()}", highlight=False)
+
+    logger, handler = logging.getLogger("softtrain"), ToConsole()
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
+def _step_text(log) -> str:
+    return (
+        f"step {log.step}/{log.iters} loss {log.loss:.4f} KL {log.kl:.4f} lr {log.lr:.2e} "
+        f"{log.crops_per_s:.1f} crops/s data wait {log.data_wait_share:.0%}"
+        + (f" mem {log.peak_memory_gib:.1f} GiB" if log.peak_memory_gib else "")
+    )
+
+
+def _eval_text(record: dict) -> str:
+    miou = "n/a" if record["mIoU"] is None else f"{record['mIoU']:.4f}"
+    macc = "n/a" if record["mAcc"] is None else f"{record['mAcc']:.4f}"
+    return (
+        f"step {record['step']} eval {record['split']} at {record['level']}: mIoU {miou} "
+        f"mAcc {macc} aAcc {record['aAcc']:.4f}"
+    )
+
+
+@contextmanager
+def fit_reporter(iters: int):
+    """(on_log, on_eval): a rich bar on a terminal; otherwise (nohup, SLURM) one plain,
+    flushed, timestamped line per report, so log files get every line."""
+    if console.is_terminal:
+        with Progress(
+            TextColumn("[bold]training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=console,
+        ) as bar:
+            task = bar.add_task("fit", total=iters, info="")
+
+            def on_log(log) -> None:
+                bar.update(task, completed=log.step, info=_step_text(log).split(" ", 2)[2])
+
+            def on_eval(record: dict) -> None:
+                bar.console.print(_eval_text(record))
+
+            yield on_log, on_eval
+        return
+
+    def line(text: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{stamp} {text}", file=sys.stderr, flush=True)
+
+    def on_log(log) -> None:
+        line(f"{_step_text(log)} ETA {timedelta(seconds=round(log.eta_s))}")
+
+    def on_eval(record: dict) -> None:
+        line(_eval_text(record))
+
+    yield on_log, on_eval
+
+
+def print_eval(record: dict, title: str) -> None:
+    fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
     table = Table(
         "class",
         "IoU",
-        title=f"{title}: mIoU {confusion.miou():.4f}, pixel acc {confusion.pixel_accuracy():.4f}",
+        "Acc",
+        title=f"{title}\naAcc {fmt(record['aAcc'])}  mIoU {fmt(record['mIoU'])}  "
+        f"mAcc {fmt(record['mAcc'])}",
     )
-    for row in iou_rows(confusion, names):
-        table.add_row(row["class"], "-" if row["iou"] is None else f"{row['iou']:.4f}")
+    for row in record["classes"]:
+        table.add_row(row["class"], fmt(row["iou"]), fmt(row["acc"]))
     out.print(table)
 
 
-def write_iou(
-    confusion: Confusion, names: list[str], csv_path: Path | None, json_path: Path | None
-):
-    rows = iou_rows(confusion, names)
+def write_eval(record: dict, csv_path: Path | None, json_path: Path | None) -> None:
+    """The record as JSON (NaN-free) and its per-class rows as CSV (class, iou, acc)."""
     if csv_path:
         with open(csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["class", "iou"])
+            writer = csv.DictWriter(f, fieldnames=["class", "iou", "acc"])
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(record["classes"])
     if json_path:
-        summary = {"miou": confusion.miou(), "pixel_accuracy": confusion.pixel_accuracy()}
-        json_path.write_text(json.dumps(summary | {"classes": rows}, indent=1))
+        json_path.write_text(json.dumps(record, indent=1, allow_nan=False))
 
 
 @app.command()
@@ -74,9 +145,18 @@ def fit(
     out_dir: str = typer.Option(
         None,
         "--out",
-        help="Run directory: config.toml, last.pt, best.pt, metrics.jsonl. (default: runs/run)",
+        help="Run folder: config.toml, metrics.jsonl, last.pt, best.pt, curves.png, tb/. "
+        "(default: runs/run)",
     ),
-    model: str = typer.Option(None, help=f"One of {', '.join(MODELS)}. (default: hrnetv2_w48)"),
+    resume: bool = typer.Option(
+        False,
+        help="Continue the run in --out from its last.pt (its config.toml is the base; only "
+        "--iters, --lr, --workers, --device, logging, saving and evaluation options may change).",
+    ),
+    overwrite: bool = typer.Option(False, help="Delete the run in --out and start again."),
+    model: str = typer.Option(
+        None, help="Model name; 'softtrain models' lists them. (default: hrnetv2_w48)"
+    ),
     pretrained: str = typer.Option(None, help="Local file with trunk weights (never downloaded)."),
     crop: str = typer.Option(None, help="Crop HEIGHTxWIDTH. (default: 256x512)"),
     levels: list[str] = typer.Option(None, help="Store levels to draw scales from. (default: all)"),
@@ -86,18 +166,20 @@ def fit(
     cat_max_ratio: float = typer.Option(
         None, help="Class-balanced crops (mmseg cat_max_ratio, e.g. 0.75). (default: 1.0 = off)"
     ),
-    batch_size: int = typer.Option(None, help="Crops per step. (default: 12)"),
+    batch_size: int = typer.Option(None, help="Crops per step (one GPU). (default: 12)"),
     accum: int = typer.Option(None, help="Gradient accumulation steps. (default: 1)"),
     iters: int = typer.Option(None, help="Optimiser steps. (default: 1000)"),
     lr: float = typer.Option(None, help="Base learning rate. (default: 0.01)"),
     momentum: float = typer.Option(None, help="SGD momentum. (default: 0.9)"),
     weight_decay: float = typer.Option(None, help="Weight decay. (default: 1e-4)"),
+    power: float = typer.Option(None, help="Poly learning-rate power. (default: 0.9)"),
     warmup_iters: int = typer.Option(None, help="Linear warm-up steps. (default: 0)"),
     loss: str = typer.Option(
-        None, help="soft (KL / soft CE) or ce-hard (CE on the argmax). (default: soft)"
+        None, help=f"{' or '.join(LOSSES)}: KL / soft CE, or CE on the argmax. (default: soft)"
     ),
     mc: str = typer.Option(
-        None, help="Multi-class pixels in the loss: include or exclude. (default: include)"
+        None,
+        help=f"Multi-class pixels in the loss: {' or '.join(MC_MODES)}. (default: include)",
     ),
     workers: int = typer.Option(None, help="Loader worker processes. (default: 2)"),
     eval_every: int = typer.Option(
@@ -105,6 +187,20 @@ def fit(
     ),
     eval_level: str = typer.Option(
         None, help="Level to evaluate at. (default: the largest training level)"
+    ),
+    eval_split: str = typer.Option(
+        None, help="Split to evaluate on; a store without it trains unevaluated. (default: val)"
+    ),
+    save_every: int = typer.Option(
+        None, help="Save last.pt every N steps (0: only at evaluations and the end). (default: 500)"
+    ),
+    keep_checkpoints: int = typer.Option(
+        None, help="Also keep the last N checkpoints as iter_<step>.pt. (default: 0)"
+    ),
+    tensorboard: bool = typer.Option(
+        None,
+        "--tensorboard/--no-tensorboard",
+        help="TensorBoard scalars in <out>/tb (pip install 'softprep[tensorboard]').",
     ),
     bf16: bool = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (GPU)."),
     channels_last: bool = typer.Option(
@@ -116,9 +212,13 @@ def fit(
     device: str = typer.Option(None, help="cuda, cpu or auto. (default: auto)"),
     seed: int = typer.Option(None, help="Random seed. (default: 0)"),
     log_every: int = typer.Option(None, help="Progress/metrics every N steps. (default: 10)"),
-    resume: bool = typer.Option(False, help="Continue the run in --out from its last.pt."),
 ):
-    """Train a segmentation model on a store's crops and evaluate at full resolution."""
+    """Train a segmentation model on a store's crops and evaluate at full resolution.
+
+    A folder that holds a run is never overwritten by accident: pass --resume or
+    --overwrite. SIGTERM / Ctrl-C save last.pt and exit (143 / 130); --resume continues
+    exactly where the run stopped.
+    """
     flags = dict(
         store=store,
         out=out_dir,
@@ -134,12 +234,17 @@ def fit(
         lr=lr,
         momentum=momentum,
         weight_decay=weight_decay,
+        power=power,
         warmup_iters=warmup_iters,
         loss=loss,
         mc=mc,
         workers=workers,
         eval_every=eval_every,
         eval_level=eval_level,
+        eval_split=eval_split,
+        save_every=save_every,
+        keep_checkpoints=keep_checkpoints,
+        tensorboard=tensorboard,
         bf16=bf16,
         channels_last=channels_last,
         compile=compile_model,
@@ -147,51 +252,54 @@ def fit(
         seed=seed,
         log_every=log_every,
     )
-    with user_errors(USER_ERRORS):
+    with _user_errors(), _notes():
+        if resume and not config:
+            config = Path(out_dir or FitConfig.__dataclass_fields__["out"].default) / "config.toml"
+            if not config.exists():
+                raise FileNotFoundError(f"{config}: no run to resume here (no config.toml)")
         if config:
             cfg = FitConfig.from_toml(config, **flags)
         else:
             if not store:
                 raise ValueError("give --store STORE (or --config run/config.toml)")
             cfg = FitConfig(**{k: v for k, v in flags.items() if v is not None})
-        metrics = Path(cfg.out) / "metrics.jsonl"
-        if not resume:
-            metrics.unlink(missing_ok=True)  # a new run starts a new log; --resume appends
-        with Progress(
-            TextColumn("[bold]training"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn(),
-            console=console,
-        ) as bar:
-            task = bar.add_task("fit", total=cfg.iters, info="")
+        import softtrain.fit as training
 
-            def on_log(log: StepLog) -> None:
-                bar.update(
-                    task,
-                    completed=log.step,
-                    info=(
-                        f"loss {log.loss:.4f} KL {log.kl:.4f} lr {log.lr:.2e} "
-                        f"{log.crops_per_s:.1f} crops/s, data wait {log.data_wait_share:.0%}"
-                        + (f", {log.peak_memory_gib:.1f} GiB" if log.peak_memory_gib else "")
-                    ),
-                )
-                with open(metrics, "a") as f:
-                    f.write(json.dumps(log.__dict__) + "\n")
-
-            names = [c["name"] for c in SoftStore(cfg.store).classes]
-
-            def on_eval(step: int, confusion: Confusion) -> None:
-                bar.console.print(f"step {step}: mIoU {confusion.miou():.4f}")
-                entry = {"step": step, "miou": confusion.miou(), "iou": iou_rows(confusion, names)}
-                with open(metrics, "a") as f:
-                    f.write(json.dumps(entry) + "\n")
-
-            result = training.fit(cfg, resume=resume, on_log=on_log, on_eval=on_eval)
+        with fit_reporter(cfg.iters) as (on_log, on_eval):
+            try:
+                result = training.fit(cfg, resume, overwrite, on_log=on_log, on_eval=on_eval)
+            except training.Interrupted as e:
+                console.print(f"[yellow]interrupted[/yellow] by {e}", highlight=False)
+                raise typer.Exit(128 + e.signum) from None
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     out.print(
-        f"[green]done[/green]: {result['step']} steps, last mIoU {result['last_miou']:.4f}, best {result['best_miou']:.4f}; run in {cfg.out}"
+        f"[green]done[/green]: {result['step']} steps, last mIoU {fmt(result['last_miou'])}, "
+        f"best {fmt(result['best_miou'])}; run in {cfg.out}"
     )
+
+
+@app.command()
+def models():
+    """List the model names 'fit --model' accepts."""
+    from softtrain.models import MODELS
+
+    table = Table("model", "trunk (timm)", "head")
+    for name, (cls, trunk) in MODELS.items():
+        table.add_row(name, trunk, cls.__name__)
+    out.print(table)
+
+
+ModeOpt = typer.Option("whole", help="Inference: whole (image in one piece) or slide (windows).")
+WindowOpt = typer.Option("", help="Slide window HxW at the level. (default: the training crop)")
+StrideOpt = typer.Option("", help="Slide stride HxW. (default: 2/3 of the window)")
+FlipOpt = typer.Option(False, "--flip", help="Test-time augmentation: add the flipped image.")
+TtaOpt = typer.Option(None, help="Test-time augmentation: more stored levels, e.g. 1/4 1/2.")
+
+
+def _inference(mode, window, stride, flip, tta_levels, bf16):
+    from softtrain.evaluate import InferenceOptions
+
+    return InferenceOptions(mode, window, stride, flip, tuple(tta_levels or ()), bf16)
 
 
 @app.command("eval")
@@ -199,31 +307,66 @@ def evaluate(
     store: str = typer.Option(..., help="Store with an evaluation split."),
     checkpoint: str = typer.Option(..., help="A checkpoint (best.pt or last.pt)."),
     level: str = typer.Option(None, help="Level to evaluate at. (default: the checkpoint's)"),
-    split: str = typer.Option("val", help="Evaluation split."),
+    split: str = typer.Option("val", help="Evaluation split (one with full-resolution labels)."),
+    mode: str = ModeOpt,
+    window: str = WindowOpt,
+    stride: str = StrideOpt,
+    flip: bool = FlipOpt,
+    tta_levels: list[str] = TtaOpt,
     device: str = typer.Option("auto", help="cuda, cpu or auto."),
     bf16: bool = typer.Option(False, help="bf16 autocast."),
-    csv_path: Path = typer.Option(None, "--csv", help="Write per-class IoU as CSV."),
-    json_path: Path = typer.Option(None, "--json", help="Write mIoU and per-class IoU as JSON."),
+    csv_path: Path = typer.Option(None, "--csv", help="Write per-class IoU and Acc as CSV."),
+    json_path: Path = typer.Option(None, "--json", help="Write the metrics record as JSON."),
 ):
-    """Full-resolution mIoU and per-class IoU of a checkpoint."""
-    with user_errors(USER_ERRORS):
-        confusion = training.eval_checkpoint(checkpoint, store, level, split, device, bf16)
+    """aAcc, mIoU, mAcc and per-class IoU / Acc of a checkpoint at full resolution."""
+    with _user_errors():
+        from softtrain.evaluate import eval_checkpoint
+        from softtrain.metrics import eval_record
+        from softprep.store import SoftStore
+
+        opts = _inference(mode, window, stride, flip, tta_levels, bf16)
         names = [c["name"] for c in SoftStore(store).classes]
-    print_iou(confusion, names, f"{checkpoint} on {store} ({split})")
-    write_iou(confusion, names, csv_path, json_path)
+        with progress_bar("evaluating") as progress:
+            confusion, context = eval_checkpoint(
+                checkpoint, store, level, split, device, opts, progress
+            )
+        record = eval_record(confusion, names, **context)
+    print_eval(record, f"{checkpoint} on {store} ({split}, {record['level']}, {mode})")
+    write_eval(record, csv_path, json_path)
 
 
 @app.command()
 def predict(
-    images: list[Path] = typer.Argument(..., help="Image files."),
+    images: list[Path] = typer.Argument(..., help="Image files and/or folders (searched below)."),
     checkpoint: str = typer.Option(..., help="A checkpoint."),
-    out_dir: Path = typer.Option(Path("predictions"), "--out", help="Output folder."),
+    out_dir: Path = typer.Option(Path("predictions"), "--out", help="Folder for the label PNGs."),
+    fmt: str = typer.Option(
+        "trainIds",
+        "--format",
+        help="trainIds (8-bit train ids), labelIds (the dataset's raw values, e.g. for the "
+        "Cityscapes evaluator) or palette (class colours).",
+    ),
+    overlays: Path = typer.Option(
+        None, help="Also write colour overlays (JPEG) to this folder, outside --out."
+    ),
+    mode: str = ModeOpt,
+    window: str = WindowOpt,
+    stride: str = StrideOpt,
+    flip: bool = FlipOpt,
+    tta_levels: list[str] = TtaOpt,
     device: str = typer.Option("auto", help="cuda, cpu or auto."),
+    bf16: bool = typer.Option(False, help="bf16 autocast."),
 ):
-    """Write label PNGs (class-colour palette) and colour overlays for images."""
-    with user_errors(USER_ERRORS):
-        written = training.predict(checkpoint, images, out_dir, device)
-    out.print(f"wrote {len(written)} files to {out_dir}")
+    """One label PNG per image (same name, .png), at the image's full resolution."""
+    with _user_errors():
+        from softtrain.predict import predict as run_predict
+
+        opts = _inference(mode, window, stride, flip, tta_levels, bf16)
+        with progress_bar("predicting") as progress:
+            written = run_predict(
+                checkpoint, images, out_dir, fmt, overlays, device, opts, progress
+            )
+    out.print(f"wrote {len(written)} label PNGs ({fmt}) to {out_dir}")
 
 
 @app.command("bench-loader")
@@ -235,10 +378,13 @@ def bench_loader(
     batches: int = typer.Option(30, help="Batches to time."),
 ):
     """Crops/s and MB/s of the training loader on a store."""
-    with user_errors(USER_ERRORS):
+    with _user_errors():
+        from softtrain.bench import bench_loader as run_bench_loader
+
         r = run_bench_loader(store, crop, workers, batch_size, batches)
     out.print(
-        f"{r['crops_per_s']:.1f} crops/s ({r['crops_per_s_per_worker']:.1f} per worker), {r['mb_per_s']:.1f} MB/s at {crop} with {workers} workers"
+        f"{r['crops_per_s']:.1f} crops/s ({r['crops_per_s_per_worker']:.1f} per worker), "
+        f"{r['mb_per_s']:.1f} MB/s at {crop} with {workers} workers"
     )
 
 

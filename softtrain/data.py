@@ -185,18 +185,23 @@ class CropDataset(Dataset):
 
 
 class EvalDataset(Dataset):
-    """Whole images of an evaluation split at one level, with full-resolution labels.
+    """Whole images of an evaluation split at one or more levels, with full-resolution labels.
 
-    Item: ``image`` (3, h, w) uint8 at the level, ``label`` (H, W) int64 full-resolution
-    train ids (255 = void), ``index`` (item number in the store).
+    ``levels``: one level, or several (the first is the main one; the others serve
+    multi-scale test-time augmentation). Item: ``image`` (3, h, w) uint8 at the main level,
+    ``images`` the list of (3, h, w) uint8 at every level, ``label`` (H, W) int64
+    full-resolution train ids (255 = void), ``index`` (item number in the store).
     """
 
-    def __init__(self, url: str, level: str | float, split: str = "val"):
+    def __init__(self, url: str, levels: str | float | list, split: str = "val"):
         store, self.items = open_checked(url, split)
         if "full/label" not in store.root:
             raise StoreError(f"{url}: no full-resolution labels; evaluation needs an eval split")
-        store.level(level)
-        self.scale = parse_scale(level)
+        levels = levels if isinstance(levels, (list, tuple)) else [levels]
+        for level in levels:
+            store.level(level)
+        self.scales = [parse_scale(level) for level in levels]
+        self.scale = self.scales[0]
         self.lazy = _LazyStore(url)
 
     def __len__(self) -> int:
@@ -204,9 +209,13 @@ class EvalDataset(Dataset):
 
     def __getitem__(self, item: int) -> dict:
         store, i = self.lazy.store, int(self.items[item])
-        image = store.read_rgb(self.scale, i)
+        images = [
+            torch.from_numpy(np.ascontiguousarray(store.read_rgb(s, i).transpose(2, 0, 1)))
+            for s in self.scales
+        ]
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "image": images[0],
+            "images": images,
             "label": torch.from_numpy(store.read_full_label(i).astype(np.int64)),
             "index": i,
         }

@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from softprep.manifest import VOID
+from softtrain.config import LOSSES, MC_MODES
 from softtrain.data import densify, hard_label, multi_class_mask
-
-LOSSES = ("soft", "ce-hard")
 
 
 @dataclass
@@ -40,7 +39,7 @@ def soft_label_loss(
     """``logits`` (B, C, H, W); ``index``/``prob`` (B, K, H, W) uint8 at the same size."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss '{loss}'; choose from {', '.join(LOSSES)}")
-    if mc not in ("include", "exclude"):
+    if mc not in MC_MODES:
         raise ValueError("mc must be 'include' or 'exclude'")
     logp = F.log_softmax(logits.float(), dim=1)
     num_classes = logits.shape[1]

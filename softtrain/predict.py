@@ -1,0 +1,135 @@
+"""``softtrain predict``: label PNGs for images on disk, in the formats benchmarks accept.
+
+Formats (one PNG per image, nothing else in ``out``):
+- ``trainIds``: 8-bit train ids (what ``softtrain eval`` scores);
+- ``labelIds``: the dataset's raw label values, through the manifest (Cityscapes label
+  ids for the official ``cityscapesscripts`` evaluator; ADE20K values shifted back by one);
+- ``palette``: a palette PNG whose colours are the class colours, indices the train ids.
+
+Colour overlays, when asked for, go to their own folder, outside ``out`` (the Cityscapes
+evaluator searches the prediction folder recursively and stops on a second match).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from softprep.build import level_size
+from softprep.datasets import open_image
+from softprep.manifest import manifest_from_json
+from softprep.resample import Resampler
+from softprep.store import parse_scale
+from softtrain.checkpoint import load_checkpoint
+from softtrain.evaluate import (
+    InferenceOptions,
+    model_from_checkpoint,
+    resolve_device,
+    segment_scores,
+    upsample_argmax,
+)
+
+FORMATS = ("trainIds", "labelIds", "palette")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
+
+
+def find_images(inputs: list[Path], out_dir: Path) -> list[tuple[Path, Path]]:
+    """(image, output PNG) pairs: a file gives ``out/<stem>.png``; a folder gives every
+    image below it at ``out/<relative path>.png``. Refuses missing inputs and name clashes."""
+    pairs = []
+    for given in inputs:
+        if given.is_dir():
+            found = sorted(p for p in given.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"{given}: no images in this folder")
+            pairs += [(p, out_dir / p.relative_to(given).with_suffix(".png")) for p in found]
+        elif given.is_file():
+            pairs.append((given, out_dir / f"{given.stem}.png"))
+        else:
+            raise FileNotFoundError(f"{given}: no such image file or folder")
+    seen: dict[Path, Path] = {}
+    for image, target in pairs:
+        if target in seen:
+            raise ValueError(f"{image} and {seen[target]} would both be written to {target}")
+        seen[target] = image
+    return pairs
+
+
+def _encode(pred: np.ndarray, fmt: str, manifest, palette: np.ndarray) -> Image.Image:
+    """(H, W) uint8 train ids -> the PNG image of ``fmt``."""
+    if fmt == "trainIds":
+        return Image.fromarray(pred, "L")
+    if fmt == "palette":
+        label = Image.fromarray(pred, "P")
+        label.putpalette(palette.ravel().tolist())
+        return label
+    table = np.array([manifest.raw_value_of(t) for t in range(manifest.num_classes)])
+    raw = table[pred]
+    if raw.max() > 255:
+        return Image.fromarray(raw.astype(np.uint16))
+    return Image.fromarray(raw.astype(np.uint8), "L")
+
+
+@torch.no_grad()
+def predict(
+    checkpoint: str,
+    inputs: list[Path],
+    out_dir: Path,
+    fmt: str = "trainIds",
+    overlays: Path | None = None,
+    device: str = "auto",
+    opts: InferenceOptions | None = None,
+    progress=None,
+) -> list[Path]:
+    """Write one label PNG per image (and an overlay JPEG per image in ``overlays``).
+
+    Each image is down-sampled as the store was (kernel, antialias, scale of the
+    checkpoint's evaluation level and any ``opts.tta_levels``); scores are upsampled
+    bilinearly to the image's full resolution. Returns the label files written.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format '{fmt}'; choose from {', '.join(FORMATS)}")
+    out_dir = Path(out_dir)
+    if overlays is not None and overlays.resolve().is_relative_to(out_dir.resolve()):
+        raise ValueError(
+            f"overlays folder {overlays} is inside --out {out_dir}: evaluators read every PNG "
+            "there; give a folder outside it"
+        )
+    ckpt = load_checkpoint(checkpoint)
+    opts = opts or InferenceOptions()
+    window, stride = opts.windows(ckpt["config"]["crop"])
+    pairs = find_images(list(inputs), out_dir)
+    meta = ckpt["store_meta"]
+    manifest = manifest_from_json(meta["manifest"], f"{checkpoint} (manifest)")
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    palette[: manifest.num_classes] = manifest.palette
+    scales = [parse_scale(s) for s in (ckpt["eval_level"], *opts.tta_levels)]
+    dev = resolve_device(device)
+    model = model_from_checkpoint(ckpt, dev)
+    written = []
+    for n, (path, target) in enumerate(pairs):
+        image = open_image(path)
+        hw = (image.height, image.width)
+        levels = []
+        for scale in scales:
+            small = Resampler.make(
+                hw, level_size(hw, scale, meta["short_side"]), meta["kernel"], meta["antialias"]
+            ).colour(image)
+            levels.append(torch.from_numpy(small.transpose(2, 0, 1).copy())[None].to(dev))
+        scores = segment_scores(model, levels, opts, window, stride)
+        pred = upsample_argmax(scores, hw).cpu().numpy().astype(np.uint8)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _encode(pred, fmt, manifest, palette).save(target)
+        written.append(target)
+        if overlays is not None:
+            mix = (0.5 * np.asarray(image) + 0.5 * palette[pred]).astype(np.uint8)
+            dest = overlays / target.relative_to(out_dir).with_suffix(".jpg")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mix).save(dest, quality=90)
+        if progress:
+            progress(n + 1, len(pairs))
+    return written
+

@@ -1,0 +1,125 @@
+"""What a run leaves to read: ``metrics.jsonl``, TensorBoard scalars and ``curves.png``.
+
+``metrics.jsonl``: one JSON object per line, each with ``type`` and ``time`` (ISO 8601,
+UTC). ``type = "train"``: the fields of ``StepLog``. ``type = "eval"``: the fields of
+``softtrain.metrics.eval_record`` (aAcc, mIoU, mAcc, classes) plus step, split and level.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+@dataclass
+class StepLog:
+    """Training progress every ``log_every`` steps (rates over the steps since the last)."""
+
+    step: int
+    iters: int
+    loss: float
+    kl: float
+    lr: float
+    crops_per_s: float
+    data_wait_share: float  # share of wall time spent waiting for the loader
+    peak_memory_gib: float  # CUDA peak allocated since the start (0 on CPU)
+    eta_s: float  # seconds to the last step at this run's mean speed
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Records of a ``metrics.jsonl``; a torn last line (a crash mid-write) is skipped."""
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+class RunLog:
+    """Appends records to ``<out>/metrics.jsonl`` and, with ``tensorboard``, ``<out>/tb``;
+    ``plot()`` redraws ``<out>/curves.png``. A resumed run drops records past its step."""
+
+    def __init__(self, out: Path, tensorboard: bool = False, resume_step: int | None = None):
+        self.out = Path(out)
+        self.path = self.out / "metrics.jsonl"
+        if resume_step is not None:  # records after the checkpoint will be written again
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ImportError(
+                    "--tensorboard needs the tensorboard package: pip install 'softprep[tensorboard]'"
+                ) from None
+            self.writer = SummaryWriter(log_dir=str(self.out / "tb"), purge_step=resume_step)
+
+    def _append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+
+    def train(self, log: StepLog) -> None:
+        self._append({"type": "train", "time": now()} | asdict(log))
+        if self.writer:
+            for key in ("loss", "kl", "lr", "crops_per_s", "data_wait_share"):
+                self.writer.add_scalar(f"train/{key}", getattr(log, key), log.step)
+
+    def eval(self, record: dict) -> None:
+        self._append({"type": "eval", "time": now()} | record)
+        if self.writer:
+            step = record["step"]
+            for key in ("aAcc", "mIoU", "mAcc"):
+                if record[key] is not None:
+                    self.writer.add_scalar(f"val/{key}", record[key], step)
+            for row in record["classes"]:
+                if row["iou"] is not None:
+                    self.writer.add_scalar(f"val_iou/{row['class']}", row["iou"], step)
+
+    def plot(self) -> Path:
+        """Redraw ``curves.png``: loss and KL, learning rate, mIoU against the step."""
+        return plot_curves(read_metrics(self.path), self.out / "curves.png")
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+def plot_curves(records: list[dict], png: Path) -> Path:
+    """Training curves of a run's records as a PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("type") == "train"]
+    evals = [r for r in records if r.get("type") == "eval" and r.get("mIoU") is not None]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    steps = [r["step"] for r in train]
+    axes[0].plot(steps, [r["loss"] for r in train], label="loss (soft CE)")
+    axes[0].plot(steps, [r["kl"] for r in train], label="KL")
+    axes[0].set_title("training loss")
+    axes[0].legend()
+    axes[1].plot(steps, [r["lr"] for r in train])
+    axes[1].set_title("learning rate")
+    axes[2].plot([r["step"] for r in evals], [r["mIoU"] for r in evals], "o-")
+    axes[2].set_title("validation mIoU")
+    axes[2].set_ylim(0, 1)
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png.with_name(png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(png)
+    return png
