@@ -87,7 +87,7 @@ def test_fit_eval_predict_with_nearest_store_and_config_replay(samples, tmp_path
         "--device",
         "cpu",
     )
-    assert r.exit_code == 0 and len(list((tmp_path / "pred").glob("*.png"))) == 2
+    assert r.exit_code == 0 and len(list((tmp_path / "pred").glob("*.png"))) == 1
 
 
 def test_bad_input_messages(tmp_path):

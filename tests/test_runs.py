@@ -1,0 +1,243 @@
+"""Long-run safety of softtrain fit: killed and resumed runs equal uninterrupted ones, run
+folders are never overwritten by accident, resumes are refused or applied (never ignored),
+damaged checkpoints are named, logs and TensorBoard events are written."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from softprep.build import BuildOptions, build
+from softprep.manifest import load_manifest
+from softtrain.checkpoint import CheckpointError, load_checkpoint
+from softtrain.config import FitConfig
+from softtrain.fit import TrainingError, fit
+from softtrain.runlog import read_metrics
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def store(samples, tmp_path_factory):
+    url = str(tmp_path_factory.mktemp("runs") / "cs.zarr")
+    build(load_manifest("cityscapes"), samples["cityscapes"], url, BuildOptions(scales=(0.125,)))
+    return url
+
+
+def tiny(store, out, **kw):
+    options = dict(
+        store=store,
+        out=str(out),
+        model="deeplabv3plus_r18",
+        crop="32x64",
+        batch_size=2,
+        iters=6,
+        lr=0.02,
+        workers=0,
+        device="cpu",
+        log_every=1,
+    )
+    return FitConfig(**(options | kw))
+
+
+def assert_same_weights(a, b):
+    wa, wb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, msg=k)
+
+
+def cli_args(cfg: FitConfig) -> list[str]:
+    return [
+        "--store", cfg.store, "--out", cfg.out, "--model", cfg.model, "--crop", cfg.crop,
+        "--batch-size", str(cfg.batch_size), "--iters", str(cfg.iters), "--lr", str(cfg.lr),
+        "--workers", "0", "--device", "cpu", "--log-every", "1", "--save-every",
+        str(cfg.save_every), "--eval-every", str(cfg.eval_every),
+    ]  # fmt: skip
+
+
+def start_fit(cfg: FitConfig, log_path):
+    """``softtrain fit`` in a child process, stderr to a file (as under nohup / SLURM)."""
+    log = open(log_path, "w")
+    cmd = [sys.executable, "-m", "softtrain", "fit", *cli_args(cfg)]
+    return subprocess.Popen(cmd, stdout=log, stderr=log), log
+
+
+def wait_for_steps(out, n: int, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        steps = [r for r in read_metrics(out / "metrics.jsonl") if r["type"] == "train"]
+        if len(steps) >= n:
+            return
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.05)
+    raise TimeoutError
+
+
+@pytest.fixture(scope="module")
+def reference(store, tmp_path_factory):
+    """An uninterrupted run: the weights every interrupted + resumed run must end with."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    fit(tiny(store, out, eval_every=3))
+    return out
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_killed_run_resumes_to_the_uninterrupted_weights(store, reference, tmp_path, how):
+    out = tmp_path / "run"
+    cfg = tiny(store, out, eval_every=3, save_every=0 if how == "SIGTERM" else 1)
+    proc, log = start_fit(cfg, tmp_path / "log.txt")
+    wait_for_steps(out, 2, proc)
+    proc.send_signal(getattr(signal, how))
+    rc = proc.wait(60)
+    log.close()
+    text = (tmp_path / "log.txt").read_text()
+    if how == "SIGTERM":  # saved before exiting, said so, exit code 128 + 15
+        assert rc == 143, text
+        assert "SIGTERM: stopped at step" in text
+        assert load_checkpoint(out / "last.pt")["step"] >= 2
+    else:
+        assert rc == -9
+    assert "step 1/6 loss" in text  # plain lines reach a log file
+    saved = load_checkpoint(out / "last.pt")["step"]
+    assert saved < 6
+    resumed = fit(FitConfig.from_toml(out / "config.toml"), resume=True)
+    assert resumed["step"] == 6
+    assert_same_weights(reference / "last.pt", out / "last.pt")
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["type"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]  # records past the checkpoint were written once
+
+
+def test_a_folder_holding_a_run_is_refused_and_left_untouched(store, tmp_path):
+    out = tmp_path / "run"
+    fit(tiny(store, out, iters=2))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(CheckpointError, match="already holds a run saved at step 2.*--resume"):
+        fit(tiny(store, out, iters=1))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    fit(tiny(store, out, iters=1), overwrite=True)
+    assert load_checkpoint(out / "last.pt")["step"] == 1
+    assert [(r["type"], r["step"]) for r in read_metrics(out / "metrics.jsonl")] == [
+        ("train", 1),
+        ("eval", 1),
+    ]
+
+
+def test_resume_without_checkpoint_says_so(store, tmp_path):
+    with pytest.raises(CheckpointError, match="nothing to resume, no last.pt"):
+        fit(tiny(store, tmp_path / "run"), resume=True)
+
+
+def test_resume_refuses_changed_model_without_writing(store, tmp_path):
+    out = tmp_path / "run"
+    fit(tiny(store, out, iters=2))
+    config = (out / "config.toml").read_text()
+    with pytest.raises(TrainingError, match="cannot change model"):
+        fit(tiny(store, out, iters=4, model="deeplabv3plus_r50"), resume=True)
+    assert (out / "config.toml").read_text() == config
+    assert load_checkpoint(out / "last.pt")["step"] == 2
+
+
+def test_resume_applies_new_lr_and_iters(store, tmp_path):
+    out = tmp_path / "run"
+    fit(tiny(store, out, iters=2))
+    fit(tiny(store, out, iters=4, lr=0.5), resume=True)
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["step"] == 4 and ckpt["config"]["lr"] == 0.5
+    assert ckpt["optimizer"]["param_groups"][0]["initial_lr"] == 0.5
+    assert ckpt["scheduler"]["base_lrs"] == [0.5]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not a checkpoint"])
+def test_damaged_checkpoint_is_named(store, tmp_path, damage):
+    out = tmp_path / "run"
+    fit(tiny(store, out, iters=1))
+    path = out / "last.pt"
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        torch.save({"weights": 1}, path)
+    expected = "not a softtrain checkpoint" if damage == "not a checkpoint" else "damaged"
+    with pytest.raises(CheckpointError, match=f"last.pt: {expected}"):
+        fit(tiny(store, out, iters=2), resume=True)
+
+
+def test_non_finite_loss_without_checkpoint_claims_none(store, tmp_path, monkeypatch):
+    import softtrain.fit as fit_module
+
+    real = fit_module.soft_label_loss
+
+    def exploding(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.loss = out.loss * float("inf")
+        return out
+
+    monkeypatch.setattr(fit_module, "soft_label_loss", exploding)
+    with pytest.raises(TrainingError, match="No checkpoint was saved yet"):
+        fit(tiny(store, tmp_path / "run"))
+
+
+def test_keep_checkpoints_and_tensorboard_events(store, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    fit(tiny(store, out, save_every=2, keep_checkpoints=2, eval_every=3, tensorboard=True))
+    assert sorted(p.name for p in out.glob("iter_*.pt")) == ["iter_4.pt", "iter_6.pt"]
+    assert load_checkpoint(out / "iter_4.pt")["step"] == 4
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"train/loss", "train/kl", "train/lr", "val/mIoU", "val_iou/road"} <= set(scalars)
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    records = read_metrics(out / "metrics.jsonl")
+    miou = [r["mIoU"] for r in records if r["type"] == "eval"]
+    assert [e.value for e in events.Scalars("val/mIoU")] == pytest.approx(miou)
+    assert all({"type", "time", "step"} <= set(r) for r in records)
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_store_without_validation_split_trains_unevaluated(samples, tmp_path):
+    url = str(tmp_path / "train-only.zarr")
+    build(
+        load_manifest("cityscapes"),
+        samples["cityscapes"],
+        url,
+        BuildOptions(scales=(0.125,), splits=("train",)),
+    )
+    result = fit(tiny(url, tmp_path / "run", iters=2, eval_every=1))
+    assert result == {"best_miou": None, "last_miou": None, "step": 2}
+    assert not (tmp_path / "run/best.pt").exists() and (tmp_path / "run/last.pt").exists()
+
+
+def test_config_store_is_absolute_and_every_option_is_a_flag(tmp_path, monkeypatch):
+    from dataclasses import fields
+
+    from softtrain.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    assert FitConfig(store="rel/cs.zarr").store == str(tmp_path / "rel/cs.zarr")
+    text = runner.invoke(app, ["fit", "--help"], terminal_width=200).output
+    missing = [f.name for f in fields(FitConfig) if "--" + f.name.replace("_", "-") not in text]
+    assert not missing
+
+
+def test_softtrain_help_imports_no_torch():
+    code = "import sys, softtrain.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_metrics_records_are_valid_json_without_nan(store, tmp_path):
+    out = tmp_path / "run"
+    fit(tiny(store, out, iters=1))
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+    assert os.path.getsize(out / "config.toml") > 0
