@@ -23,7 +23,7 @@ demo: install
 		--split all --plot demo/priors.png --csv demo/priors.csv
 	$(BIN)/softprep show demo/cityscapes.zarr --index 12 --level 1/4 --out demo/show.png
 	$(BIN)/softtrain fit --store demo/cityscapes.zarr --model deeplabv3plus_r18 --crop 64x128 \
-		--levels 1/8 1/4 --batch-size 4 --iters 60 --eval-every 30 --out demo/run
+		--levels 1/8 1/4 --batch-size 4 --iters 60 --eval-every 30 --out demo/run --overwrite
 
 test: install
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc

@@ -44,6 +44,7 @@ USER_ERRORS = (BuildError, DatasetError, ManifestError, StoreError, ValueError)
 def user_errors():
     return _user_errors(USER_ERRORS)
 
+
 DatasetArg = typer.Argument(
     ...,
     help="cityscapes, mapillary, ade20k, or the path of your own manifest .json (the "

@@ -320,9 +320,9 @@ def evaluate(
 ):
     """aAcc, mIoU, mAcc and per-class IoU / Acc of a checkpoint at full resolution."""
     with _user_errors():
+        from softprep.store import SoftStore
         from softtrain.evaluate import eval_checkpoint
         from softtrain.metrics import eval_record
-        from softprep.store import SoftStore
 
         opts = _inference(mode, window, stride, flip, tta_levels, bf16)
         names = [c["name"] for c in SoftStore(store).classes]

@@ -126,6 +126,4 @@ class FitConfig:
     def changed_for_resume(self, saved: dict) -> list[str]:
         """Options that differ from a checkpoint's config and may not change on resume."""
         mine = asdict(self)
-        return sorted(
-            k for k in mine if k not in RESUMABLE and k in saved and saved[k] != mine[k]
-        )
+        return sorted(k for k in mine if k not in RESUMABLE and k in saved and saved[k] != mine[k])

@@ -298,7 +298,9 @@ def fit(
             out_loss = soft_label_loss(logits, index, prob, cfg.loss, cfg.mc)
             value = out_loss.loss.item()
             if not math.isfinite(value):
-                saved = load_checkpoint(out / "last.pt")["step"] if (out / "last.pt").exists() else None
+                saved = (
+                    load_checkpoint(out / "last.pt")["step"] if (out / "last.pt").exists() else None
+                )
                 raise TrainingError(
                     f"loss is {value} at step {step}; stopped. "
                     + (

@@ -132,4 +132,3 @@ def predict(
         if progress:
             progress(n + 1, len(pairs))
     return written
-

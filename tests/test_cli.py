@@ -3,20 +3,22 @@
 import pytest
 from typer.testing import CliRunner
 
-from softprep.cli import app, expand_multi_value
+from softprep.cli import MULTI_VALUE, app, expand_multi_value
 
 runner = CliRunner()
 
 
 def run(*args):
     """Invoke the CLI; ``.text`` is the output with rich's line wrapping undone."""
-    result = runner.invoke(app, expand_multi_value([str(a) for a in args]))
+    result = runner.invoke(app, expand_multi_value([str(a) for a in args], MULTI_VALUE))
     result.text = " ".join(result.output.split())
     return result
 
 
 def test_multi_value_options_expand():
-    assert expand_multi_value(["build", "x", "--scales", "1/8", "1/4", "--jobs", "2"]) == [
+    assert expand_multi_value(
+        ["build", "x", "--scales", "1/8", "1/4", "--jobs", "2"], MULTI_VALUE
+    ) == [
         "build",
         "x",
         "--scales",

@@ -9,13 +9,13 @@ from torch.utils.data import DataLoader
 from softprep.build import BuildOptions, build
 from softprep.manifest import load_manifest
 from softtrain import fit as fit_module
-from softtrain.data import CropDataset, densify
 from softtrain.checkpoint import CheckpointError, load_checkpoint
+from softtrain.data import CropDataset, densify
 from softtrain.fit import FitConfig, fit
-from softtrain.predict import predict
 from softtrain.losses import soft_label_loss
 from softtrain.metrics import Confusion
 from softtrain.models import build_model
+from softtrain.predict import predict
 
 
 @pytest.fixture(scope="module")

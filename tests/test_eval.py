@@ -1,0 +1,201 @@
+"""softtrain eval and predict: mmseg metrics against torchmetrics, slide windows, chunked
+upsampling, label-less splits refused, prediction formats through the manifest, and the
+official Cityscapes evaluator scoring our predictions exactly as ``softtrain eval`` does."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from typer.testing import CliRunner
+
+import softtrain.evaluate as evaluation
+from softprep.build import BuildOptions, build
+from softprep.datasets import decode_label
+from softprep.manifest import load_manifest
+from softprep.store import StoreError
+from softtrain.cli import app
+from softtrain.config import FitConfig
+from softtrain.evaluate import InferenceOptions, eval_checkpoint, eval_dataset
+from softtrain.fit import fit
+from softtrain.metrics import Confusion, eval_record
+from softtrain.models import normalise
+from softtrain.predict import predict
+
+runner = CliRunner()
+
+
+def trained(samples, tmp_path_factory, dataset: str, version=None) -> tuple[str, str]:
+    base = tmp_path_factory.mktemp(dataset)
+    url = str(base / "s.zarr")
+    key = dataset if version is None else f"{dataset}-{version}"
+    build(load_manifest(dataset, version), samples[key], url, BuildOptions(scales=(0.125, 0.25)))
+    cfg = FitConfig(
+        store=url,
+        out=str(base / "run"),
+        model="deeplabv3plus_r18",
+        crop="32x64",
+        levels=["1/8"],
+        batch_size=2,
+        iters=6,
+        lr=0.05,
+        workers=0,
+        device="cpu",
+        eval_level="1/4",
+    )
+    fit(cfg)
+    return url, str(base / "run/last.pt")
+
+
+@pytest.fixture(scope="module")
+def cityscapes_run(samples, tmp_path_factory):
+    return trained(samples, tmp_path_factory, "cityscapes")
+
+
+def test_accuracy_metrics_match_torchmetrics():
+    tm = pytest.importorskip("torchmetrics")
+    rng = np.random.default_rng(3)
+    target = torch.from_numpy(rng.integers(0, 5, (2, 40, 60)))
+    target[:, :4] = 255
+    pred = torch.where(
+        torch.rand(target.shape) < 0.6, target.clamp_max(4), torch.randint(0, 6, target.shape)
+    )
+    c = Confusion(6)  # class 5 only predicted, never true: Acc undefined, IoU 0
+    c.update(pred, target)
+    recall = tm.classification.MulticlassRecall(num_classes=6, ignore_index=255, average="none")
+    np.testing.assert_allclose(c.accuracy()[:5], recall(pred, target)[:5].numpy(), rtol=1e-6)
+    assert np.isnan(c.accuracy()[5]) and c.iou()[5] == 0
+    micro = tm.classification.MulticlassAccuracy(num_classes=6, ignore_index=255, average="micro")
+    assert c.pixel_accuracy() == pytest.approx(micro(pred, target).item(), rel=1e-6)
+    record = eval_record(c, list("abcdef"), step=3)
+    assert record["classes"][5] == {"class": "f", "iou": 0.0, "acc": None}
+    assert record["mAcc"] == pytest.approx(np.nanmean(c.accuracy()))
+    json.dumps(record, allow_nan=False)  # NaN-free
+
+
+def test_empty_confusion_gives_nulls_not_nan():
+    record = eval_record(Confusion(3), ["a", "b", "c"])
+    assert record["mIoU"] is None and record["mAcc"] is None
+    json.dumps(record, allow_nan=False)
+
+
+def test_slide_windows_cover_the_image_exactly():
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 5, 1)  # per-pixel: any window arrangement gives the same logits
+    image = torch.randint(0, 256, (1, 3, 23, 37), dtype=torch.uint8)
+    expected = model(normalise(image))
+    for window, stride in [((8, 10), (5, 6)), ((23, 37), (1, 1)), ((30, 50), (20, 20))]:
+        got = evaluation._slide(model, image, window, stride, bf16=False)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_upsample_argmax_equals_upsampling_at_once(monkeypatch):
+    scores = torch.randn(1, 70, 9, 13)
+    expected = F.interpolate(scores, (40, 50), mode="bilinear", align_corners=False).argmax(1)[0]
+    monkeypatch.setattr(evaluation, "CLASS_CHUNK", 16)
+    assert torch.equal(evaluation.upsample_argmax(scores, (40, 50)), expected)
+
+
+def test_flip_tta_of_a_flip_equivariant_model_changes_nothing():
+    torch.manual_seed(1)
+    model = torch.nn.Conv2d(3, 4, 1)
+    image = torch.randint(0, 256, (1, 3, 16, 24), dtype=torch.uint8)
+    plain = evaluation.segment_scores(model, [image], InferenceOptions(), None, None)
+    flipped = evaluation.segment_scores(model, [image], InferenceOptions(flip=True), None, None)
+    torch.testing.assert_close(flipped, plain.softmax(1), rtol=1e-5, atol=1e-6)
+
+
+def test_slide_and_tta_evaluate_end_to_end(cityscapes_run):
+    url, ckpt = cityscapes_run
+    whole, _ = eval_checkpoint(ckpt, url, device="cpu")
+    slide, ctx = eval_checkpoint(
+        ckpt,
+        url,
+        device="cpu",
+        opts=InferenceOptions("slide", "32x64", "16x32", flip=True, tta_levels=("1/8",)),
+    )
+    assert ctx["mode"] == "slide" and ctx["tta_levels"] == ["1/8"]
+    assert slide.labelled_pixels() == whole.labelled_pixels() > 0
+
+
+def test_split_without_labels_is_refused(cityscapes_run, tmp_path):
+    url, ckpt = cityscapes_run
+    with pytest.raises(StoreError, match="split 'train' has no full-resolution labels"):
+        eval_dataset(url, "1/4", "train")
+    r = runner.invoke(
+        app,
+        ["eval", "--store", url, "--checkpoint", ckpt, "--split", "train", "--device", "cpu",
+         "--json", str(tmp_path / "m.json")],
+    )  # fmt: skip
+    assert r.exit_code == 2 and "no full-resolution labels" in " ".join(r.output.split())
+    assert not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize("dataset", ["cityscapes", "ade20k"])
+def test_predict_formats_round_trip_through_the_manifest(samples, tmp_path_factory, dataset):
+    url, ckpt = trained(samples, tmp_path_factory, dataset)
+    manifest = load_manifest(dataset)
+    folder = next(
+        p
+        for p in samples[dataset].rglob("*")
+        if p.is_dir()
+        and p.name in ("val", "validation")
+        and "annotations" not in str(p)
+        and "gtFine" not in str(p)
+    )
+    out = tmp_path_factory.mktemp("pred")
+    files = {
+        fmt: predict(ckpt, [folder], out / fmt, fmt, overlays=out / "overlays", device="cpu")
+        for fmt in ("trainIds", "labelIds", "palette")
+    }
+    assert len(files["trainIds"]) == 2 and all(p.suffix == ".png" for p in files["trainIds"])
+    for train_png, raw_png, pal_png in zip(files["trainIds"], files["labelIds"], files["palette"]):
+        train_ids = np.asarray(Image.open(train_png))
+        raw = Image.open(raw_png)
+        assert raw.mode == "L" and train_ids.max() < manifest.num_classes
+        lut, valid = manifest.lookup_table
+        assert valid[np.asarray(raw)].all()
+        np.testing.assert_array_equal(lut[np.asarray(raw)], train_ids)  # manifest inverts it
+        if dataset == "ade20k":
+            np.testing.assert_array_equal(np.asarray(raw), train_ids + 1)
+        palette = Image.open(pal_png)
+        assert palette.mode == "P"
+        np.testing.assert_array_equal(np.asarray(palette), train_ids)
+        colours = np.array(palette.getpalette()[: 3 * manifest.num_classes]).reshape(-1, 3)
+        np.testing.assert_array_equal(colours, manifest.palette)
+    assert len(list((out / "overlays").rglob("*.jpg"))) == 2
+    with pytest.raises(ValueError, match="inside --out"):
+        predict(ckpt, [folder], out / "x", overlays=out / "x/overlays", device="cpu")
+    with pytest.raises(FileNotFoundError, match="no such image file or folder"):
+        predict(ckpt, [folder / "missing.png"], out / "y", device="cpu")
+
+
+def test_official_cityscapes_evaluator_agrees_with_softtrain_eval(
+    samples, cityscapes_run, tmp_path
+):
+    ev = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
+    url, ckpt = cityscapes_run
+    root = samples["cityscapes"]
+    r = runner.invoke(
+        app,
+        ["predict", str(root / "leftImg8bit/val"), "--checkpoint", ckpt, "--format", "labelIds",
+         "--out", str(tmp_path / "pred"), "--device", "cpu"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    ev.args.groundTruthSearch = str(root / "gtFine/val/*/*_gtFine_labelIds.png")
+    ev.args.predictionPath, ev.args.predictionWalk = str(tmp_path / "pred"), None
+    ev.args.exportFile = str(tmp_path / "result.json")
+    ev.args.evalInstLevelScore, ev.args.quiet = False, True
+    gt = sorted(str(p) for p in (root / "gtFine/val").rglob("*_gtFine_labelIds.png"))
+    official = ev.evaluateImgLists([ev.getPrediction(ev.args, g) for g in gt], gt, ev.args)
+    confusion, _ = eval_checkpoint(ckpt, url, device="cpu")
+    assert confusion.labelled_pixels() > 0
+    assert official["averageScoreClasses"] == pytest.approx(confusion.miou(), abs=1e-9)
+    names = load_manifest("cityscapes").class_names
+    for name, iou in zip(names, confusion.iou()):
+        theirs = official["classScores"][name]
+        assert (np.isnan(iou) and np.isnan(theirs)) or theirs == pytest.approx(iou, abs=1e-9)
+    gt_label = decode_label(gt[0], load_manifest("cityscapes"))
+    assert gt_label.shape == np.asarray(Image.open(ev.getPrediction(ev.args, gt[0]))).shape
