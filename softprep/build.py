@@ -11,7 +11,11 @@ again skips completed images and rewrites the others whole.
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
+import os
+import socket
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -166,17 +170,64 @@ def _keep_freed_buffers() -> None:
     libc.mallopt(m_trim_threshold, 512 << 20)
 
 
-def _task(url, build_id, i, pair, manifest, options, keep_full, catch) -> ImageResult:
-    """One image: compute and write its shards (runs in a worker)."""
+def _local_worker(parent: tuple[str, int]) -> bool:
+    """Whether this process is a worker on the build's own host (not a Dask worker
+    elsewhere, not the build process itself as with ``--jobs 1``)."""
+    return parent[0] == socket.gethostname() and parent[1] != os.getpid()
+
+
+def _exit_if_orphaned(parent: tuple[str, int]) -> None:
+    """End this local worker if the build process ``parent`` = (host name, pid) is gone,
+    instead of writing shards that a resumed build is rewriting."""
+    if not _local_worker(parent):
+        return
+    try:
+        os.kill(parent[1], 0)
+    except ProcessLookupError:
+        os._exit(1)
+    except PermissionError:
+        pass  # alive, under another user
+
+
+@functools.lru_cache(maxsize=1)
+def _watch_parent(parent: tuple[str, int]) -> None:
+    """In a local worker: a daemon thread checks every second that the build process is
+    alive, so idle workers end too."""
+    if not _local_worker(parent):
+        return
+
+    def watch() -> None:
+        while True:
+            _exit_if_orphaned(parent)
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, name="softprep-parent-watch", daemon=True).start()
+
+
+def _task(url, build_id, i, pair, manifest, options, keep_full, parent) -> ImageResult:
+    """One image: compute and write its shards (runs in a worker). A bad file comes back as
+    ``ImageResult.error`` (plain, picklable data), never as an exception."""
+    _watch_parent(parent)
     try:
         arrays, result, full = process_pair(pair, manifest, options, keep_full)
     except DatasetError as e:
-        if not catch:
-            raise
         return ImageResult(index=i, error=Problem(e.path, e.message, i))
+    except MemoryError:
+        message = "not enough memory to process this pair (free memory or use fewer --jobs)"
+        return ImageResult(index=i, error=Problem(str(pair.image), message, i))
+    _exit_if_orphaned(parent)  # the last moment before writing
     _open_for_write(url, build_id).write(i, arrays, full)
     result.index = i
     return result
+
+
+def _write_failure(url: str, e: OSError) -> BuildError:
+    """A write error as one message; finished images are durable, so the build resumes."""
+    reason = "no space left on the device" if e.errno == errno.ENOSPC else str(e)
+    return BuildError(
+        f"{url}: writing failed ({reason}); the images finished so far are saved: fix this, "
+        "then run the same command to resume"
+    )
 
 
 @dataclass
@@ -370,12 +421,23 @@ def build(
         raise ValueError("on_error must be 'fail' or 'skip'")
     start = time.monotonic()
     pairs, sizes, problems = _prepare(manifest, root, options, on_error)
-    zroot, meta = _open_or_create(url, manifest, options, pairs, sizes)
+    with store.writer_lock(url):
+        return _build_locked(
+            manifest, url, options, jobs, on_error, progress, start, pairs, sizes, problems
+        )
+
+
+def _build_locked(manifest, url, options, jobs, on_error, progress, start, pairs, sizes, problems):
+    try:
+        zroot, meta = _open_or_create(url, manifest, options, pairs, sizes)
+    except OSError as e:
+        raise _write_failure(url, e) from None
     done = zroot["images/done"][:]
     todo = np.flatnonzero(~done)
     eval_splits = set(manifest.eval_splits)
     writer = _StatsWriter(zroot, options.strategies)
     skipped = list(problems)
+    parent = (socket.gethostname(), os.getpid())
     tasks = (
         joblib.delayed(_task)(
             url,
@@ -385,7 +447,7 @@ def build(
             manifest,
             options,
             pairs[i].split in eval_splits,
-            on_error == "skip",
+            parent,
         )
         for i in todo
     )
@@ -393,6 +455,12 @@ def build(
     built, processed = 0, int(done.sum())
     try:
         for result in parallel(tasks):
+            if result.error and on_error == "fail":
+                raise BuildError(
+                    f"{result.error}\n(stopped; {built} image(s) finished in this run are "
+                    "saved; fix the file or use --on-error skip, then run the same command "
+                    "to resume)"
+                )
             if result.error:
                 skipped.append(result.error)
             else:
@@ -401,15 +469,18 @@ def build(
             processed += 1
             if progress:
                 progress(processed, len(pairs))
-    except DatasetError as e:
-        raise BuildError(
-            f"{e}\n(stopped; {built} image(s) finished in this run are saved; fix the file or "
-            "use --on-error skip, then run the same command to resume)"
-        ) from e
+    except OSError as e:
+        raise _write_failure(url, e) from None
     finally:
-        writer.flush()
+        try:
+            writer.flush()
+        except OSError as e:
+            raise _write_failure(url, e) from None
     meta = dict(zroot.attrs[store.NAMESPACE])
     meta["skipped"] = [{"path": p.path, "error": p.message, "index": p.index} for p in skipped]
     meta["complete"] = bool(zroot["images/done"][:].all())
-    zroot.attrs[store.NAMESPACE] = meta
+    try:
+        zroot.attrs[store.NAMESPACE] = meta
+    except OSError as e:
+        raise _write_failure(url, e) from None
     return BuildSummary(url, len(pairs), built, int(done.sum()), skipped, time.monotonic() - start)

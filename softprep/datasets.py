@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,11 @@ from PIL import Image
 
 from softprep.manifest import VOID, Manifest
 
-Image.MAX_IMAGE_PIXELS = None  # Mapillary panoramas exceed PIL's decompression-bomb guard
+# PIL's decompression-bomb guard (89 MP) is below Mapillary's largest images; ours refuses
+# files above 250 MP (a 50000x50000 header would otherwise end in MemoryError).
+MAX_PIXELS = 250_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2  # PIL raises above twice this
+LOSSY_FORMATS = ("JPEG", "MPO", "WEBP", "JPEG2000")
 
 
 class DatasetError(ValueError):
@@ -20,6 +25,9 @@ class DatasetError(ValueError):
     def __init__(self, path: Path | str, message: str):
         super().__init__(f"{path}: {message}")
         self.path, self.message = str(path), message
+
+    def __reduce__(self):  # crosses process boundaries (loky, dask) intact
+        return type(self), (self.path, self.message)
 
 
 @dataclass(frozen=True)
@@ -50,12 +58,35 @@ def _split_dirs(manifest: Manifest, root: Path, split: str) -> tuple[Path, Path]
     return root / lay["images"].format(split=token), root / lay["labels"].format(split=token)
 
 
-def _stems(folder: Path, suffix: str) -> dict[str, Path]:
-    return {
-        str(p.relative_to(folder))[: -len(suffix)]: p
-        for p in sorted(folder.rglob(f"*{suffix}"))
-        if p.is_file()
-    }
+def _walk(folder: Path, suffix: str, problems: list[Problem]) -> list[Path]:
+    """Files ending in ``suffix`` below ``folder``, following symlinked folders (each real
+    folder once, so a symlink loop ends); unreadable folders and broken or looping symlinks
+    are reported in ``problems``, never skipped silently."""
+    found, seen = [], set()
+
+    def unreadable(e: OSError) -> None:
+        problems.append(Problem(str(e.filename), f"folder cannot be read ({e.strerror})"))
+
+    for top, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable):
+        real = os.path.realpath(top)
+        if real in seen:
+            problems.append(Problem(top, "symlink loop: this folder was already read; left out"))
+            dirs[:] = []
+            continue
+        seen.add(real)
+        for name in sorted(files):
+            if not name.endswith(suffix):
+                continue
+            path = Path(top) / name
+            if path.is_file():
+                found.append(path)
+            else:
+                problems.append(Problem(str(path), "broken or looping symlink; left out"))
+    return sorted(found)
+
+
+def _stems(folder: Path, suffix: str, problems: list[Problem]) -> dict[str, Path]:
+    return {str(p.relative_to(folder))[: -len(suffix)]: p for p in _walk(folder, suffix, problems)}
 
 
 def discover(
@@ -93,8 +124,8 @@ def discover(
         if not lab_dir.is_dir():
             problems.append(Problem(str(lab_dir), f"split '{split}': label folder missing"))
             continue
-        images = _stems(img_dir, lay["image_suffix"])
-        labels = _stems(lab_dir, lay["label_suffix"])
+        images = _stems(img_dir, lay["image_suffix"], problems)
+        labels = _stems(lab_dir, lay["label_suffix"], problems)
         if not images:
             problems.append(Problem(str(img_dir), f"no *{lay['image_suffix']} images"))
         for stem, img in images.items():
@@ -108,19 +139,45 @@ def discover(
     return pairs, problems
 
 
+def _open(path: Path, what: str) -> Image.Image:
+    """``Image.open`` with PIL's errors and the size limit as ``DatasetError``."""
+    try:
+        im = Image.open(path)
+    except Image.DecompressionBombError:
+        raise DatasetError(path, f"{what} above the {MAX_PIXELS // 10**6} MP limit") from None
+    except (OSError, SyntaxError) as e:
+        raise DatasetError(path, f"not a readable {what} ({e})") from e
+    if im.width * im.height > MAX_PIXELS:
+        im.close()
+        raise DatasetError(
+            path,
+            f"{what} is {im.width}x{im.height} ({im.width * im.height / 1e6:.0f} MP), "
+            f"above the {MAX_PIXELS // 10**6} MP limit",
+        )
+    return im
+
+
+def _refuse_lossy(label: Image.Image, path: Path) -> None:
+    if label.format in LOSSY_FORMATS:
+        raise DatasetError(
+            path,
+            f"label is a {label.format} file (lossy compression changes class ids along "
+            "every edge); labels must be lossless (PNG)",
+        )
+
+
 def read_size(path: Path) -> tuple[int, int]:
     """(height, width) from the file header, without decoding the pixels."""
-    try:
-        with Image.open(path) as im:
-            return im.height, im.width
-    except (OSError, SyntaxError) as e:
-        raise DatasetError(path, f"not a readable image ({e})") from e
+    with _open(path, "image") as im:
+        return im.height, im.width
 
 
 def pair_size(pair: Pair) -> tuple[int, int]:
     """(height, width) of a pair from the file headers; ``DatasetError`` if they differ."""
     hw = read_size(pair.image)
-    lh, lw = read_size(pair.label)
+    with _open(pair.label, "label") as im:
+        _refuse_lossy(im, pair.label)
+        lh, lw = im.height, im.width
     if (lh, lw) != hw:
         raise DatasetError(
             pair.label, f"label is {lw}x{lh} but image {pair.image.name} is {hw[1]}x{hw[0]}"
@@ -133,7 +190,7 @@ def open_image(path: Path) -> Image.Image:
     images are converted; EXIF orientation is deliberately not applied (the labels were
     drawn on the stored pixel grid)."""
     try:
-        with Image.open(path) as im:
+        with _open(path, "image") as im:
             im.load()
             return im if im.mode == "RGB" else im.convert("RGB")
     except (OSError, SyntaxError) as e:
@@ -171,7 +228,8 @@ def decode_label_counted(path: Path, manifest: Manifest) -> tuple[np.ndarray, np
     does not define.
     """
     try:
-        with Image.open(path) as im:
+        with _open(path, "label") as im:
+            _refuse_lossy(im, path)
             if im.mode not in ("L", "P"):
                 raise DatasetError(path, f"{_label_mode_error(path, im.mode, manifest)}")
             im.load()

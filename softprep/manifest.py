@@ -27,6 +27,9 @@ import numpy as np
 VOID = 255
 
 
+REQUIRED = ("dataset", "classes", "label_values", "splits", "layout")
+
+
 class ManifestError(ValueError):
     """A manifest that cannot be found or does not make sense."""
 
@@ -97,10 +100,73 @@ class Manifest:
         return {**self.raw, "variant": self.variant}
 
 
+def _inside_root(value: str) -> bool:
+    """A layout path or split token that stays inside the dataset root."""
+    parts = Path(value.replace("{split}", "x")).parts
+    return not Path(value).is_absolute() and ".." not in parts
+
+
+def _validate(raw: dict, source: str) -> None:
+    """Every problem of a raw manifest at once, as one ``ManifestError`` naming the file."""
+    problems = [f"missing field '{k}'" for k in REQUIRED if k not in raw]
+    classes = raw.get("classes", [])
+    if not isinstance(classes, list):
+        problems.append(
+            f"'classes' must be a list of {{id, name, color}}, got {type(classes).__name__}"
+        )
+        classes = []
+    for n, c in enumerate(classes):
+        if not isinstance(c, dict):
+            problems.append(f"classes[{n}] must be an object {{id, name, color}}")
+            continue
+        missing = [k for k in ("id", "name", "color") if k not in c]
+        if missing:
+            problems.append(f"classes[{n}] ({c.get('name', '?')}) has no {', '.join(missing)}")
+        color = c.get("color", [0, 0, 0])
+        if not (
+            isinstance(color, list)
+            and len(color) == 3
+            and all(isinstance(v, int) and 0 <= v <= 255 for v in color)
+        ):
+            problems.append(
+                f"classes[{n}] ({c.get('name', '?')}): color must be [r, g, b] in 0..255"
+            )
+    values = raw.get("label_values", {})
+    if values != "identity":
+        if not isinstance(values, dict):
+            problems.append(
+                "'label_values' must be an object {raw value: train id} or \"identity\""
+            )
+            values = {}
+        for key, tid in values.items():
+            if not (str(key).isdigit() and int(key) <= 65535):
+                problems.append(f"label_values key '{key}' must be an integer in 0..65535")
+            if not isinstance(tid, int):
+                problems.append(f"label_values['{key}'] = {tid!r} must be an integer train id")
+    splits = raw.get("splits", {})
+    if not isinstance(splits, dict) or not splits:
+        problems.append("'splits' must be a non-empty object {split: folder token}")
+        splits = {}
+    for name, token in splits.items():
+        if not isinstance(token, str) or not _inside_root(token):
+            problems.append(
+                f"split '{name}': token {token!r} must be a relative path inside the root"
+            )
+    layout = raw.get("layout", {})
+    if not isinstance(layout, dict):
+        problems.append("'layout' must be an object")
+        layout = {}
+    for key in ("images", "labels"):
+        if key in layout and (not isinstance(layout[key], str) or not _inside_root(layout[key])):
+            problems.append(
+                f"layout '{key}' = {layout[key]!r} must be a relative path inside the root (no '..')"
+            )
+    if problems:
+        raise ManifestError(f"{source}: " + "; ".join(problems))
+
+
 def _parse(raw: dict, source: str, variant: str | None) -> Manifest:
-    for key in ("dataset", "classes", "label_values", "splits", "layout"):
-        if key not in raw:
-            raise ManifestError(f"{source}: missing field '{key}'")
+    _validate(raw, source)
     layout = dict(raw["layout"])
     values = raw["label_values"]
     if variant is not None:
@@ -112,6 +178,7 @@ def _parse(raw: dict, source: str, variant: str | None) -> Manifest:
         override = dict(variants[variant])
         values = override.pop("label_values", values)
         layout.update(override)
+        _validate(raw | {"layout": layout, "label_values": values}, f"{source} (variant {variant})")
     classes = tuple(
         ClassInfo(int(c["id"]), str(c["name"]), tuple(int(v) for v in c["color"]))
         for c in raw["classes"]

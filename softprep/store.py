@@ -29,25 +29,31 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync
 
 from softprep.quantize import decode_planes
 
 NAMESPACE = "softprep"
+CREATING = "softprep_creating"  # root attribute while ``create`` runs; gone once it ends
 CHUNK = 256
 META_CHUNK = 4096
 # Codecs, measured on 2048x1024 levels and on the real fixture photos: label planes are
 # mostly runs of one value, and lz4 encodes them ~7x faster than zstd for a store only ~3%
 # larger; colour with zstd level 1 and bit-shuffle is as small as zstd 3 without it (0.74
 # vs 0.75 of raw on the Cityscapes fixture) and encodes ~5x faster.
-LABEL_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")
-COLOUR_CODEC = BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
+# Every inner chunk ends with a CRC32C of its compressed bytes (zarr v3's crc32c codec), so
+# a flipped bit raises on read instead of decoding to wrong labels; shard indexes carry one
+# too (zarr's default).
+LABEL_CODECS = (BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle"), Crc32cCodec())
+COLOUR_CODECS = (BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle"), Crc32cCodec())
 
 
 class StoreError(ValueError):
@@ -93,7 +99,7 @@ def _image_array(group, name, n, planes_shape, dtype="uint8", fill=0, channels_l
         chunks=chunks,
         shards=shards,
         dtype=dtype,
-        compressors=COLOUR_CODEC if channels_last else LABEL_CODEC,
+        compressors=COLOUR_CODECS if channels_last else LABEL_CODECS,
         fill_value=fill,
         chunk_key_encoding={"name": "default", "separator": "."},
     )
@@ -132,13 +138,13 @@ def create(
     ``full_hw`` (N, 2) and ``level_hw[scale]`` (N, 2) int: sizes per image;
     ``eval_mask`` (N,) bool: images whose full-resolution labels are kept.
     """
-    if holds_data(url):
+    if holds_data(url) and not _interrupted_creation(url):
         raise StoreError(
             f"{url} exists, is not empty and is not a softprep store; refusing to overwrite it "
             "(choose another --out)"
         )
     n = len(names)
-    root = zarr.open_group(url, mode="w")
+    root = zarr.open_group(url, mode="w", attributes={CREATING: True})
     img = root.create_group("images")
     a = img.create_array("name", shape=(n,), chunks=(min(META_CHUNK, n),), dtype=str)
     a[:] = np.array(names)
@@ -160,8 +166,51 @@ def create(
         st = g.create_group("stats")
         for s in strategies:
             _meta_array(st, s, (n, num_classes + 1), "float64")
-    root.attrs[NAMESPACE] = meta
+    root.attrs.put({NAMESPACE: meta})  # one write: the store exists from here on
     return root
+
+
+def _interrupted_creation(url: str) -> bool:
+    """Whether ``url`` is what a build killed inside ``create`` left: safe to replace."""
+    try:
+        attrs = zarr.open_group(url, mode="r").attrs
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
+        return False
+    return CREATING in attrs and NAMESPACE not in attrs
+
+
+@contextmanager
+def writer_lock(url: str):
+    """One writer per local store: an exclusive ``flock`` on ``.<name>.lock`` beside it,
+    released by the OS when the holder exits, however it exits (never left stuck).
+    Refuses (``StoreError``) while another process holds it. URLs are not locked."""
+    if "://" in str(url):
+        yield
+        return
+    import fcntl
+
+    path = Path(url).absolute()
+    lock = path.with_name(f".{path.name}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise StoreError(
+                f"{url}: another softprep build is writing this store (pid {holder}); "
+                "wait for it to finish (its lock is released when it exits)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+async def _list_keys(store, prefix: str) -> list[str]:
+    return [k async for k in store.list_prefix(prefix)]
 
 
 def _padded(data: np.ndarray, shape: tuple, fill: int) -> np.ndarray:
@@ -278,6 +327,25 @@ class SoftStore:
         if path not in self._arrays:
             self._arrays[path] = self.root[path]
         return self._arrays[path]
+
+    def image_arrays(self) -> list[str]:
+        """Paths of the per-image arrays (one shard per image): every level's soft and rgb,
+        and ``full/label`` when the store has evaluation splits."""
+        paths = [f"{self.level_path(s)}/{a}" for s in self.scales for a in ("soft", "rgb")]
+        return paths + (["full/label"] if "full/label" in self.root else [])
+
+    def missing_shards(self, path: str, indices: np.ndarray) -> np.ndarray:
+        """The images among ``indices`` whose shard of array ``path`` is absent (deleted or
+        lost: it would read back as fill values, a valid-looking label). One listing."""
+        arr = self.array(path)
+        prefix = f"{arr.path}/"
+        keys = sync(_list_keys(arr.store, prefix))
+        present = {
+            int(k[len(prefix) :].split(".")[1])
+            for k in keys
+            if k[len(prefix) :].startswith("c.") and k.count("/") == prefix.count("/")
+        }
+        return np.array([i for i in indices if int(i) not in present], dtype=np.int64)
 
     def hw(self, scale) -> np.ndarray:
         """(N, 2) int32 true sizes at a level."""

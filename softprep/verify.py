@@ -8,7 +8,8 @@ import numpy as np
 
 from softprep.manifest import VOID
 from softprep.quantize import TOTAL
-from softprep.store import SoftStore, scale_label
+from softprep.resample import KERNELS
+from softprep.store import SoftStore, level_name, scale_label
 
 
 @dataclass
@@ -44,11 +45,63 @@ def check_planes(planes: np.ndarray, num_classes: int) -> list[str]:
     return out
 
 
+def check_attributes(store: SoftStore) -> list[str]:
+    """Problems where the store's metadata disagrees with itself or with its arrays: the
+    options block against the build config, levels, planes (K), class count, strategies,
+    image count. An empty list means the arrays can be read as the metadata says."""
+    meta, config, out = store.meta, store.meta.get("config", {}), []
+    for key in ("kernel", "antialias", "k", "scales", "short_side"):
+        if key in config and config[key] != meta.get(key):
+            out.append(
+                f"attribute '{key}' is {meta.get(key)!r} but the build recorded {config[key]!r}"
+            )
+    if meta.get("kernel") not in KERNELS:
+        out.append(f"attribute 'kernel' {meta.get('kernel')!r} is not a known kernel")
+    try:
+        n, c = len(store), store.num_classes
+        levels = set(store.root["levels"].group_keys())
+        wanted = {level_name(s) for s in store.scales}
+        if levels != wanted:
+            out.append(f"levels {sorted(levels)} but attribute 'scales' says {sorted(wanted)}")
+        paths = [f"levels/{name}/soft" for name in sorted(levels & wanted)]
+        for path in paths:
+            planes = store.root[path].shape[1]
+            if planes != 2 * store.k - 1:
+                out.append(
+                    f"{path} holds {planes} planes but attribute 'k' = {store.k} needs {2 * store.k - 1}"
+                )
+        expect = {"stats/full": (n, c + 1), "images/done": (n,), "images/hw": (n, 2)}
+        for name in sorted(levels & wanted):
+            for arr in ("soft", "rgb", "hw"):
+                expect[f"levels/{name}/{arr}"] = (n,)
+            for strategy in meta.get("strategies", []):
+                expect[f"levels/{name}/stats/{strategy}"] = (n, c + 1)
+        for path, shape in expect.items():
+            if path not in store.root:
+                out.append(f"{path}: array missing")
+            elif store.root[path].shape[: len(shape)] != shape:
+                out.append(f"{path}: shape {store.root[path].shape}, expected {shape}")
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        out.append(f"store layout unreadable ({type(e).__name__}: {e})")
+    return out
+
+
+def _row_sum_problems(row: np.ndarray, pixels: int, what: str) -> list[str]:
+    """Class masses of one image must add up to its pixel count (mass is conserved)."""
+    if abs(float(row.sum()) - pixels) > 1e-6 * pixels + 1e-6:
+        return [f"{what} add up to {float(row.sum()):.6g}, not the {pixels} pixels"]
+    return []
+
+
 def verify(store: SoftStore, progress=None) -> VerifyReport:
-    """Every image complete (or skipped on purpose, listed apart); for each image and level:
-    soft planes valid and readable, colour readable, statistics consistent with the image
-    size. Reads the whole store."""
+    """Metadata consistent with the arrays; every image complete (or skipped on purpose,
+    listed apart); every finished image's shards present and readable (CRC32C-checked in
+    stores that have checksums); soft planes valid; statistics consistent with the sizes
+    and, for full-resolution labels, equal to their histogram. Reads the whole store."""
     report = VerifyReport()
+    report.problems += check_attributes(store)
+    if report.problems:
+        return report
     done = store.done()
     names = store.names()
     skipped = {
@@ -61,24 +114,54 @@ def verify(store: SoftStore, progress=None) -> VerifyReport:
             report.skipped.append(f"{names[i]}: skipped by the build ({skipped[i]})")
         else:
             report.problems.append(f"{names[i]}: not built (incomplete build; run the build again)")
+    finished = np.flatnonzero(done)
+    evaluated = np.isin(store.split_of(), store.meta.get("eval_splits", []))
+    lost: dict[int, list[str]] = {}
+    for path in store.image_arrays():
+        wanted = finished[evaluated[finished]] if path == "full/label" else finished
+        for i in store.missing_shards(path, wanted):
+            lost.setdefault(int(i), []).append(path)
+    for i, paths in sorted(lost.items()):
+        report.problems.append(f"{names[i]}: shard missing in {', '.join(paths)}")
     full_hw = store.root["images/hw"][:]
     counts = store.full_counts()
-    for n, i in enumerate(np.flatnonzero(done)):
-        h, w = full_hw[i]
-        if counts[i].sum() != int(h) * int(w):
-            report.problems.append(f"{names[i]}: full-resolution statistics do not match its size")
+    c = store.num_classes
+    for n, i in enumerate(finished):
+        h, w = (int(v) for v in full_hw[i])
+        report.problems += _row_sum_problems(
+            counts[i], h * w, f"{names[i]}: full-resolution counts"
+        )
+        if evaluated[i] and i not in lost:
+            try:
+                label = store.read_full_label(i)
+            except Exception as e:  # noqa: BLE001 (damaged chunks raise codec errors of any type)
+                report.problems.append(
+                    f"{names[i]}: full label unreadable ({type(e).__name__}: {e})"
+                )
+            else:
+                hist = np.bincount(np.where(label == VOID, c, label).ravel(), minlength=c + 1)
+                if not np.array_equal(hist, counts[i]):
+                    report.problems.append(
+                        f"{names[i]}: full-resolution counts differ from the stored full label"
+                    )
         for scale in store.scales:
             where = f"{names[i]} at {scale_label(scale)}"
             g = store.level(scale)
-            hh, ww = g["hw"][i]
+            hh, ww = (int(v) for v in g["hw"][i])
+            for strategy in store.meta.get("strategies", []):
+                report.problems += _row_sum_problems(
+                    g[f"stats/{strategy}"][i], hh * ww, f"{where}: '{strategy}' statistics"
+                )
+            if i in lost:
+                continue
             try:
                 planes = g["soft"][i, :, :hh, :ww]
                 g["rgb"][i, :hh, :ww]
-            except Exception as e:  # noqa: BLE001 (corrupt chunks raise codec errors of any type)
+            except Exception as e:  # noqa: BLE001 (damaged chunks raise codec errors of any type)
                 report.problems.append(f"{where}: unreadable ({type(e).__name__}: {e})")
                 continue
-            report.problems += [f"{where}: {p}" for p in check_planes(planes, store.num_classes)]
+            report.problems += [f"{where}: {p}" for p in check_planes(planes, c)]
         report.checked += 1
         if progress:
-            progress(n + 1, int(done.sum()))
+            progress(n + 1, len(finished))
     return report

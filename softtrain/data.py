@@ -41,7 +41,7 @@ def parse_crop(text: str) -> tuple[int, int]:
 def open_checked(url: str, split: str) -> tuple[SoftStore, np.ndarray]:
     """The store and the indices of its finished images of ``split`` (``all`` for every
     split). Refuses an incomplete store (images neither built nor skipped by
-    ``--on-error skip``): finish the build and check it with ``softprep verify``."""
+    ``--on-error skip``: finish the build) and finished images whose shards are missing."""
     store = SoftStore(url)
     done = store.done()
     skipped = {s["index"] for s in store.meta.get("skipped", []) if s.get("index") is not None}
@@ -54,7 +54,18 @@ def open_checked(url: str, split: str) -> tuple[SoftStore, np.ndarray]:
     if split != "all" and split not in store.splits:
         raise StoreError(f"{url}: no split '{split}'; splits: {', '.join(store.splits)}")
     in_split = np.ones(len(store), bool) if split == "all" else store.split_of() == split
-    return store, np.flatnonzero(done & in_split)
+    items = np.flatnonzero(done & in_split)
+    evaluated = np.isin(store.split_of(), store.meta.get("eval_splits", []))
+    for path in store.image_arrays():
+        wanted = items[evaluated[items]] if path == "full/label" else items
+        lost = store.missing_shards(path, wanted)
+        if len(lost):
+            raise StoreError(
+                f"{url}: {len(lost)} finished image(s) have no data in {path} (e.g. "
+                f"{store.names()[lost[0]]}): the store is damaged; 'softprep verify' lists "
+                "every problem; rebuild the store"
+            )
+    return store, items
 
 
 class _LazyStore:

@@ -76,7 +76,7 @@ def test_folder_manifest_from_path(tmp_path):
     assert m.dataset == "folder" and m.num_classes == 2
     bad = tmp_path / "bad.json"
     bad.write_text(
-        '{"dataset": "x", "classes": [{"id": 1, "name": "a", "color": [0,0,0]}], "label_values": {}, "splits": {}, "layout": {}}'
+        '{"dataset": "x", "classes": [{"id": 1, "name": "a", "color": [0,0,0]}], "label_values": {}, "splits": {"train": "train"}, "layout": {}}'
     )
     with pytest.raises(ManifestError, match="class ids must be 0..C-1"):
         load_manifest(str(bad))
