@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -451,10 +452,10 @@ def _build_locked(manifest, url, options, jobs, on_error, progress, start, pairs
         )
         for i in todo
     )
-    parallel = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")
+    results = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks)
     built, processed = 0, int(done.sum())
     try:
-        for result in parallel(tasks):
+        for result in results:
             if result.error and on_error == "fail":
                 raise BuildError(
                     f"{result.error}\n(stopped; {built} image(s) finished in this run are "
@@ -472,6 +473,9 @@ def _build_locked(manifest, url, options, jobs, on_error, progress, start, pairs
     except OSError as e:
         raise _write_failure(url, e) from None
     finally:
+        with warnings.catch_warnings():  # stopping early cancels the queued tasks: intended
+            warnings.filterwarnings("ignore", r".*tasks .*(cancelled|not used)", UserWarning)
+            results.close()
         try:
             writer.flush()
         except OSError as e:

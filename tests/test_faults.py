@@ -1,0 +1,348 @@
+"""Nothing lost, nothing silently wrong: bad files named alike with one or two jobs, lossy
+and oversized files refused, folders reported, manifests validated, crashes and full disks
+resumable, one writer per store, workers that end with their build, damage found by verify
+and refused by softtrain."""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+
+from softprep import store as store_module
+from softprep.build import BuildError, BuildOptions, build
+from softprep.datasets import discover
+from softprep.manifest import ManifestError, load_manifest
+from softprep.sample import write_sample
+from softprep.store import SoftStore, StoreError, writer_lock
+from softprep.verify import verify
+from softtrain.data import CropDataset
+from tests.test_build import assert_same_store
+
+CS = load_manifest("cityscapes")
+OPTS = BuildOptions(scales=(0.125,))
+
+
+def header_only_png(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims ``width`` x ``height`` pixels, with no pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def damage(samples, tmp_path, kinds=("truncated", "rgb", "jpeg", "values")):
+    """A Cityscapes sample with bad training pairs; returns (root, {path: expected reason})."""
+    root = tmp_path / "cs"
+    shutil.copytree(samples["cityscapes"], root)
+    images = sorted((root / "leftImg8bit/train").rglob("*.png"))
+    labels = [
+        Path(str(p).replace("leftImg8bit", "gtFine", 1).replace("_leftImg8bit", "_gtFine_labelIds"))
+        for p in images
+    ]
+    bad = {}
+    if "truncated" in kinds:  # a broken download
+        images[0].write_bytes(images[0].read_bytes()[:2000])
+        bad[str(images[0])] = "cannot decode image"
+    if "rgb" in kinds:  # a colour label
+        Image.open(labels[1]).convert("RGB").save(labels[1])
+        bad[str(labels[1])] = "RGB label"
+    if "jpeg" in kinds:  # lossy, under a .png name
+        Image.open(labels[2]).save(labels[2], format="JPEG")
+        bad[str(labels[2])] = "label is a JPEG file"
+    if "values" in kinds:  # not a Cityscapes label id
+        arr = np.asarray(Image.open(labels[3])).copy()
+        arr[0, 0] = 250
+        Image.fromarray(arr).save(labels[3])
+        bad[str(labels[3])] = "label values [250] are not defined"
+    return root, bad
+
+
+def named(error: Exception, bad: dict) -> bool:
+    """Whether a line of the error starts with a bad file's path and gives its reason."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    return any(
+        line.startswith(f"{path}: ") and reason in line
+        for line in lines
+        for path, reason in bad.items()
+    )
+
+
+@pytest.mark.parametrize("kind", ["truncated", "rgb", "values"])
+def test_bad_file_in_a_worker_is_named_with_two_jobs(samples, tmp_path, kind):
+    root, bad = damage(samples, tmp_path, (kind,))
+    with pytest.raises(BuildError) as failed:
+        build(CS, root, str(tmp_path / "s.zarr"), OPTS, jobs=2)
+    assert named(failed.value, bad), str(failed.value)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_bad_files_named_alike_with_one_and_two_jobs(samples, tmp_path, jobs):
+    root, bad = damage(samples, tmp_path)
+    url = str(tmp_path / "s.zarr")
+    with pytest.raises(BuildError) as failed:
+        build(CS, root, url, OPTS, jobs=jobs)
+    assert named(failed.value, bad), str(failed.value)
+    summary = build(CS, root, url, OPTS, jobs=jobs, on_error="skip")
+    got = {p.path: p.message for p in summary.skipped}
+    assert set(got) == set(bad)
+    assert all(reason in got[path] for path, reason in bad.items())
+    assert verify(SoftStore(url)).ok
+
+
+def test_oversized_header_is_refused_by_name(samples, tmp_path):
+    root = tmp_path / "cs"
+    shutil.copytree(samples["cityscapes"], root)
+    image = sorted((root / "leftImg8bit/val").rglob("*.png"))[0]
+    header_only_png(image, 50000, 50000)
+    summary = build(CS, root, str(tmp_path / "s.zarr"), OPTS, on_error="skip")
+    assert [p.path for p in summary.skipped] == [str(image)]
+    assert "50000x50000 (2500 MP), above the 250 MP limit" in summary.skipped[0].message
+
+
+def test_symlinked_folders_followed_and_broken_links_reported(samples, tmp_path):
+    root = tmp_path / "cs"
+    shutil.copytree(samples["cityscapes"], root)
+    before, _ = discover(CS, root)
+    city = next((root / "leftImg8bit/train").iterdir())
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(city, elsewhere)
+    city.symlink_to(elsewhere, target_is_directory=True)  # a city folder on another disk
+    (city / "loop").symlink_to(city, target_is_directory=True)  # a folder loop
+    looping = root / "leftImg8bit/val" / next((root / "leftImg8bit/val").iterdir()).name
+    (looping / "x_leftImg8bit.png").symlink_to(looping / "x_leftImg8bit.png")
+    pairs, problems = discover(CS, root)
+    assert [p.name for p in pairs] == [p.name for p in before]
+    text = "\n".join(map(str, problems))
+    assert "x_leftImg8bit.png: broken or looping symlink" in text
+    assert "symlink loop" in text
+
+
+def test_unreadable_folder_is_reported(samples, tmp_path, monkeypatch):
+    root = tmp_path / "cs"
+    shutil.copytree(samples["cityscapes"], root)
+    city = next((root / "gtFine/train").iterdir())
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == city:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)  # root reads any folder: simulate chmod 000
+    _, problems = discover(CS, root)
+    text = "\n".join(map(str, problems))
+    assert f"{city}: folder cannot be read (Permission denied)" in text
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda m: m["classes"][0].pop("color"), "classes[0] (road) has no color"),
+        (lambda m: m.update(label_values={"abc": 0}), "label_values key 'abc' must be an integer"),
+        (
+            lambda m: m.update(label_values={"70000": 0}),
+            "key '70000' must be an integer in 0..65535",
+        ),
+        (lambda m: m.update(splits={}), "'splits' must be a non-empty object"),
+        (lambda m: m.pop("splits"), "missing field 'splits'"),
+        (lambda m: m.update(classes={"road": 0}), "'classes' must be a list"),
+        (lambda m: m["layout"].update(images="../elsewhere/{split}"), "inside the root"),
+        (lambda m: m["splits"].update(train="../../etc"), "inside the root"),
+    ],
+)
+def test_manifest_problems_named_with_the_file(tmp_path, change, message):
+    raw = json.loads(Path(CS.source).read_text())
+    change(raw)
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=str(path)) as e:
+        load_manifest(str(path))
+    assert message in str(e.value)
+
+
+def test_interrupted_store_creation_resumes(samples, tmp_path, monkeypatch):
+    url = str(tmp_path / "s.zarr")
+    real, calls = store_module._image_array, {"n": 0}
+
+    def crash_on_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # a kill in the middle of creating the arrays
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store_module, "_image_array", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        build(CS, samples["cityscapes"], url, OPTS)
+    monkeypatch.setattr(store_module, "_image_array", real)
+    with pytest.raises(StoreError, match="not a softprep store"):
+        SoftStore(url)
+    build(CS, samples["cityscapes"], url, OPTS)  # the same command finishes it
+    assert verify(SoftStore(url)).ok
+
+
+def test_full_disk_is_one_message_and_the_build_resumes(samples, tmp_path, monkeypatch):
+    url = str(tmp_path / "s.zarr")
+    real, calls = store_module.ImageWriter.write, {"n": 0}
+
+    def disk_fills(self, *args):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args)
+
+    monkeypatch.setattr(store_module.ImageWriter, "write", disk_fills)
+    with pytest.raises(BuildError, match="no space left on the device.*run the same command"):
+        build(CS, samples["cityscapes"], url, OPTS)
+    assert SoftStore(url).done().sum() == 3  # what was written before is kept
+    monkeypatch.setattr(store_module.ImageWriter, "write", real)
+    reference = str(tmp_path / "ref.zarr")
+    build(CS, samples["cityscapes"], url, OPTS)
+    build(CS, samples["cityscapes"], reference, OPTS)
+    assert_same_store(url, reference)
+
+
+def test_one_writer_per_store_and_a_crashed_holder_frees_it(samples, tmp_path):
+    url = str(tmp_path / "s.zarr")
+    with writer_lock(url):
+        with pytest.raises(StoreError, match="another softprep build is writing this store"):
+            build(CS, samples["cityscapes"], url, OPTS)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         f"from softprep.store import writer_lock\nwith writer_lock({url!r}):\n"
+         "    print('locked', flush=True)\n    import time; time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(StoreError, match=f"pid {holder.pid}"):
+        build(CS, samples["cityscapes"], url, OPTS)
+    holder.kill()
+    holder.wait()
+    build(CS, samples["cityscapes"], url, OPTS)
+    assert SoftStore(url).done().all()
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_kill_9_mid_build_workers_end_and_resume_equals_uninterrupted(tmp_path):
+    root = tmp_path / "cs"
+    write_sample(CS, root, {"train": 24, "val": 2}, size=(512, 1024), seed=3)
+    url, reference = str(tmp_path / "s.zarr"), str(tmp_path / "ref.zarr")
+    cmd = [sys.executable, "-m", "softprep", "build", "cityscapes", "--root", str(root),
+           "--scales", "1/8", "1/4", "--out", url, "--jobs", "2"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        shards = list(Path(url, "levels/x0.25/soft").glob("c.*"))
+        if len(shards) >= 4:
+            break
+        assert proc.poll() is None, "the build ended before it could be killed"
+        time.sleep(0.05)
+    workers = [p for p in children_of(proc.pid) if alive(p)]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not SoftStore(url).done().all(), "killed too late to test a resume"
+    deadline = time.time() + 15
+    while any(alive(p) for p in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in workers if alive(p)], "workers outlived their build"
+    build(CS, root, url, BuildOptions(scales=(0.125, 0.25)))
+    build(CS, root, reference, BuildOptions(scales=(0.125, 0.25)))
+    assert_same_store(url, reference)
+
+
+@pytest.fixture
+def built(samples, tmp_path):
+    url = str(tmp_path / "s.zarr")
+    build(CS, samples["cityscapes"], url, BuildOptions(scales=(0.125, 0.25)))
+    assert verify(SoftStore(url)).ok
+    return url
+
+
+@pytest.mark.parametrize("array", ["levels/x0.25/soft", "levels/x0.125/rgb", "full/label"])
+def test_deleted_shard_found_by_verify_and_refused_by_softtrain(built, array):
+    s = SoftStore(built)
+    i = int(np.flatnonzero(s.split_of() == ("val" if array == "full/label" else "train"))[0])
+    key = f"c.{i}.0.0.0" if array != "full/label" else f"c.{i}.0.0"
+    Path(built, array, key).unlink()
+    report = verify(SoftStore(built))
+    assert f"{s.names()[i]}: shard missing in {array}" in report.problems
+    split = "val" if array == "full/label" else "train"
+    with pytest.raises(StoreError, match=f"no data in {array}"):
+        CropDataset(built, (32, 32), split) if split == "train" else __import__(
+            "softtrain.data", fromlist=["EvalDataset"]
+        ).EvalDataset(built, "1/8", "val")
+
+
+def test_bit_flip_inside_a_shard_is_caught(built):
+    shard = Path(built, "levels/x0.25/soft/c.1.0.0.0")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x10  # one bit, inside a compressed chunk
+    shard.write_bytes(bytes(data))
+    text = "\n".join(verify(SoftStore(built)).problems)
+    assert "at 1/4: unreadable" in text
+
+
+def test_changed_statistic_is_caught(built):
+    root = zarr.open_group(built, mode="r+")
+    stats = root["levels/x0.125/stats/soft"]
+    row = stats[2]
+    row[0] += 1000
+    stats[2] = row
+    text = "\n".join(verify(SoftStore(built)).problems)
+    assert "at 1/8: 'soft' statistics add up to" in text
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("k", 4, "attribute 'k' is 4 but the build recorded 6"),
+        ("kernel", "nearest", "attribute 'kernel' is 'nearest' but the build recorded 'bilinear'"),
+        ("scales", [0.125, 0.5], "attribute 'scales'"),
+    ],
+)
+def test_changed_attribute_is_caught(built, key, value, message):
+    root = zarr.open_group(built, mode="r+")
+    meta = dict(root.attrs["softprep"])
+    meta[key] = value
+    root.attrs["softprep"] = meta
+    assert message in "\n".join(verify(SoftStore(built)).problems)
+
+
+def test_missing_array_metadata_is_a_problem_not_a_traceback(built):
+    Path(built, "images/done/zarr.json").unlink()
+    report = verify(SoftStore(built))
+    assert "images/done: array missing" in report.problems
