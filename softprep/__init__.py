@@ -1,3 +1,45 @@
-"""softprep: soft-label pyramids for semantic segmentation, in Zarr stores."""
+"""softprep: soft-label pyramids for semantic segmentation, in Zarr stores.
+
+The public API (imported on first use, so ``import softprep`` stays light)::
+
+    from softprep import SoftStore, build_store, BuildOptions, load_manifest, verify_store
+
+- ``SoftStore(url)``: read a store: ``read_soft``, ``read_probs``, ``read_rgb``,
+  ``read_full_label``, ``hw``, ``stats``, ``classes``, ``scales``, ``splits``.
+- ``build_store(manifest, root, url, BuildOptions(scales=(0.125, 0.25)))``: write one
+  (``softprep.build.build``).
+- ``load_manifest("cityscapes")``: a dataset definition; ``write_sample`` makes a small
+  synthetic dataset in its official layout.
+- ``verify_store(SoftStore(url))``: a ``VerifyReport`` of every problem.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "SoftStore": "softprep.store",
+    "StoreError": "softprep.store",
+    "parse_scale": "softprep.store",
+    "scale_label": "softprep.store",
+    "build_store": "softprep.build",
+    "BuildOptions": "softprep.build",
+    "BuildError": "softprep.build",
+    "BuildSummary": "softprep.build",
+    "load_manifest": "softprep.manifest",
+    "Manifest": "softprep.manifest",
+    "ManifestError": "softprep.manifest",
+    "DatasetError": "softprep.datasets",
+    "write_sample": "softprep.sample",
+    "verify_store": "softprep.verify",
+    "VerifyReport": "softprep.verify",
+    "PriorReport": "softprep.priors",
+}
+_RENAMED = {"build_store": "build", "verify_store": "verify"}  # the modules keep those names
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), _RENAMED.get(name, name))
+    raise AttributeError(f"module 'softprep' has no attribute '{name}'")

@@ -256,7 +256,7 @@ def _config(manifest: Manifest, options: BuildOptions) -> dict:
 
 def _metadata(manifest: Manifest, options: BuildOptions, splits: list[str]) -> dict:
     return {
-        "format": "softprep-store/1",
+        "format": store.FORMAT,
         "softprep_version": __version__,
         "build_id": uuid.uuid4().hex,
         "config": _config(manifest, options),
@@ -275,12 +275,14 @@ def _metadata(manifest: Manifest, options: BuildOptions, splits: list[str]) -> d
         "eval_splits": list(manifest.eval_splits),
         "skipped": [],
         "complete": False,
-        # OME-NGFF vocabulary for the pyramid; not a conformant OME-NGFF label image.
+        # OME-NGFF vocabulary for the pyramid of soft planes, finest level first; not a
+        # conformant OME-NGFF label image (those hold integer labels).
         "multiscales": [
             {
                 "name": manifest.dataset,
                 "axes": [
-                    {"name": "c", "type": "channel"},
+                    {"name": "image"},
+                    {"name": "plane", "type": "channel"},
                     {"name": "y", "type": "space"},
                     {"name": "x", "type": "space"},
                 ],
@@ -288,14 +290,14 @@ def _metadata(manifest: Manifest, options: BuildOptions, splits: list[str]) -> d
                     {
                         "path": f"levels/{store.level_name(s)}/soft",
                         "coordinateTransformations": [
-                            {"type": "scale", "scale": [1, 1 / s, 1 / s]},
+                            {"type": "scale", "scale": [1, 1, 1 / s, 1 / s]},
                             {
                                 "type": "translation",
-                                "translation": [0, (1 / s - 1) / 2, (1 / s - 1) / 2],
+                                "translation": [0, 0, (1 / s - 1) / 2, (1 / s - 1) / 2],
                             },
                         ],
                     }
-                    for s in options.scales
+                    for s in sorted(options.scales, reverse=True)
                 ],
             }
         ],

@@ -42,6 +42,9 @@ from zarr.core.sync import sync
 from softprep.quantize import decode_planes
 
 NAMESPACE = "softprep"
+VOID_ID = 255  # class id of void in the index planes (softprep.manifest.VOID)
+FORMAT = "softprep-store/2"  # 2: dimension names, per-array attributes, chunk checksums
+READABLE_FORMATS = ("softprep-store/1", FORMAT)
 CREATING = "softprep_creating"  # root attribute while ``create`` runs; gone once it ends
 CHUNK = 256
 META_CHUNK = 4096
@@ -82,9 +85,9 @@ def scale_label(scale: float) -> str:
     return f"{f.numerator}/{f.denominator}" if abs(float(f) - scale) < 1e-9 else f"{scale:g}"
 
 
-def _image_array(group, name, n, planes_shape, dtype="uint8", fill=0, channels_last=False):
-    """An (N, ..., H, W[, 3]) array with one shard per image and 256x256 inner chunks;
-    ``channels_last`` marks colour."""
+def _image_array(group, name, n, planes_shape, dims, attrs, fill=0, channels_last=False):
+    """An (N, ..., H, W[, 3]) uint8 array with one shard per image and 256x256 inner chunks;
+    ``channels_last`` marks colour. ``dims``: its dimension names; ``attrs``: what it holds."""
     h, w = planes_shape[-2:] if not channels_last else planes_shape[-3:-1]
     ch, cw = min(CHUNK, h), min(CHUNK, w)
     sh, sw = math.ceil(h / ch) * ch, math.ceil(w / cw) * cw
@@ -98,16 +101,35 @@ def _image_array(group, name, n, planes_shape, dtype="uint8", fill=0, channels_l
         shape=(n, *planes_shape),
         chunks=chunks,
         shards=shards,
-        dtype=dtype,
+        dtype="uint8",
         compressors=COLOUR_CODECS if channels_last else LABEL_CODECS,
         fill_value=fill,
         chunk_key_encoding={"name": "default", "separator": "."},
+        dimension_names=dims,
+        attributes=attrs,
     )
 
 
-def _meta_array(group, name, shape, dtype, fill=0):
+def _meta_array(group, name, shape, dtype, dims, attrs, fill=0):
     chunks = (min(META_CHUNK, shape[0]),) + tuple(shape[1:])
-    return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill)
+    return group.create_array(
+        name,
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        fill_value=fill,
+        dimension_names=dims,
+        attributes=attrs,
+    )
+
+
+def soft_planes_description(k: int) -> str:
+    return (
+        f"planes 0..{k - 1}: class ids of the top-{k} classes per pixel, largest first (255 = "
+        f"void); planes {k}..{2 * k - 2}: probabilities of slots 1..{k - 1} in 1/255 units; "
+        "slot 0's probability is 255 minus their sum (probabilities sum to exactly 255). "
+        "Pixels past the image's size in ../hw are padding."
+    )
 
 
 def holds_data(url: str) -> bool:
@@ -146,26 +168,107 @@ def create(
     n = len(names)
     root = zarr.open_group(url, mode="w", attributes={CREATING: True})
     img = root.create_group("images")
-    a = img.create_array("name", shape=(n,), chunks=(min(META_CHUNK, n),), dtype=str)
+    a = img.create_array(
+        "name",
+        shape=(n,),
+        chunks=(min(META_CHUNK, n),),
+        dtype=str,
+        dimension_names=("image",),
+        attributes={"description": "<split>/<stem> of each image"},
+    )
     a[:] = np.array(names)
-    _meta_array(img, "split", (n,), "uint8")[:] = splits
-    _meta_array(img, "hw", (n, 2), "int32")[:] = full_hw
-    _meta_array(img, "done", (n,), "bool", False)
-    _meta_array(root.create_group("stats"), "full", (n, num_classes + 1), "int64")
+    _meta_array(
+        img, "split", (n,), "uint8", ("image",), {"description": "index into attrs softprep.splits"}
+    )[:] = splits
+    _meta_array(
+        img,
+        "hw",
+        (n, 2),
+        "int32",
+        ("image", "yx"),
+        {"description": "full-resolution (height, width) in pixels"},
+    )[:] = full_hw
+    _meta_array(
+        img,
+        "done",
+        (n,),
+        "bool",
+        ("image",),
+        {"description": "image complete: every level and statistic written"},
+        False,
+    )
+    _meta_array(
+        root.create_group("stats"),
+        "full",
+        (n, num_classes + 1),
+        "int64",
+        ("image", "class"),
+        {"description": "full-resolution pixel count per class (train id order, void last)"},
+    )
     if eval_mask.any():
         fmax = full_hw[eval_mask].max(axis=0)
-        _image_array(root.create_group("full"), "label", n, tuple(fmax), fill=255)
+        _image_array(
+            root.create_group("full"),
+            "label",
+            n,
+            tuple(fmax),
+            ("image", "y", "x"),
+            {
+                "description": "full-resolution train ids (255 = void), evaluation splits only; crop with images/hw"
+            },
+            fill=255,
+        )
     levels = root.create_group("levels")
     for scale, hw in level_hw.items():
-        g = levels.create_group(level_name(scale))
+        g = levels.create_group(level_name(scale), attributes={"scale": scale})
         hmax, wmax = (int(v) for v in hw.max(axis=0))
-        _image_array(g, "soft", n, (2 * k - 1, hmax, wmax))
-        _image_array(g, "rgb", n, (hmax, wmax, 3), channels_last=True)
-        _meta_array(g, "hw", (n, 2), "int32")[:] = hw
-        _meta_array(g, "truncated", (n, 2), "float64")
+        _image_array(
+            g,
+            "soft",
+            n,
+            (2 * k - 1, hmax, wmax),
+            ("image", "plane", "y", "x"),
+            {"description": soft_planes_description(k), "k": k},
+        )
+        _image_array(
+            g,
+            "rgb",
+            n,
+            (hmax, wmax, 3),
+            ("image", "y", "x", "channel"),
+            {"description": "colour (RGB) down-sampled with the soft labels' kernel"},
+            channels_last=True,
+        )
+        _meta_array(
+            g,
+            "hw",
+            (n, 2),
+            "int32",
+            ("image", "yx"),
+            {"description": "(height, width) of each image at this level"},
+        )[:] = hw
+        _meta_array(
+            g,
+            "truncated",
+            (n, 2),
+            "float64",
+            ("image", "stat"),
+            {
+                "description": "class mass dropped by keeping the top K: (sum over pixels, largest per pixel)"
+            },
+        )
         st = g.create_group("stats")
         for s in strategies:
-            _meta_array(st, s, (n, num_classes + 1), "float64")
+            _meta_array(
+                st,
+                s,
+                (n, num_classes + 1),
+                "float64",
+                ("image", "class"),
+                {
+                    "description": f"class mass per image at this level by strategy '{s}' (void last)"
+                },
+            )
     root.attrs.put({NAMESPACE: meta})  # one write: the store exists from here on
     return root
 
@@ -273,6 +376,12 @@ class SoftStore:
             raise StoreError(f"{url}: a zarr group, but not a softprep store (no metadata)")
         self.url = url
         self.meta = dict(self.root.attrs[NAMESPACE])
+        if self.meta.get("format") not in READABLE_FORMATS:
+            raise StoreError(
+                f"{url}: store format {self.meta.get('format')!r} (softprep "
+                f"{self.meta.get('softprep_version', '?')}) is not one this version reads "
+                f"({', '.join(READABLE_FORMATS)}); rebuild it or update softprep"
+            )
         self._arrays: dict[str, zarr.Array] = {}
 
     @property
@@ -361,6 +470,19 @@ class SoftStore:
         path = self.level_path(scale)
         y0, x0, h, w = self._window(path, i, window)
         return decode_planes(self.array(f"{path}/soft")[i, :, y0 : y0 + h, x0 : x0 + w])
+
+    def read_probs(self, scale, i: int, window=None) -> tuple[np.ndarray, np.ndarray]:
+        """Image ``i``'s soft label at a level as dense class probabilities: (C, h, w)
+        float32 and the void mass (h, w) float32; together they sum to 1 per pixel."""
+        index, prob = self.read_soft(scale, i, window)
+        c = self.num_classes
+        h, w = index.shape[-2:]
+        dense = np.zeros((c + 1, h, w), dtype=np.float32)
+        rows, cols = np.indices((h, w))
+        for slot in range(index.shape[0]):  # one class per pixel per slot: no collisions
+            ids = np.where(index[slot] == VOID_ID, c, index[slot])
+            dense[ids, rows, cols] += prob[slot] / np.float32(255)
+        return dense[:c], dense[c]
 
     def read_rgb(self, scale, i: int, window=None) -> np.ndarray:
         """Image ``i``'s colour at a level: (h, w, 3) uint8."""

@@ -25,6 +25,14 @@ from softprep.quantize import TOTAL
 from softprep.store import SoftStore, StoreError, parse_scale, scale_label
 
 CAT_MAX_TRIES = 10
+MEAN = torch.tensor([0.485, 0.456, 0.406]) * 255  # ImageNet statistics, 0..255 units
+STD = torch.tensor([0.229, 0.224, 0.225]) * 255
+
+
+def normalise(image: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> float32 normalised with ImageNet statistics (on its device)."""
+    mean, std = MEAN.to(image.device).view(1, 3, 1, 1), STD.to(image.device).view(1, 3, 1, 1)
+    return (image.float() - mean) / std
 
 
 def parse_crop(text: str) -> tuple[int, int]:
@@ -94,9 +102,13 @@ class CropDataset(Dataset):
     ``item`` (image number in the store), ``origin`` (y0, x0) in the level, ``flipped``.
     Crops smaller than the level are padded at the bottom/right with void and black.
 
-    Indices past the split's length select later epochs: ``epoch * len(self) + i``.
-    Randomness comes from (seed, epoch, i) alone, so it does not depend on the worker
-    count or on which worker reads the item.
+    Randomness (level, crop position, flip):
+    - ``seed=None`` (default, for any sampler, e.g. ``DataLoader(shuffle=True)``): drawn
+      from torch's generator, which the DataLoader reseeds in every worker every epoch, so
+      every epoch sees new crops; ``torch.manual_seed`` makes a run repeatable.
+    - ``seed=S`` (what ``softtrain fit`` uses): from (S, epoch, i) alone, independent of the
+      worker count; indices past the split's length select later epochs
+      (``epoch * len(self) + i``, as ``softtrain.fit.RunSampler`` draws them).
     """
 
     def __init__(
@@ -109,7 +121,7 @@ class CropDataset(Dataset):
         flip: bool = True,
         pad: bool = True,
         cat_max_ratio: float = 1.0,
-        seed: int = 0,
+        seed: int | None = None,
     ):
         store, self.items = open_checked(url, split)
         self.lazy = _LazyStore(url)
@@ -159,7 +171,10 @@ class CropDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         epoch, item = divmod(index, len(self.items))
-        rng = np.random.default_rng([self.seed, epoch, item])
+        if self.seed is None:
+            rng = np.random.default_rng(int(torch.randint(2**62, ())))
+        else:
+            rng = np.random.default_rng([self.seed, epoch, item])
         i = int(self.items[item])
         scale = self.scales[rng.choice(len(self.scales), p=self.weights)]
         store = self.lazy.store
@@ -232,13 +247,26 @@ class EvalDataset(Dataset):
         }
 
 
+def check_class_ids(index: torch.Tensor, prob: torch.Tensor, num_classes: int) -> None:
+    """Raise ``ValueError`` if a class id with mass is ``>= num_classes``: the model was built
+    for fewer classes than the store has. One device synchronisation."""
+    present = torch.where((index == VOID) | (prob == 0), 0, index)
+    top = int(present.amax()) if present.numel() else 0
+    if top >= num_classes:
+        raise ValueError(
+            f"the soft labels hold class id {top}, but {num_classes} classes were given (the "
+            "logits' channels): build the model with the store's class count"
+        )
+
+
 def densify(index: torch.Tensor, prob: torch.Tensor, num_classes: int):
     """Top-K to dense, on whatever device the tensors are on.
 
     ``index``, ``prob``: (B, K, H, W) uint8 (ids, 255 = void; probabilities summing to 255).
     Returns ``probs`` (B, C, H, W) float32 class probabilities and ``void`` (B, H, W)
-    float32 void mass; ``probs.sum(1) + void == 1``.
+    float32 void mass; ``probs.sum(1) + void == 1``. Checked with ``check_class_ids``.
     """
+    check_class_ids(index, prob, num_classes)
     idx = index.long()
     idx = torch.where(idx == VOID, num_classes, idx)
     b, _, h, w = idx.shape

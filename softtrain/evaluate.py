@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader
 
 from softprep.store import SoftStore, StoreError, parse_scale, scale_label
 from softtrain.checkpoint import load_checkpoint
-from softtrain.data import EvalDataset, parse_crop
+from softtrain.data import EvalDataset, normalise, parse_crop
 from softtrain.metrics import Confusion
-from softtrain.models import build_model, normalise
+from softtrain.models import build_model
 
 MODES = ("whole", "slide")
 CLASS_CHUNK = 32

@@ -37,11 +37,11 @@ from softtrain.checkpoint import (
     save_checkpoint,
 )
 from softtrain.config import FitConfig
-from softtrain.data import CropDataset, parse_crop
+from softtrain.data import CropDataset, normalise, parse_crop
 from softtrain.evaluate import eval_dataset, evaluate, resolve_device
 from softtrain.losses import soft_label_loss
 from softtrain.metrics import eval_record
-from softtrain.models import build_model, normalise
+from softtrain.models import build_model
 from softtrain.runlog import RunLog, StepLog
 
 log = logging.getLogger("softtrain")

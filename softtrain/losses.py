@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from softprep.manifest import VOID
 from softtrain.config import LOSSES, MC_MODES
-from softtrain.data import densify, hard_label, multi_class_mask
+from softtrain.data import check_class_ids, densify, hard_label, multi_class_mask
 
 
 @dataclass
@@ -36,7 +36,20 @@ def soft_label_loss(
     loss: str = "soft",
     mc: str = "include",
 ) -> LossOutput:
-    """``logits`` (B, C, H, W); ``index``/``prob`` (B, K, H, W) uint8 at the same size."""
+    """Soft-label loss of a batch, a mean over the pixels kept.
+
+    ``logits`` (B, C, H, W) float (any dtype; computed in float32) at the label's size
+    (upsample first); ``index``/``prob`` (B, K, H, W) uint8 top-K soft labels as
+    ``CropDataset`` gives them (ids, 255 = void; probabilities summing to 255).
+    ``loss``: ``soft`` (soft cross-entropy, the gradient of KL) or ``ce-hard`` (cross-entropy
+    on the argmax). ``mc``: ``include`` or ``exclude`` multi-class pixels. Raises
+    ``ValueError`` for mismatched sizes or a class id >= C.
+    """
+    if logits.shape[-2:] != index.shape[-2:]:
+        raise ValueError(
+            f"logits are {tuple(logits.shape[-2:])} but labels {tuple(index.shape[-2:])}: "
+            "upsample the logits to the label size (F.interpolate, bilinear) first"
+        )
     if loss not in LOSSES:
         raise ValueError(f"unknown loss '{loss}'; choose from {', '.join(LOSSES)}")
     if mc not in MC_MODES:
@@ -44,6 +57,7 @@ def soft_label_loss(
     logp = F.log_softmax(logits.float(), dim=1)
     num_classes = logits.shape[1]
     if loss == "ce-hard":
+        check_class_ids(index, prob, num_classes)
         target = hard_label(index)
         keep = target != VOID
         if mc == "exclude":

@@ -7,20 +7,17 @@
 - ``deeplabv3plus_r18``: the same on ResNet-18, small enough for CPU tests
 
 Outputs are logits at stride 4; callers upsample bilinearly. Pretrained trunk weights come
-only from a local file (``pretrained=PATH``); nothing is downloaded (``HF_HUB_OFFLINE=1``).
+only from a local file (``pretrained=PATH``); the trunk's hub and URL sources are cleared, so
+nothing is ever downloaded. timm is imported when a model is built.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def conv_bn_relu(cin: int, cout: int, k: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -33,12 +30,15 @@ def conv_bn_relu(cin: int, cout: int, k: int = 1, dilation: int = 1) -> nn.Seque
 
 
 def _trunk(name: str, pretrained: str | None, **kwargs) -> nn.Module:
+    import timm
+
     if pretrained is not None and not Path(pretrained).is_file():
         raise FileNotFoundError(f"{pretrained}: pretrained weights file not found")
+    local = dict(file=str(pretrained), hf_hub_id=None, url=None) if pretrained else None
     return timm.create_model(
         name,
         pretrained=pretrained is not None,
-        pretrained_cfg_overlay=dict(file=str(pretrained)) if pretrained else None,
+        pretrained_cfg_overlay=local,
         features_only=True,
         **kwargs,
     )
@@ -119,13 +119,3 @@ def build_model(name: str, num_classes: int, pretrained: str | None = None) -> n
         raise ValueError(f"unknown model '{name}'; choose from {', '.join(MODELS)}")
     cls, trunk = MODELS[name]
     return cls(trunk, num_classes, pretrained)
-
-
-MEAN = torch.tensor([0.485, 0.456, 0.406]) * 255
-STD = torch.tensor([0.229, 0.224, 0.225]) * 255
-
-
-def normalise(image: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) uint8 -> float32 normalised with ImageNet statistics (on its device)."""
-    mean, std = MEAN.to(image.device).view(1, 3, 1, 1), STD.to(image.device).view(1, 3, 1, 1)
-    return (image.float() - mean) / std

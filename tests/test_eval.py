@@ -18,10 +18,10 @@ from softprep.manifest import load_manifest
 from softprep.store import StoreError
 from softtrain.cli import app
 from softtrain.config import FitConfig
+from softtrain.data import normalise
 from softtrain.evaluate import InferenceOptions, eval_checkpoint, eval_dataset
 from softtrain.fit import fit
 from softtrain.metrics import Confusion, eval_record
-from softtrain.models import normalise
 from softtrain.predict import predict
 
 runner = CliRunner()
