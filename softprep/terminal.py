@@ -19,7 +19,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # log files get whole lines
 
 
 class RateColumn(ProgressColumn):

@@ -28,7 +28,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # log files get whole lines
 out = Console()
 MULTI_VALUE = ("--levels", "--level-weights", "--tta-levels")
 

@@ -129,6 +129,13 @@ def stop_signals():
             signal.signal(s, h)
 
 
+def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """Loader worker start-up: ignore SIGTERM/SIGINT, which schedulers and Ctrl-C send to
+    the whole process group; the main process saves ``last.pt`` and then stops them."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _resume_checks(cfg: FitConfig, ckpt: dict, store: SoftStore, path: Path) -> None:
     changed = cfg.changed_for_resume(ckpt["config"])
     if changed:
@@ -268,6 +275,7 @@ def fit(
         drop_last=True,
         prefetch_factor=4 if cfg.workers else None,
         generator=torch.Generator().manual_seed(cfg.seed),  # leaves the global RNG untouched
+        worker_init_fn=_leave_stop_signals_to_the_main_process,
     )
     batches = iter(loader)
     t_start, step_start = time.perf_counter(), step

@@ -56,16 +56,17 @@ def cli_args(cfg: FitConfig) -> list[str]:
     return [
         "--store", cfg.store, "--out", cfg.out, "--model", cfg.model, "--crop", cfg.crop,
         "--batch-size", str(cfg.batch_size), "--iters", str(cfg.iters), "--lr", str(cfg.lr),
-        "--workers", "0", "--device", "cpu", "--log-every", "1", "--save-every",
+        "--device", "cpu", "--log-every", "1", "--save-every",
         str(cfg.save_every), "--eval-every", str(cfg.eval_every),
     ]  # fmt: skip
 
 
-def start_fit(cfg: FitConfig, log_path):
-    """``softtrain fit`` in a child process, stderr to a file (as under nohup / SLURM)."""
+def start_fit(cfg: FitConfig, log_path, workers: int = 0):
+    """``softtrain fit`` in a child process of its own process group, stderr to a file (as
+    under nohup / SLURM)."""
     log = open(log_path, "w")
-    cmd = [sys.executable, "-m", "softtrain", "fit", *cli_args(cfg)]
-    return subprocess.Popen(cmd, stdout=log, stderr=log), log
+    cmd = [sys.executable, "-m", "softtrain", "fit", *cli_args(cfg), "--workers", str(workers)]
+    return subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True), log
 
 
 def wait_for_steps(out, n: int, proc, timeout=120):
@@ -87,17 +88,20 @@ def reference(store, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "SIGTERM to the group, 2 workers"])
 def test_killed_run_resumes_to_the_uninterrupted_weights(store, reference, tmp_path, how):
     out = tmp_path / "run"
-    cfg = tiny(store, out, eval_every=3, save_every=0 if how == "SIGTERM" else 1)
-    proc, log = start_fit(cfg, tmp_path / "log.txt")
+    cfg = tiny(store, out, eval_every=3, save_every=0 if how.startswith("SIGTERM") else 1)
+    proc, log = start_fit(cfg, tmp_path / "log.txt", workers=2 if "workers" in how else 0)
     wait_for_steps(out, 2, proc)
-    proc.send_signal(getattr(signal, how))
+    if "group" in how:  # what SLURM does: every process of the job, loader workers too
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(getattr(signal, how))
     rc = proc.wait(60)
     log.close()
     text = (tmp_path / "log.txt").read_text()
-    if how == "SIGTERM":  # saved before exiting, said so, exit code 128 + 15
+    if how.startswith("SIGTERM"):  # saved before exiting, said so, exit code 128 + 15
         assert rc == 143, text
         assert "SIGTERM: stopped at step" in text
         assert load_checkpoint(out / "last.pt")["step"] >= 2
