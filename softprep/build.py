@@ -115,15 +115,34 @@ class ImageResult:
     error: Problem | None = None
 
 
-def strategy_masses(label, counts, out_hw, options, strategies, num_classes, made=None) -> dict:
+def stored_mass(index: np.ndarray, prob: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C+1,) float64 class totals (void last) of a top-K soft label as the store keeps it:
+    ``prob`` (K, h, w) renormalised over the kept classes (bicubic lobes already clipped),
+    so they equal the totals of the stored uint8 planes within rounding (< 1/255 per
+    pixel holding two or more classes)."""
+    total = prob.sum(axis=0, dtype=np.float64)
+    share = prob / np.where(total > 0, total, 1.0)
+    return with_void_last(np.bincount(index.ravel(), share.ravel(), minlength=256), num_classes)
+
+
+def strategy_masses(
+    label, counts, out_hw, options, strategies, num_classes, made=None, soft=None
+) -> dict:
     """{strategy: (C+1,) class mass (void last)} of an (H, W) label at one output size.
-    ``counts``: its (256,) histogram; ``made``: a Resampler already built for this size."""
+    ``counts``: its (256,) histogram; ``made``: a Resampler already built for this size;
+    ``soft``: its (index, prob) top-K soft label, if computed. ``soft`` is the mass of the
+    stored soft labels (``stored_mass``); the others are the strategies' exact linear mass
+    (nearest: counts of the sampled pixels)."""
     masses = {}
     for s in strategies:
         kernel, aa = strategy_kernel(s, options)
         same = made is not None and (kernel, aa) == (made.kernel, made.antialias)
         r = made if same else Resampler.make(label.shape, out_hw, kernel, aa)
-        masses[s] = with_void_last(r.class_mass(label, counts), num_classes)
+        if s == "soft":
+            index, prob, _ = soft if soft is not None else r.soft_topk(label, options.k)
+            masses[s] = stored_mass(index, prob, num_classes)
+        else:
+            masses[s] = with_void_last(r.class_mass(label, counts), num_classes)
     return masses
 
 
@@ -138,10 +157,11 @@ def process_pair(pair: Pair, manifest: Manifest, options: BuildOptions, keep_ful
     for scale in options.scales:
         out_hw = level_size(label.shape, scale, options.short_side)
         r = Resampler.make(label.shape, out_hw, options.kernel, options.antialias)
-        index, prob, truncated = r.soft_topk(label, options.k, changes)
+        soft = r.soft_topk(label, options.k, changes)
+        index, prob, truncated = soft
         arrays[store.level_name(scale)] = (encode_planes(index, prob), r.colour(image))
         stats = {"truncated": np.array([truncated.sum(), truncated.max()])}
-        stats |= strategy_masses(label, counts, out_hw, options, options.strategies, c, r)
+        stats |= strategy_masses(label, counts, out_hw, options, options.strategies, c, r, soft)
         result.levels[store.level_name(scale)] = stats
     return arrays, result, (label if keep_full else None)
 
@@ -238,11 +258,13 @@ class BuildSummary:
     built: int
     already_done: int
     skipped: list[Problem]
-    seconds: float
+    seconds: float  # the whole build: discovery, headers, store creation, images
+    image_seconds: float  # from the first image task to the end
 
     @property
     def images_per_second(self) -> float:
-        return self.built / self.seconds if self.seconds else 0.0
+        """Images built per second of image work (as the progress bar's rate)."""
+        return self.built / self.image_seconds if self.image_seconds else 0.0
 
 
 def _config(manifest: Manifest, options: BuildOptions) -> dict:
@@ -456,6 +478,9 @@ def _build_locked(manifest, url, options, jobs, on_error, progress, start, pairs
     )
     results = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks)
     built, processed = 0, int(done.sum())
+    loop_start = time.monotonic()
+    if progress:
+        progress(processed, len(pairs))  # the rate counts from here, as the summary's
     try:
         for result in results:
             if result.error and on_error == "fail":
@@ -489,4 +514,7 @@ def _build_locked(manifest, url, options, jobs, on_error, progress, start, pairs
         zroot.attrs[store.NAMESPACE] = meta
     except OSError as e:
         raise _write_failure(url, e) from None
-    return BuildSummary(url, len(pairs), built, int(done.sum()), skipped, time.monotonic() - start)
+    now = time.monotonic()
+    return BuildSummary(
+        url, len(pairs), built, int(done.sum()), skipped, now - start, now - loop_start
+    )

@@ -16,7 +16,7 @@ from rich.table import Column, Table
 from softprep import manifest as manifests
 from softprep.build import BuildError, BuildOptions
 from softprep.build import build as run_build
-from softprep.datasets import DatasetError
+from softprep.datasets import DatasetError, detect_version
 from softprep.datasets import scan as run_scan
 from softprep.manifest import ManifestError, load_manifest
 from softprep.priors import SHOWN_AS, PriorReport, from_dataset, from_store
@@ -24,7 +24,7 @@ from softprep.render import render
 from softprep.resample import KERNELS
 from softprep.sample import write_sample
 from softprep.store import SoftStore, StoreError, parse_scale
-from softprep.terminal import expand_multi_value, progress_bar
+from softprep.terminal import expand_multi_value, progress_bar, show_notes, tagged
 from softprep.terminal import user_errors as _user_errors
 from softprep.verify import verify as run_verify
 
@@ -43,6 +43,18 @@ USER_ERRORS = (BuildError, DatasetError, ManifestError, StoreError, ValueError)
 
 def user_errors():
     return _user_errors(USER_ERRORS)
+
+
+@app.callback()
+def _setup() -> None:
+    show_notes("softprep")
+
+
+def _manifest(dataset: str, root: Path, version: str | None, labels: str | None):
+    """The manifest for ``root``: the version found in its folders unless ``--version``."""
+    if version is None and not dataset.endswith(".json"):
+        version = detect_version(dataset, root)
+    return load_manifest(dataset, version, labels)
 
 
 DatasetArg = typer.Argument(
@@ -112,7 +124,7 @@ def scan(
     Exit code 1 if any problem was found.
     """
     with user_errors():
-        m = load_manifest(dataset, version, labels)
+        m = _manifest(dataset, root, version, labels)
         with progress_bar("scanning") as bar:
             report = run_scan(m, root, split or None, histogram, progress=bar)
     table = Table(
@@ -139,7 +151,7 @@ def scan(
             )
         out.print(hist)
     for p in report.problems:
-        console.print(f"[red]problem:[/red] {p}", highlight=False)
+        console.print(tagged("problem", "red", p), highlight=False)
     if report.problems:
         console.print(f"[red]{len(report.problems)} problem(s)[/red]")
         raise typer.Exit(1)
@@ -193,7 +205,7 @@ def build(
     Interrupt at any time and run the same command again to resume.
     """
     with user_errors():
-        m = load_manifest(dataset, version, labels)
+        m = _manifest(dataset, root, version, labels)
         options = BuildOptions(
             scales=_scales(scales),
             kernel=kernel,
@@ -207,11 +219,16 @@ def build(
         with _backend(backend, scheduler), progress_bar("building") as bar:
             summary = run_build(m, root, url, options, jobs=jobs, on_error=on_error, progress=bar)
     out.print(
-        f"[green]{summary.url}[/green]: {summary.built} built, {summary.already_done} already "
-        f"done, {len(summary.skipped)} skipped, {summary.images_per_second:.2f} img/s"
+        tagged(
+            summary.url,
+            "green",
+            f"{summary.built} built, {summary.already_done} already done, "
+            f"{len(summary.skipped)} skipped, {summary.images_per_second:.2f} img/s "
+            f"({summary.seconds:.1f} s in all)",
+        )
     )
     for p in summary.skipped:
-        console.print(f"[yellow]skipped:[/yellow] {p}", highlight=False)
+        console.print(tagged("skipped", "yellow", p), highlight=False)
 
 
 @contextmanager
@@ -266,7 +283,7 @@ def info(
     out.print(table)
     out.print(f"total on disk: {mb(d['total_bytes'])} MB; statistics: {', '.join(d['strategies'])}")
     for s in d["skipped"]:
-        console.print(f"[yellow]skipped:[/yellow] {s['path']}: {s['error']}", highlight=False)
+        console.print(tagged("skipped", "yellow", f"{s['path']}: {s['error']}"), highlight=False)
 
 
 @app.command()
@@ -277,9 +294,9 @@ def verify(store: str = typer.Argument(..., help="Store path or URL.")):
         with progress_bar("verifying") as bar:
             report = run_verify(s, progress=bar)
     for p in report.skipped:
-        console.print(f"[yellow]skipped:[/yellow] {p}", highlight=False)
+        console.print(tagged("skipped", "yellow", p), highlight=False)
     for p in report.problems[:100]:
-        console.print(f"[red]problem:[/red] {p}", highlight=False)
+        console.print(tagged("problem", "red", p), highlight=False)
     if not report.ok:
         console.print(f"[red]{len(report.problems)} problem(s)[/red] in {store}")
         raise typer.Exit(1)
@@ -336,7 +353,7 @@ def priors(
         if store:
             report = from_store(SoftStore(store), compare, split)
         elif dataset and root:
-            m = load_manifest(dataset, version, labels)
+            m = _manifest(dataset, root, version, labels)
             options = BuildOptions(
                 scales=_scales(scales),
                 kernel=kernel,
@@ -392,4 +409,9 @@ def print_priors(report: PriorReport) -> None:
 
 
 def main() -> None:
-    app(args=expand_multi_value(sys.argv[1:], MULTI_VALUE), prog_name="softprep")
+    try:
+        argv = expand_multi_value(sys.argv[1:], MULTI_VALUE, app)
+    except ValueError as e:
+        console.print(tagged("error", "red", e), highlight=False)
+        raise SystemExit(2) from None
+    app(args=argv, prog_name="softprep")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from softprep.manifest import VOID, Manifest
+from softprep.manifest import VOID, Manifest, available, load_manifest
+
+log = logging.getLogger("softprep")
 
 # PIL's decompression-bomb guard (89 MP) is below Mapillary's largest images; ours, in
 # ``_open``, refuses files above 250 MP (a 50000x50000 header would end in MemoryError).
@@ -50,6 +53,72 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}"
+
+
+def _has_split(manifest: Manifest, root: Path) -> bool:
+    return any(_split_dirs(manifest, root, s)[0].is_dir() for s in manifest.splits)
+
+
+def _candidate_root(manifest: Manifest, root: Path) -> Path:
+    """``root``, its parent or one of its folders: the first that holds a split's images
+    (``root`` when none does)."""
+    if not root.is_dir() or _has_split(manifest, root):
+        return root
+    for candidate in [root.parent, *sorted(p for p in root.iterdir() if p.is_dir())]:
+        if _has_split(manifest, candidate):
+            return candidate
+    return root
+
+
+def find_root(manifest: Manifest, root: Path) -> Path:
+    """The dataset root the manifest's layout needs, from the folder a user gave: that
+    folder, its parent (one level too deep, e.g. ``ADEChallengeData2016`` itself, which is
+    mmsegmentation's ``data_root``) or one of its folders (one level too high). Says which
+    folder was used (logger ``softprep``) when it is not ``root``."""
+    found = _candidate_root(manifest, Path(root))
+    if found != Path(root):
+        log.warning(
+            "using %s as the %s root (its folders match the layout)", found, manifest.dataset
+        )
+    return found
+
+
+def _holds_labels(manifest: Manifest, root: Path) -> bool:
+    root = _candidate_root(manifest, Path(root))
+    return any(_split_dirs(manifest, root, s)[1].is_dir() for s in manifest.splits)
+
+
+def detect_version(dataset: str, root: Path) -> str | None:
+    """The version of a multi-version dataset (Mapillary v1.1 / v1.2 / v2.0) whose label
+    folders are under ``root``, said in a note; with several, the default version if it is
+    among them. None when the dataset has one version or no version's labels are there."""
+    versions = [m["version"] for m in available() if m["dataset"] == dataset]
+    if len(versions) < 2:
+        return None
+    found = [v for v in versions if _holds_labels(load_manifest(dataset, v), root)]
+    if not found:
+        return None
+    default = load_manifest(dataset).version
+    chosen = default if default in found else found[0]
+    if len(found) > 1:
+        log.warning(
+            "%s holds %s labels of versions %s; using %s (choose with --version)",
+            root, dataset, ", ".join(found), chosen,
+        )  # fmt: skip
+    else:
+        log.warning("%s: %s %s detected from its folders", root, dataset, chosen)
+    return chosen
+
+
+def _version_hint(manifest: Manifest, root: Path) -> str:
+    """`` (the v2.0 layout is here: use --version v2.0)`` where another version fits."""
+    others = [
+        m["version"]
+        for m in available()
+        if m["dataset"] == manifest.dataset and m.get("version") != manifest.version
+    ]
+    fits = [v for v in others if _holds_labels(load_manifest(manifest.dataset, v), root)]
+    return f" (the {fits[0]} layout is here: use --version {fits[0]})" if fits else ""
 
 
 def _split_dirs(manifest: Manifest, root: Path, split: str) -> tuple[Path, Path]:
@@ -100,6 +169,7 @@ def discover(
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(root, "dataset root not found")
+    root = find_root(manifest, root)
     unknown = [s for s in splits or [] if s not in manifest.splits]
     if unknown:
         raise DatasetError(
@@ -112,7 +182,7 @@ def discover(
         raise DatasetError(
             root,
             f"no {manifest.dataset} split found (expected e.g. {expected}); "
-            "is this the dataset root?",
+            f"is this the dataset root?{_version_hint(manifest, root)}",
         )
     pairs, problems = [], []
     lay = manifest.layout
@@ -122,7 +192,8 @@ def discover(
             problems.append(Problem(str(img_dir), f"split '{split}': image folder missing"))
             continue
         if not lab_dir.is_dir():
-            problems.append(Problem(str(lab_dir), f"split '{split}': label folder missing"))
+            hint = _version_hint(manifest, root)
+            problems.append(Problem(str(lab_dir), f"split '{split}': label folder missing{hint}"))
             continue
         images = _stems(img_dir, lay["image_suffix"], problems)
         labels = _stems(lab_dir, lay["label_suffix"], problems)
@@ -278,7 +349,7 @@ def check_config_json(manifest: Manifest, root: Path) -> list[Problem]:
     one problem per label whose name or colour differs. Empty if there is no such file."""
     if not manifest.config_json:
         return []
-    path = Path(root) / manifest.config_json
+    path = _candidate_root(manifest, Path(root)) / manifest.config_json
     if not path.is_file():
         return []
     try:

@@ -11,7 +11,8 @@ A manifest is a JSON file (see ``manifests/`` at the repository root). Fields:
 - ``eval_splits``: splits whose full-resolution labels are kept for evaluation
 - ``layout``: ``images``/``labels`` directories (with ``{split}``) and the
   ``image_suffix``/``label_suffix`` that pair files by their common stem
-- ``variants`` (optional): named overrides of ``layout`` fields and ``label_values``
+- ``variants`` (optional): named overrides of ``layout`` fields and ``label_values``; a
+  ``void_class`` {name, color} entry makes the values mapped to void one more class
 - ``config_json`` (optional): the dataset's own class config file, checked against the manifest
 """
 
@@ -169,6 +170,7 @@ def _parse(raw: dict, source: str, variant: str | None) -> Manifest:
     _validate(raw, source)
     layout = dict(raw["layout"])
     values = raw["label_values"]
+    void_class = None
     if variant is not None:
         variants = raw.get("variants", {})
         if variant not in variants:
@@ -177,6 +179,7 @@ def _parse(raw: dict, source: str, variant: str | None) -> Manifest:
             )
         override = dict(variants[variant])
         values = override.pop("label_values", values)
+        void_class = override.pop("void_class", None)
         layout.update(override)
         _validate(raw | {"layout": layout, "label_values": values}, f"{source} (variant {variant})")
     classes = tuple(
@@ -192,6 +195,9 @@ def _parse(raw: dict, source: str, variant: str | None) -> Manifest:
         label_values = {c.id: c.id for c in classes} | {ignore: ignore}
     else:
         label_values = {int(k): int(v) for k, v in values.items()}
+    if void_class is not None:  # what is void becomes one more class (mmseg's tables)
+        classes += (ClassInfo(len(classes), str(void_class["name"]), tuple(void_class["color"])),)
+        label_values = {k: len(classes) - 1 if v == ignore else v for k, v in label_values.items()}
     bad = {k: v for k, v in label_values.items() if v != ignore and not 0 <= v < len(classes)}
     if bad:
         raise ManifestError(f"{source}: label_values map to unknown train ids: {bad}")

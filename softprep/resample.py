@@ -6,11 +6,16 @@ same weights drive the colour image and the soft label, which is what makes them
 Kernels (``antialias=True`` is the default and follows PIL / torch ``antialias=True``: the
 filter support grows with the down-sampling factor so every input pixel contributes):
 
-- ``nearest``: centre sampling, ``src = floor((i + 0.5) * s)`` (PIL, torch ``nearest-exact``)
-- ``nearest-floor``: top-left sampling, ``src = floor(i * s)`` (torch ``nearest``, OpenCV);
-  shifted by (s - 1) / 2 input pixels against a smooth colour resize
-- ``area``: exact area coverage (PIL ``BOX``); without antialias, torch ``area``
-  (adaptive average pooling)
+- ``nearest``: centre sampling, ``src = floor((i + 0.5) * s)`` in exact arithmetic; PIL and
+  torch ``nearest-exact`` compute it in floating point and, where ``(i + 0.5) * s`` is an
+  integer, can round down to the neighbouring row or column (e.g. at scales 1/3, 0.15, 0.45)
+- ``nearest-floor``: top-left sampling, ``src = floor(i * s)`` in exact arithmetic (torch
+  ``nearest``, OpenCV; torch's float32 differs at some scales, e.g. 0.3); shifted by
+  (s - 1) / 2 input pixels against a smooth colour resize
+- ``area``: PIL's ``BOX`` filter: the input pixels whose centres fall in the output pixel's
+  footprint, equally weighted (at integer factors that is the exact area average; at other
+  scales it is not fractional area coverage); without antialias, torch ``area`` (adaptive
+  average pooling)
 - ``bilinear``: triangle filter; without antialias a 2-tap filter (torch, align_corners=False)
 - ``bicubic``: Keys cubic, a = -0.5 with antialias (PIL), a = -0.75 without (torch).
   Its negative lobes can give negative class mass; soft labels clip it and renormalise.

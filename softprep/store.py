@@ -32,6 +32,7 @@ import math
 import os
 from contextlib import contextmanager
 from fractions import Fraction
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync
 
+from softprep.manifest import Manifest, manifest_from_json
 from softprep.quantize import decode_planes
 
 NAMESPACE = "softprep"
@@ -392,9 +394,15 @@ class SoftStore:
     def scales(self) -> list[float]:
         return [float(s) for s in self.meta["scales"]]
 
+    @cached_property
+    def manifest(self) -> Manifest:
+        """The dataset definition the store was built with (variant applied)."""
+        return manifest_from_json(self.meta["manifest"], f"{self.url} (manifest)")
+
     @property
     def classes(self) -> list[dict]:
-        return self.meta["manifest"]["classes"]
+        """[{id, name, color}] in train-id order."""
+        return [{"id": c.id, "name": c.name, "color": list(c.color)} for c in self.manifest.classes]
 
     @property
     def num_classes(self) -> int:

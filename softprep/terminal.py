@@ -4,6 +4,8 @@ so both CLIs answer ``--help`` at once."""
 
 from __future__ import annotations
 
+import logging
+import time
 from contextlib import contextmanager
 
 import typer
@@ -24,13 +26,14 @@ console = Console(stderr=True, soft_wrap=True)  # log files get whole lines
 
 class RateColumn(ProgressColumn):
     def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:.2f} img/s" if speed else "-- img/s", style="cyan")
+        rate = task.fields.get("rate")
+        return Text(f"{rate:.2f} img/s" if rate else "-- img/s", style="cyan")
 
 
 @contextmanager
 def progress_bar(description: str):
-    """Yields a ``progress(done, total)`` callback drawing a rich bar with img/s and ETA."""
+    """Yields a ``progress(done, total)`` callback drawing a rich bar with ETA and the rate
+    since the first call, (done - first done) / elapsed: what a summary line computes."""
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -41,12 +44,37 @@ def progress_bar(description: str):
         TimeRemainingColumn(),
         console=console,
     ) as bar:
-        task = bar.add_task(description, total=None)
+        task = bar.add_task(description, total=None, rate=None)
+        first: list = []
 
         def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+            now = time.monotonic()
+            if not first:
+                first[:] = [now, done]
+            rate = (done - first[1]) / (now - first[0]) if now > first[0] else None
+            bar.update(task, completed=done, total=total, rate=rate)
 
         yield update
+
+
+def tagged(tag: str, style: str, text) -> Text:
+    """``tag: text`` with only the tag styled: paths and messages are never read as rich
+    markup (``pip install 'softprep[dask]'`` keeps its brackets)."""
+    return Text.assemble((f"{tag}:", style), " ", str(text))
+
+
+class _Notes(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        console.print(tagged("note", "yellow", record.getMessage()), highlight=False)
+
+
+def show_notes(logger: str) -> None:
+    """Print the library's warnings (logger ``softprep`` / ``softtrain``) as ``note:`` lines
+    on stderr; installed once per process by each CLI."""
+    target = logging.getLogger(logger)
+    if not any(isinstance(h, _Notes) for h in target.handlers):
+        target.addHandler(_Notes())
+        target.propagate = False
 
 
 @contextmanager
@@ -55,23 +83,66 @@ def user_errors(errors: tuple):
     try:
         yield
     except errors as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        console.print(tagged("error", "red", e), highlight=False)
         raise typer.Exit(2) from None
 
 
-def expand_multi_value(argv: list[str], options) -> list[str]:
-    """``--scales 1/8 1/4`` -> ``--scales 1/8 --scales 1/4`` (Typer options take one value).
+def expand_multi_value(argv: list[str], options, app: typer.Typer | None = None) -> list[str]:
+    """``--scales 1/8 1/4`` -> ``--scales 1/8 --scales 1/4`` (Typer options take one value),
+    like argparse's ``nargs='+'``: values run until the next argument that starts with ``-``,
+    but the command's required positional arguments are left to it (``build --scales 1/8
+    1/4 cityscapes`` keeps ``cityscapes`` as the dataset). A repeated list option extends
+    it; an option that takes one value given twice raises ``ValueError``.
 
-    Values run until the next argument that starts with ``-``; put positional arguments
-    before such options."""
-    result, current = [], None
-    for arg in argv:
+    ``app``: the Typer app, to know each command's positionals and options; without it
+    values run to the next ``-`` argument."""
+    command = _command(app, argv)
+    value_options, single, required = set(), set(), 0
+    if command is not None:
+        for param in command.params:
+            if param.param_type_name == "argument":
+                required += bool(param.required)
+            elif not param.is_flag:
+                value_options.update(param.opts)
+                if not param.multiple:
+                    single.update(param.opts)
+    result, runs, positionals, i = [], [], [], 0
+    while i < len(argv):
+        arg = argv[i]
         if arg in options:
-            current = arg
-            continue
-        if current and not arg.startswith("-"):
-            result += [current, arg]
-            continue
-        current = None
-        result.append(arg)
-    return result
+            values = []
+            while i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                values.append(argv[i + 1])
+                i += 1
+            runs.append((arg, values))
+            result.append(runs[-1])
+        elif arg in value_options and i + 1 < len(argv):
+            result += [arg, argv[i + 1]]
+            i += 1
+        elif arg.startswith("-") or (command is not None and i == 0):
+            result.append(arg)
+        else:
+            positionals.append(arg)
+            result.append(arg)
+        i += 1
+    missing = required - len(positionals)
+    stolen = []
+    for _, values in reversed(runs):  # argparse leaves each option at least one value
+        while missing > 0 and len(values) > 1:
+            stolen.insert(0, values.pop())
+            missing -= 1
+    flat = []
+    for item in result:
+        flat += [x for v in item[1] for x in (item[0], v)] if isinstance(item, tuple) else [item]
+    given = [a for a in flat if a in single]
+    repeated = sorted({a for a in given if given.count(a) > 1})
+    if repeated:
+        raise ValueError(f"{', '.join(repeated)} takes one value; it was given more than once")
+    return flat + stolen
+
+
+def _command(app, argv: list[str]):
+    """The (click) command ``argv`` names (``argv[0]``), or None."""
+    if app is None or not argv:
+        return None
+    return getattr(typer.main.get_command(app), "commands", {}).get(argv[0])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import sys
 import time
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from softprep.terminal import expand_multi_value, progress_bar, user_errors
+from softprep.terminal import expand_multi_value, progress_bar, show_notes, tagged, user_errors
 from softtrain.config import LOSSES, MC_MODES, FitConfig
 
 app = typer.Typer(
@@ -41,20 +40,9 @@ def _user_errors():
     return user_errors((StoreError, TrainingError, CheckpointError, ValueError, FileNotFoundError))
 
 
-@contextmanager
-def _notes():
-    """Library warnings (logger ``softtrain``) printed as one yellow line each."""
-
-    class ToConsole(logging.Handler):
-        def emit(self, record):
-            console.print(f"[yellow]note:[/yellow] {record.getMessage()}", highlight=False)
-
-    logger, handler = logging.getLogger("softtrain"), ToConsole()
-    logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
+@app.callback()
+def _setup() -> None:
+    show_notes("softtrain")
 
 
 def _step_text(log) -> str:
@@ -252,7 +240,7 @@ def fit(
         seed=seed,
         log_every=log_every,
     )
-    with _user_errors(), _notes():
+    with _user_errors():
         if resume and not config:
             config = Path(out_dir or FitConfig.__dataclass_fields__["out"].default) / "config.toml"
             if not config.exists():
@@ -269,7 +257,7 @@ def fit(
             try:
                 result = training.fit(cfg, resume, overwrite, on_log=on_log, on_eval=on_eval)
             except training.Interrupted as e:
-                console.print(f"[yellow]interrupted[/yellow] by {e}", highlight=False)
+                console.print(tagged("interrupted", "yellow", e), highlight=False)
                 raise typer.Exit(128 + e.signum) from None
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     out.print(
@@ -389,4 +377,9 @@ def bench_loader(
 
 
 def main() -> None:
-    app(args=expand_multi_value(sys.argv[1:], MULTI_VALUE), prog_name="softtrain")
+    try:
+        argv = expand_multi_value(sys.argv[1:], MULTI_VALUE, app)
+    except ValueError as e:
+        console.print(tagged("error", "red", e), highlight=False)
+        raise SystemExit(2) from None
+    app(args=argv, prog_name="softtrain")
