@@ -154,7 +154,11 @@ def fit(
     cat_max_ratio: float = typer.Option(
         None, help="Class-balanced crops (mmseg cat_max_ratio, e.g. 0.75). (default: 1.0 = off)"
     ),
-    batch_size: int = typer.Option(None, help="Crops per step (one GPU). (default: 12)"),
+    batch_size: int = typer.Option(
+        None,
+        help="Crops per step and GPU: under torchrun with N processes a step sees N x this; "
+        "--lr is used as given (scale it yourself, e.g. linearly). (default: 12)",
+    ),
     accum: int = typer.Option(None, help="Gradient accumulation steps. (default: 1)"),
     iters: int = typer.Option(None, help="Optimiser steps. (default: 1000)"),
     lr: float = typer.Option(None, help="Base learning rate. (default: 0.01)"),
@@ -190,6 +194,9 @@ def fit(
         "--tensorboard/--no-tensorboard",
         help="TensorBoard scalars in <out>/tb (pip install 'softprep[tensorboard]').",
     ),
+    sync_bn: bool = typer.Option(
+        None, "--sync-bn/--no-sync-bn", help="SyncBatchNorm across GPUs (under torchrun)."
+    ),
     bf16: bool = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (GPU)."),
     channels_last: bool = typer.Option(
         None, "--channels-last/--no-channels-last", help="channels_last memory format (GPU)."
@@ -202,6 +209,8 @@ def fit(
     log_every: int = typer.Option(None, help="Progress/metrics every N steps. (default: 10)"),
 ):
     """Train a segmentation model on a store's crops and evaluate at full resolution.
+
+    Several GPUs: torchrun --nproc-per-node N -m softtrain fit ... (DDP; rank 0 writes).
 
     A folder that holds a run is never overwritten by accident: pass --resume or
     --overwrite. SIGTERM / Ctrl-C save last.pt and exit (143 / 130); --resume continues
@@ -233,6 +242,7 @@ def fit(
         save_every=save_every,
         keep_checkpoints=keep_checkpoints,
         tensorboard=tensorboard,
+        sync_bn=sync_bn,
         bf16=bf16,
         channels_last=channels_last,
         compile=compile_model,
@@ -259,6 +269,8 @@ def fit(
             except training.Interrupted as e:
                 console.print(tagged("interrupted", "yellow", e), highlight=False)
                 raise typer.Exit(128 + e.signum) from None
+    if result["rank"] != 0:
+        return
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     out.print(
         f"[green]done[/green]: {result['step']} steps, last mIoU {fmt(result['last_miou'])}, "

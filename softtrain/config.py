@@ -78,6 +78,7 @@ class FitConfig:
     save_every: int = 500  # last.pt every N steps (0: only at evaluations and the end)
     keep_checkpoints: int = 0  # also keep the last N iter_<step>.pt
     tensorboard: bool = False
+    sync_bn: bool = False  # SyncBatchNorm across GPUs under torchrun
     bf16: bool = False
     channels_last: bool = False
     compile: bool = False

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from softprep.store import SoftStore, StoreError, parse_scale, scale_label
+from softtrain import distributed
 from softtrain.checkpoint import load_checkpoint
 from softtrain.data import EvalDataset, normalise, parse_crop
+from softtrain.distributed import Ranks
 from softtrain.metrics import Confusion
 from softtrain.models import build_model
 
@@ -130,22 +132,28 @@ def evaluate(
     opts: InferenceOptions | None = None,
     crop: str = "512x1024",
     progress=None,
+    ranks: Ranks | None = None,
 ) -> Confusion:
     """Confusion matrix of ``model`` over ``dataset`` at full resolution. ``crop``: the
-    training crop (default slide window); ``progress(done, total)`` after each image."""
+    training crop (default slide window); ``progress(done, total)`` after each image.
+    ``ranks``: under torchrun each rank scores every ``world``-th image and the matrices
+    are summed, so every rank gets the single-process result."""
     opts = opts or InferenceOptions()
+    ranks = ranks or Ranks(device=torch.device(device))
     window, stride = opts.windows(crop)
     was_training = model.training
     model.eval()
     confusion = Confusion(num_classes, device)
-    loader = DataLoader(dataset, batch_size=1, num_workers=0, generator=torch.Generator())
+    share = Subset(dataset, range(ranks.rank, len(dataset), ranks.world))
+    loader = DataLoader(share, batch_size=1, num_workers=0, generator=torch.Generator())
     for n, batch in enumerate(loader):
         images = [x.to(device) for x in batch["images"]]
         label = batch["label"][0].to(device)
         scores = segment_scores(model, images, opts, window, stride)
         confusion.update(upsample_argmax(scores, tuple(label.shape)), label)
         if progress:
-            progress(n + 1, len(dataset))
+            progress(n + 1, len(share))
+    distributed.sum_(ranks, confusion.matrix)
     model.train(was_training)
     return confusion
 

@@ -19,7 +19,7 @@ import random
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,7 +29,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
 from softprep.store import SoftStore, StoreError, scale_label
+from softtrain import distributed
 from softtrain.checkpoint import (
+    CheckpointError,
     check_run_folder,
     clear_run,
     keep_last,
@@ -38,6 +40,7 @@ from softtrain.checkpoint import (
 )
 from softtrain.config import FitConfig
 from softtrain.data import CropDataset, normalise, parse_crop
+from softtrain.distributed import Ranks
 from softtrain.evaluate import eval_dataset, evaluate, resolve_device
 from softtrain.losses import soft_label_loss
 from softtrain.metrics import eval_record
@@ -65,21 +68,28 @@ class Interrupted(Exception):
 
 class RunSampler(Sampler):
     """Sample indices for a whole run: epoch after epoch, each a fresh permutation from
-    (seed, epoch) cut to whole batches, encoded as ``epoch * n + item`` (so loader workers
-    need no epoch updates) and starting at batch ``start`` (for resuming).
+    (seed, epoch) cut to whole steps of ``batch_size`` per rank x ``world`` ranks, encoded as
+    ``epoch * n + item`` (so loader workers need no epoch updates), starting at the
+    rank's micro-batch ``start`` (for resuming). Rank ``r`` takes the ``r``-th share of
+    every step: the ranks' shares of an epoch are disjoint and together equal the epoch of
+    one process with a ``batch_size * world`` batch.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0):
+    def __init__(
+        self, n: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1
+    ):
         self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
-        self.per_epoch = n // batch_size
+        self.rank, self.world = rank, world
+        self.per_epoch = n // (batch_size * world)  # steps per epoch
 
     def __iter__(self):
         epoch, skip = divmod(self.start, self.per_epoch)
-        skip *= self.batch_size
+        b, w = self.batch_size, self.world
         while True:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            perm = torch.randperm(self.n, generator=g)[: self.per_epoch * self.batch_size]
-            yield from (epoch * self.n + perm[skip:]).tolist()
+            perm = torch.randperm(self.n, generator=g)[: self.per_epoch * w * b]
+            mine = perm.view(self.per_epoch, w, b)[skip:, self.rank].reshape(-1)
+            yield from (epoch * self.n + mine).tolist()
             epoch, skip = epoch + 1, 0
 
 
@@ -153,21 +163,10 @@ def _resume_checks(cfg: FitConfig, ckpt: dict, store: SoftStore, path: Path) -> 
         )
 
 
-def fit(
-    cfg: FitConfig, resume: bool = False, overwrite: bool = False, on_log=None, on_eval=None
-) -> dict:
-    """Train per ``cfg``; returns {"best_miou", "last_miou", "step"} (mIoU None when the
-    store has no evaluation split). ``on_log(StepLog)`` every ``log_every`` steps and
-    ``on_eval(record)`` (``metrics.eval_record``) report progress. Raises ``TrainingError``
-    for unusable inputs (before anything is written) and ``Interrupted`` on SIGTERM/SIGINT.
-    """
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
+def _open_inputs(cfg: FitConfig, ranks: Ranks, resume: bool, overwrite: bool):
+    """Everything a run needs that bad input can break, opened before anything is written:
+    (store, training crops, evaluation set or None, evaluation level, model, checkpoint)."""
     store = SoftStore(cfg.store)
-    classes = store.classes
-    names = [c["name"] for c in classes]
     train = CropDataset(
         cfg.store,
         parse_crop(cfg.crop),
@@ -177,32 +176,73 @@ def fit(
         cat_max_ratio=cfg.cat_max_ratio,
         seed=cfg.seed,
     )
-    if len(train) < cfg.batch_size:
+    per_step = cfg.batch_size * ranks.world
+    if len(train) < per_step:
         raise TrainingError(
-            f"{cfg.store}: {len(train)} training images, fewer than one batch of {cfg.batch_size}"
+            f"{cfg.store}: {len(train)} training images, fewer than one step's batch of "
+            f"{cfg.batch_size} per process x {ranks.world} process(es)"
         )
     eval_level = cfg.eval_level or scale_label(max(train.scales))
     try:
         evalset = eval_dataset(cfg.store, eval_level, cfg.eval_split)
     except StoreError as e:
         evalset = None
-        log.warning("evaluation skipped, best.pt not written: %s", e)
-    model = build_model(cfg.model, len(classes), cfg.pretrained).to(device)
+        if ranks.main:
+            log.warning("evaluation skipped, best.pt not written: %s", e)
+    model = build_model(cfg.model, store.num_classes, cfg.pretrained)
     out = Path(cfg.out)
     check_run_folder(out, resume, overwrite)
     ckpt = None
     if resume:
-        ckpt = load_checkpoint(out / "last.pt", classes)
+        ckpt = load_checkpoint(out / "last.pt", store.classes)
         _resume_checks(cfg, ckpt, store, out / "last.pt")
-    # The inputs are usable: from here on the run folder is written.
-    if overwrite:
-        clear_run(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(cfg.to_toml())
-    runlog = RunLog(out, cfg.tensorboard, resume_step=ckpt["step"] if ckpt else None)
+    return store, train, evalset, eval_level, model, ckpt
+
+
+def fit(
+    cfg: FitConfig, resume: bool = False, overwrite: bool = False, on_log=None, on_eval=None
+) -> dict:
+    """Train per ``cfg``; returns {"best_miou", "last_miou", "step", "rank"} (mIoU None when
+    the store has no evaluation split). ``on_log(StepLog)`` every ``log_every`` steps and
+    ``on_eval(record)`` (``metrics.eval_record``) report progress (rank 0 only). Raises
+    ``TrainingError`` for unusable inputs (before anything is written) and ``Interrupted``
+    on SIGTERM/SIGINT. Under ``torchrun``, one process per GPU (``softtrain.distributed``).
+    """
+    ranks = distributed.setup(resolve_device(cfg.device))
+    try:
+        return _fit(cfg, ranks, resume, overwrite, on_log, on_eval)
+    finally:
+        distributed.teardown(ranks)
+
+
+def _fit(cfg: FitConfig, ranks: Ranks, resume, overwrite, on_log, on_eval) -> dict:
+    device = ranks.device
+    torch.manual_seed(cfg.seed + ranks.rank)  # dropout differs per rank; DDP syncs weights
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    try:
+        store, train, evalset, eval_level, model, ckpt = _open_inputs(cfg, ranks, resume, overwrite)
+        error = None
+    except (StoreError, TrainingError, CheckpointError, ValueError, FileNotFoundError) as e:
+        error = e
+    failed = distributed.agree(ranks, error)  # every rank stops if any cannot start
+    if failed:
+        raise error if error is not None else TrainingError(failed)
+    classes = store.classes
+    names = [c["name"] for c in classes]
+    out = Path(cfg.out)
+    runlog = None
+    if ranks.main:  # the inputs are usable: from here on the run folder is written
+        if overwrite:
+            clear_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.toml").write_text(cfg.to_toml())
+        runlog = RunLog(out, cfg.tensorboard, resume_step=ckpt["step"] if ckpt else None)
+    if cfg.sync_bn and ranks.distributed:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if cfg.compile else model
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
@@ -216,9 +256,16 @@ def fit(
         scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)  # --lr, --iters apply
         for group in optimizer.param_groups:
             group["initial_lr"], group["lr"] = cfg.lr, cfg.lr * poly_lr(step, cfg)
-        _set_rng_state(ckpt["rng"])
+        states = ckpt["rng"]  # one per rank of the run that saved it
+        states = [states] if isinstance(states, dict) else states
+        _set_rng_state(states[ranks.rank] if len(states) == ranks.world else states[0])
+    train_model = model
+    if ranks.distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    step_model = torch.compile(train_model) if cfg.compile else train_model
     rng_at_step = _rng_state()  # RNG state at the last optimiser step: what a save records
-    micro = step * cfg.accum  # micro-batches consumed so far
+    micro = step * cfg.accum  # micro-batches (per rank) consumed so far
     meta = {
         "classes": classes,
         "config": asdict(cfg),
@@ -227,9 +274,10 @@ def fit(
             for k in ("kernel", "antialias", "short_side", "dataset", "build_id", "manifest")
         },
         "eval_level": eval_level,
+        "world_size": ranks.world,
     }
 
-    def checkpoint(path: Path) -> None:
+    def checkpoint(path: Path, rng: list) -> None:
         save_checkpoint(
             path,
             model=model.state_dict(),
@@ -237,30 +285,36 @@ def fit(
             scheduler=scheduler.state_dict(),
             step=step,
             best_miou=best,
-            rng=rng_at_step,
+            rng=rng,
             **meta,
         )
 
     def save() -> None:
-        checkpoint(out / "last.pt")
+        rng = distributed.gather(ranks, rng_at_step)  # every rank calls; rank 0 writes
+        if not ranks.main:
+            return
+        checkpoint(out / "last.pt", rng)
         if cfg.keep_checkpoints:
-            checkpoint(out / f"iter_{step}.pt")
+            checkpoint(out / f"iter_{step}.pt", rng)
             keep_last(out, cfg.keep_checkpoints)
         runlog.plot()
 
     def run_eval() -> float | None:
         nonlocal best
-        confusion = evaluate(model, evalset, len(classes), device, crop=cfg.crop)
+        distributed.share_buffers(ranks, model)  # evaluate exactly the model rank 0 saves
+        confusion = evaluate(model, evalset, len(classes), device, crop=cfg.crop, ranks=ranks)
         record = eval_record(
             confusion, names, step=step, split=cfg.eval_split, level=eval_level, mode="whole"
         )
-        runlog.eval(record)
-        if on_eval:
-            on_eval(record)
         miou = record["mIoU"]
-        if miou is not None and miou > best:
-            best = miou
-            checkpoint(out / "best.pt")
+        rng = distributed.gather(ranks, rng_at_step)  # every rank calls; rank 0 writes
+        if ranks.main:
+            runlog.eval(record)
+            if on_eval:
+                on_eval(record)
+            if miou is not None and miou > best:
+                checkpoint(out / "best.pt", rng)
+        best = max(best, miou if miou is not None else -1.0)
         return miou
 
     model.train()
@@ -269,7 +323,7 @@ def fit(
     loader = DataLoader(
         train,
         batch_size=cfg.batch_size,
-        sampler=RunSampler(len(train), cfg.batch_size, cfg.seed, micro),
+        sampler=RunSampler(len(train), cfg.batch_size, cfg.seed, micro, ranks.rank, ranks.world),
         num_workers=cfg.workers,
         pin_memory=device.type == "cuda",
         drop_last=True,
@@ -289,39 +343,30 @@ def fit(
                 if stop["signum"] is None:  # a signal also stops the loader's workers
                     raise
                 batch = None
-            if stop["signum"] is not None:
+            if distributed.any_rank(ranks, stop["signum"] is not None):
                 save()
-                raise Interrupted(stop["signum"], step, out)
+                raise Interrupted(stop["signum"] or signal.SIGTERM, step, out)
             wait += time.perf_counter() - t0
             image = normalise(batch["image"].to(device, non_blocking=True))
             if cfg.channels_last:
                 image = image.contiguous(memory_format=torch.channels_last)
             index = batch["index"].to(device, non_blocking=True)
             prob = batch["prob"].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits = step_model(image)
-            logits = F.interpolate(
-                logits.float(), size=index.shape[-2:], mode="bilinear", align_corners=False
-            )
-            out_loss = soft_label_loss(logits, index, prob, cfg.loss, cfg.mc)
-            value = out_loss.loss.item()
-            if not math.isfinite(value):
-                saved = (
-                    load_checkpoint(out / "last.pt")["step"] if (out / "last.pt").exists() else None
+            last_micro = (micro + 1) % cfg.accum == 0  # gradients are all-reduced only then
+            no_sync = train_model.no_sync if ranks.distributed and not last_micro else nullcontext
+            with no_sync():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    logits = step_model(image)
+                logits = F.interpolate(
+                    logits.float(), size=index.shape[-2:], mode="bilinear", align_corners=False
                 )
-                raise TrainingError(
-                    f"loss is {value} at step {step}; stopped. "
-                    + (
-                        f"The last checkpoint ({out / 'last.pt'}, step {saved}) is intact: lower "
-                        "--lr or add --warmup-iters, then --resume"
-                        if saved is not None
-                        else "No checkpoint was saved yet: lower --lr or add --warmup-iters "
-                        "and start again with --overwrite"
-                    )
-                )
-            (out_loss.loss / cfg.accum).backward()
+                out_loss = soft_label_loss(logits, index, prob, cfg.loss, cfg.mc)
+                value = distributed.mean(ranks, out_loss.loss).item()
+                if not math.isfinite(value):
+                    raise TrainingError(_non_finite_message(value, step, out))
+                (out_loss.loss / cfg.accum).backward()
             micro += 1
-            seen += image.shape[0]
+            seen += image.shape[0] * ranks.world
             if micro % cfg.accum:
                 continue
             optimizer.step()
@@ -329,7 +374,7 @@ def fit(
             scheduler.step()
             step += 1
             rng_at_step = _rng_state()
-            if step % cfg.log_every == 0 or step == cfg.iters:
+            if ranks.main and (step % cfg.log_every == 0 or step == cfg.iters):
                 now = time.perf_counter()
                 peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
                 entry = StepLog(
@@ -359,5 +404,21 @@ def fit(
         if evalset is not None:
             last_miou = run_eval()
         save()
-    runlog.close()
-    return {"best_miou": best if best >= 0 else None, "last_miou": last_miou, "step": step}
+    if runlog:
+        runlog.close()
+    best_miou = best if best >= 0 else None
+    return {"best_miou": best_miou, "last_miou": last_miou, "step": step, "rank": ranks.rank}
+
+
+def _non_finite_message(value: float, step: int, out: Path) -> str:
+    last = out / "last.pt"
+    saved = load_checkpoint(last)["step"] if last.exists() else None
+    if saved is None:
+        return (
+            f"loss is {value} at step {step}; stopped. No checkpoint was saved yet: lower --lr "
+            "or add --warmup-iters and start again with --overwrite"
+        )
+    return (
+        f"loss is {value} at step {step}; stopped. The last checkpoint ({last}, step {saved}) "
+        "is intact: lower --lr or add --warmup-iters, then --resume"
+    )

@@ -218,7 +218,7 @@ def test_store_without_validation_split_trains_unevaluated(samples, tmp_path):
         BuildOptions(scales=(0.125,), splits=("train",)),
     )
     result = fit(tiny(url, tmp_path / "run", iters=2, eval_every=1))
-    assert result == {"best_miou": None, "last_miou": None, "step": 2}
+    assert result == {"best_miou": None, "last_miou": None, "step": 2, "rank": 0}
     assert not (tmp_path / "run/best.pt").exists() and (tmp_path / "run/last.pt").exists()
 
 

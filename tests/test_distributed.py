@@ -1,0 +1,91 @@
+"""torchrun + DDP on the CPU (Gloo, two processes, a tiny model): the ranks share each
+epoch without overlap, training runs and the loss falls, distributed evaluation equals the
+single-process one exactly, checkpoints move between DDP and single-process runs, and
+too many ranks for the data are refused with a message."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from softprep.build import BuildOptions, build
+from softprep.manifest import load_manifest
+from softtrain.checkpoint import load_checkpoint
+from softtrain.config import FitConfig
+from softtrain.evaluate import eval_checkpoint
+from softtrain.fit import RunSampler, fit
+from softtrain.runlog import read_metrics
+
+
+@pytest.fixture(scope="module")
+def store(samples, tmp_path_factory):
+    url = str(tmp_path_factory.mktemp("ddp") / "cs.zarr")
+    build(load_manifest("cityscapes"), samples["cityscapes"], url, BuildOptions(scales=(0.125,)))
+    return url
+
+
+def first_epoch(sampler: RunSampler, steps: int, batch: int) -> list[list[int]]:
+    it = iter(sampler)
+    return [[next(it) for _ in range(batch)] for _ in range(steps)]
+
+
+@pytest.mark.parametrize("n,batch,world", [(23, 2, 3), (8, 4, 2), (9, 1, 4)])
+def test_ranks_share_each_epoch_disjointly(n, batch, world):
+    single = RunSampler(n, batch * world, seed=5)
+    steps = single.per_epoch
+    assert steps == n // (batch * world)
+    whole = first_epoch(single, steps, batch * world)
+    shares = [
+        first_epoch(RunSampler(n, batch, 5, rank=r, world=world), steps, batch)
+        for r in range(world)
+    ]
+    for j in range(steps):  # step j of the run = the ranks' shares of step j, in rank order
+        assert sum((shares[r][j] for r in range(world)), []) == whole[j]
+    flat = [i for share in shares for step in share for i in step]
+    assert len(flat) == len(set(flat))
+    resumed = first_epoch(RunSampler(n, batch, 5, start=1, rank=world - 1, world=world), 1, batch)
+    assert resumed[0] == shares[world - 1][1 % steps] if steps > 1 else True
+
+
+def torchrun(*args, timeout=300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "softtrain", "fit", *map(str, args)]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+COMMON = ["--model", "deeplabv3plus_r18", "--crop", "32x64", "--levels", "1/8", "--lr", "0.05",
+          "--workers", "0", "--device", "cpu", "--log-every", "1"]  # fmt: skip
+
+
+def test_ddp_trains_evaluates_like_one_process_and_hands_over_checkpoints(store, tmp_path):
+    out = tmp_path / "run"
+    r = torchrun("--store", store, "--out", out, "--batch-size", 2, "--iters", 20,
+                 "--eval-every", 10, "--eval-level", "1/8", *COMMON)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    records = read_metrics(out / "metrics.jsonl")
+    train = [x for x in records if x["type"] == "train"]
+    assert [x["step"] for x in train] == list(range(1, 21))  # rank 0 alone writes
+    losses = [x["loss"] for x in train]
+    assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 20 and len(ckpt["rng"]) == 2
+    assert not any(k.startswith("module.") for k in ckpt["model"])  # loads without DDP
+    final = [x for x in records if x["type"] == "eval"][-1]
+    confusion, _ = eval_checkpoint(str(out / "last.pt"), store, "1/8", device="cpu")
+    assert final["step"] == 20 and final["mIoU"] == confusion.miou()  # exactly
+    assert final["aAcc"] == confusion.pixel_accuracy()
+    resumed = fit(FitConfig.from_toml(out / "config.toml", iters=22), resume=True)
+    assert resumed["step"] == 22  # a DDP checkpoint continues in one process
+    r = torchrun("--out", out, "--resume", "--iters", 24, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr  # and back under DDP
+    assert load_checkpoint(out / "last.pt")["step"] == 24
+
+
+def test_more_ranks_than_a_batch_of_images_is_refused(store, tmp_path):
+    r = torchrun("--store", store, "--out", tmp_path / "run", "--batch-size", 4, "--iters", 2,
+                 *COMMON)  # fmt: skip
+    assert r.returncode != 0
+    text = " ".join((r.stdout + r.stderr).split())
+    assert "fewer than one step's batch of 4 per process x 2 process(es)" in text
+    assert not (tmp_path / "run").exists()
