@@ -18,6 +18,8 @@ from softprep.build import BuildError, BuildOptions
 from softprep.build import build as run_build
 from softprep.datasets import DatasetError, detect_version
 from softprep.datasets import scan as run_scan
+from softprep.fidelity import from_dataset as fidelity_from_dataset
+from softprep.fidelity import from_store as fidelity_from_store
 from softprep.manifest import ManifestError, load_manifest
 from softprep.priors import SHOWN_AS, PriorReport, from_dataset, from_store
 from softprep.render import render
@@ -374,6 +376,65 @@ def priors(
     for p in (csv_path, json_path, plot):
         if p:
             out.print(f"wrote {p}")
+
+
+@app.command()
+def fidelity(
+    dataset: str | None = typer.Argument(
+        None, help="Without a store: the dataset to compute from (needs --root)."
+    ),
+    store: str | None = typer.Option(None, help="Store built by 'softprep build'."),
+    root: Path | None = typer.Option(None, help="Dataset root, when computing without a store."),
+    compare: list[str] = typer.Option(
+        ["nn", "nn-floor"], help="Nearest-neighbour labels to score beside the soft labels."
+    ),
+    split: str = typer.Option("val", help="An evaluation split (full-resolution labels)."),
+    scales: list[str] = typer.Option(
+        ["1/8", "1/4", "1/2"], help="Without a store: levels to compute."
+    ),
+    kernel: str = typer.Option("bilinear", help="Without a store: the soft-label kernel."),
+    antialias: bool = typer.Option(True, help="Without a store: antialiased kernel."),
+    short_side: int | None = typer.Option(None, help="Without a store: reference short side."),
+    csv_path: Path | None = typer.Option(None, "--csv", help="Write per-class IoU as CSV."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write mIoU and per-class IoU."),
+    plot: Path | None = typer.Option(None, help="Write a PNG: per-class IoU per strategy."),
+    version: str | None = VersionOpt,
+    labels: str | None = LabelsOpt,
+):
+    """How much of the truth each level's labels keep: mIoU and per-class IoU at full
+    resolution, as if a model reproduced its training labels perfectly.
+
+    soft: probabilities up-sampled bilinearly, then argmax (what training exploits);
+    soft-argmax: argmax, then nearest up-sampling; nn / nn-floor: nearest-neighbour labels.
+    """
+    with user_errors():
+        if store:
+            with progress_bar("scoring labels") as bar:
+                report = fidelity_from_store(SoftStore(store), compare, split, progress=bar)
+        elif dataset and root:
+            m = _manifest(dataset, root, version, labels)
+            options = BuildOptions(
+                scales=_scales(scales), kernel=kernel, antialias=antialias, short_side=short_side
+            )
+            with progress_bar("scoring labels") as bar:
+                report = fidelity_from_dataset(m, root, options, compare, split, progress=bar)
+        else:
+            raise ValueError("give --store STORE, or a dataset and --root PATH")
+    for level in report.levels:
+        table = Table("class", *report.strategies, title=f"{level}: IoU (%) at full resolution")
+        for c, name in enumerate(report.classes):
+            cells = [report.iou(level, s)[c] for s in report.strategies]
+            table.add_row(name, *("-" if np.isnan(v) else f"{100 * v:.1f}" for v in cells))
+        table.add_row("mIoU", *(f"{100 * report.miou(level, s):.1f}" for s in report.strategies))
+        out.print(table)
+    for path, write in (
+        (csv_path, report.write_csv),
+        (json_path, report.write_json),
+        (plot, report.plot),
+    ):
+        if path:
+            write(path)
+            out.print(f"wrote {path}")
 
 
 def print_priors(report: PriorReport) -> None:

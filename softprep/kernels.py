@@ -10,6 +10,8 @@
 - ``sampled_counts``: the label histogram of a nearest-neighbour grid, without building it.
 - ``map_counted``, ``row_changes``: one pass each over a full-resolution label.
 - ``largest_remainder``: exact-sum uint8 rounding of proportions (``softprep.quantize``).
+- ``bilinear_argmax``: the argmax of a bilinearly up-sampled top-K soft label
+  (``softprep.fidelity``), pixels x K, never a dense class volume.
 
 Compiled on first use and cached on disk (``__pycache__``), so later processes, build
 workers included, load them in well under a second. Callers import this module lazily,
@@ -200,3 +202,54 @@ def row_changes(label):  # pragma: no cover - compiled
             n += label[y, x] != label[y, x - 1]
             changes[y, x] = n
     return changes
+
+
+@numba.njit(cache=True, nogil=True)
+def bilinear_argmax(index, prob, y0, y1, wy, x0, x1, wx, void):  # pragma: no cover - compiled
+    """Argmax of the bilinear up-sampling of a top-K soft label, without a dense volume.
+
+    ``index``/``prob``: (K, h, w) uint8 class ids and probabilities (any scale); ``y0``,
+    ``y1``: (H,) int64 source rows of each output row and ``wy`` (H,) float64 the weight of
+    ``y1``; likewise ``x0``, ``x1``, ``wx`` for columns. Returns (H, W) uint8: the non-void
+    class of largest up-sampled probability (ties: lower id), ``void`` where only void has
+    mass. Each output pixel sums at most 4K (class, weight) pairs: cost pixels x K.
+    """
+    k = index.shape[0]
+    ho, wo = y0.shape[0], x0.shape[0]
+    out = np.empty((ho, wo), np.uint8)
+    labels = np.empty(4 * k, np.uint8)
+    mass = np.empty(4 * k, np.float64)
+    for oy in range(ho):
+        for ox in range(wo):
+            n = 0
+            for corner in range(4):
+                sy = y1[oy] if corner >= 2 else y0[oy]
+                sx = x1[ox] if corner % 2 else x0[ox]
+                w = (wy[oy] if corner >= 2 else 1.0 - wy[oy]) * (
+                    wx[ox] if corner % 2 else 1.0 - wx[ox]
+                )
+                if w == 0.0:
+                    continue
+                for slot in range(k):
+                    p = prob[slot, sy, sx]
+                    c = index[slot, sy, sx]
+                    if p == 0 or c == void:
+                        continue
+                    j = 0
+                    while j < n and labels[j] != c:
+                        j += 1
+                    if j == n:
+                        labels[n] = c
+                        mass[n] = 0.0
+                        n += 1
+                    mass[j] += w * p
+            best = -1
+            for j in range(n):
+                if (
+                    best < 0
+                    or mass[j] > mass[best]
+                    or (mass[j] == mass[best] and labels[j] < labels[best])
+                ):
+                    best = j
+            out[oy, ox] = labels[best] if best >= 0 else void
+    return out
