@@ -26,7 +26,7 @@ from softprep.render import render
 from softprep.resample import KERNELS
 from softprep.sample import write_sample
 from softprep.store import SoftStore, StoreError, parse_scale
-from softprep.terminal import expand_multi_value, progress_bar, show_notes, tagged
+from softprep.terminal import progress_bar, run_app, show_notes, tagged
 from softprep.terminal import user_errors as _user_errors
 from softprep.verify import verify as run_verify
 
@@ -470,9 +470,4 @@ def print_priors(report: PriorReport) -> None:
 
 
 def main() -> None:
-    try:
-        argv = expand_multi_value(sys.argv[1:], MULTI_VALUE, app)
-    except ValueError as e:
-        console.print(tagged("error", "red", e), highlight=False)
-        raise SystemExit(2) from None
-    app(args=argv, prog_name="softprep")
+    run_app(app, sys.argv[1:], MULTI_VALUE, "softprep")

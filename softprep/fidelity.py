@@ -174,6 +174,13 @@ class FidelityReport:
         plt.close(fig)
 
 
+def _score(conf: dict, truth, index, prob, scale, options, strategies, c: int) -> None:
+    """Add one image at one level to every strategy's confusion matrix."""
+    labels = strategy_labels(index, prob, truth, scale, options, strategies)
+    for s, predicted in labels.items():
+        _accumulate(conf[scale_label(scale)][s], truth, predicted, c)
+
+
 def _accumulate(confusion: np.ndarray, truth: np.ndarray, labels: np.ndarray, c: int) -> None:
     keep = truth != VOID
     pred = np.where(labels[keep] == VOID, c, labels[keep]).astype(np.int64)
@@ -211,10 +218,7 @@ def from_store(
         truth = store.read_full_label(int(i))
         for scale in store.scales:
             index, prob = store.read_soft(scale, int(i))
-            for s, labels in strategy_labels(
-                index, prob, truth, scale, options, strategies
-            ).items():
-                _accumulate(conf[scale_label(scale)][s], truth, labels, c)
+            _score(conf, truth, index, prob, scale, options, strategies, c)
         if progress:
             progress(n + 1, len(items))
     return FidelityReport(store.manifest.class_names, split, len(items), conf)
@@ -240,10 +244,7 @@ def from_dataset(
             r = Resampler.make(truth.shape, size, options.kernel, options.antialias)
             index, prob, _ = r.soft_topk(truth, options.k)
             index, prob = decode_planes(encode_planes(index, prob))
-            for s, labels in strategy_labels(
-                index, prob, truth, scale, options, strategies
-            ).items():
-                _accumulate(conf[scale_label(scale)][s], truth, labels, c)
+            _score(conf, truth, index, prob, scale, options, strategies, c)
         if progress:
             progress(n + 1, len(pairs))
     return FidelityReport(manifest.class_names, split, len(pairs), conf)

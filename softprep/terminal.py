@@ -87,6 +87,17 @@ def user_errors(errors: tuple):
         raise typer.Exit(2) from None
 
 
+def run_app(app: typer.Typer, argv: list[str], options, prog_name: str) -> None:
+    """A CLI's entry point: multi-value options expanded (``expand_multi_value``), a refused
+    expansion as one error line and exit code 2, then the Typer app."""
+    try:
+        args = expand_multi_value(argv, options, app)
+    except ValueError as e:
+        console.print(tagged("error", "red", e), highlight=False)
+        raise SystemExit(2) from None
+    app(args=args, prog_name=prog_name)
+
+
 def expand_multi_value(argv: list[str], options, app: typer.Typer | None = None) -> list[str]:
     """``--scales 1/8 1/4`` -> ``--scales 1/8 --scales 1/4`` (Typer options take one value),
     like argparse's ``nargs='+'``: values run until the next argument that starts with ``-``,

@@ -19,7 +19,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from softprep.terminal import expand_multi_value, progress_bar, show_notes, tagged, user_errors
+from softprep.terminal import (
+    progress_bar,
+    run_app,
+    show_notes,
+    tagged,
+    user_errors,
+)
 from softtrain.config import LOSSES, MC_MODES, FitConfig
 
 app = typer.Typer(
@@ -451,9 +457,4 @@ def bench_loader(
 
 
 def main() -> None:
-    try:
-        argv = expand_multi_value(sys.argv[1:], MULTI_VALUE, app)
-    except ValueError as e:
-        console.print(tagged("error", "red", e), highlight=False)
-        raise SystemExit(2) from None
-    app(args=argv, prog_name="softtrain")
+    run_app(app, sys.argv[1:], MULTI_VALUE, "softtrain")

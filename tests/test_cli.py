@@ -3,7 +3,8 @@
 import pytest
 from typer.testing import CliRunner
 
-from softprep.cli import MULTI_VALUE, app, expand_multi_value
+from softprep.cli import MULTI_VALUE, app
+from softprep.terminal import expand_multi_value
 
 runner = CliRunner()
 

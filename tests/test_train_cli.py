@@ -5,8 +5,8 @@ import json
 from typer.testing import CliRunner
 
 from softprep.build import BuildOptions, build
-from softprep.cli import expand_multi_value
 from softprep.manifest import load_manifest
+from softprep.terminal import expand_multi_value
 from softtrain.cli import MULTI_VALUE, app
 
 runner = CliRunner()
