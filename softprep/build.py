@@ -40,6 +40,7 @@ from softprep.datasets import (
 from softprep.manifest import VOID, Manifest
 from softprep.quantize import RULE, encode_planes
 from softprep.resample import KERNELS, Resampler, output_size, row_changes
+from softprep.weak import WeakProtocol
 
 BASE_STRATEGIES = ("soft", "nn", "nn-floor")
 FLUSH_EVERY = 32
@@ -66,10 +67,14 @@ class BuildOptions:
     short_side: int | None = None
     stats_for: tuple[str, ...] = ()
     splits: tuple[str, ...] | None = None
+    weak: str | None = None  # a softprep.weak protocol for training splits, e.g. "blocks:0.1"
+    weak_seed: int = 0
 
     def __post_init__(self):
         if not self.scales:
             raise ValueError("give at least one scale")
+        if self.weak is not None:
+            WeakProtocol.parse(self.weak)
         if self.kernel not in KERNELS:
             raise ValueError(f"unknown kernel '{self.kernel}'; choose from {', '.join(KERNELS)}")
         if not 1 <= self.k <= 16:
@@ -146,10 +151,16 @@ def strategy_masses(
     return masses
 
 
-def process_pair(pair: Pair, manifest: Manifest, options: BuildOptions, keep_full: bool):
+def process_pair(
+    pair: Pair, manifest: Manifest, options: BuildOptions, keep_full: bool, number: int = 0
+):
     """Decode one pair and compute every level: returns ({level: (planes, rgb)}, result
-    without index, full label or None). Pure: writes nothing."""
+    without index, full label or None). Training pairs (not ``keep_full``) are thinned by
+    ``options.weak``, seeded by the image ``number``. Pure: writes nothing."""
     image, label, counts = load_pair(pair, manifest)
+    if options.weak and not keep_full:
+        label = WeakProtocol.parse(options.weak).thin(label, options.weak_seed, number)
+        counts = np.bincount(label.ravel(), minlength=256).astype(np.int64)
     c = manifest.num_classes
     result = ImageResult(index=-1, full=with_void_last(counts, c))
     arrays = {}
@@ -230,7 +241,7 @@ def _task(url, build_id, i, pair, manifest, options, keep_full, parent) -> Image
     ``ImageResult.error`` (plain, picklable data), never as an exception."""
     _watch_parent(parent)
     try:
-        arrays, result, full = process_pair(pair, manifest, options, keep_full)
+        arrays, result, full = process_pair(pair, manifest, options, keep_full, i)
     except DatasetError as e:
         return ImageResult(index=i, error=Problem(e.path, e.message, i))
     except MemoryError:
@@ -272,6 +283,8 @@ def _config(manifest: Manifest, options: BuildOptions) -> dict:
     cfg["scales"] = list(options.scales)
     cfg["stats_for"] = list(options.stats_for)
     cfg["splits"] = list(options.splits) if options.splits else None
+    if options.weak is None:  # stores built without weak labels record no weak options
+        del cfg["weak"], cfg["weak_seed"]
     cfg.update(dataset=manifest.dataset, version=manifest.version, variant=manifest.variant)
     return cfg
 

@@ -185,6 +185,12 @@ def build(
         help="Extra strategies whose class priors are recorded for 'priors --compare': area, bilinear, bicubic (-noaa suffix for no antialias).",
     ),
     split: list[str] = typer.Option(None, help="Splits to build (default: all present)."),
+    weak: str | None = typer.Option(
+        None,
+        help="Weak labels on training splits: blocks:SHARE[:SIZE] keeps a seeded share of "
+        "SIZE px blocks (default 64), void elsewhere, e.g. blocks:0.1.",
+    ),
+    weak_seed: int = typer.Option(0, help="Seed of the --weak thinning."),
     out_url: str | None = typer.Option(
         None, "--out", help="Store path or fsspec URL (default: <dataset>.zarr)."
     ),
@@ -216,6 +222,8 @@ def build(
             short_side=short_side,
             stats_for=tuple(stats_for),
             splits=tuple(split) if split else None,
+            weak=weak,
+            weak_seed=weak_seed,
         )
         url = out_url or f"{m.dataset}.zarr"
         with _backend(backend, scheduler), progress_bar("building") as bar:
@@ -271,6 +279,9 @@ def info(
     out.print(
         "images: " + ", ".join(f"{s} {n}" for s, n in d["images"].items()) + f"; done {d['done']}"
     )
+    if d["weak"]:
+        shares = ", ".join(f"{s} {v:.1%}" for s, v in d["labelled_share"].items())
+        out.print(f"weak labels ({d['weak']}, training splits): labelled pixels {shares}")
     table = Table("level", "max HxW", "soft MB", "rgb MB", "truncated mass", "max truncated/pixel")
     mb = lambda b: "-" if b is None else f"{b / 1e6:.1f}"
     for lv in d["levels"]:

@@ -545,9 +545,17 @@ class SoftStore:
                     "rgb_bytes": self.disk_bytes(f"levels/{level_name(scale)}/rgb"),
                 }
             )
+        counts = self.full_counts()
+        labelled = {}
+        for s in self.splits:
+            rows = counts[(split == s) & done]
+            total = rows.sum()
+            labelled[s] = float(1 - rows[:, -1].sum() / total) if total else 0.0
         return {
             "url": self.url,
             "dataset": self.meta["dataset"],
+            "weak": self.meta.get("config", {}).get("weak"),
+            "labelled_share": labelled,  # per split: pixels not void at full resolution
             "dataset_version": self.meta["dataset_version"],
             "kernel": self.meta["kernel"],
             "antialias": self.meta["antialias"],

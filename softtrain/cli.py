@@ -26,7 +26,7 @@ from softprep.terminal import (
     tagged,
     user_errors,
 )
-from softtrain.config import LOSSES, MC_MODES, FitConfig
+from softtrain.config import LOSSES, MC_MODES, POTTS, WEAK_LOSSES, XENT, FitConfig
 
 app = typer.Typer(
     help="Segmentation training on softprep soft-label stores: fit, eval, predict.",
@@ -203,6 +203,25 @@ def fit(
     sync_bn: bool = typer.Option(
         None, "--sync-bn/--no-sync-bn", help="SyncBatchNorm across GPUs (under torchrun)."
     ),
+    weak_loss: str = typer.Option(
+        None,
+        help=f"Weak supervision ({', '.join(WEAK_LOSSES)}): none = CE on labelled pixels; potts "
+        "= + dense Potts on the predictions; self-label = + soft pseudo-labels. (default: none)",
+    ),
+    weak_potts: str = typer.Option(
+        None, help=f"Potts relaxation: {', '.join(POTTS)}. (default: collision-divergence)"
+    ),
+    weak_xent: str = typer.Option(
+        None, help=f"Pseudo-label cross-entropy: {', '.join(XENT)}. (default: collision)"
+    ),
+    weak_eta: float = typer.Option(None, help="Weight of H(y, s). (default: 1.0)"),
+    weak_lambda: float = typer.Option(None, help="Weight of the Potts term. (default: 1.0)"),
+    weak_sigma: float = typer.Option(
+        None, help="Colour bandwidth of the pair weights, 0..255. (default: 3)"
+    ),
+    weak_neighbours: int = typer.Option(None, help="Pairs: 4 or 8 neighbours. (default: 4)"),
+    weak_steps: int = typer.Option(None, help="Pseudo-label solver steps. (default: 200)"),
+    weak_step_lr: float = typer.Option(None, help="Pseudo-label solver step. (default: 0.075)"),
     bf16: bool = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (GPU)."),
     channels_last: bool = typer.Option(
         None, "--channels-last/--no-channels-last", help="channels_last memory format (GPU)."
@@ -249,6 +268,15 @@ def fit(
         keep_checkpoints=keep_checkpoints,
         tensorboard=tensorboard,
         sync_bn=sync_bn,
+        weak_loss=weak_loss,
+        weak_potts=weak_potts,
+        weak_xent=weak_xent,
+        weak_eta=weak_eta,
+        weak_lambda=weak_lambda,
+        weak_sigma=weak_sigma,
+        weak_neighbours=weak_neighbours,
+        weak_steps=weak_steps,
+        weak_step_lr=weak_step_lr,
         bf16=bf16,
         channels_last=channels_last,
         compile=compile_model,

@@ -16,6 +16,16 @@ except ImportError:  # Python 3.10
 
 LOSSES = ("soft", "ce-hard")
 MC_MODES = ("include", "exclude")
+WEAK_LOSSES = ("none", "potts", "self-label")  # softtrain.weak
+POTTS = (
+    "bilinear",
+    "quadratic",
+    "normalised-quadratic",
+    "collision-ce",
+    "collision-divergence",
+    "log-quadratic",
+)
+XENT = ("standard", "reverse", "collision")
 
 # Options a resumed run may change: they touch neither the weights' history nor the data
 # order. Everything else must equal the checkpoint's run, or the resume is refused.
@@ -79,6 +89,16 @@ class FitConfig:
     keep_checkpoints: int = 0  # also keep the last N iter_<step>.pt
     tensorboard: bool = False
     sync_bn: bool = False  # SyncBatchNorm across GPUs under torchrun
+    # weak supervision (softtrain.weak), for stores whose unlabelled pixels are void
+    weak_loss: str = "none"  # none: CE on labelled pixels; potts; self-label
+    weak_potts: str = "collision-divergence"
+    weak_xent: str = "collision"
+    weak_eta: float = 1.0  # weight of H(y, s) (self-label)
+    weak_lambda: float = 1.0  # weight of the Potts term
+    weak_sigma: float = 3.0  # colour bandwidth of the pair weights, 0..255 units
+    weak_neighbours: int = 4
+    weak_steps: int = 200  # pseudo-label solver steps
+    weak_step_lr: float = 0.075  # pseudo-label solver step size
     bf16: bool = False
     channels_last: bool = False
     compile: bool = False
@@ -91,6 +111,15 @@ class FitConfig:
             raise ValueError(f"unknown loss '{self.loss}'; choose from {', '.join(LOSSES)}")
         if self.mc not in MC_MODES:
             raise ValueError(f"mc must be include or exclude, got '{self.mc}'")
+        for value, allowed, name in (
+            (self.weak_loss, WEAK_LOSSES, "weak_loss"),
+            (self.weak_potts, POTTS, "weak_potts"),
+            (self.weak_xent, XENT, "weak_xent"),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} '{value}'; choose from {', '.join(allowed)}")
+        if self.weak_neighbours not in (4, 8):
+            raise ValueError("weak_neighbours must be 4 or 8")
         for name in ("batch_size", "accum", "iters", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

@@ -42,10 +42,10 @@ from softtrain.config import FitConfig
 from softtrain.data import CropDataset, normalise, parse_crop
 from softtrain.distributed import Ranks
 from softtrain.evaluate import eval_dataset, evaluate, resolve_device
-from softtrain.losses import soft_label_loss
 from softtrain.metrics import eval_record
 from softtrain.models import build_model
 from softtrain.runlog import RunLog, StepLog
+from softtrain.weak import training_loss
 
 log = logging.getLogger("softtrain")
 
@@ -264,6 +264,7 @@ def _fit(cfg: FitConfig, ranks: Ranks, resume, overwrite, on_log, on_eval) -> di
         ids = [device.index] if device.type == "cuda" else None
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     step_model = torch.compile(train_model) if cfg.compile else train_model
+    loss_fn = training_loss(cfg)  # soft-label loss, or a weak-supervision regime
     rng_at_step = _rng_state()  # RNG state at the last optimiser step: what a save records
     micro = step * cfg.accum  # micro-batches (per rank) consumed so far
     meta = {
@@ -347,7 +348,8 @@ def _fit(cfg: FitConfig, ranks: Ranks, resume, overwrite, on_log, on_eval) -> di
                 save()
                 raise Interrupted(stop["signum"] or signal.SIGTERM, step, out)
             wait += time.perf_counter() - t0
-            image = normalise(batch["image"].to(device, non_blocking=True))
+            colour = batch["image"].to(device, non_blocking=True)  # (B, 3, h, w) uint8
+            image = normalise(colour)
             if cfg.channels_last:
                 image = image.contiguous(memory_format=torch.channels_last)
             index = batch["index"].to(device, non_blocking=True)
@@ -360,7 +362,7 @@ def _fit(cfg: FitConfig, ranks: Ranks, resume, overwrite, on_log, on_eval) -> di
                 logits = F.interpolate(
                     logits.float(), size=index.shape[-2:], mode="bilinear", align_corners=False
                 )
-                out_loss = soft_label_loss(logits, index, prob, cfg.loss, cfg.mc)
+                out_loss = loss_fn(logits, index, prob, colour)
                 value = distributed.mean(ranks, out_loss.loss).item()
                 if not math.isfinite(value):
                     raise TrainingError(_non_finite_message(value, step, out))

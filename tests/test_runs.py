@@ -175,16 +175,16 @@ def test_damaged_checkpoint_is_named(store, tmp_path, damage):
 
 
 def test_non_finite_loss_without_checkpoint_claims_none(store, tmp_path, monkeypatch):
-    import softtrain.fit as fit_module
+    import softtrain.weak as weak_module
 
-    real = fit_module.soft_label_loss
+    real = weak_module.soft_label_loss
 
     def exploding(*args, **kwargs):
         out = real(*args, **kwargs)
         out.loss = out.loss * float("inf")
         return out
 
-    monkeypatch.setattr(fit_module, "soft_label_loss", exploding)
+    monkeypatch.setattr(weak_module, "soft_label_loss", exploding)  # what fit calls
     with pytest.raises(TrainingError, match="No checkpoint was saved yet"):
         fit(tiny(store, tmp_path / "run"))
 

@@ -1,0 +1,189 @@
+"""Weak supervision (scribbles, labelled blocks): soft self-labelling with Potts relaxations
+(Zhang and Boykov, "Soft Self-labeling and Potts Relaxations for Weakly-Supervised
+Segmentation", CVPR 2024).
+
+A weak store is an ordinary store whose training labels are void except where annotated;
+pixels with more than half void mass are "unlabelled". With s the softmax prediction and y a
+soft pseudo-label (both (B, C, H, W) distributions), p, q neighbouring pixels and
+w_pq = exp(-||I_p - I_q||^2 / (2 sigma^2)) on 0..255 colour:
+
+- Potts relaxations P(y_p, y_q) (``POTTS``): bilinear 1 - y_p.y_q; quadratic
+  ||y_p - y_q||^2 / 2; normalised-quadratic 1 - y_p.y_q / (|y_p| |y_q|); and the log
+  versions collision-ce -ln(y_p.y_q), collision-divergence -ln(y_p.y_q / (|y_p| |y_q|)),
+  log-quadratic -ln(1 - ||y_p - y_q||^2 / 2).
+- Cross-entropies H(y, s) (``XENT``): standard -sum y ln s; reverse -sum s ln y;
+  collision -ln sum s y.
+- ``weak_loss`` regimes (``WEAK_LOSSES``): ``none``: CE on the labelled pixels only;
+  ``potts``: that + lambda * the Potts relaxation of the predictions themselves (dense
+  Potts, the baseline); ``self-label``: that + eta * H(y, s), with y solved, for the fixed
+  network, by ``steps`` gradient-descent steps on y = softmax(z) (z initialised from the
+  logits, labelled pixels reset to their label every step) minimising
+  eta * H(y, s) + lambda * sum w P(y).
+
+Pair terms are averaged per pixel (the paper sums them), so lambda does not depend on the
+crop size. Everything here runs in float32 on the training device, batched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from softtrain.config import POTTS, WEAK_LOSSES, XENT, FitConfig
+from softtrain.data import densify
+from softtrain.losses import LossOutput, soft_label_loss
+
+EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class WeakOptions:
+    """How unlabelled pixels are supervised (``FitConfig.weak_*`` fields)."""
+
+    loss: str = "none"
+    potts: str = "collision-divergence"
+    xent: str = "collision"
+    eta: float = 1.0  # weight of H(y, s)
+    lam: float = 1.0  # weight of the Potts term
+    sigma: float = 3.0  # colour bandwidth, 0..255 units
+    neighbours: int = 4  # 4 or 8
+    steps: int = 200  # pseudo-label solver steps
+    step_lr: float = 0.075  # pseudo-label solver learning rate
+
+    def __post_init__(self):
+        for value, allowed, what in (
+            (self.loss, WEAK_LOSSES, "weak loss"),
+            (self.potts, POTTS, "Potts relaxation"),
+            (self.xent, XENT, "cross-entropy"),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown {what} '{value}'; choose from {', '.join(allowed)}")
+        if self.neighbours not in (4, 8):
+            raise ValueError("neighbours must be 4 or 8")
+
+    @classmethod
+    def from_config(cls, cfg: FitConfig) -> WeakOptions:
+        return cls(
+            cfg.weak_loss, cfg.weak_potts, cfg.weak_xent, cfg.weak_eta, cfg.weak_lambda,
+            cfg.weak_sigma, cfg.weak_neighbours, cfg.weak_steps, cfg.weak_step_lr,
+        )  # fmt: skip
+
+
+def _shifts(neighbours: int) -> list[tuple[int, int]]:
+    return [(0, 1), (1, 0)] + ([(1, 1), (1, -1)] if neighbours == 8 else [])
+
+
+def _pair(x: torch.Tensor, dy: int, dx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, q) views of (..., H, W) with q = p shifted by (dy, dx)."""
+    h, w = x.shape[-2:]
+    p = x[..., : h - dy, max(0, -dx) : w - max(0, dx)]
+    q = x[..., dy:, max(0, dx) : w + min(0, dx)]
+    return p, q
+
+
+def affinities(image: torch.Tensor, sigma: float, neighbours: int = 4) -> list[torch.Tensor]:
+    """w_pq per neighbour direction: list of (B, H', W') float32 from (B, 3, H, W) colour."""
+    image = image.float()
+    out = []
+    for dy, dx in _shifts(neighbours):
+        p, q = _pair(image, dy, dx)
+        out.append(torch.exp(-((p - q) ** 2).sum(1) / (2 * sigma**2)))
+    return out
+
+
+def potts_pairs(kind: str, yp: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
+    """P(y_p, y_q) for (B, C, ...) distributions -> (B, ...)."""
+    dot = (yp * yq).sum(1)
+    if kind == "bilinear":
+        return 1 - dot
+    if kind == "collision-ce":
+        return -torch.log(dot.clamp_min(EPS))
+    norms = (yp.norm(dim=1) * yq.norm(dim=1)).clamp_min(EPS)
+    if kind == "normalised-quadratic":
+        return 1 - dot / norms
+    if kind == "collision-divergence":
+        return -torch.log((dot / norms).clamp_min(EPS))
+    half_sq = ((yp - yq) ** 2).sum(1) / 2
+    if kind == "quadratic":
+        return half_sq
+    if kind == "log-quadratic":
+        return -torch.log((1 - half_sq).clamp_min(EPS))
+    raise ValueError(f"unknown Potts relaxation '{kind}'")
+
+
+def potts(y: torch.Tensor, weights: list[torch.Tensor], kind: str, neighbours: int = 4):
+    """sum over neighbour pairs of w_pq P(y_p, y_q), per pixel of the batch (a scalar)."""
+    total = y.new_zeros(())
+    for (dy, dx), w in zip(_shifts(neighbours), weights):
+        p, q = _pair(y, dy, dx)
+        total = total + (w * potts_pairs(kind, p, q)).sum()
+    return total / (y.shape[0] * y.shape[-2] * y.shape[-1])
+
+
+def xent(y: torch.Tensor, s: torch.Tensor, kind: str) -> torch.Tensor:
+    """H(y, s) per pixel: (B, C, H, W) distributions -> (B, H, W)."""
+    if kind == "standard":
+        return -(y * torch.log(s.clamp_min(EPS))).sum(1)
+    if kind == "reverse":
+        return -(s * torch.log(y.clamp_min(EPS))).sum(1)
+    if kind == "collision":
+        return -torch.log((y * s).sum(1).clamp_min(EPS))
+    raise ValueError(f"unknown cross-entropy '{kind}'")
+
+
+def solve_pseudo_labels(logits, target, labelled, weights, opts: WeakOptions) -> torch.Tensor:
+    """Soft pseudo-labels y (B, C, H, W) for a fixed network: gradient descent on z with
+    y = softmax(z), from z = logits, minimising eta * mean H(y, s) + lam * Potts(y); pixels
+    where ``labelled`` (B, H, W) keep ``target`` (B, C, H, W) throughout. Detached."""
+    s = logits.detach().float().softmax(1)
+    z = logits.detach().float().clone().requires_grad_(True)
+    keep = labelled.unsqueeze(1)
+    pixels = labelled.numel()  # the objective is a sum over pixels, as in the paper
+    with torch.enable_grad():
+        for _ in range(opts.steps):
+            y = torch.where(keep, target, z.softmax(1))
+            per_pixel = opts.eta * xent(y, s, opts.xent).mean() + opts.lam * potts(
+                y, weights, opts.potts, opts.neighbours
+            )
+            (grad,) = torch.autograd.grad(per_pixel * pixels, z)
+            with torch.no_grad():
+                z -= opts.step_lr * grad
+    return torch.where(keep, target, z.detach().softmax(1))
+
+
+def weak_loss(
+    logits: torch.Tensor,
+    index: torch.Tensor,
+    prob: torch.Tensor,
+    image: torch.Tensor,
+    opts: WeakOptions,
+    mc: str = "include",
+) -> LossOutput:
+    """The weak-supervision loss of a batch. ``logits`` (B, C, H, W) at the label size;
+    ``index``/``prob`` (B, K, H, W) uint8 soft labels (void where unlabelled); ``image``
+    (B, 3, H, W) uint8 colour at the same size. ``kl`` reports the labelled pixels' KL."""
+    labelled_part = soft_label_loss(logits, index, prob, "soft", mc)
+    if opts.loss == "none":
+        return labelled_part
+    s = logits.float().softmax(1)
+    weights = affinities(image, opts.sigma, opts.neighbours)
+    if opts.loss == "potts":
+        extra = opts.lam * potts(s, weights, opts.potts, opts.neighbours)
+    else:
+        q, void = densify(index, prob, logits.shape[1])
+        labelled = void <= 0.5
+        target = q / (1 - void).clamp_min(EPS).unsqueeze(1)
+        y = solve_pseudo_labels(logits, target, labelled, weights, opts)
+        extra = opts.eta * xent(y, s, opts.xent).mean()
+    return LossOutput(labelled_part.loss + extra, labelled_part.kl, labelled_part.kept)
+
+
+def training_loss(cfg: FitConfig):
+    """The loss ``fit`` optimises: ``loss(logits, index, prob, image) -> LossOutput``."""
+    weak = WeakOptions.from_config(cfg)
+    if weak.loss == "none":
+        return lambda logits, index, prob, image: soft_label_loss(
+            logits, index, prob, cfg.loss, cfg.mc
+        )
+    return lambda logits, index, prob, image: weak_loss(logits, index, prob, image, weak, cfg.mc)

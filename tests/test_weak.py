@@ -1,0 +1,171 @@
+"""Weak supervision: the relaxations and cross-entropies against hand-computed values, the
+pseudo-label solver, gradients where intended, weak stores (deterministic, only training
+splits thinned, resumable, verified) and fit with each regime."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from softprep.build import BuildOptions, build
+from softprep.manifest import load_manifest
+from softprep.store import SoftStore
+from softprep.verify import verify
+from softprep.weak import WeakProtocol
+from softtrain.config import FitConfig
+from softtrain.fit import fit
+from softtrain.weak import (
+    WeakOptions,
+    affinities,
+    potts,
+    potts_pairs,
+    solve_pseudo_labels,
+    weak_loss,
+    xent,
+)
+
+CS = load_manifest("cityscapes")
+YP = torch.tensor([[0.5, 0.5, 0.0]]).T[None]  # (1, C=3, 1) distributions
+YQ = torch.tensor([[0.25, 0.25, 0.5]]).T[None]
+
+
+@pytest.mark.parametrize(
+    "kind,expected",
+    [
+        ("bilinear", 1 - 0.25),  # y_p.y_q = 0.125 + 0.125
+        ("quadratic", (0.0625 + 0.0625 + 0.25) / 2),
+        ("normalised-quadratic", 1 - 0.25 / (math.sqrt(0.5) * math.sqrt(0.375))),
+        ("collision-ce", -math.log(0.25)),
+        ("collision-divergence", -math.log(0.25 / (math.sqrt(0.5) * math.sqrt(0.375)))),
+        ("log-quadratic", -math.log(1 - 0.1875)),
+    ],
+)
+def test_potts_relaxations_by_hand(kind, expected):
+    assert potts_pairs(kind, YP, YQ).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kind,expected",
+    [
+        ("standard", -(0.5 * math.log(0.25) + 0.5 * math.log(0.25))),  # -sum y ln s
+        ("reverse", -(0.25 * math.log(0.5) + 0.25 * math.log(0.5) + 0.5 * math.log(1e-8))),
+        ("collision", -math.log(0.25)),  # -ln sum y s
+    ],
+)
+def test_cross_entropies_by_hand(kind, expected):
+    assert xent(YP, YQ, kind).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_collision_ce_of_one_hot_equals_ce():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 4, 6)
+    target = torch.randint(0, 5, (2, 4, 6))
+    y = F.one_hot(target, 5).permute(0, 3, 1, 2).float()
+    ce = F.cross_entropy(logits, target, reduction="none")
+    torch.testing.assert_close(xent(y, logits.softmax(1), "collision"), ce, rtol=1e-5, atol=1e-6)
+
+
+def test_affinity_weights_and_neighbourhoods():
+    image = torch.zeros(1, 3, 2, 3, dtype=torch.uint8)
+    image[0, :, :, 2] = 3  # one colour step of 3 in each channel between columns 1 and 2
+    right, down = affinities(image, sigma=3.0)
+    assert right.shape == (1, 2, 2) and down.shape == (1, 1, 3)
+    assert right[0, 0, 0] == 1 and right[0, 0, 1].item() == pytest.approx(math.exp(-27 / 18))
+    assert len(affinities(image, 3.0, neighbours=8)) == 4
+    y = torch.full((1, 2, 2, 3), 0.5)  # uniform: every bilinear pair term is 0.5
+    assert potts(y, [right, down], "bilinear").item() == pytest.approx(
+        0.5 * (right.sum() + down.sum()).item() / 6
+    )
+
+
+def test_solver_keeps_labelled_pixels_and_lowers_its_objective():
+    torch.manual_seed(1)
+    logits = torch.randn(1, 3, 6, 8)
+    labelled = torch.zeros(1, 6, 8, dtype=torch.bool)
+    labelled[:, :, :2] = True
+    target = F.one_hot(torch.full((1, 6, 8), 2), 3).permute(0, 3, 1, 2).float()
+    image = torch.full((1, 3, 6, 8), 100, dtype=torch.uint8)
+    weights = affinities(image, 3.0)
+    opts = WeakOptions("self-label", steps=50, step_lr=0.05)
+
+    def objective(y):
+        s = logits.softmax(1)
+        return (xent(y, s, opts.xent).mean() + potts(y, weights, opts.potts)).item()
+
+    start = torch.where(labelled[:, None], target, logits.softmax(1))
+    y = solve_pseudo_labels(logits, target, labelled, weights, opts)
+    assert torch.equal(y[:, :, :, :2], target[:, :, :, :2])
+    assert objective(y) < objective(start)
+    assert not y.requires_grad
+
+
+def test_gradients_flow_only_where_intended(samples, tmp_path):
+    url = str(tmp_path / "w.zarr")
+    build(CS, samples["cityscapes"], url, BuildOptions(scales=(0.125,), weak="blocks:0.3:32"))
+    from softtrain.data import CropDataset
+
+    batch = next(
+        iter(torch.utils.data.DataLoader(CropDataset(url, (32, 64), "train", seed=0), batch_size=2))
+    )
+    torch.manual_seed(0)
+    logits = torch.randn(2, 19, 32, 64, requires_grad=True)
+    none = weak_loss(logits, batch["index"], batch["prob"], batch["image"], WeakOptions("none"))
+    (grad,) = torch.autograd.grad(none.loss, logits)
+    from softtrain.data import densify
+
+    _, void = densify(batch["index"], batch["prob"], 19)
+    unlabelled = void > 0.5
+    assert unlabelled.any() and (~unlabelled).any()
+    assert grad.abs().sum(1)[unlabelled].max() == 0  # labelled CE: unlabelled pixels get none
+    for regime in ("potts", "self-label"):
+        opts = WeakOptions(regime, steps=3)
+        out = weak_loss(logits, batch["index"], batch["prob"], batch["image"], opts)
+        (grad,) = torch.autograd.grad(out.loss, logits)
+        assert grad.abs().sum(1)[unlabelled].max() > 0, regime  # now they learn too
+
+
+def test_weak_store_thins_training_splits_only_deterministically(samples, tmp_path):
+    opts = BuildOptions(scales=(0.25,), weak="blocks:0.2:32", weak_seed=4)
+    a, b = str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")
+    build(CS, samples["cityscapes"], a, opts)
+    build(CS, samples["cityscapes"], b, opts, jobs=2)
+    sa, sb = SoftStore(a), SoftStore(b)
+    np.testing.assert_array_equal(sa.full_counts(), sb.full_counts())
+    for i in range(len(sa)):
+        np.testing.assert_array_equal(sa.read_soft(0.25, i)[0], sb.read_soft(0.25, i)[0])
+    plain = str(tmp_path / "plain.zarr")
+    build(CS, samples["cityscapes"], plain, BuildOptions(scales=(0.25,)))
+    full, thin = SoftStore(plain).full_counts(), sa.full_counts()
+    train = sa.split_of() == "train"
+    np.testing.assert_array_equal(full[~train], thin[~train])  # evaluation keeps full labels
+    labelled = 1 - thin[train, -1].sum() / thin[train].sum()
+    assert 0.1 < labelled < 0.3  # ~20% of the blocks (less the dataset's own void)
+    assert sa.describe()["weak"] == "blocks:0.2:32" and verify(sa).ok
+    with pytest.raises(Exception, match="weak_seed"):
+        build(CS, samples["cityscapes"], a, BuildOptions(scales=(0.25,), weak="blocks:0.2:32"))
+
+
+def test_block_protocol_parsing_and_share():
+    p = WeakProtocol.parse("blocks:0.1")
+    assert (p.share, p.block) == (0.1, 64)
+    label = np.zeros((640, 640), np.uint8)
+    kept = (p.thin(label, 0, 3) != 255).mean()
+    assert kept == pytest.approx(0.1)
+    for bad in ("blocks", "blocks:2", "scribble:0.1", "blocks:x"):
+        with pytest.raises(ValueError, match="weak protocol"):
+            WeakProtocol.parse(bad)
+
+
+@pytest.mark.parametrize("regime", ["potts", "self-label"])
+def test_fit_with_each_regime(samples, tmp_path, regime):
+    url = str(tmp_path / "w.zarr")
+    build(CS, samples["cityscapes"], url, BuildOptions(scales=(0.125,), weak="blocks:0.3:32"))
+    cfg = FitConfig(
+        store=url, out=str(tmp_path / "run"), model="deeplabv3plus_r18", crop="32x64",
+        batch_size=2, iters=3, workers=0, device="cpu", weak_loss=regime, weak_steps=5,
+    )  # fmt: skip
+    result = fit(cfg)
+    assert result["step"] == 3 and result["last_miou"] is not None
+    assert f'weak_loss = "{regime}"' in (tmp_path / "run/config.toml").read_text()
