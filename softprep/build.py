@@ -43,8 +43,8 @@ from softprep.resample import KERNELS, Resampler, output_size, row_changes
 from softprep.weak import WeakProtocol
 
 BASE_STRATEGIES = ("soft", "nn", "nn-floor")
-FLUSH_EVERY = 32
-FLUSH_SECONDS = 5.0
+FLUSH_EVERY = 256
+FLUSH_SECONDS = 10.0
 
 
 class BuildError(RuntimeError):
@@ -234,6 +234,20 @@ def _watch_parent(parent: tuple[str, int]) -> None:
             time.sleep(1.0)
 
     threading.Thread(target=watch, name="softprep-parent-watch", daemon=True).start()
+
+
+def _warm_up(options: BuildOptions) -> None:
+    """A worker's start-up, paid while the build process reads the headers: imports, and
+    the compiled kernels loaded from numba's cache by a tiny image through the real path."""
+    from PIL import Image
+
+    from softprep import kernels
+
+    raw = np.asarray(Image.new("L", (64, 64)))  # read-only, like a decoded label
+    label, counts = kernels.map_counted(raw, np.zeros(256, np.uint8))
+    r = Resampler.make(label.shape, (8, 8), options.kernel, options.antialias)
+    encode_planes(*r.soft_topk(label, options.k, row_changes(label))[:2])
+    strategy_masses(label, counts, (8, 8), options, options.strategies, 1, r)
 
 
 def _task(url, build_id, i, pair, manifest, options, keep_full, parent) -> ImageResult:
@@ -458,7 +472,12 @@ def build(
     if on_error not in ("fail", "skip"):
         raise ValueError("on_error must be 'fail' or 'skip'")
     start = time.monotonic()
+    warming = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(
+        joblib.delayed(_warm_up)(options) for _ in range(joblib.effective_n_jobs(jobs))
+    )  # workers start (imports, compiled kernels) while this process reads the headers
     pairs, sizes, problems = _prepare(manifest, root, options, on_error)
+    for _ in warming:
+        pass
     with store.writer_lock(url):
         return _build_locked(
             manifest, url, options, jobs, on_error, progress, start, pairs, sizes, problems

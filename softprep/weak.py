@@ -37,7 +37,9 @@ class WeakProtocol:
         try:
             protocol = cls(kind, float(share), int(block) if block else 64)
         except ValueError:
-            raise ValueError(f"weak protocol '{text}': SHARE is a number, SIZE an integer") from None
+            raise ValueError(
+                f"weak protocol '{text}': SHARE is a number, SIZE an integer"
+            ) from None
         if not 0 < protocol.share <= 1 or protocol.block < 1:
             raise ValueError(f"weak protocol '{text}': SHARE in (0, 1], SIZE >= 1")
         return protocol

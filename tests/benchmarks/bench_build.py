@@ -6,6 +6,9 @@ against a baseline measured in the same run.
 - throughput: build (1 job, scales 1/8 1/4 1/2, bilinear antialiased) vs decoding the same
   image + label files and resizing the colour image to the same scales with PIL (target <= 2x)
 - jobs: images/s with --jobs 2 vs --jobs 1 (target >= 1.7x on 2 cores)
+- scaling: --jobs N vs --jobs 1 for every N up to the cores, Cityscapes-size and
+  ADE20K-size images (200 each by default; target >= 1.8x at 2 jobs), and the build
+  process's own CPU time per image (target < 2 ms)
 - memory: peak RSS building one 4000x6000 image with 124 classes (target < 2 GB), against
   the peak RSS of only decoding that pair, and the size a dense float32 one-hot would take
 - size: the store's level data (soft planes + colour) vs the source PNG files (target
@@ -15,6 +18,7 @@ against a baseline measured in the same run.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -80,6 +84,36 @@ def bench_jobs(root: Path, tmp: Path, n: int) -> None:
         f"jobs: --jobs 1 {n / one:.2f} img/s, --jobs 2 {n / two:.2f} img/s -> "
         f"speed-up {one / two:.2f}x (target >= 1.7x)"
     )
+
+
+def bench_scaling(tmp: Path, n: int) -> None:
+    """--jobs N against --jobs 1 for N up to the cores, on Cityscapes-size (1024x2048, 19
+    classes) and ADE20K-size (512x683, 150 classes) images: wall time of the build call
+    (discovery, headers, store, worker start-up, images; best of two) and the build
+    process's own CPU time per image, the serial work that competes with the workers."""
+    cores = os.cpu_count() or 1
+    for name, size in (("cityscapes", CITYSCAPES_HW), ("ade20k", (512, 683))):
+        manifest = load_manifest(name)
+        root = tmp / f"scaling-{name}"
+        write_sample(manifest, root, {"train": n}, size=size, seed=0)
+        seconds, parent = {}, {}
+        for jobs in range(1, cores + 1):
+            best = None
+            for _ in range(2):
+                out = tmp / f"scaling-{name}-{jobs}.zarr"
+                shutil.rmtree(out, ignore_errors=True)
+                wall, cpu = time.perf_counter(), time.process_time()
+                build(manifest, root, str(out), BuildOptions(scales=SCALES), jobs=jobs)
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                best = min(best or (wall, cpu), (wall, cpu))
+            seconds[jobs], parent[jobs] = best
+        for jobs in range(2, cores + 1):
+            print(
+                f"scaling, {name} {size[1]}x{size[0]}, {n} images: --jobs {jobs} "
+                f"{seconds[jobs]:.1f} s vs --jobs 1 {seconds[1]:.1f} s -> speed-up "
+                f"{seconds[1] / seconds[jobs]:.2f}x (target >= 1.8x at 2 jobs); build process "
+                f"CPU {parent[jobs] / n * 1e3:.1f} ms/image (target < 2 ms)"
+            )
 
 
 MEMORY_CHILD = """
@@ -186,7 +220,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--images", type=int, default=24)
-    ap.add_argument("--what", nargs="+", default=["throughput", "jobs", "memory", "size"])
+    ap.add_argument("--scaling-images", type=int, default=200)
+    ap.add_argument(
+        "--what", nargs="+", default=["throughput", "jobs", "scaling", "memory", "size"]
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -197,6 +234,8 @@ def main() -> None:
             bench_throughput(root, tmp, args.images)
         if "jobs" in args.what:
             bench_jobs(root, tmp, args.images)
+        if "scaling" in args.what:
+            bench_scaling(tmp, args.scaling_images)
         if "size" in args.what:
             bench_size(root, tmp)
         if "memory" in args.what:
