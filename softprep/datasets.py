@@ -129,8 +129,8 @@ def _split_dirs(manifest: Manifest, root: Path, split: str) -> tuple[Path, Path]
 
 def _walk(folder: Path, suffix: str, problems: list[Problem]) -> list[Path]:
     """Files ending in ``suffix`` below ``folder``, following symlinked folders (each real
-    folder once, so a symlink loop ends); unreadable folders and broken or looping symlinks
-    are reported in ``problems``, never skipped silently."""
+    folder once, so a symlink loop ends; each said in a note); unreadable folders and broken
+    or looping symlinks are reported in ``problems``, never skipped silently."""
     found, seen = [], set()
 
     def unreadable(e: OSError) -> None:
@@ -143,6 +143,8 @@ def _walk(folder: Path, suffix: str, problems: list[Problem]) -> list[Path]:
             dirs[:] = []
             continue
         seen.add(real)
+        if os.path.islink(top):
+            log.warning("following the symlinked folder %s -> %s", top, real)
         for name in sorted(files):
             if not name.endswith(suffix):
                 continue

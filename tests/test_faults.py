@@ -115,7 +115,7 @@ def test_oversized_header_is_refused_by_name(samples, tmp_path):
     assert "50000x50000 (2500 MP), above the 250 MP limit" in summary.skipped[0].message
 
 
-def test_symlinked_folders_followed_and_broken_links_reported(samples, tmp_path):
+def test_symlinked_folders_followed_and_broken_links_reported(samples, tmp_path, caplog):
     root = tmp_path / "cs"
     shutil.copytree(samples["cityscapes"], root)
     before, _ = discover(CS, root)
@@ -126,7 +126,9 @@ def test_symlinked_folders_followed_and_broken_links_reported(samples, tmp_path)
     (city / "loop").symlink_to(city, target_is_directory=True)  # a folder loop
     looping = root / "leftImg8bit/val" / next((root / "leftImg8bit/val").iterdir()).name
     (looping / "x_leftImg8bit.png").symlink_to(looping / "x_leftImg8bit.png")
-    pairs, problems = discover(CS, root)
+    with caplog.at_level("WARNING", logger="softprep"):
+        pairs, problems = discover(CS, root)
+    assert f"following the symlinked folder {city} -> {elsewhere}" in caplog.text
     assert [p.name for p in pairs] == [p.name for p in before]
     text = "\n".join(map(str, problems))
     assert "x_leftImg8bit.png: broken or looping symlink" in text

@@ -171,3 +171,21 @@ def test_xarray_and_dask_read_the_store_with_named_dimensions(store):
     assert [a["name"] for a in meta["axes"]] == ["image", "plane", "y", "x"]
     scales = [d["coordinateTransformations"][0]["scale"][-1] for d in meta["datasets"]]
     assert scales == sorted(scales)  # finest level (smallest step) first
+
+
+def test_stores_of_the_previous_format_read_and_unknown_formats_are_refused(store, tmp_path):
+    import shutil
+
+    import zarr
+
+    from softprep import StoreError
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy)
+    root = zarr.open_group(str(copy), mode="r+")
+    meta = dict(root.attrs["softprep"])
+    root.attrs["softprep"] = meta | {"format": "softprep-store/1"}
+    assert SoftStore(str(copy)).read_rgb("1/8", 0).shape[-1] == 3
+    root.attrs["softprep"] = meta | {"format": "softprep-store/9", "softprep_version": "9.0"}
+    with pytest.raises(StoreError, match="store format 'softprep-store/9' \\(softprep 9.0\\)"):
+        SoftStore(str(copy))
