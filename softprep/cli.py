@@ -188,7 +188,8 @@ def build(
     weak: str | None = typer.Option(
         None,
         help="Weak labels on training splits: blocks:SHARE[:SIZE] keeps a seeded share of "
-        "SIZE px blocks (default 64), void elsewhere, e.g. blocks:0.1.",
+        "SIZE px blocks (default 64); scribbles:SHARE[:WIDTH] keeps strokes along the "
+        "segments' skeletons, SHARE of their length, WIDTH px wide (default 3); void elsewhere.",
     ),
     weak_seed: int = typer.Option(0, help="Seed of the --weak thinning."),
     out_url: str | None = typer.Option(

@@ -3,6 +3,10 @@
 - ``blocks:R[:SIZE]``: the label is kept in a seeded random share R of the grid blocks of
   SIZE x SIZE pixels (default 64) and void elsewhere (the block-wise protocol of Zhang and
   Boykov, CVPR 2024, for Cityscapes and ADE20K).
+- ``scribbles:R[:WIDTH]``: strokes along the skeletons of the labelled segments (each
+  class's mask, skeletonised by scikit-image), whole strokes kept in seeded random order
+  until they cover a share R of the total skeleton length, drawn WIDTH pixels wide
+  (default 3); void elsewhere.
 
 Only training splits are thinned (``softprep build --weak``); evaluation splits keep their
 full labels. Thinning depends on (seed, image number) alone: builds are deterministic and
@@ -18,39 +22,76 @@ import numpy as np
 
 from softprep.manifest import VOID
 
-PROTOCOLS = ("blocks",)
+PROTOCOLS = ("blocks", "scribbles")
+DEFAULT_SIZE = {"blocks": 64, "scribbles": 3}
 
 
 @dataclass(frozen=True)
 class WeakProtocol:
     kind: str
     share: float
-    block: int = 64
+    size: int  # block side (blocks) or stroke width (scribbles), pixels
 
     @classmethod
     def parse(cls, text: str) -> WeakProtocol:
-        """``"blocks:0.1"`` or ``"blocks:0.1:32"``."""
+        """``"blocks:0.1"``, ``"blocks:0.1:32"``, ``"scribbles:0.2"``, ``"scribbles:0.2:5"``."""
         kind, _, rest = text.partition(":")
         if kind not in PROTOCOLS or not rest:
-            raise ValueError(f"weak protocol '{text}': use blocks:SHARE[:SIZE], e.g. blocks:0.1")
-        share, _, block = rest.partition(":")
+            raise ValueError(
+                f"weak protocol '{text}': use blocks:SHARE[:SIZE] or scribbles:SHARE[:WIDTH], "
+                "e.g. blocks:0.1"
+            )
+        share, _, size = rest.partition(":")
         try:
-            protocol = cls(kind, float(share), int(block) if block else 64)
+            protocol = cls(kind, float(share), int(size) if size else DEFAULT_SIZE[kind])
         except ValueError:
             raise ValueError(
                 f"weak protocol '{text}': SHARE is a number, SIZE an integer"
             ) from None
-        if not 0 < protocol.share <= 1 or protocol.block < 1:
+        if not 0 < protocol.share <= 1 or protocol.size < 1:
             raise ValueError(f"weak protocol '{text}': SHARE in (0, 1], SIZE >= 1")
         return protocol
 
     def thin(self, label: np.ndarray, seed: int, image: int) -> np.ndarray:
-        """(H, W) uint8 train ids -> the same with void outside the kept blocks."""
-        h, w = label.shape
-        rows, cols = -(-h // self.block), -(-w // self.block)
-        n = rows * cols
+        """(H, W) uint8 train ids -> the same with void outside what the protocol keeps."""
         rng = np.random.default_rng([seed, image])
+        keep = (
+            self._blocks(label.shape, rng) if self.kind == "blocks" else self._scribbles(label, rng)
+        )
+        return np.where(keep, label, VOID).astype(np.uint8)
+
+    def _blocks(self, hw: tuple[int, int], rng) -> np.ndarray:
+        h, w = hw
+        rows, cols = -(-h // self.size), -(-w // self.size)
+        n = rows * cols
         kept = np.zeros(n, bool)
         kept[rng.permutation(n)[: max(1, round(self.share * n))]] = True
-        mask = np.repeat(np.repeat(kept.reshape(rows, cols), self.block, 0), self.block, 1)
-        return np.where(mask[:h, :w], label, VOID).astype(np.uint8)
+        return np.repeat(np.repeat(kept.reshape(rows, cols), self.size, 0), self.size, 1)[:h, :w]
+
+    def _scribbles(self, label: np.ndarray, rng) -> np.ndarray:
+        try:
+            from skimage.measure import label as components
+            from skimage.morphology import dilation, footprint_rectangle, skeletonize
+        except ImportError:
+            raise ImportError(
+                "--weak scribbles needs scikit-image: pip install 'softprep[weak]'"
+            ) from None
+        strokes = np.zeros(label.shape, np.int32)  # stroke number + 1, 0 = none
+        for c in np.unique(label):
+            if c == VOID:
+                continue
+            skeleton = skeletonize(label == c)
+            parts = components(skeleton, connectivity=2)
+            strokes[parts > 0] = parts[parts > 0] + strokes.max()
+        lengths = np.bincount(strokes.ravel())[1:]
+        if not len(lengths):
+            return np.zeros(label.shape, bool)
+        kept, total = [], 0
+        for s in rng.permutation(len(lengths)):
+            if total >= self.share * lengths.sum():
+                break
+            kept.append(s + 1)
+            total += lengths[s]
+        lines = np.isin(strokes, kept)
+        wide = dilation(lines, footprint_rectangle((self.size, self.size)))
+        return wide & (label != VOID)  # strokes stay within labelled pixels

@@ -149,7 +149,7 @@ def test_weak_store_thins_training_splits_only_deterministically(samples, tmp_pa
 
 def test_block_protocol_parsing_and_share():
     p = WeakProtocol.parse("blocks:0.1")
-    assert (p.share, p.block) == (0.1, 64)
+    assert (p.share, p.size) == (0.1, 64)
     label = np.zeros((640, 640), np.uint8)
     kept = (p.thin(label, 0, 3) != 255).mean()
     assert kept == pytest.approx(0.1)
@@ -169,3 +169,32 @@ def test_fit_with_each_regime(samples, tmp_path, regime):
     result = fit(cfg)
     assert result["step"] == 3 and result["last_miou"] is not None
     assert f'weak_loss = "{regime}"' in (tmp_path / "run/config.toml").read_text()
+
+
+def test_scribbles_follow_the_skeletons_deterministically(samples):
+    pytest.importorskip("skimage")
+    from skimage.morphology import skeletonize
+
+    from softprep.datasets import decode_label
+
+    path = sorted((samples["cityscapes"] / "gtFine/train").rglob("*_labelIds.png"))[0]
+    label = decode_label(path, CS)
+    protocol = WeakProtocol.parse("scribbles:0.3:1")
+    thin = protocol.thin(label, 0, 7)
+    assert np.array_equal(thin, protocol.thin(label, 0, 7))  # seeded
+    assert not np.array_equal(thin, protocol.thin(label, 0, 8))
+    kept = thin != 255
+    assert (thin[kept] == label[kept]).all()  # true labels, nowhere else
+    skeleton_length = sum(skeletonize(label == c).sum() for c in np.unique(label) if c != 255)
+    assert 0.3 * skeleton_length <= kept.sum() < 0.6 * skeleton_length  # whole strokes, width 1
+    wide = WeakProtocol.parse("scribbles:0.3").thin(label, 0, 7)
+    assert (wide != 255).sum() > kept.sum()  # drawn 3 px wide by default
+
+
+def test_scribble_store_builds_and_verifies(samples, tmp_path):
+    pytest.importorskip("skimage")
+    url = str(tmp_path / "s.zarr")
+    build(CS, samples["cityscapes"], url, BuildOptions(scales=(0.25,), weak="scribbles:0.2"))
+    s = SoftStore(url)
+    share = s.describe()["labelled_share"]
+    assert share["train"] < 0.2 < share["val"] and verify(s).ok
