@@ -222,6 +222,36 @@ def fit(
     weak_neighbours: int = typer.Option(None, help="Pairs: 4 or 8 neighbours. (default: 4)"),
     weak_steps: int = typer.Option(None, help="Pseudo-label solver steps. (default: 200)"),
     weak_step_lr: float = typer.Option(None, help="Pseudo-label solver step. (default: 0.075)"),
+    labeled: str = typer.Option(
+        None,
+        help="Semi-supervised: the labelled share of the training split, a fraction (1/8) or a "
+        "partition list file; the rest is unlabelled (teacher-student). (default: all labelled)",
+    ),
+    labeled_seed: int = typer.Option(None, help="Seed of the --labeled choice. (default: 0)"),
+    unlabeled_batch: int = typer.Option(
+        None, help="Unlabelled crops per step and GPU. (default: --batch-size)"
+    ),
+    semi_threshold: float = typer.Option(
+        None, help="Teacher confidence for hard pseudo-labels. (default: 0.95)"
+    ),
+    semi_esl: bool = typer.Option(
+        None, "--semi-esl/--no-semi-esl", help="ESL dynamic soft labels below the threshold."
+    ),
+    semi_esl_weight: float = typer.Option(None, help="Weight of the ESL term. (default: 0.2)"),
+    semi_ipix: str = typer.Option(
+        None, help="IPixMatch inter-pixel loss: none, kl or corr. (default: none)"
+    ),
+    semi_ipix_weight: float = typer.Option(
+        None, help="Weight of the inter-pixel loss. (default: 1)"
+    ),
+    semi_ipix_pixels: int = typer.Option(None, help="Pixels sampled for it. (default: 256)"),
+    semi_ema: float = typer.Option(None, help="Teacher EMA momentum. (default: 0.999)"),
+    semi_cutmix: bool = typer.Option(
+        None, "--semi-cutmix/--no-semi-cutmix", help="CutMix in the strong view. (default: on)"
+    ),
+    semi_eval: str = typer.Option(
+        None, help="Evaluate (and predict with) the teacher or the student. (default: teacher)"
+    ),
     bf16: bool = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (GPU)."),
     channels_last: bool = typer.Option(
         None, "--channels-last/--no-channels-last", help="channels_last memory format (GPU)."
@@ -277,6 +307,18 @@ def fit(
         weak_neighbours=weak_neighbours,
         weak_steps=weak_steps,
         weak_step_lr=weak_step_lr,
+        labeled=labeled,
+        labeled_seed=labeled_seed,
+        unlabeled_batch=unlabeled_batch,
+        semi_threshold=semi_threshold,
+        semi_esl=semi_esl,
+        semi_esl_weight=semi_esl_weight,
+        semi_ipix=semi_ipix,
+        semi_ipix_weight=semi_ipix_weight,
+        semi_ipix_pixels=semi_ipix_pixels,
+        semi_ema=semi_ema,
+        semi_cutmix=semi_cutmix,
+        semi_eval=semi_eval,
         bf16=bf16,
         channels_last=channels_last,
         compile=compile_model,

@@ -99,6 +99,20 @@ class FitConfig:
     weak_neighbours: int = 4
     weak_steps: int = 200  # pseudo-label solver steps
     weak_step_lr: float = 0.075  # pseudo-label solver step size
+    # semi-supervised (softtrain.semi): a labelled share of the training split, the rest
+    # unlabelled, teacher-student
+    labeled: str = ""  # a fraction ("1/8") or a partition list file; empty: all labelled
+    labeled_seed: int = 0  # the partition's seed (fixed across training seeds)
+    unlabeled_batch: int = 0  # unlabelled crops per step (0: --batch-size)
+    semi_threshold: float = 0.95  # teacher confidence for hard pseudo-labels
+    semi_esl: bool = False  # dynamic soft labels below the threshold
+    semi_esl_weight: float = 0.2
+    semi_ipix: str = "none"  # inter-pixel loss: none, kl, corr
+    semi_ipix_weight: float = 1.0
+    semi_ipix_pixels: int = 256
+    semi_ema: float = 0.999  # teacher momentum
+    semi_cutmix: bool = True
+    semi_eval: str = "teacher"  # evaluate (and save for eval/predict) the teacher or student
     bf16: bool = False
     channels_last: bool = False
     compile: bool = False
@@ -120,6 +134,12 @@ class FitConfig:
                 raise ValueError(f"unknown {name} '{value}'; choose from {', '.join(allowed)}")
         if self.weak_neighbours not in (4, 8):
             raise ValueError("weak_neighbours must be 4 or 8")
+        if self.semi_ipix not in ("none", "kl", "corr"):
+            raise ValueError(f"semi_ipix must be none, kl or corr, got '{self.semi_ipix}'")
+        if self.semi_eval not in ("teacher", "student"):
+            raise ValueError(f"semi_eval must be teacher or student, got '{self.semi_eval}'")
+        if not 0 <= self.semi_ema < 1:
+            raise ValueError("semi_ema must be in [0, 1)")
         for name in ("batch_size", "accum", "iters", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

@@ -122,8 +122,11 @@ class CropDataset(Dataset):
         pad: bool = True,
         cat_max_ratio: float = 1.0,
         seed: int | None = None,
+        items: np.ndarray | None = None,
     ):
         store, self.items = open_checked(url, split)
+        if items is not None:  # a subset of the split (e.g. its labelled images)
+            self.items = np.intersect1d(self.items, items)
         self.lazy = _LazyStore(url)
         self.crop = crop
         self.scales = [parse_scale(s) for s in levels] if levels else store.scales

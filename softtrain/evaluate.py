@@ -159,9 +159,11 @@ def evaluate(
 
 
 def model_from_checkpoint(ckpt: dict, device) -> torch.nn.Module:
-    """The checkpoint's model, weights loaded, in eval mode on ``device``."""
+    """The checkpoint's model, weights loaded, in eval mode on ``device``: the teacher of a
+    semi-supervised run unless it was set to evaluate the student."""
     model = build_model(ckpt["config"]["model"], len(ckpt["classes"]))
-    model.load_state_dict(ckpt["model"])
+    use_teacher = "teacher" in ckpt and ckpt["config"].get("semi_eval", "teacher") == "teacher"
+    model.load_state_dict(ckpt["teacher"] if use_teacher else ckpt["model"])
     return model.to(device).eval()
 
 

@@ -21,6 +21,7 @@ import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ from softtrain.evaluate import eval_dataset, evaluate, resolve_device
 from softtrain.metrics import eval_record
 from softtrain.models import build_model
 from softtrain.runlog import RunLog, StepLog
+from softtrain.semi import SemiOptions, TeacherStudent, partition
 from softtrain.weak import training_loss
 
 log = logging.getLogger("softtrain")
@@ -165,17 +167,30 @@ def _resume_checks(cfg: FitConfig, ckpt: dict, store: SoftStore, path: Path) -> 
 
 def _open_inputs(cfg: FitConfig, ranks: Ranks, resume: bool, overwrite: bool):
     """Everything a run needs that bad input can break, opened before anything is written:
-    (store, training crops, evaluation set or None, evaluation level, model, checkpoint)."""
+    (store, training crops, unlabelled crops or None, evaluation set or None, evaluation
+    level, model, checkpoint)."""
     store = SoftStore(cfg.store)
-    train = CropDataset(
+    crops = partial(
+        CropDataset,
         cfg.store,
         parse_crop(cfg.crop),
         "train",
         cfg.levels or None,
         cfg.level_weights or None,
         cat_max_ratio=cfg.cat_max_ratio,
-        seed=cfg.seed,
     )
+    train, unlabeled = crops(seed=cfg.seed), None
+    if cfg.labeled:  # semi-supervised: a labelled share, the rest of the split unlabelled
+        labelled, rest = partition(store.names(), train.items, cfg.labeled, cfg.labeled_seed)
+        train, unlabeled = (
+            crops(seed=cfg.seed, items=labelled),
+            crops(seed=cfg.seed + 1, items=rest),
+        )
+        if len(unlabeled) < (cfg.unlabeled_batch or cfg.batch_size) * ranks.world:
+            raise TrainingError(
+                f"{cfg.store}: {len(unlabeled)} unlabelled images, fewer than one step's "
+                "unlabelled batch; lower --unlabeled-batch or label fewer images"
+            )
     per_step = cfg.batch_size * ranks.world
     if len(train) < per_step:
         raise TrainingError(
@@ -196,7 +211,7 @@ def _open_inputs(cfg: FitConfig, ranks: Ranks, resume: bool, overwrite: bool):
     if resume:
         ckpt = load_checkpoint(out / "last.pt", store.classes)
         _resume_checks(cfg, ckpt, store, out / "last.pt")
-    return store, train, evalset, eval_level, model, ckpt
+    return store, train, unlabeled, evalset, eval_level, model, ckpt
 
 
 def fit(
@@ -221,7 +236,9 @@ def _fit(cfg: FitConfig, ranks: Ranks, resume, overwrite, on_log, on_eval) -> di
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     try:
-        store, train, evalset, eval_level, model, ckpt = _open_inputs(cfg, ranks, resume, overwrite)
+        store, train, unlabeled, evalset, eval_level, model, ckpt = _open_inputs(
+            cfg, ranks, resume, overwrite
+        )
         error = None
     except (StoreError, TrainingError, CheckpointError, ValueError, FileNotFoundError) as e:
         error = e
@@ -259,6 +276,11 @@ def _fit(cfg: FitConfig, ranks: Ranks, resume, overwrite, on_log, on_eval) -> di
         states = ckpt["rng"]  # one per rank of the run that saved it
         states = [states] if isinstance(states, dict) else states
         _set_rng_state(states[ranks.rank] if len(states) == ranks.world else states[0])
+    semi = None
+    if unlabeled is not None:  # the teacher starts as the (restored) student
+        semi = TeacherStudent(model, SemiOptions.from_config(cfg), cfg.seed, cfg.iters)
+        if ckpt and "teacher" in ckpt:
+            semi.teacher.load_state_dict(ckpt["teacher"])
     train_model = model
     if ranks.distributed:
         ids = [device.index] if device.type == "cuda" else None
@@ -287,6 +309,7 @@ def _fit(cfg: FitConfig, ranks: Ranks, resume, overwrite, on_log, on_eval) -> di
             step=step,
             best_miou=best,
             rng=rng,
+            **({"teacher": semi.teacher.state_dict()} if semi else {}),
             **meta,
         )
 
@@ -302,8 +325,9 @@ def _fit(cfg: FitConfig, ranks: Ranks, resume, overwrite, on_log, on_eval) -> di
 
     def run_eval() -> float | None:
         nonlocal best
-        distributed.share_buffers(ranks, model)  # evaluate exactly the model rank 0 saves
-        confusion = evaluate(model, evalset, len(classes), device, crop=cfg.crop, ranks=ranks)
+        scored = semi.teacher if semi and cfg.semi_eval == "teacher" else model
+        distributed.share_buffers(ranks, scored)  # evaluate exactly the model rank 0 saves
+        confusion = evaluate(scored, evalset, len(classes), device, crop=cfg.crop, ranks=ranks)
         record = eval_record(
             confusion, names, step=step, split=cfg.eval_split, level=eval_level, mode="whole"
         )
@@ -333,6 +357,23 @@ def _fit(cfg: FitConfig, ranks: Ranks, resume, overwrite, on_log, on_eval) -> di
         worker_init_fn=_leave_stop_signals_to_the_main_process,
     )
     batches = iter(loader)
+    if semi:
+        per_rank = cfg.unlabeled_batch or cfg.batch_size
+        unlabeled_batches = iter(
+            DataLoader(
+                unlabeled,
+                batch_size=per_rank,
+                sampler=RunSampler(
+                    len(unlabeled), per_rank, cfg.seed + 1, micro, ranks.rank, ranks.world
+                ),
+                num_workers=cfg.workers,
+                pin_memory=device.type == "cuda",
+                drop_last=True,
+                prefetch_factor=4 if cfg.workers else None,
+                generator=torch.Generator().manual_seed(cfg.seed + 1),  # global RNG untouched
+                worker_init_fn=_leave_stop_signals_to_the_main_process,
+            )
+        )
     t_start, step_start = time.perf_counter(), step
     t_log, wait, seen = t_start, 0.0, 0
     with stop_signals() as stop:
@@ -358,11 +399,19 @@ def _fit(cfg: FitConfig, ranks: Ranks, resume, overwrite, on_log, on_eval) -> di
             no_sync = train_model.no_sync if ranks.distributed and not last_micro else nullcontext
             with no_sync():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    logits = step_model(image)
+                    if semi:  # one pass over labelled crops and the unlabelled strong view
+                        extra = next(unlabeled_batches)["image"].to(device, non_blocking=True)
+                        logits, unsupervised = semi.forward(
+                            step_model, image, extra, normalise, step, micro
+                        )
+                    else:
+                        logits = step_model(image)
                 logits = F.interpolate(
                     logits.float(), size=index.shape[-2:], mode="bilinear", align_corners=False
                 )
                 out_loss = loss_fn(logits, index, prob, colour)
+                if semi:
+                    out_loss.loss = out_loss.loss + unsupervised
                 value = distributed.mean(ranks, out_loss.loss).item()
                 if not math.isfinite(value):
                     raise TrainingError(_non_finite_message(value, step, out))
@@ -374,6 +423,8 @@ def _fit(cfg: FitConfig, ranks: Ranks, resume, overwrite, on_log, on_eval) -> di
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            if semi:
+                semi.update(model)  # the teacher follows the student
             step += 1
             rng_at_step = _rng_state()
             if ranks.main and (step % cfg.log_every == 0 or step == cfg.iters):

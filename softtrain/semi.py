@@ -1,0 +1,235 @@
+"""Semi-supervised training: a labelled share of the training split plus the rest of it as
+unlabelled images, teacher-student with soft pseudo-labels.
+
+- Partition (``partition``): ``labeled`` as a fraction (``1/8``; a seeded choice) or a list
+  file of image names (the standard partition files); the rest of the split is unlabelled.
+- Teacher: an exponential moving average of the student (``ema``), updated after every
+  optimiser step, parameters and buffers: t = m t + (1 - m) s.
+- Views: the teacher sees the unlabelled crop as the loader gives it (random scale, crop,
+  flip: the weak view); the student a strong view computed on the device (colour jitter,
+  random grayscale, Gaussian blur, CutMix between the batch's images), seeded by
+  (seed, micro-batch) so a resumed run draws the same views.
+- Unsupervised losses on the strong view, summed:
+  hard pseudo-labels where the teacher's confidence reaches ``threshold`` (CE, averaged over
+  all unlabelled pixels); ESL's dynamic soft labels on the pixels below it (Ma et al., ICCV
+  2023: the smallest set of top teacher classes whose probability reaches a curriculum
+  threshold tau, renormalised, soft CE, weight ``esl_weight``; tau rises linearly from 0.5
+  to ``threshold`` over the run); IPixMatch's inter-pixel loss (Wu, Li and Xiao: on
+  ``ipix_pixels`` sampled confident pixels, the row-normalised relation matrix P P^T of the
+  student aligned with the teacher's by KL, or 1 - the row-wise Pearson correlation).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from softtrain.config import FitConfig
+
+EPS = 1e-8
+
+
+def partition(names: np.ndarray, items: np.ndarray, labeled: str, seed: int):
+    """(labelled, unlabelled) item numbers of a split's ``items`` (store image numbers).
+
+    ``labeled``: a fraction (``"1/8"``, ``"0.125"``: a seeded random choice, at least one
+    image) or the path of a list file whose lines start with image file names (others
+    columns ignored, as in the usual partition files); names match store images by stem."""
+    from fractions import Fraction
+
+    try:
+        share = float(Fraction(labeled))
+    except ValueError:
+        share = None
+    if share is not None:
+        if not 0 < share <= 1:
+            raise ValueError(f"labeled fraction must be in (0, 1], got {labeled}")
+        order = np.random.default_rng(seed).permutation(len(items))
+        chosen = np.sort(items[order[: max(1, round(share * len(items)))]])
+    else:
+        path = Path(labeled)
+        if not path.is_file():
+            raise FileNotFoundError(f"{labeled}: not a fraction nor a partition list file")
+        stems = {str(n).rsplit("/", 1)[-1]: i for i, n in zip(items, names[items])}
+        wanted, missing = [], []
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            base = Path(line.split()[0]).name
+            match = next((s for s in stems if base.startswith(s)), None)
+            (wanted if match else missing).append(stems.get(match, base))
+        if missing:
+            raise ValueError(
+                f"{path}: {len(missing)} name(s) not among the training images, e.g. {missing[:3]}"
+            )
+        chosen = np.array(sorted(set(wanted)), dtype=items.dtype)
+    rest = np.setdiff1d(items, chosen)
+    if not len(rest):
+        raise ValueError("every training image is labelled: nothing left unlabelled")
+    return chosen, rest
+
+
+@dataclass(frozen=True)
+class SemiOptions:
+    threshold: float = 0.95
+    esl: bool = False
+    esl_weight: float = 0.2
+    ipix: str = "none"
+    ipix_weight: float = 1.0
+    ipix_pixels: int = 256
+    ema: float = 0.999
+    cutmix: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: FitConfig) -> SemiOptions:
+        return cls(
+            cfg.semi_threshold, cfg.semi_esl, cfg.semi_esl_weight, cfg.semi_ipix,
+            cfg.semi_ipix_weight, cfg.semi_ipix_pixels, cfg.semi_ema, cfg.semi_cutmix,
+        )  # fmt: skip
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, momentum: float) -> None:
+    """t = m t + (1 - m) s for every parameter and floating buffer; other buffers copied."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        if t.is_floating_point():
+            t.mul_(momentum).add_(s, alpha=1 - momentum)
+        else:
+            t.copy_(s)
+
+
+def dynamic_soft_labels(probs: torch.Tensor, tau: float) -> torch.Tensor:
+    """ESL: per pixel, the smallest set of top classes whose probability sum reaches ``tau``,
+    renormalised; (B, C, H, W) -> (B, C, H, W), zeros elsewhere."""
+    sorted_p, order = probs.sort(dim=1, descending=True)
+    before = sorted_p.cumsum(1) - sorted_p  # mass of the classes ranked above
+    keep_sorted = before < tau  # keep a class while the ones above have not reached tau
+    keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+    kept = probs * keep
+    return kept / kept.sum(1, keepdim=True).clamp_min(EPS)
+
+
+def relation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    """IPixMatch inter-pixel loss of (N, C) student and teacher distributions: their
+    relation matrices P P^T (N, N), row-normalised, compared by KL(teacher || student)
+    ("kl") or by 1 - the row-wise Pearson correlation ("corr"); mean over rows."""
+    rs, rt = student @ student.T, teacher @ teacher.T
+    if kind == "kl":
+        ps = rs / rs.sum(1, keepdim=True).clamp_min(EPS)
+        pt = rt / rt.sum(1, keepdim=True).clamp_min(EPS)
+        return (pt * (torch.log(pt.clamp_min(EPS)) - torch.log(ps.clamp_min(EPS)))).sum(1).mean()
+    cs, ct = rs - rs.mean(1, keepdim=True), rt - rt.mean(1, keepdim=True)
+    corr = (cs * ct).sum(1) / (cs.norm(dim=1) * ct.norm(dim=1)).clamp_min(EPS)
+    return (1 - corr).mean()
+
+
+def strong_view(image: torch.Tensor, generator: torch.Generator):
+    """(B, 3, H, W) uint8 -> float 0..255 strong view: colour jitter (brightness, contrast,
+    saturation in [0.6, 1.4]), grayscale with p 0.2, 5x5 Gaussian blur (sigma 0.1..2) with
+    p 0.5; ``generator`` (CPU) draws every choice."""
+    b = image.shape[0]
+    x = image.float()
+
+    def draw(*shape):
+        return torch.rand(*shape, generator=generator).to(image.device)
+
+    gray = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(
+        1, keepdim=True
+    )
+    x = x * (0.6 + 0.8 * draw(b, 1, 1, 1))  # brightness
+    mean = x.mean((1, 2, 3), keepdim=True)
+    x = mean + (x - mean) * (0.6 + 0.8 * draw(b, 1, 1, 1))  # contrast
+    x = gray + (x - gray) * (0.6 + 0.8 * draw(b, 1, 1, 1))  # saturation
+    x = torch.where(draw(b, 1, 1, 1) < 0.2, x.mean(1, keepdim=True).expand_as(x), x)
+    sigma = 0.1 + 1.9 * draw(b)
+    taps = torch.arange(-2, 3, device=x.device).float()
+    kernel = torch.exp(-(taps[None] ** 2) / (2 * sigma[:, None] ** 2))
+    kernel = kernel / kernel.sum(1, keepdim=True)  # (B, 5)
+    blurred = torch.stack([_blur(x[i : i + 1], kernel[i]) for i in range(b)])[:, 0]
+    x = torch.where(draw(b, 1, 1, 1) < 0.5, blurred, x)
+    return x.clamp(0, 255)
+
+
+def _blur(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    c = x.shape[1]
+    x = F.conv2d(
+        F.pad(x, (2, 2, 0, 0), mode="replicate"), k.view(1, 1, 1, 5).repeat(c, 1, 1, 1), groups=c
+    )
+    return F.conv2d(
+        F.pad(x, (0, 0, 2, 2), mode="replicate"), k.view(1, 1, 5, 1).repeat(c, 1, 1, 1), groups=c
+    )
+
+
+def cutmix_boxes(b: int, hw: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """(B, H, W) bool: a random box per image (half the area on average), pasted from the
+    next image of the batch."""
+    h, w = hw
+    mask = torch.zeros(b, h, w, dtype=torch.bool)
+    for i in range(b):
+        ratio = math.sqrt(float(torch.rand(1, generator=generator)) * 0.5 + 0.25)
+        bh, bw = max(1, int(h * ratio)), max(1, int(w * ratio))
+        y = int(torch.randint(0, h - bh + 1, (1,), generator=generator))
+        x = int(torch.randint(0, w - bw + 1, (1,), generator=generator))
+        mask[i, y : y + bh, x : x + bw] = True
+    return mask
+
+
+class TeacherStudent:
+    """The teacher, the strong views and the unsupervised losses; ``fit`` calls
+    ``unsupervised_loss`` every micro-batch and ``update`` after every optimiser step."""
+
+    def __init__(self, model: torch.nn.Module, opts: SemiOptions, seed: int, iters: int):
+        self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        self.opts, self.seed, self.iters = opts, seed, iters
+
+    def update(self, student: torch.nn.Module) -> None:
+        ema_update(self.teacher, student, self.opts.ema)
+
+    def forward(self, student, image, unlabeled, normalise, step: int, micro: int):
+        """One forward of the student over the labelled crops ``image`` (B, 3, h, w, already
+        normalised) and the strong view of the ``unlabeled`` crops (B', 3, h, w) uint8
+        together (one pass, as DDP wants). Returns the labelled logits and the unsupervised
+        loss against the teacher's weak view; logits are up-sampled to (h, w)."""
+        size = tuple(unlabeled.shape[-2:])
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + micro)
+        with torch.no_grad():
+            teacher = self.teacher(normalise(unlabeled)).float()
+            probs = F.interpolate(teacher, size, mode="bilinear", align_corners=False).softmax(1)
+        strong = strong_view(unlabeled, g)
+        if self.opts.cutmix and unlabeled.shape[0] > 1:
+            box = cutmix_boxes(unlabeled.shape[0], size, g).to(unlabeled.device)[:, None]
+            strong = torch.where(box, strong.roll(1, dims=0), strong)  # pasted from the next
+            probs = torch.where(box, probs.roll(1, dims=0), probs)
+        both = student(torch.cat([image, normalise(strong).to(image.dtype)]))
+        labelled_logits, strong_logits = both[: len(image)], both[len(image) :]
+        logits = F.interpolate(strong_logits.float(), size, mode="bilinear", align_corners=False)
+        return labelled_logits, self.loss(logits.log_softmax(1), probs, step, g)
+
+    def loss(self, logp: torch.Tensor, probs: torch.Tensor, step: int, g) -> torch.Tensor:
+        """Unsupervised loss of student log-probabilities ``logp`` against teacher ``probs``
+        (both (B, C, H, W)): hard pseudo-labels, dynamic soft labels, inter-pixel."""
+        conf, hard = probs.max(1)
+        confident = conf >= self.opts.threshold
+        loss = (F.nll_loss(logp, hard, reduction="none") * confident).mean()
+        if self.opts.esl and (~confident).any():
+            tau = 0.5 + (self.opts.threshold - 0.5) * min(1.0, step / max(1, self.iters))
+            ce = -(dynamic_soft_labels(probs, tau) * logp).sum(1)
+            loss = loss + self.opts.esl_weight * ce[~confident].mean()
+        if self.opts.ipix != "none" and confident.sum() > 1:
+            where = confident.flatten().nonzero()[:, 0]
+            pick = where[
+                torch.randperm(len(where), generator=g)[: self.opts.ipix_pixels].to(where.device)
+            ]
+            c = logp.shape[1]
+            student = logp.exp().permute(0, 2, 3, 1).reshape(-1, c)[pick]
+            teacher = probs.permute(0, 2, 3, 1).reshape(-1, c)[pick]
+            loss = loss + self.opts.ipix_weight * relation_loss(student, teacher, self.opts.ipix)
+        return loss

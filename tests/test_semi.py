@@ -1,0 +1,120 @@
+"""Semi-supervised training: EMA exactness, partitions, dynamic soft labels by hand, the
+inter-pixel loss against a dense reference, and an exact resume of a teacher-student run."""
+
+import numpy as np
+import pytest
+import torch
+
+from softprep.build import BuildOptions, build
+from softprep.manifest import load_manifest
+from softprep.store import SoftStore
+from softtrain.checkpoint import load_checkpoint
+from softtrain.config import FitConfig
+from softtrain.evaluate import model_from_checkpoint
+from softtrain.fit import fit
+from softtrain.semi import dynamic_soft_labels, ema_update, partition, relation_loss
+
+
+@pytest.fixture(scope="module")
+def store(samples, tmp_path_factory):
+    url = str(tmp_path_factory.mktemp("semi") / "cs.zarr")
+    build(load_manifest("cityscapes"), samples["cityscapes"], url, BuildOptions(scales=(0.125,)))
+    return url
+
+
+def test_ema_update_is_exact():
+    torch.manual_seed(0)
+    teacher, student = torch.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    for module in (teacher, student):
+        torch.nn.init.normal_(module.weight)
+        module.running_mean.normal_()
+    student.num_batches_tracked += 7
+    t0 = [p.clone() for p in teacher.parameters()] + [teacher.running_mean.clone()]
+    s0 = [p.clone() for p in student.parameters()] + [student.running_mean.clone()]
+    ema_update(teacher, student, 0.9)
+    after = list(teacher.parameters()) + [teacher.running_mean]
+    for t, a, s in zip(after, t0, s0):
+        assert torch.equal(t, a * 0.9 + s * (1 - 0.9))
+    assert teacher.num_batches_tracked == 7  # integer buffers are copied
+
+
+def test_partitions_are_deterministic_disjoint_and_from_lists(store, tmp_path):
+    s = SoftStore(store)
+    items = np.flatnonzero(s.split_of() == "train")
+    labelled, rest = partition(s.names(), items, "1/2", 0)
+    again, _ = partition(s.names(), items, "1/2", 0)
+    assert np.array_equal(labelled, again) and len(labelled) == 2
+    assert not set(labelled) & set(rest) and sorted([*labelled, *rest]) == sorted(items)
+    names = [str(n).rsplit("/", 1)[-1] for n in s.names()[items[:2]]]
+    listing = tmp_path / "partition.txt"  # the usual format: image path, label path
+    listing.write_text(
+        "".join(f"leftImg8bit/train/x/{n}_leftImg8bit.png gtFine/x/{n}.png\n" for n in names)
+    )
+    chosen, _ = partition(s.names(), items, str(listing), 0)
+    assert list(chosen) == list(items[:2])
+    listing.write_text("leftImg8bit/train/x/nowhere_000000_000000_leftImg8bit.png\n")
+    with pytest.raises(ValueError, match="not among the training images"):
+        partition(s.names(), items, str(listing), 0)
+
+
+def test_dynamic_soft_labels_by_hand():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05]).view(1, 4, 1, 1)
+    expected = torch.tensor([0.5, 0.3, 0.0, 0.0]) / 0.8  # top classes until 0.7 is reached
+    torch.testing.assert_close(dynamic_soft_labels(probs, 0.7).flatten(), expected)
+    torch.testing.assert_close(
+        dynamic_soft_labels(probs, 0.4).flatten(), torch.tensor([1.0, 0, 0, 0])
+    )
+    shuffled = probs[:, [2, 0, 3, 1]]  # class order does not matter
+    torch.testing.assert_close(dynamic_soft_labels(shuffled, 0.7).flatten(), expected[[2, 0, 3, 1]])
+
+
+def dense_relation_reference(student, teacher, kind):
+    s, t = student.double().numpy(), teacher.double().numpy()
+    n = len(s)
+    rs = np.array([[s[i] @ s[j] for j in range(n)] for i in range(n)])
+    rt = np.array([[t[i] @ t[j] for j in range(n)] for i in range(n)])
+    if kind == "kl":
+        ps, pt = rs / rs.sum(1, keepdims=True), rt / rt.sum(1, keepdims=True)
+        return float(np.mean([(pt[i] * np.log(pt[i] / ps[i])).sum() for i in range(n)]))
+    return float(np.mean([1 - np.corrcoef(rs[i], rt[i])[0, 1] for i in range(n)]))
+
+
+@pytest.mark.parametrize("kind", ["kl", "corr"])
+def test_inter_pixel_loss(kind):
+    torch.manual_seed(2)
+    student = torch.randn(7, 5).softmax(1)
+    teacher = torch.randn(7, 5).softmax(1)
+    assert relation_loss(student, student, kind).item() == pytest.approx(0, abs=1e-6)
+    ours = relation_loss(student, teacher, kind).item()
+    assert ours == pytest.approx(dense_relation_reference(student, teacher, kind), rel=1e-4)
+
+
+def semi_config(store, out, **kw):
+    return FitConfig(
+        store=store, out=str(out), model="deeplabv3plus_r18", crop="32x64", batch_size=1,
+        unlabeled_batch=2, iters=kw.pop("iters", 4), lr=0.02, workers=0, device="cpu",
+        log_every=1, labeled="1/2", semi_esl=True, semi_ipix="corr", semi_threshold=0.3,
+        semi_ema=0.9, **kw,
+    )  # fmt: skip
+
+
+def test_teacher_student_resumes_exactly_and_evaluates_the_teacher(store, tmp_path):
+    straight = tmp_path / "a"
+    fit(semi_config(store, straight))
+    split = tmp_path / "b"
+
+    def interrupt(log):
+        if log.step == 3:  # after last.pt was written at step 2
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(semi_config(store, split, save_every=2), on_log=interrupt)
+    assert load_checkpoint(split / "last.pt")["step"] == 2
+    fit(semi_config(store, split, save_every=2), resume=True)
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(split / "last.pt")
+    for part in ("model", "teacher"):
+        for k in a[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], rtol=0, atol=0, msg=f"{part} {k}")
+    assert any(not torch.equal(a["model"][k], a["teacher"][k]) for k in a["model"])
+    used = model_from_checkpoint(a, "cpu").state_dict()
+    assert all(torch.equal(used[k], a["teacher"][k]) for k in used)  # eval/predict: the teacher
