@@ -424,7 +424,7 @@ def _fit(cfg: FitConfig, ranks: Ranks, resume, overwrite, on_log, on_eval) -> di
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             if semi:
-                semi.update(model)  # the teacher follows the student
+                semi.update(model, step)  # the teacher follows the student
             step += 1
             rng_at_step = _rng_state()
             if ranks.main and (step % cfg.log_every == 0 or step == cfg.iters):

@@ -4,7 +4,8 @@ unlabelled images, teacher-student with soft pseudo-labels.
 - Partition (``partition``): ``labeled`` as a fraction (``1/8``; a seeded choice) or a list
   file of image names (the standard partition files); the rest of the split is unlabelled.
 - Teacher: an exponential moving average of the student (``ema``), updated after every
-  optimiser step, parameters and buffers: t = m t + (1 - m) s.
+  optimiser step, parameters and buffers: t = m t + (1 - m) s, with m warmed up as
+  min(ema, 1 - 1 / (step + 1)) (the mean-teacher practice).
 - Views: the teacher sees the unlabelled crop as the loader gives it (random scale, crop,
   flip: the weak view); the student a strong view computed on the device (colour jitter,
   random grayscale, Gaussian blur, CutMix between the batch's images), seeded by
@@ -190,8 +191,11 @@ class TeacherStudent:
         self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
         self.opts, self.seed, self.iters = opts, seed, iters
 
-    def update(self, student: torch.nn.Module) -> None:
-        ema_update(self.teacher, student, self.opts.ema)
+    def update(self, student: torch.nn.Module, step: int) -> None:
+        """After optimiser step ``step`` (0-based): the EMA with momentum
+        min(ema, 1 - 1 / (step + 1)), so the teacher does not keep the random initial
+        weights (and BatchNorm statistics) for the first ~1 / (1 - ema) steps."""
+        ema_update(self.teacher, student, min(self.opts.ema, 1 - 1 / (step + 1)))
 
     def forward(self, student, image, unlabeled, normalise, step: int, micro: int):
         """One forward of the student over the labelled crops ``image`` (B, 3, h, w, already
