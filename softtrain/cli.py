@@ -222,6 +222,9 @@ def fit(
     weak_neighbours: int = typer.Option(None, help="Pairs: 4 or 8 neighbours. (default: 4)"),
     weak_steps: int = typer.Option(None, help="Pseudo-label solver steps. (default: 200)"),
     weak_step_lr: float = typer.Option(None, help="Pseudo-label solver step. (default: 0.075)"),
+    weak_start: int = typer.Option(
+        None, help="Steps of CE on the labelled pixels before the weak term. (default: 0)"
+    ),
     labeled: str = typer.Option(
         None,
         help="Semi-supervised: the labelled share of the training split, a fraction (1/8) or a "
@@ -307,6 +310,7 @@ def fit(
         weak_neighbours=weak_neighbours,
         weak_steps=weak_steps,
         weak_step_lr=weak_step_lr,
+        weak_start=weak_start,
         labeled=labeled,
         labeled_seed=labeled_seed,
         unlabeled_batch=unlabeled_batch,

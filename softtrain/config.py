@@ -99,6 +99,7 @@ class FitConfig:
     weak_neighbours: int = 4
     weak_steps: int = 200  # pseudo-label solver steps
     weak_step_lr: float = 0.075  # pseudo-label solver step size
+    weak_start: int = 0  # steps of CE on the labelled pixels before the weak term starts
     # semi-supervised (softtrain.semi): a labelled share of the training split, the rest
     # unlabelled, teacher-student
     labeled: str = ""  # a fraction ("1/8") or a partition list file; empty: all labelled

@@ -409,7 +409,7 @@ def _fit(cfg: FitConfig, ranks: Ranks, resume, overwrite, on_log, on_eval) -> di
                 logits = F.interpolate(
                     logits.float(), size=index.shape[-2:], mode="bilinear", align_corners=False
                 )
-                out_loss = loss_fn(logits, index, prob, colour)
+                out_loss = loss_fn(logits, index, prob, colour, step)
                 if semi:
                     out_loss.loss = out_loss.loss + unsupervised
                 value = distributed.mean(ranks, out_loss.loss).item()

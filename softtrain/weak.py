@@ -180,10 +180,14 @@ def weak_loss(
 
 
 def training_loss(cfg: FitConfig):
-    """The loss ``fit`` optimises: ``loss(logits, index, prob, image) -> LossOutput``."""
+    """The loss ``fit`` optimises: ``loss(logits, index, prob, image, step) -> LossOutput``;
+    a weak regime adds its term from step ``weak_start`` on (CE on the labelled pixels
+    before, as the paper initialises the network)."""
     weak = WeakOptions.from_config(cfg)
-    if weak.loss == "none":
-        return lambda logits, index, prob, image: soft_label_loss(
-            logits, index, prob, cfg.loss, cfg.mc
-        )
-    return lambda logits, index, prob, image: weak_loss(logits, index, prob, image, weak, cfg.mc)
+
+    def loss(logits, index, prob, image, step: int) -> LossOutput:
+        if weak.loss == "none" or step < cfg.weak_start:
+            return soft_label_loss(logits, index, prob, cfg.loss, cfg.mc)
+        return weak_loss(logits, index, prob, image, weak, cfg.mc)
+
+    return loss

@@ -198,3 +198,21 @@ def test_scribble_store_builds_and_verifies(samples, tmp_path):
     s = SoftStore(url)
     share = s.describe()["labelled_share"]
     assert share["train"] < 0.2 < share["val"] and verify(s).ok
+
+
+def test_weak_term_starts_at_weak_start(samples, tmp_path):
+    from softtrain.data import CropDataset
+    from softtrain.losses import soft_label_loss
+    from softtrain.weak import training_loss
+
+    url = str(tmp_path / "w.zarr")
+    build(CS, samples["cityscapes"], url, BuildOptions(scales=(0.125,), weak="blocks:0.3:32"))
+    batch = next(
+        iter(torch.utils.data.DataLoader(CropDataset(url, (32, 64), "train", seed=0), batch_size=2))
+    )
+    logits = torch.randn(2, 19, 32, 64)
+    cfg = FitConfig(store=url, weak_loss="potts", weak_start=5)
+    loss = training_loss(cfg)
+    plain = soft_label_loss(logits, batch["index"], batch["prob"]).loss
+    assert loss(logits, batch["index"], batch["prob"], batch["image"], 4).loss == plain
+    assert loss(logits, batch["index"], batch["prob"], batch["image"], 5).loss > plain
