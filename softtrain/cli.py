@@ -132,7 +132,9 @@ def write_eval(record: dict, csv_path: Path | None, json_path: Path | None) -> N
 
 @app.command()
 def fit(
-    store: str = typer.Option(None, help="Store built by 'softprep build'."),
+    store: str = typer.Option(
+        None, help="Store built by 'softprep build'.", rich_help_panel="Data"
+    ),
     config: Path = typer.Option(
         None, help="A config.toml (as written next to every run); flags given here override it."
     ),
@@ -149,122 +151,233 @@ def fit(
     ),
     overwrite: bool = typer.Option(False, help="Delete the run in --out and start again."),
     model: str = typer.Option(
-        None, help="Model name; 'softtrain models' lists them. (default: hrnetv2_w48)"
+        None,
+        help="Model name; 'softtrain models' lists them. (default: hrnetv2_w48)",
+        rich_help_panel="Optimisation",
     ),
-    pretrained: str = typer.Option(None, help="Local file with trunk weights (never downloaded)."),
-    crop: str = typer.Option(None, help="Crop HEIGHTxWIDTH. (default: 256x512)"),
-    levels: list[str] = typer.Option(None, help="Store levels to draw scales from. (default: all)"),
+    pretrained: str = typer.Option(
+        None,
+        help="Local file with trunk weights (never downloaded).",
+        rich_help_panel="Optimisation",
+    ),
+    crop: str = typer.Option(
+        None, help="Crop HEIGHTxWIDTH. (default: 256x512)", rich_help_panel="Data"
+    ),
+    levels: list[str] = typer.Option(
+        None, help="Store levels to draw scales from. (default: all)", rich_help_panel="Data"
+    ),
     level_weights: list[float] = typer.Option(
-        None, help="Sampling weight per level. (default: uniform)"
+        None,
+        help="Sampling weight per level. (default: uniform)",
+        rich_help_panel="Data",
     ),
     cat_max_ratio: float = typer.Option(
-        None, help="Class-balanced crops (mmseg cat_max_ratio, e.g. 0.75). (default: 1.0 = off)"
+        None,
+        help="Class-balanced crops (mmseg cat_max_ratio, e.g. 0.75). (default: 1.0 = off)",
+        rich_help_panel="Data",
     ),
     batch_size: int = typer.Option(
         None,
         help="Crops per step and GPU: under torchrun with N processes a step sees N x this; "
         "--lr is used as given (scale it yourself, e.g. linearly). (default: 12)",
+        rich_help_panel="Optimisation",
     ),
-    accum: int = typer.Option(None, help="Gradient accumulation steps. (default: 1)"),
-    iters: int = typer.Option(None, help="Optimiser steps. (default: 1000)"),
-    lr: float = typer.Option(None, help="Base learning rate. (default: 0.01)"),
-    momentum: float = typer.Option(None, help="SGD momentum. (default: 0.9)"),
-    weight_decay: float = typer.Option(None, help="Weight decay. (default: 1e-4)"),
-    power: float = typer.Option(None, help="Poly learning-rate power. (default: 0.9)"),
-    warmup_iters: int = typer.Option(None, help="Linear warm-up steps. (default: 0)"),
+    accum: int = typer.Option(
+        None, help="Gradient accumulation steps. (default: 1)", rich_help_panel="Optimisation"
+    ),
+    iters: int = typer.Option(
+        None, help="Optimiser steps. (default: 1000)", rich_help_panel="Optimisation"
+    ),
+    lr: float = typer.Option(
+        None, help="Base learning rate. (default: 0.01)", rich_help_panel="Optimisation"
+    ),
+    momentum: float = typer.Option(
+        None, help="SGD momentum. (default: 0.9)", rich_help_panel="Optimisation"
+    ),
+    weight_decay: float = typer.Option(
+        None, help="Weight decay. (default: 1e-4)", rich_help_panel="Optimisation"
+    ),
+    power: float = typer.Option(
+        None, help="Poly learning-rate power. (default: 0.9)", rich_help_panel="Optimisation"
+    ),
+    warmup_iters: int = typer.Option(
+        None, help="Linear warm-up steps. (default: 0)", rich_help_panel="Optimisation"
+    ),
     loss: str = typer.Option(
-        None, help=f"{' or '.join(LOSSES)}: KL / soft CE, or CE on the argmax. (default: soft)"
+        None,
+        help=f"{' or '.join(LOSSES)}: KL / soft CE, or CE on the argmax. (default: soft)",
+        rich_help_panel="Optimisation",
     ),
     mc: str = typer.Option(
         None,
         help=f"Multi-class pixels in the loss: {' or '.join(MC_MODES)}. (default: include)",
+        rich_help_panel="Optimisation",
     ),
-    workers: int = typer.Option(None, help="Loader worker processes. (default: 2)"),
+    workers: int = typer.Option(
+        None, help="Loader worker processes. (default: 2)", rich_help_panel="Data"
+    ),
     eval_every: int = typer.Option(
-        None, help="Evaluate every N steps (0: only at the end). (default: 0)"
+        None,
+        help="Evaluate every N steps (0: only at the end). (default: 0)",
+        rich_help_panel="Evaluation, checkpoints, logs",
     ),
     eval_level: str = typer.Option(
-        None, help="Level to evaluate at. (default: the largest training level)"
+        None,
+        help="Level to evaluate at. (default: the largest training level)",
+        rich_help_panel="Evaluation, checkpoints, logs",
     ),
     eval_split: str = typer.Option(
-        None, help="Split to evaluate on; a store without it trains unevaluated. (default: val)"
+        None,
+        help="Split to evaluate on; a store without it trains unevaluated. (default: val)",
+        rich_help_panel="Evaluation, checkpoints, logs",
     ),
     save_every: int = typer.Option(
-        None, help="Save last.pt every N steps (0: only at evaluations and the end). (default: 500)"
+        None,
+        help="Save last.pt every N steps (0: only at evaluations and the end). (default: 500)",
+        rich_help_panel="Evaluation, checkpoints, logs",
     ),
     keep_checkpoints: int = typer.Option(
-        None, help="Also keep the last N checkpoints as iter_<step>.pt. (default: 0)"
+        None,
+        help="Also keep the last N checkpoints as iter_<step>.pt. (default: 0)",
+        rich_help_panel="Evaluation, checkpoints, logs",
     ),
     tensorboard: bool = typer.Option(
         None,
         "--tensorboard/--no-tensorboard",
         help="TensorBoard scalars in <out>/tb (pip install 'softprep[tensorboard]').",
+        rich_help_panel="Evaluation, checkpoints, logs",
     ),
     sync_bn: bool = typer.Option(
-        None, "--sync-bn/--no-sync-bn", help="SyncBatchNorm across GPUs (under torchrun)."
+        None,
+        "--sync-bn/--no-sync-bn",
+        help="SyncBatchNorm across GPUs (under torchrun).",
+        rich_help_panel="Speed (GPU), several GPUs",
     ),
     weak_loss: str = typer.Option(
         None,
         help=f"Weak supervision ({', '.join(WEAK_LOSSES)}): none = CE on labelled pixels; potts "
         "= + dense Potts on the predictions; self-label = + soft pseudo-labels. (default: none)",
+        rich_help_panel="Weak supervision",
     ),
     weak_potts: str = typer.Option(
-        None, help=f"Potts relaxation: {', '.join(POTTS)}. (default: collision-divergence)"
+        None,
+        help=f"Potts relaxation: {', '.join(POTTS)}. (default: collision-divergence)",
+        rich_help_panel="Weak supervision",
     ),
     weak_xent: str = typer.Option(
-        None, help=f"Pseudo-label cross-entropy: {', '.join(XENT)}. (default: collision)"
+        None,
+        help=f"Pseudo-label cross-entropy: {', '.join(XENT)}. (default: collision)",
+        rich_help_panel="Weak supervision",
     ),
-    weak_eta: float = typer.Option(None, help="Weight of H(y, s). (default: 1.0)"),
-    weak_lambda: float = typer.Option(None, help="Weight of the Potts term. (default: 1.0)"),
+    weak_eta: float = typer.Option(
+        None, help="Weight of H(y, s). (default: 1.0)", rich_help_panel="Weak supervision"
+    ),
+    weak_lambda: float = typer.Option(
+        None, help="Weight of the Potts term. (default: 1.0)", rich_help_panel="Weak supervision"
+    ),
     weak_sigma: float = typer.Option(
-        None, help="Colour bandwidth of the pair weights, 0..255. (default: 3)"
+        None,
+        help="Colour bandwidth of the pair weights, 0..255. (default: 3)",
+        rich_help_panel="Weak supervision",
     ),
-    weak_neighbours: int = typer.Option(None, help="Pairs: 4 or 8 neighbours. (default: 4)"),
-    weak_steps: int = typer.Option(None, help="Pseudo-label solver steps. (default: 200)"),
-    weak_step_lr: float = typer.Option(None, help="Pseudo-label solver step. (default: 0.075)"),
+    weak_neighbours: int = typer.Option(
+        None, help="Pairs: 4 or 8 neighbours. (default: 4)", rich_help_panel="Weak supervision"
+    ),
+    weak_steps: int = typer.Option(
+        None, help="Pseudo-label solver steps. (default: 200)", rich_help_panel="Weak supervision"
+    ),
+    weak_step_lr: float = typer.Option(
+        None, help="Pseudo-label solver step. (default: 0.075)", rich_help_panel="Weak supervision"
+    ),
     weak_start: int = typer.Option(
-        None, help="Steps of CE on the labelled pixels before the weak term. (default: 0)"
+        None,
+        help="Steps of CE on the labelled pixels before the weak term. (default: 0)",
+        rich_help_panel="Weak supervision",
     ),
     labeled: str = typer.Option(
         None,
         help="Semi-supervised: the labelled share of the training split, a fraction (1/8) or a "
         "partition list file; the rest is unlabelled (teacher-student). (default: all labelled)",
+        rich_help_panel="Semi-supervised",
     ),
-    labeled_seed: int = typer.Option(None, help="Seed of the --labeled choice. (default: 0)"),
+    labeled_seed: int = typer.Option(
+        None, help="Seed of the --labeled choice. (default: 0)", rich_help_panel="Semi-supervised"
+    ),
     unlabeled_batch: int = typer.Option(
-        None, help="Unlabelled crops per step and GPU. (default: --batch-size)"
+        None,
+        help="Unlabelled crops per step and GPU. (default: --batch-size)",
+        rich_help_panel="Semi-supervised",
     ),
     semi_threshold: float = typer.Option(
-        None, help="Teacher confidence for hard pseudo-labels. (default: 0.95)"
+        None,
+        help="Teacher confidence for hard pseudo-labels. (default: 0.95)",
+        rich_help_panel="Semi-supervised",
     ),
     semi_esl: bool = typer.Option(
-        None, "--semi-esl/--no-semi-esl", help="ESL dynamic soft labels below the threshold."
+        None,
+        "--semi-esl/--no-semi-esl",
+        help="ESL dynamic soft labels below the threshold.",
+        rich_help_panel="Semi-supervised",
     ),
-    semi_esl_weight: float = typer.Option(None, help="Weight of the ESL term. (default: 0.2)"),
+    semi_esl_weight: float = typer.Option(
+        None, help="Weight of the ESL term. (default: 0.2)", rich_help_panel="Semi-supervised"
+    ),
     semi_ipix: str = typer.Option(
-        None, help="IPixMatch inter-pixel loss: none, kl or corr. (default: none)"
+        None,
+        help="IPixMatch inter-pixel loss: none, kl or corr. (default: none)",
+        rich_help_panel="Semi-supervised",
     ),
     semi_ipix_weight: float = typer.Option(
-        None, help="Weight of the inter-pixel loss. (default: 1)"
+        None,
+        help="Weight of the inter-pixel loss. (default: 1)",
+        rich_help_panel="Semi-supervised",
     ),
-    semi_ipix_pixels: int = typer.Option(None, help="Pixels sampled for it. (default: 256)"),
-    semi_ema: float = typer.Option(None, help="Teacher EMA momentum. (default: 0.999)"),
+    semi_ipix_pixels: int = typer.Option(
+        None, help="Pixels sampled for it. (default: 256)", rich_help_panel="Semi-supervised"
+    ),
+    semi_ema: float = typer.Option(
+        None, help="Teacher EMA momentum. (default: 0.999)", rich_help_panel="Semi-supervised"
+    ),
     semi_cutmix: bool = typer.Option(
-        None, "--semi-cutmix/--no-semi-cutmix", help="CutMix in the strong view. (default: on)"
+        None,
+        "--semi-cutmix/--no-semi-cutmix",
+        help="CutMix in the strong view. (default: on)",
+        rich_help_panel="Semi-supervised",
     ),
     semi_eval: str = typer.Option(
-        None, help="Evaluate (and predict with) the teacher or the student. (default: teacher)"
+        None,
+        help="Evaluate (and predict with) the teacher or the student. (default: teacher)",
+        rich_help_panel="Semi-supervised",
     ),
-    bf16: bool = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (GPU)."),
+    bf16: bool = typer.Option(
+        None,
+        "--bf16/--no-bf16",
+        help="bf16 autocast (GPU).",
+        rich_help_panel="Speed (GPU), several GPUs",
+    ),
     channels_last: bool = typer.Option(
-        None, "--channels-last/--no-channels-last", help="channels_last memory format (GPU)."
+        None,
+        "--channels-last/--no-channels-last",
+        help="channels_last memory format (GPU).",
+        rich_help_panel="Speed (GPU), several GPUs",
     ),
     compile_model: bool = typer.Option(
-        None, "--compile/--no-compile", help="torch.compile the model (GPU; slow first step)."
+        None,
+        "--compile/--no-compile",
+        help="torch.compile the model (GPU; slow first step).",
+        rich_help_panel="Speed (GPU), several GPUs",
     ),
-    device: str = typer.Option(None, help="cuda, cpu or auto. (default: auto)"),
-    seed: int = typer.Option(None, help="Random seed. (default: 0)"),
-    log_every: int = typer.Option(None, help="Progress/metrics every N steps. (default: 10)"),
+    device: str = typer.Option(
+        None, help="cuda, cpu or auto. (default: auto)", rich_help_panel="Speed (GPU), several GPUs"
+    ),
+    seed: int = typer.Option(
+        None, help="Random seed. (default: 0)", rich_help_panel="Optimisation"
+    ),
+    log_every: int = typer.Option(
+        None,
+        help="Progress/metrics every N steps. (default: 10)",
+        rich_help_panel="Evaluation, checkpoints, logs",
+    ),
 ):
     """Train a segmentation model on a store's crops and evaluate at full resolution.
 
