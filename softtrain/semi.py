@@ -40,7 +40,7 @@ def partition(names: np.ndarray, items: np.ndarray, labeled: str, seed: int):
     """(labelled, unlabelled) item numbers of a split's ``items`` (store image numbers).
 
     ``labeled``: a fraction (``"1/8"``, ``"0.125"``: a seeded random choice, at least one
-    image) or the path of a list file whose lines start with image file names (others
+    image) or the path of a list file whose lines start with image file names (other
     columns ignored, as in the usual partition files); names match store images by stem."""
     from fractions import Fraction
 
@@ -78,6 +78,8 @@ def partition(names: np.ndarray, items: np.ndarray, labeled: str, seed: int):
 
 @dataclass(frozen=True)
 class SemiOptions:
+    """The unsupervised losses and the teacher (``FitConfig.semi_*`` fields)."""
+
     threshold: float = 0.95
     esl: bool = False
     esl_weight: float = 0.2
