@@ -27,7 +27,7 @@ from softprep.build import BuildOptions, level_size
 from softprep.datasets import decode_label, discover
 from softprep.manifest import VOID
 from softprep.quantize import decode_planes, encode_planes
-from softprep.resample import Resampler
+from softprep.resample import Resampler, axis_weights
 from softprep.store import SoftStore, StoreError, scale_label
 
 SOFT = ("soft", "soft-argmax")
@@ -36,29 +36,20 @@ NEAREST = {"nn": "nearest", "nn-floor": "nearest-floor"}
 
 def nearest_up(small: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """(h, w) label -> (H, W), centre-aligned nearest neighbour (exact integer arithmetic)."""
-    h, w = small.shape
-    rows = ((2 * np.arange(hw[0]) + 1) * h) // (2 * hw[0])
-    cols = ((2 * np.arange(hw[1]) + 1) * w) // (2 * hw[1])
-    return small[rows[:, None], cols[None, :]]
-
-
-def _bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices (i0, i1) and the weight of i1 per output sample, as torch's bilinear
-    ``align_corners=False`` (source = (i + 0.5) n_in / n_out - 0.5, clamped at 0)."""
-    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    return i0, i1, src - i0
+    return Resampler.make(small.shape, hw, "nearest").nearest_label(small)
 
 
 def soft_bilinear_argmax(index: np.ndarray, prob: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """(K, h, w) uint8 top-K soft label -> (H, W) uint8 argmax of its bilinear up-sampling
-    (255 where only void has mass)."""
+    as torch's ``align_corners=False`` (255 where only void has mass)."""
     from softprep import kernels  # compiled: numba is imported only when needed
 
-    y0, y1, wy = _bilinear_taps(index.shape[1], hw[0])
-    x0, x1, wx = _bilinear_taps(index.shape[2], hw[1])
-    return kernels.bilinear_argmax(index, prob, y0, y1, wy, x0, x1, wx, VOID)
+    rows = axis_weights(index.shape[1], hw[0], "bilinear", antialias=False)
+    cols = axis_weights(index.shape[2], hw[1], "bilinear", antialias=False)
+    return kernels.bilinear_argmax(
+        index, prob, rows.index[:, 0], rows.index[:, 1], rows.weight[:, 1],
+        cols.index[:, 0], cols.index[:, 1], cols.weight[:, 1], VOID,
+    )  # fmt: skip
 
 
 def hard_argmax(index: np.ndarray, prob: np.ndarray) -> np.ndarray:
