@@ -40,11 +40,10 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync
 
-from softprep.manifest import Manifest, manifest_from_json
+from softprep.manifest import VOID, Manifest, manifest_from_json
 from softprep.quantize import decode_planes
 
 NAMESPACE = "softprep"
-VOID_ID = 255  # class id of void in the index planes (softprep.manifest.VOID)
 FORMAT = "softprep-store/2"  # 2: dimension names, per-array attributes, chunk checksums
 READABLE_FORMATS = ("softprep-store/1", FORMAT)
 CREATING = "softprep_creating"  # root attribute while ``create`` runs; gone once it ends
@@ -488,7 +487,7 @@ class SoftStore:
         dense = np.zeros((c + 1, h, w), dtype=np.float32)
         rows, cols = np.indices((h, w))
         for slot in range(index.shape[0]):  # one class per pixel per slot: no collisions
-            ids = np.where(index[slot] == VOID_ID, c, index[slot])
+            ids = np.where(index[slot] == VOID, c, index[slot])
             dense[ids, rows, cols] += prob[slot] / np.float32(255)
         return dense[:c], dense[c]
 
