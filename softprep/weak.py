@@ -17,6 +17,7 @@ void (255) builds a weak store as it is.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib.util import find_spec
 
 import numpy as np
 
@@ -50,6 +51,8 @@ class WeakProtocol:
             ) from None
         if not 0 < protocol.share <= 1 or protocol.size < 1:
             raise ValueError(f"weak protocol '{text}': SHARE in (0, 1], SIZE >= 1")
+        if kind == "scribbles" and find_spec("skimage") is None:
+            raise ValueError("--weak scribbles needs scikit-image: pip install 'softprep[weak]'")
         return protocol
 
     def thin(self, label: np.ndarray, seed: int, image: int) -> np.ndarray:
@@ -69,13 +72,9 @@ class WeakProtocol:
         return np.repeat(np.repeat(kept.reshape(rows, cols), self.size, 0), self.size, 1)[:h, :w]
 
     def _scribbles(self, label: np.ndarray, rng) -> np.ndarray:
-        try:
-            from skimage.measure import label as components
-            from skimage.morphology import dilation, footprint_rectangle, skeletonize
-        except ImportError:
-            raise ImportError(
-                "--weak scribbles needs scikit-image: pip install 'softprep[weak]'"
-            ) from None
+        from skimage.measure import label as components  # checked by ``parse``
+        from skimage.morphology import dilation, footprint_rectangle, skeletonize
+
         strokes = np.zeros(label.shape, np.int32)  # stroke number + 1, 0 = none
         for c in np.unique(label):
             if c == VOID:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
+from importlib.util import find_spec
 from pathlib import Path
 
 try:
@@ -141,6 +142,10 @@ class FitConfig:
             raise ValueError(f"semi_eval must be teacher or student, got '{self.semi_eval}'")
         if not 0 <= self.semi_ema < 1:
             raise ValueError("semi_ema must be in [0, 1)")
+        if self.tensorboard and find_spec("tensorboard") is None:
+            raise ValueError(
+                "--tensorboard needs the tensorboard package: pip install 'softprep[tensorboard]'"
+            )
         for name in ("batch_size", "accum", "iters", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

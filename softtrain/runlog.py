@@ -55,13 +55,9 @@ class RunLog:
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ImportError(
-                    "--tensorboard needs the tensorboard package: pip install 'softprep[tensorboard]'"
-                ) from None
+        if tensorboard:  # FitConfig checked that the package is installed
+            from torch.utils.tensorboard import SummaryWriter
+
             self.writer = SummaryWriter(log_dir=str(self.out / "tb"), purge_step=resume_step)
 
     def _append(self, record: dict) -> None:

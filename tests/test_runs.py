@@ -245,3 +245,12 @@ def test_metrics_records_are_valid_json_without_nan(store, tmp_path):
     for line in (out / "metrics.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
     assert os.path.getsize(out / "config.toml") > 0
+
+
+def test_missing_tensorboard_is_refused_before_anything_is_written(store, tmp_path, monkeypatch):
+    import softtrain.config as config_module
+
+    monkeypatch.setattr(config_module, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="needs the tensorboard package"):
+        tiny(store, tmp_path / "run", tensorboard=True)
+    assert not (tmp_path / "run").exists()

@@ -216,3 +216,11 @@ def test_weak_term_starts_at_weak_start(samples, tmp_path):
     plain = soft_label_loss(logits, batch["index"], batch["prob"]).loss
     assert loss(logits, batch["index"], batch["prob"], batch["image"], 4).loss == plain
     assert loss(logits, batch["index"], batch["prob"], batch["image"], 5).loss > plain
+
+
+def test_missing_scikit_image_is_a_sentence_not_a_traceback(monkeypatch):
+    import softprep.weak as weak_labels
+
+    monkeypatch.setattr(weak_labels, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match=r"needs scikit-image: pip install 'softprep\[weak\]'"):
+        BuildOptions(scales=(0.25,), weak="scribbles:0.2")
