@@ -16,6 +16,8 @@ are tried and the first whose most frequent (argmax, non-void) class covers less
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -122,11 +124,8 @@ class CropDataset(Dataset):
         pad: bool = True,
         cat_max_ratio: float = 1.0,
         seed: int | None = None,
-        items: np.ndarray | None = None,
     ):
         store, self.items = open_checked(url, split)
-        if items is not None:  # a subset of the split (e.g. its labelled images)
-            self.items = np.intersect1d(self.items, items)
         self.lazy = _LazyStore(url)
         self.crop = crop
         self.scales = [parse_scale(s) for s in levels] if levels else store.scales
@@ -156,6 +155,13 @@ class CropDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def subset(self, items: np.ndarray, seed: int | None) -> CropDataset:
+        """The same crops restricted to store images ``items`` (e.g. the labelled share),
+        with their own ``seed``; the store is not checked again."""
+        other = copy.copy(self)
+        other.items, other.seed = np.intersect1d(self.items, items), seed
+        return other
 
     def _window(self, rng, hw):
         """A crop window (y0, x0, h, w) inside an image of size ``hw``."""

@@ -21,7 +21,6 @@ import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -170,22 +169,19 @@ def _open_inputs(cfg: FitConfig, ranks: Ranks, resume: bool, overwrite: bool):
     (store, training crops, unlabelled crops or None, evaluation set or None, evaluation
     level, model, checkpoint)."""
     store = SoftStore(cfg.store)
-    crops = partial(
-        CropDataset,
+    train = CropDataset(
         cfg.store,
         parse_crop(cfg.crop),
         "train",
         cfg.levels or None,
         cfg.level_weights or None,
         cat_max_ratio=cfg.cat_max_ratio,
+        seed=cfg.seed,
     )
-    train, unlabeled = crops(seed=cfg.seed), None
+    unlabeled = None
     if cfg.labeled:  # semi-supervised: a labelled share, the rest of the split unlabelled
         labelled, rest = partition(store.names(), train.items, cfg.labeled, cfg.labeled_seed)
-        train, unlabeled = (
-            crops(seed=cfg.seed, items=labelled),
-            crops(seed=cfg.seed + 1, items=rest),
-        )
+        train, unlabeled = train.subset(labelled, cfg.seed), train.subset(rest, cfg.seed + 1)
         if len(unlabeled) < (cfg.unlabeled_batch or cfg.batch_size) * ranks.world:
             raise TrainingError(
                 f"{cfg.store}: {len(unlabeled)} unlabelled images, fewer than one step's "

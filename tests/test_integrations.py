@@ -45,6 +45,11 @@ def test_public_names_resolve_and_import_lightly():
         assert getattr(softtrain, name) is not None
     with pytest.raises(AttributeError):
         softtrain.no_such_thing  # noqa: B018
+    import subprocess
+    import sys
+
+    code = "import sys, softprep, softtrain; sys.exit(bool({'torch', 'zarr'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0  # exports load on use
 
 
 def test_read_probs_equals_densify(store):
