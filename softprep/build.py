@@ -28,11 +28,13 @@ import zarr
 
 from softprep import __version__, store
 from softprep.datasets import (
+    UNLABELED_SPLIT,
     DatasetError,
     Pair,
     Problem,
     check_config_json,
     discover,
+    images_without_labels,
     load_pair,
     pair_size,
     with_void_last,
@@ -69,6 +71,7 @@ class BuildOptions:
     splits: tuple[str, ...] | None = None
     weak: str | None = None  # a softprep.weak protocol for training splits, e.g. "blocks:0.1"
     weak_seed: int = 0
+    unlabeled: str | None = None  # a folder of images without labels: split "unlabeled"
 
     def __post_init__(self):
         if not self.scales:
@@ -299,11 +302,15 @@ def _config(manifest: Manifest, options: BuildOptions) -> dict:
     cfg["splits"] = list(options.splits) if options.splits else None
     if options.weak is None:  # stores built without weak labels record no weak options
         del cfg["weak"], cfg["weak_seed"]
+    if options.unlabeled is None:
+        del cfg["unlabeled"]
     cfg.update(dataset=manifest.dataset, version=manifest.version, variant=manifest.variant)
     return cfg
 
 
-def _metadata(manifest: Manifest, options: BuildOptions, splits: list[str]) -> dict:
+def _metadata(
+    manifest: Manifest, options: BuildOptions, splits: list[str], image_only: list[str]
+) -> dict:
     return {
         "format": store.FORMAT,
         "softprep_version": __version__,
@@ -322,6 +329,7 @@ def _metadata(manifest: Manifest, options: BuildOptions, splits: list[str]) -> d
         "strategies": options.strategies,
         "splits": splits,
         "eval_splits": list(manifest.eval_splits),
+        "image_only_splits": image_only,
         "skipped": [],
         "complete": False,
         # OME-NGFF vocabulary for the pyramid of soft planes, finest level first; not a
@@ -355,6 +363,13 @@ def _metadata(manifest: Manifest, options: BuildOptions, splits: list[str]) -> d
 
 def _prepare(manifest, root, options, on_error):
     pairs, problems = discover(manifest, Path(root), list(options.splits or []) or None)
+    if options.unlabeled:
+        folder = Path(options.unlabeled)
+        if UNLABELED_SPLIT in manifest.splits:
+            raise BuildError(f"{manifest.source}: has a split '{UNLABELED_SPLIT}' already")
+        if not folder.is_dir():
+            raise BuildError(f"{folder}: folder of unlabelled images not found")
+        pairs += images_without_labels(folder, UNLABELED_SPLIT, problems)
     config_problems = check_config_json(manifest, Path(root))
     if config_problems:
         lines = "\n".join(f"  {p}" for p in config_problems[:20])
@@ -402,7 +417,8 @@ def _open_or_create(url, manifest, options, pairs, sizes):
                 "(dataset changed?); use another --out or delete it to rebuild"
             )
         return existing.root, existing.meta
-    meta = _metadata(manifest, options, splits)
+    image_only = list(dict.fromkeys(p.split for p in pairs if p.label is None))
+    meta = _metadata(manifest, options, splits, image_only)
     split_idx = np.array([splits.index(p.split) for p in pairs], dtype=np.uint8)
     level_hw = {
         s: np.array([level_size(tuple(hw), s, options.short_side) for hw in sizes])

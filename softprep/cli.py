@@ -184,7 +184,16 @@ def build(
         [],
         help="Extra strategies whose class priors are recorded for 'priors --compare': area, bilinear, bicubic (-noaa suffix for no antialias).",
     ),
-    split: list[str] = typer.Option(None, help="Splits to build (default: all present)."),
+    split: list[str] = typer.Option(
+        None,
+        help="Splits to build (default: every labelled split present). Image-only splits "
+        "(cityscapes train_extra, mapillary test) are built only when named here.",
+    ),
+    unlabeled: Path | None = typer.Option(
+        None,
+        help="A folder of images without labels (jpg/png, searched recursively), stored as "
+        "split 'unlabeled' for semi-supervised training (softtrain fit --labeled).",
+    ),
     weak: str | None = typer.Option(
         None,
         help="Weak labels on training splits: blocks:SHARE[:SIZE] keeps a seeded share of "
@@ -225,6 +234,7 @@ def build(
             splits=tuple(split) if split else None,
             weak=weak,
             weak_seed=weak_seed,
+            unlabeled=str(unlabeled.resolve()) if unlabeled else None,
         )
         url = out_url or f"{m.dataset}.zarr"
         with _backend(backend, scheduler), progress_bar("building") as bar:
@@ -278,7 +288,12 @@ def info(
         f"kernel {d['kernel']} ({'antialiased' if d['antialias'] else 'no antialias'}), K={d['k']}"
     )
     out.print(
-        "images: " + ", ".join(f"{s} {n}" for s, n in d["images"].items()) + f"; done {d['done']}"
+        "images: "
+        + ", ".join(
+            f"{s} {n}" + (" (no labels)" if s in d["image_only_splits"] else "")
+            for s, n in d["images"].items()
+        )
+        + f"; done {d['done']}"
     )
     if d["weak"]:
         shares = ", ".join(f"{s} {v:.1%}" for s, v in d["labelled_share"].items())

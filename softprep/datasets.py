@@ -1,4 +1,5 @@
-"""Find, decode and validate (image, label) pairs of a dataset in its official layout."""
+"""Find, decode and validate (image, label) pairs of a dataset in its official layout, and
+images without labels (image-only splits, a folder of images)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ log = logging.getLogger("softprep")
 MAX_PIXELS = 250_000_000
 Image.MAX_IMAGE_PIXELS = None
 LOSSY_FORMATS = ("JPEG", "MPO", "WEBP", "JPEG2000")
+UNLABELED_SPLIT = "unlabeled"  # the split of ``softprep build --unlabeled DIR``
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 
 
 class DatasetError(ValueError):
@@ -35,12 +38,13 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class Pair:
-    """One image and its label file. ``name`` is the stem shared by both (relative path)."""
+    """One image and its label file (None for an image without labels). ``name`` is the
+    stem shared by both (relative path)."""
 
     split: str
     name: str
     image: Path
-    label: Path
+    label: Path | None
 
 
 @dataclass(frozen=True)
@@ -55,8 +59,12 @@ class Problem:
         return f"{self.path}: {self.message}"
 
 
+def _labelled_splits(manifest: Manifest) -> list[str]:
+    return [s for s in manifest.splits if s not in manifest.image_only_splits]
+
+
 def _has_split(manifest: Manifest, root: Path) -> bool:
-    return any(_split_dirs(manifest, root, s)[0].is_dir() for s in manifest.splits)
+    return any(_split_dirs(manifest, root, s)[0].is_dir() for s in _labelled_splits(manifest))
 
 
 def _candidate_root(manifest: Manifest, root: Path) -> Path:
@@ -85,7 +93,7 @@ def find_root(manifest: Manifest, root: Path) -> Path:
 
 def _holds_labels(manifest: Manifest, root: Path) -> bool:
     root = _candidate_root(manifest, Path(root))
-    return any(_split_dirs(manifest, root, s)[1].is_dir() for s in manifest.splits)
+    return any(_split_dirs(manifest, root, s)[1].is_dir() for s in _labelled_splits(manifest))
 
 
 def detect_version(dataset: str, root: Path) -> str | None:
@@ -127,8 +135,8 @@ def _split_dirs(manifest: Manifest, root: Path, split: str) -> tuple[Path, Path]
     return root / lay["images"].format(split=token), root / lay["labels"].format(split=token)
 
 
-def _walk(folder: Path, suffix: str, problems: list[Problem]) -> list[Path]:
-    """Files ending in ``suffix`` below ``folder``, following symlinked folders (each real
+def _walk(folder: Path, suffix: str | tuple[str, ...], problems: list[Problem]) -> list[Path]:
+    """Files ending in ``suffix`` (or one of several) below ``folder``, following symlinked folders (each real
     folder once, so a symlink loop ends; each said in a note); unreadable folders and broken
     or looping symlinks are reported in ``problems``, never skipped silently."""
     found, seen = [], set()
@@ -163,8 +171,9 @@ def _stems(folder: Path, suffix: str, problems: list[Problem]) -> dict[str, Path
 def discover(
     manifest: Manifest, root: Path, splits: list[str] | None = None
 ) -> tuple[list[Pair], list[Problem]]:
-    """All pairs of the requested splits (default: every split present under ``root``),
-    sorted by split then name, and every pairing problem found (not just the first).
+    """All pairs of the requested splits (default: every labelled split present under
+    ``root``; image-only splits only when requested, as pairs without a label), sorted by
+    split then name, and every pairing problem found (not just the first).
 
     Raises ``DatasetError`` if ``root`` is missing or holds none of the manifest's splits.
     """
@@ -178,9 +187,11 @@ def discover(
             root,
             f"{manifest.dataset} has no split {unknown}; known: {', '.join(manifest.splits)}",
         )
-    wanted = splits or [s for s in manifest.splits if _split_dirs(manifest, root, s)[0].is_dir()]
+    wanted = splits or [
+        s for s in _labelled_splits(manifest) if _split_dirs(manifest, root, s)[0].is_dir()
+    ]
     if not wanted:
-        expected = _split_dirs(manifest, root, next(iter(manifest.splits)))[0]
+        expected = _split_dirs(manifest, root, _labelled_splits(manifest)[0])[0]
         raise DatasetError(
             root,
             f"no {manifest.dataset} split found (expected e.g. {expected}); "
@@ -192,6 +203,9 @@ def discover(
         img_dir, lab_dir = _split_dirs(manifest, root, split)
         if not img_dir.is_dir():
             problems.append(Problem(str(img_dir), f"split '{split}': image folder missing"))
+            continue
+        if split in manifest.image_only_splits:
+            pairs += images_without_labels(img_dir, split, problems, (lay["image_suffix"],))
             continue
         if not lab_dir.is_dir():
             hint = _version_hint(manifest, root)
@@ -210,6 +224,31 @@ def discover(
         for stem in sorted(set(labels) - set(images)):
             problems.append(Problem(str(labels[stem]), "label without an image"))
     return pairs, problems
+
+
+def labelled_pairs(manifest: Manifest, root: Path, split: str) -> list[Pair]:
+    """The pairs of ``split`` (``all``: every labelled split present) that label statistics
+    read; an image-only split is refused, and pairing problems are left to ``scan``."""
+    if split in manifest.image_only_splits:
+        raise DatasetError(root, f"split '{split}' of {manifest.dataset} has no labels")
+    return discover(manifest, Path(root), None if split == "all" else [split])[0]
+
+
+def images_without_labels(
+    folder: Path, split: str, problems: list[Problem], suffixes=IMAGE_SUFFIXES
+) -> list[Pair]:
+    """Pairs without a label for every image below ``folder`` (file name ending in one of
+    ``suffixes``), named by their path below it without the suffix; an empty folder is a
+    problem."""
+    pairs = {}
+    for path in _walk(folder, tuple(suffixes), problems):
+        suffix = next(s for s in suffixes if path.name.endswith(s))
+        name = str(path.relative_to(folder))[: -len(suffix)]
+        pairs.setdefault(name, Pair(split, name, path, None))
+    if not pairs:
+        endings = ", ".join(dict.fromkeys(s.lower() for s in suffixes))
+        problems.append(Problem(str(folder), f"no images (files ending in {endings})"))
+    return [pairs[n] for n in sorted(pairs)]
 
 
 def _open(path: Path, what: str) -> Image.Image:
@@ -246,6 +285,8 @@ def read_size(path: Path) -> tuple[int, int]:
 def pair_size(pair: Pair) -> tuple[int, int]:
     """(height, width) of a pair from the file headers; ``DatasetError`` if they differ."""
     hw = read_size(pair.image)
+    if pair.label is None:
+        return hw
     with _open(pair.label, "label") as im:
         _refuse_lossy(im, pair.label)
         lh, lw = im.height, im.width
@@ -334,8 +375,12 @@ def decode_label(path: Path, manifest: Manifest) -> np.ndarray:
 
 def load_pair(pair: Pair, manifest: Manifest) -> tuple[Image.Image, np.ndarray, np.ndarray]:
     """Decode one pair: RGB PIL image, (H, W) uint8 train ids and their (256,) int64
-    pixel counts. Sizes must agree."""
+    pixel counts. Sizes must agree. An image without a label gets an all-void one."""
     image = open_image(pair.image)
+    if pair.label is None:
+        counts = np.zeros(256, np.int64)
+        counts[VOID] = image.width * image.height
+        return image, np.full((image.height, image.width), VOID, np.uint8), counts
     label, counts = decode_label_counted(pair.label, manifest)
     if image.size[::-1] != label.shape:
         raise DatasetError(
@@ -415,7 +460,7 @@ def scan(
             progress(n + 1, len(pairs))
         try:
             hw = pair_size(pair)
-            if histogram:
+            if histogram and pair.label is not None:
                 hist += with_void_last(
                     decode_label_counted(pair.label, manifest)[1], manifest.num_classes
                 )

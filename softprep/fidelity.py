@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from softprep.build import BuildOptions, level_size
-from softprep.datasets import decode_label, discover
+from softprep.datasets import decode_label, labelled_pairs
 from softprep.manifest import VOID
 from softprep.quantize import decode_planes, encode_planes
 from softprep.resample import Resampler, axis_weights
@@ -222,7 +222,7 @@ def from_dataset(
     """The same report from the label files, soft labels computed (and quantised) as a
     build with ``options`` would store them."""
     strategies = _strategies(list(compare))
-    pairs, _ = discover(manifest, Path(root), None if split == "all" else [split])
+    pairs = labelled_pairs(manifest, root, split)
     c = manifest.num_classes
     conf = {
         scale_label(s): {k: np.zeros((c, c + 1), np.int64) for k in strategies}

@@ -9,6 +9,9 @@ A manifest is a JSON file (see ``manifests/`` at the repository root). Fields:
   missing from the map is invalid, or ``"identity"`` for files that already hold train ids
 - ``splits``: split name -> directory token substituted for ``{split}`` in the layout
 - ``eval_splits``: splits whose full-resolution labels are kept for evaluation
+- ``image_only_splits`` (optional): splits released without labels (Cityscapes
+  ``train_extra``, Mapillary ``testing``): built only when named (``--splits``), their
+  images stored with all-void labels, the unlabelled images of semi-supervised training
 - ``layout``: ``images``/``labels`` directories (with ``{split}``) and the
   ``image_suffix``/``label_suffix`` that pair files by their common stem
 - ``variants`` (optional): named overrides of ``layout`` fields and ``label_values``; a
@@ -58,6 +61,7 @@ class Manifest:
     splits: dict[str, str]
     eval_splits: tuple[str, ...]
     layout: dict[str, str]
+    image_only_splits: tuple[str, ...] = ()
     ignore_index: int = VOID
     config_json: str | None = None
     variant: str | None = None
@@ -153,6 +157,13 @@ def _validate(raw: dict, source: str) -> None:
             problems.append(
                 f"split '{name}': token {token!r} must be a relative path inside the root"
             )
+    for key in ("eval_splits", "image_only_splits"):
+        unknown = [s for s in raw.get(key, []) if s not in splits]
+        if unknown:
+            problems.append(f"'{key}' names splits not in 'splits': {unknown}")
+    both = set(raw.get("eval_splits", [])) & set(raw.get("image_only_splits", []))
+    if both:
+        problems.append(f"splits {sorted(both)} cannot be evaluated: they are image-only")
     layout = raw.get("layout", {})
     if not isinstance(layout, dict):
         problems.append("'layout' must be an object")
@@ -213,6 +224,7 @@ def _parse(raw: dict, source: str, variant: str | None) -> Manifest:
         splits=dict(raw["splits"]),
         eval_splits=tuple(raw.get("eval_splits", ())),
         layout=layout,
+        image_only_splits=tuple(raw.get("image_only_splits", ())),
         ignore_index=ignore,
         config_json=raw.get("config_json"),
         variant=variant,

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from softprep.build import BuildOptions, level_size, strategy_kernel, strategy_masses
-from softprep.datasets import decode_label_counted, discover, with_void_last
+from softprep.datasets import decode_label_counted, labelled_pairs, with_void_last
 from softprep.store import SoftStore, StoreError, scale_label
 
 SHOWN_AS = 1e4  # the paper shows D x 1e4
@@ -161,8 +161,10 @@ def from_store(store: SoftStore, compare: list[str], split: str = "train") -> Pr
     if "stats/full" not in store.root:
         raise StoreError(f"{store.url}: no statistics recorded (not built by softprep build?)")
     done = store.done()
+    if split in store.image_only_splits:
+        raise StoreError(f"{store.url}: split '{split}' has no labels")
     if split == "all":
-        rows = done
+        rows = done & ~np.isin(store.split_of(), store.image_only_splits)
     elif split in store.splits:
         rows = done & (store.split_of() == split)
     else:
@@ -199,7 +201,7 @@ def from_dataset(
     strategies = ["soft"] + [s for s in compare if s != "soft"]
     for s in strategies:
         strategy_kernel(s, options)  # unknown strategies fail before any file is read
-    pairs, _ = discover(manifest, Path(root), None if split == "all" else [split])
+    pairs = labelled_pairs(manifest, root, split)
     c = manifest.num_classes
     full = np.zeros(c + 1)
     mass = {scale_label(s): {k: np.zeros(c + 1) for k in strategies} for s in options.scales}

@@ -144,7 +144,8 @@ def write_sample(
     size: tuple[int, int] | None = None,
     seed: int = 0,
 ) -> int:
-    """Write a synthetic dataset under ``out`` in the manifest's layout; returns #pairs.
+    """Write a synthetic dataset under ``out`` in the manifest's layout; returns the number
+    of images (image-only splits get no label files).
 
     ``counts``: images per split (default train 6, val 2). ``size``: (H, W) for every image;
     default varies per image around the dataset's typical aspect ratio (fixed for Cityscapes).
@@ -186,10 +187,12 @@ def write_sample(
             img_dir = out / lay["images"].format(split=token)
             lab_dir = out / lay["labels"].format(split=token)
             _save(image, img_dir / f"{stem}{lay['image_suffix']}")
+            n += 1
+            if split in manifest.image_only_splits:
+                continue
             _save(to_raw[label], lab_dir / f"{stem}{lay['label_suffix']}", palette_png)
             for suffix in identity_variants:
                 _save(label, lab_dir / f"{stem}{suffix}")
-            n += 1
     if manifest.config_json:
         labels = [{"name": "unlabeled", "color": [0, 0, 0]}] * (max(manifest.label_values) + 1)
         for raw, tid in manifest.label_values.items():

@@ -411,6 +411,11 @@ class SoftStore:
     def splits(self) -> list[str]:
         return list(self.meta["splits"])
 
+    @property
+    def image_only_splits(self) -> list[str]:
+        """Splits built from images without labels (their labels are all void)."""
+        return list(self.meta.get("image_only_splits", []))
+
     def __len__(self) -> int:
         return self.root["images/name"].shape[0]
 
@@ -555,6 +560,7 @@ class SoftStore:
             "dataset": self.meta["dataset"],
             "weak": self.meta.get("config", {}).get("weak"),
             "labelled_share": labelled,  # per split: pixels not void at full resolution
+            "image_only_splits": self.image_only_splits,
             "dataset_version": self.meta["dataset_version"],
             "kernel": self.meta["kernel"],
             "antialias": self.meta["antialias"],

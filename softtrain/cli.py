@@ -297,7 +297,9 @@ def fit(
     labeled: str = typer.Option(
         None,
         help="Semi-supervised: the labelled share of the training split, a fraction (1/8) or a "
-        "partition list file; the rest is unlabelled (teacher-student). (default: all labelled)",
+        "partition list file; the rest, and the store's image-only splits (softprep build "
+        "--split train_extra, --unlabeled DIR), are unlabelled (teacher-student). "
+        "(default: all labelled)",
         rich_help_panel="Semi-supervised",
     ),
     labeled_seed: int = typer.Option(

@@ -48,10 +48,10 @@ def parse_crop(text: str) -> tuple[int, int]:
     return h, w
 
 
-def open_checked(url: str, split: str) -> tuple[SoftStore, np.ndarray]:
-    """The store and the indices of its finished images of ``split`` (``all`` for every
-    split). Refuses an incomplete store (images neither built nor skipped by
-    ``--on-error skip``: finish the build) and finished images whose shards are missing."""
+def open_checked(url: str, split: str | list[str]) -> tuple[SoftStore, np.ndarray]:
+    """The store and the indices of its finished images of ``split`` (a name, several, or
+    ``all`` for every split). Refuses an incomplete store (images neither built nor skipped
+    by ``--on-error skip``: finish the build) and finished images whose shards are missing."""
     store = SoftStore(url)
     done = store.done()
     skipped = {s["index"] for s in store.meta.get("skipped", []) if s.get("index") is not None}
@@ -61,9 +61,11 @@ def open_checked(url: str, split: str) -> tuple[SoftStore, np.ndarray]:
             f"{url}: {len(missing)} image(s) not built; finish the build (run the same "
             "softprep build command again) and check with 'softprep verify'"
         )
-    if split != "all" and split not in store.splits:
-        raise StoreError(f"{url}: no split '{split}'; splits: {', '.join(store.splits)}")
-    in_split = np.ones(len(store), bool) if split == "all" else store.split_of() == split
+    wanted = store.splits if split == "all" else [split] if isinstance(split, str) else split
+    for name in wanted:
+        if name not in store.splits:
+            raise StoreError(f"{url}: no split '{name}'; splits: {', '.join(store.splits)}")
+    in_split = np.isin(store.split_of(), wanted)
     items = np.flatnonzero(done & in_split)
     evaluated = np.isin(store.split_of(), store.meta.get("eval_splits", []))
     for path in store.image_arrays():
@@ -96,7 +98,7 @@ class _LazyStore:
 
 
 class CropDataset(Dataset):
-    """Random training crops of one split.
+    """Random training crops of a split (or several).
 
     Item ``i`` (one image per index; an epoch visits each image once) is a dict:
     ``image`` (3, h, w) uint8, ``index`` (K, h, w) uint8 class ids (255 = void),
@@ -117,7 +119,7 @@ class CropDataset(Dataset):
         self,
         url: str,
         crop: tuple[int, int],
-        split: str = "train",
+        split: str | list[str] = "train",
         levels: list[str] | None = None,
         level_weights: list[float] | None = None,
         flip: bool = True,

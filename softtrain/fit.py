@@ -169,23 +169,30 @@ def _open_inputs(cfg: FitConfig, ranks: Ranks, resume: bool, overwrite: bool):
     (store, training crops, unlabelled crops or None, evaluation set or None, evaluation
     level, model, checkpoint)."""
     store = SoftStore(cfg.store)
+    image_only = store.image_only_splits if cfg.labeled else []
     train = CropDataset(
         cfg.store,
         parse_crop(cfg.crop),
-        "train",
+        ["train", *image_only],
         cfg.levels or None,
         cfg.level_weights or None,
         cat_max_ratio=cfg.cat_max_ratio,
         seed=cfg.seed,
     )
     unlabeled = None
-    if cfg.labeled:  # semi-supervised: a labelled share, the rest of the split unlabelled
-        labelled, rest = partition(store.names(), train.items, cfg.labeled, cfg.labeled_seed)
+    if cfg.labeled:  # semi-supervised: a labelled share of train; its rest and image-only splits
+        in_train = store.split_of()[train.items] == "train"
+        labelled, rest = partition(
+            store.names(), train.items[in_train], cfg.labeled, cfg.labeled_seed
+        )
+        rest = np.union1d(rest, train.items[~in_train])
         train, unlabeled = train.subset(labelled, cfg.seed), train.subset(rest, cfg.seed + 1)
         if len(unlabeled) < (cfg.unlabeled_batch or cfg.batch_size) * ranks.world:
             raise TrainingError(
-                f"{cfg.store}: {len(unlabeled)} unlabelled images, fewer than one step's "
-                "unlabelled batch; lower --unlabeled-batch or label fewer images"
+                f"{cfg.store}: {len(unlabeled)} unlabelled images (the rest of train"
+                + "".join(f", {s}" for s in image_only)
+                + "), fewer than one step's unlabelled batch; lower --unlabeled-batch, label "
+                "fewer images or add image-only splits (softprep build --unlabeled DIR)"
             )
     per_step = cfg.batch_size * ranks.world
     if len(train) < per_step:

@@ -2,7 +2,9 @@
 unlabelled images, teacher-student with soft pseudo-labels.
 
 - Partition (``partition``): ``labeled`` as a fraction (``1/8``; a seeded choice) or a list
-  file of image names (the standard partition files); the rest of the split is unlabelled.
+  file of image names (the standard partition files); the rest of the split is unlabelled,
+  with the store's image-only splits (``softprep build --split train_extra``,
+  ``--unlabeled DIR``).
 - Teacher: an exponential moving average of the student (``ema``), updated after every
   optimiser step, parameters and buffers: t = m t + (1 - m) s, with m warmed up as
   min(ema, 1 - 1 / (step + 1)) (the mean-teacher practice).
@@ -70,10 +72,7 @@ def partition(names: np.ndarray, items: np.ndarray, labeled: str, seed: int):
                 f"{path}: {len(missing)} name(s) not among the training images, e.g. {missing[:3]}"
             )
         chosen = np.array(sorted(set(wanted)), dtype=items.dtype)
-    rest = np.setdiff1d(items, chosen)
-    if not len(rest):
-        raise ValueError("every training image is labelled: nothing left unlabelled")
-    return chosen, rest
+    return chosen, np.setdiff1d(items, chosen)
 
 
 @dataclass(frozen=True)

@@ -90,3 +90,37 @@ def test_verify_exit_code_on_damage(tmp_path):
     zarr.open_group(str(store), mode="r+")["images/done"][0] = False
     r = run("verify", store)
     assert r.exit_code == 1 and "not built" in r.text
+
+
+def test_image_only_splits_and_a_folder_of_images_are_built_void(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from softprep.manifest import VOID, load_manifest
+    from softprep.sample import write_sample
+    from softprep.store import SoftStore
+
+    data, store, photos = tmp_path / "cs", tmp_path / "cs.zarr", tmp_path / "photos"
+    write_sample(load_manifest("cityscapes"), data, {"train": 2, "val": 1, "train_extra": 2})
+    photos.mkdir()
+    Image.new("RGB", (300, 200), (10, 20, 30)).save(photos / "dashcam.jpg")
+    r = run(
+        "build", "cityscapes", "--root", data, "--scales", "1/8", "--out", store,
+        "--split", "train", "--split", "train_extra", "--unlabeled", photos, "--jobs", 2,
+    )  # fmt: skip
+    assert r.exit_code == 0 and "5 built" in r.text, r.output
+    s = SoftStore(str(store))
+    assert s.image_only_splits == ["train_extra", "unlabeled"]
+    assert list(s.names()[-1:]) == ["unlabeled/dashcam"]
+    for i in np.flatnonzero(np.isin(s.split_of(), s.image_only_splits)):
+        index, prob = s.read_soft(0.125, int(i))
+        assert (index[0] == VOID).all() and (prob[0] == 255).all()  # all void
+    assert (s.full_counts()[s.split_of() == "train"][:, :-1].sum(1) > 0).all()
+    r = run("info", store)
+    assert "train_extra 2 (no labels), unlabeled 1 (no labels)" in r.text
+    assert run("verify", store).exit_code == 0
+    r = run("priors", "--store", store, "--split", "train_extra")
+    assert r.exit_code == 2 and "'train_extra' has no labels" in r.text
+    r = run("build", "cityscapes", "--root", data, "--out", tmp_path / "x.zarr",
+            "--unlabeled", tmp_path / "nowhere")  # fmt: skip
+    assert r.exit_code == 2 and "nowhere: folder of unlabelled images not found" in r.text

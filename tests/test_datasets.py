@@ -6,8 +6,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from softprep.datasets import DatasetError, decode_image, decode_label, discover, load_pair, scan
+from softprep.datasets import (
+    DatasetError,
+    decode_image,
+    decode_label,
+    discover,
+    images_without_labels,
+    labelled_pairs,
+    load_pair,
+    scan,
+)
 from softprep.manifest import VOID, load_manifest
+from softprep.sample import write_sample
 from tests.conftest import FIXTURES, needs_fixtures
 
 
@@ -191,3 +201,39 @@ def test_exif_orientation_is_not_applied_and_grayscale_becomes_rgb(tmp_path):
     assert out.shape == (20, 40, 3) and out[:, :10].mean() > 200  # as stored, not rotated
     Image.fromarray(arr[..., 0]).save(tmp_path / "gray.jpg")
     assert decode_image(tmp_path / "gray.jpg").shape == (20, 40, 3)
+
+
+def test_image_only_splits_are_listed_only_when_named(tmp_path, cityscapes):
+    write_sample(cityscapes, tmp_path, {"train": 2, "train_extra": 2}, size=(32, 64))
+    assert not (tmp_path / "gtFine/train_extra").exists()  # released without labels
+    pairs, problems = discover(cityscapes, tmp_path)
+    assert not problems and {p.split for p in pairs} == {"train"}
+    pairs, problems = discover(cityscapes, tmp_path, ["train", "train_extra"])
+    extra = [p for p in pairs if p.split == "train_extra"]
+    assert not problems and len(extra) == 2 and all(p.label is None for p in extra)
+    image, label, counts = load_pair(extra[0], cityscapes)
+    assert (label == VOID).all() and counts[VOID] == label.size == image.width * image.height
+    with pytest.raises(DatasetError, match="'train_extra' of cityscapes has no labels"):
+        labelled_pairs(cityscapes, tmp_path, "train_extra")
+
+
+def test_mapillary_testing_images_without_labels_do_not_stop_discovery(tmp_path):
+    m = load_manifest("mapillary", "v1.2")
+    write_sample(m, tmp_path, {"train": 2, "val": 1, "test": 2}, size=(32, 48))
+    assert (tmp_path / "testing/images").is_dir() and not (tmp_path / "testing/v1.2").exists()
+    pairs, problems = discover(m, tmp_path)
+    assert not problems and {p.split for p in pairs} == {"train", "val"}
+
+
+def test_a_folder_of_images_without_labels(tmp_path):
+    for rel in ("a/1.jpg", "a/b/2.PNG", "3.jpeg"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 4)).save(tmp_path / rel)
+    (tmp_path / "notes.txt").write_text("not an image")
+    problems = []
+    pairs = images_without_labels(tmp_path, "unlabeled", problems)
+    assert not problems and [p.name for p in pairs] == ["3", "a/1", "a/b/2"]
+    assert {p.split for p in pairs} == {"unlabeled"} and all(p.label is None for p in pairs)
+    (tmp_path / "empty").mkdir()
+    images_without_labels(tmp_path / "empty", "unlabeled", problems)
+    assert len(problems) == 1 and "no images (files ending in .jpg, .jpeg" in str(problems[0])

@@ -166,6 +166,14 @@ def test_unreadable_folder_is_reported(samples, tmp_path, monkeypatch):
         (lambda m: m.update(classes={"road": 0}), "'classes' must be a list"),
         (lambda m: m["layout"].update(images="../elsewhere/{split}"), "inside the root"),
         (lambda m: m["splits"].update(train="../../etc"), "inside the root"),
+        (
+            lambda m: m.update(image_only_splits=["extra"]),
+            "'image_only_splits' names splits not in 'splits': ['extra']",
+        ),
+        (
+            lambda m: m.update(image_only_splits=["val"]),
+            "splits ['val'] cannot be evaluated: they are image-only",
+        ),
     ],
 )
 def test_manifest_problems_named_with_the_file(tmp_path, change, message):

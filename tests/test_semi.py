@@ -7,11 +7,13 @@ import torch
 
 from softprep.build import BuildOptions, build
 from softprep.manifest import load_manifest
+from softprep.sample import write_sample
 from softprep.store import SoftStore
 from softtrain.checkpoint import load_checkpoint
 from softtrain.config import FitConfig
+from softtrain.distributed import Ranks
 from softtrain.evaluate import model_from_checkpoint
-from softtrain.fit import fit
+from softtrain.fit import _open_inputs, fit
 from softtrain.semi import dynamic_soft_labels, ema_update, partition, relation_loss
 
 
@@ -93,7 +95,7 @@ def semi_config(store, out, **kw):
     return FitConfig(
         store=store, out=str(out), model="deeplabv3plus_r18", crop="32x64", batch_size=1,
         unlabeled_batch=2, iters=kw.pop("iters", 4), lr=0.02, workers=0, device="cpu",
-        log_every=1, labeled="1/2", semi_esl=True, semi_ipix="corr", semi_threshold=0.3,
+        log_every=1, labeled=kw.pop("labeled", "1/2"), semi_esl=True, semi_ipix="corr", semi_threshold=0.3,
         semi_ema=0.9, **kw,
     )  # fmt: skip
 
@@ -118,3 +120,21 @@ def test_teacher_student_resumes_exactly_and_evaluates_the_teacher(store, tmp_pa
     assert any(not torch.equal(a["model"][k], a["teacher"][k]) for k in a["model"])
     used = model_from_checkpoint(a, "cpu").state_dict()
     assert all(torch.equal(used[k], a["teacher"][k]) for k in used)  # eval/predict: the teacher
+
+
+def test_image_only_splits_join_the_unlabelled_images(tmp_path):
+    data, url = tmp_path / "cs", str(tmp_path / "cs.zarr")
+    m = load_manifest("cityscapes")
+    write_sample(m, data, {"train": 2, "val": 1, "train_extra": 3}, size=(64, 128))
+    options = BuildOptions(scales=(0.5,), splits=("train", "val", "train_extra"))
+    build(m, data, url, options)
+    s = SoftStore(url)
+    extra = np.flatnonzero(s.split_of() == "train_extra")
+    _, train, unlabeled, *_ = _open_inputs(
+        semi_config(url, tmp_path / "r", labeled="1"), Ranks(), False, False
+    )
+    assert list(train.items) == list(np.flatnonzero(s.split_of() == "train"))
+    assert list(unlabeled.items) == list(extra)  # every train image labelled, the rest extra
+    _, train, unlabeled, *_ = _open_inputs(semi_config(url, tmp_path / "r"), Ranks(), False, False)
+    assert len(train) == 1 and set(extra) < set(unlabeled.items) and len(unlabeled) == 4
+    assert fit(semi_config(url, tmp_path / "run", labeled="1", iters=2))["step"] == 2
