@@ -128,9 +128,9 @@ def stored_mass(index: np.ndarray, prob: np.ndarray, num_classes: int) -> np.nda
     ``prob`` (K, h, w) renormalised over the kept classes (bicubic lobes already clipped),
     so they equal the totals of the stored uint8 planes within rounding (< 1/255 per
     pixel holding two or more classes)."""
-    total = prob.sum(axis=0, dtype=np.float64)
-    share = prob / np.where(total > 0, total, 1.0)
-    return with_void_last(np.bincount(index.ravel(), share.ravel(), minlength=256), num_classes)
+    from softprep import kernels  # compiled: numba is imported only when needed
+
+    return with_void_last(kernels.kept_mass(index, prob), num_classes)
 
 
 def strategy_masses(

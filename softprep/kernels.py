@@ -8,6 +8,7 @@
   its row weight at once) and keep the ``k`` largest. Cost grows with pixels, never with
   the number of classes.
 - ``sampled_counts``: the label histogram of a nearest-neighbour grid, without building it.
+- ``kept_mass``: the label totals of a top-K soft label as stored (renormalised).
 - ``map_counted``, ``row_changes``: one pass each over a full-resolution label.
 - ``largest_remainder``: exact-sum uint8 rounding of proportions (``softprep.quantize``).
 - ``bilinear_argmax``: the argmax of a bilinearly up-sampled top-K soft label
@@ -142,6 +143,28 @@ def sampled_counts(label, yi, xi):  # pragma: no cover - compiled
         for x in xi:
             counts[row[x]] += 1
     return counts
+
+
+@numba.njit(cache=True, nogil=True)
+def kept_mass(index, prob):  # pragma: no cover - compiled
+    """(256,) float64 label totals of a (K, Ho, Wo) top-K soft label (``index`` uint8,
+    ``prob`` float32), each pixel's kept proportions renormalised to sum to 1 (a pixel
+    with none adds nothing)."""
+    k, ho, wo = index.shape
+    mass = np.zeros(256, np.float64)
+    for y in range(ho):
+        for x in range(wo):
+            if k == 1 or prob[1, y, x] == 0:  # one label (slot 0 holds the largest)
+                if prob[0, y, x] > 0:
+                    mass[index[0, y, x]] += 1.0
+                continue
+            total = 0.0
+            for j in range(k):
+                total += prob[j, y, x]
+            if total > 0:
+                for j in range(k):
+                    mass[index[j, y, x]] += prob[j, y, x] / total
+    return mass
 
 
 @numba.njit(cache=True, nogil=True)
