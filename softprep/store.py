@@ -35,9 +35,12 @@ from fractions import Fraction
 from functools import cached_property
 from pathlib import Path
 
+import google_crc32c
+import numcodecs
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from softprep.manifest import VOID, Manifest, manifest_from_json
@@ -325,44 +328,114 @@ def _padded(data: np.ndarray, shape: tuple, fill: int) -> np.ndarray:
     return out
 
 
+def _crc32c(data: bytes) -> bytes:
+    return google_crc32c.value(data).to_bytes(4, "little")
+
+
+class ShardEncoder:
+    """One image's whole shard of an array, encoded as zarr's ``sharding_indexed`` codec
+    stores it (inner chunks in C order, each Blosc-compressed then followed by its CRC32C;
+    then the (offset, nbytes) uint64 little-endian index and its CRC32C), in one
+    synchronous pass. zarr's own write path sends every 256x256 inner chunk through its
+    async codec pipeline and a thread hand-off, ~3x the cost of the compression itself
+    (measured: ~21 of a Cityscapes image's ~28 ms of writing). zarr reads these shards
+    back exactly (tested, with the chunk sizes zarr itself writes)."""
+
+    SHUFFLES = {
+        "noshuffle": numcodecs.Blosc.NOSHUFFLE,
+        "shuffle": numcodecs.Blosc.SHUFFLE,
+        "bitshuffle": numcodecs.Blosc.BITSHUFFLE,
+    }
+
+    def __init__(self, shard: tuple[int, ...], chunk: tuple[int, ...], blosc: numcodecs.Blosc):
+        self.shard, self.chunk, self.blosc = shard, chunk, blosc
+        self.grid = tuple(s // c for s, c in zip(shard, chunk))
+
+    @classmethod
+    def for_array(cls, arr: zarr.AsyncArray) -> ShardEncoder | None:
+        """The encoder of a uint8 array with this module's layout (one sharding codec over
+        bytes, blosc and crc32c; index with crc32c, at the end); None for any other."""
+        meta = arr.metadata.to_dict()
+        codecs = meta["codecs"]
+        if arr.dtype != np.uint8 or [c["name"] for c in codecs] != ["sharding_indexed"]:
+            return None
+        conf = codecs[0]["configuration"]
+        inner, index = conf["codecs"], conf["index_codecs"]
+        if (
+            [c["name"] for c in inner] != ["bytes", "blosc", "crc32c"]
+            or [c["name"] for c in index] != ["bytes", "crc32c"]
+            or index[0].get("configuration", {}).get("endian", "little") != "little"
+            or conf["index_location"] != "end"
+        ):
+            return None
+        b = inner[1]["configuration"]
+        blosc = numcodecs.Blosc(
+            b["cname"], b["clevel"], cls.SHUFFLES[b["shuffle"]], blocksize=b["blocksize"]
+        )
+        shard = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        return cls(shard, tuple(conf["chunk_shape"]), blosc)
+
+    def encode(self, data: np.ndarray) -> bytes:
+        """The shard's bytes from (1, ...) uint8 ``data`` of the shard's shape (which may
+        pass the array's edge: zarr stores edge chunks whole, padded with the fill value)."""
+        index = np.empty((*self.grid, 2), "<u8")
+        parts, offset = [], 0
+        for coords in np.ndindex(self.grid):
+            window = tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, self.chunk))
+            body = self.blosc.encode(np.ascontiguousarray(data[window]))
+            parts += [body, _crc32c(body)]
+            index[coords] = offset, len(body) + 4
+            offset += len(body) + 4
+        table = index.tobytes()
+        return b"".join([*parts, table, _crc32c(table)])
+
+
 class ImageWriter:
     """Writes images' shards into an open store (what a build worker holds). Array handles
     are opened once: opening one reads its metadata (~0.5 ms each, measured)."""
 
     def __init__(self, root: zarr.Group):
         self.root = root
-        self._arrays: dict[str, zarr.AsyncArray] = {}
+        self._arrays: dict[str, tuple[zarr.AsyncArray, ShardEncoder | None]] = {}
 
-    def _array(self, path: str) -> zarr.AsyncArray:
+    def _array(self, path: str) -> tuple[zarr.AsyncArray, ShardEncoder | None]:
         # inner chunks are written even when all zero: checking costs more than the few
         # bytes an all-zero compressed chunk takes (measured)
         if path not in self._arrays:
-            arr = self.root[path].async_array
-            self._arrays[path] = arr.with_config({"write_empty_chunks": True})
+            arr = self.root[path].async_array.with_config({"write_empty_chunks": True})
+            self._arrays[path] = arr, ShardEncoder.for_array(arr)
         return self._arrays[path]
 
     def write(self, i: int, levels: dict, full_label: np.ndarray | None) -> None:
         """Write image ``i``: ``levels[name] = (planes (2K-1,h,w), rgb (h,w,3))`` and, for
         evaluation splits, its (H, W) full-resolution label.
 
-        Each array's shard is written whole, padded to the array's size (worker-safe); the
-        writes run concurrently.
+        Each array's shard is written whole, padded to the array's size (worker-safe),
+        through the store (atomic file writes on a local disk); the writes run concurrently.
+        Arrays of another layout (older stores) go through zarr's own write path.
         """
         writes = []
         for name, (planes, rgb) in levels.items():
-            writes.append((self._array(f"levels/{name}/soft"), planes, 0))
-            writes.append((self._array(f"levels/{name}/rgb"), rgb, 0))
+            writes.append((f"levels/{name}/soft", planes, 0))
+            writes.append((f"levels/{name}/rgb", rgb, 0))
         if full_label is not None:
-            writes.append((self._array("full/label"), full_label, 255))
+            writes.append(("full/label", full_label, 255))
+
+        async def put(path: str, data: np.ndarray, fill: int) -> None:
+            arr, encoder = self._array(path)
+            if encoder is None:
+                await arr.setitem(i, _padded(data, arr.shape[1:], fill))
+                return
+            key = arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
+            blob = encoder.encode(_padded(data, encoder.shard[1:], fill)[None])
+            await (arr.store_path / key).set(default_buffer_prototype().buffer.from_bytes(blob))
 
         async def write_all():
-            await asyncio.gather(
-                *(arr.setitem(i, _padded(data, arr.shape[1:], fill)) for arr, data, fill in writes)
-            )
+            await asyncio.gather(*(put(*w) for w in writes))
 
-        # encoding several chunks per batch: ~25% less time per image (measured)
-        with zarr.config.set({"codec_pipeline.batch_size": 8}):
-            sync(write_all())
+        for path, _, _ in writes:
+            self._array(path)  # opened outside the event loop (zarr's sync calls)
+        sync(write_all())
 
 
 class SoftStore:
