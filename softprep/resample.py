@@ -25,6 +25,7 @@ filter support grows with the down-sampling factor so every input pixel contribu
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,8 +117,10 @@ def _plain(n_in: int, n_out: int, kernel: str) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(index, 0, n_in - 1), w
 
 
+@functools.lru_cache(maxsize=512)
 def axis_weights(n_in: int, n_out: int, kernel: str, antialias: bool = True) -> AxisWeights:
-    """Weights resampling ``n_in`` samples to ``n_out`` with ``kernel``."""
+    """Weights resampling ``n_in`` samples to ``n_out`` with ``kernel`` (read-only arrays,
+    cached: a build computes the same ones for every image of a size, ~18 per image)."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel '{kernel}'; choose from {', '.join(KERNELS)}")
     if kernel in NEAREST_KERNELS:
@@ -131,6 +134,8 @@ def axis_weights(n_in: int, n_out: int, kernel: str, antialias: bool = True) -> 
     w = w / w.sum(axis=1, keepdims=True)
     strongest = np.take_along_axis(index, np.abs(w).argmax(axis=1)[:, None], axis=1)
     index = np.where(w == 0, strongest, index)
+    index.setflags(write=False)
+    w.setflags(write=False)
     return AxisWeights(index=index, weight=w, n_in=n_in)
 
 
