@@ -92,6 +92,11 @@ class Manifest:
             valid[raw] = True
         return lut, valid
 
+    def __getstate__(self) -> dict:
+        """Pickled without the cached lookup table (128 KiB; rebuilt on use), so build
+        tasks stay small whatever the parent decoded before."""
+        return {k: v for k, v in self.__dict__.items() if k != "lookup_table"}
+
     def raw_value_of(self, train_id: int) -> int:
         """The first raw label value that maps to ``train_id`` (``VOID`` for void)."""
         target = self.ignore_index if train_id == VOID else train_id

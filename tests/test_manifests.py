@@ -80,3 +80,15 @@ def test_folder_manifest_from_path(tmp_path):
     )
     with pytest.raises(ManifestError, match="class ids must be 0..C-1"):
         load_manifest(str(bad))
+
+
+def test_pickled_manifest_leaves_its_lookup_table_behind():
+    import pickle
+
+    m = load_manifest("cityscapes")
+    lut, valid = m.lookup_table  # cached on the instance: 128 KiB
+    copy = pickle.loads(pickle.dumps(m))
+    assert len(pickle.dumps(m)) < 10_000  # what every build task carries to a worker
+    assert (
+        copy == m and (copy.lookup_table[0] == lut).all() and (copy.lookup_table[1] == valid).all()
+    )
