@@ -136,9 +136,10 @@ def _split_dirs(manifest: Manifest, root: Path, split: str) -> tuple[Path, Path]
 
 
 def _walk(folder: Path, suffix: str | tuple[str, ...], problems: list[Problem]) -> list[Path]:
-    """Files ending in ``suffix`` (or one of several) below ``folder``, following symlinked folders (each real
-    folder once, so a symlink loop ends; each said in a note); unreadable folders and broken
-    or looping symlinks are reported in ``problems``, never skipped silently."""
+    """Files ending in ``suffix`` (or one of several) below ``folder``, following symlinked
+    folders (each real folder once, so a symlink loop ends; each said in a note); unreadable
+    folders and broken or looping symlinks are reported in ``problems``, never skipped
+    silently."""
     found, seen = [], set()
 
     def unreadable(e: OSError) -> None:
@@ -244,7 +245,11 @@ def images_without_labels(
     for path in _walk(folder, tuple(suffixes), problems):
         suffix = next(s for s in suffixes if path.name.endswith(s))
         name = str(path.relative_to(folder))[: -len(suffix)]
-        pairs.setdefault(name, Pair(split, name, path, None))
+        if name in pairs:
+            other = pairs[name].image.name
+            problems.append(Problem(str(path), f"{other} has the same name; left out"))
+            continue
+        pairs[name] = Pair(split, name, path, None)
     if not pairs:
         endings = ", ".join(dict.fromkeys(s.lower() for s in suffixes))
         problems.append(Problem(str(folder), f"no images (files ending in {endings})"))

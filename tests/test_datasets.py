@@ -234,6 +234,11 @@ def test_a_folder_of_images_without_labels(tmp_path):
     pairs = images_without_labels(tmp_path, "unlabeled", problems)
     assert not problems and [p.name for p in pairs] == ["3", "a/1", "a/b/2"]
     assert {p.split for p in pairs} == {"unlabeled"} and all(p.label is None for p in pairs)
+    Image.new("RGB", (8, 4)).save(tmp_path / "3.png")  # a second image named 3
+    pairs = images_without_labels(tmp_path, "unlabeled", problems)
+    assert [p.image.name for p in pairs if p.name == "3"] == ["3.jpeg"]
+    assert len(problems) == 1 and "3.png: 3.jpeg has the same name; left out" in str(problems[0])
+    problems.clear()
     (tmp_path / "empty").mkdir()
     images_without_labels(tmp_path / "empty", "unlabeled", problems)
     assert len(problems) == 1 and "no images (files ending in .jpg, .jpeg" in str(problems[0])

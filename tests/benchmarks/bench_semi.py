@@ -1,6 +1,7 @@
 """Semi-supervised training on generated street scenes (issue 17): validation mIoU after the
 same steps with the labelled share only (the baseline), hard pseudo-labels from an EMA
-teacher, + ESL dynamic soft labels, + the IPixMatch inter-pixel loss.
+teacher, + ESL dynamic soft labels, + the IPixMatch inter-pixel loss, and with every image
+labelled (the upper bound: how much the unlabelled images could add).
 
     python tests/benchmarks/bench_semi.py [--images 32] [--labeled 1/8] [--steps 100]
 
@@ -65,6 +66,7 @@ def main() -> None:
             workers=2, device=args.device, semi_ema=0.99, semi_threshold=0.9,
         )  # fmt: skip
         runs = [
+            ("every image labelled (upper bound)", dict(store=full)),
             ("labelled share only (baseline)", dict(store=few)),
             ("hard pseudo-labels (EMA teacher)", dict(store=full, labeled=args.labeled)),
             ("+ dynamic soft labels (ESL)", dict(store=full, labeled=args.labeled, semi_esl=True)),
