@@ -212,6 +212,18 @@ def test_shards_written_by_softprep_are_zarrs_own_bytes(samples, tmp_path, datas
         assert chunks[0] == chunks[1], path
 
 
+def test_an_fsspec_url_store_equals_a_local_one(samples, tmp_path):
+    """``file://`` goes through zarr's fsspec store (the write path of remote stores),
+    a plain path through the direct local writes."""
+    m, opts = load_manifest("cityscapes"), BuildOptions(scales=(0.25,))
+    local, url = tmp_path / "a.zarr", f"file://{tmp_path}/b.zarr"
+    build(m, samples["cityscapes"], str(local), opts)
+    build(m, samples["cityscapes"], url, opts)
+    assert_same_store(str(local), str(tmp_path / "b.zarr"))
+    assert not list(local.rglob("*.partial")) and verify(SoftStore(url)).ok
+    assert type(SoftStore(url).root.store).__name__ == "FsspecStore"
+
+
 def test_resume_after_interruptions_equals_uninterrupted(samples, tmp_path, monkeypatch):
     m = load_manifest("cityscapes")
     opts = BuildOptions(scales=SCALES)
