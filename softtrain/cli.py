@@ -296,8 +296,10 @@ def fit(
     ),
     labeled: str = typer.Option(
         None,
+        "--labeled",
+        "--labeled-list",
         help="Semi-supervised: the labelled share of the training split, a fraction (1/8) or a "
-        "partition list file; the rest, and the store's image-only splits (softprep build "
+        "partition list file (lines starting with image names); the rest, and the store's image-only splits (softprep build "
         "--split train_extra, --unlabeled DIR), are unlabelled (teacher-student). "
         "(default: all labelled)",
         rich_help_panel="Semi-supervised",

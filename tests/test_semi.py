@@ -138,3 +138,15 @@ def test_image_only_splits_join_the_unlabelled_images(tmp_path):
     _, train, unlabeled, *_ = _open_inputs(semi_config(url, tmp_path / "r"), Ranks(), False, False)
     assert len(train) == 1 and set(extra) < set(unlabeled.items) and len(unlabeled) == 4
     assert fit(semi_config(url, tmp_path / "run", labeled="1", iters=2))["step"] == 2
+
+
+def test_labeled_list_names_the_partition_file_on_the_command_line(store, tmp_path):
+    from typer.testing import CliRunner
+
+    from softtrain.cli import app
+
+    out, listing = tmp_path / "run", tmp_path / "nowhere.txt"
+    args = ["fit", "--store", store, "--out", str(out), "--labeled-list", str(listing)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "nowhere.txt: not a fraction nor a partition list file" in r.output
+    assert not out.exists()

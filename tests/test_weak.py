@@ -224,3 +224,30 @@ def test_missing_scikit_image_is_a_sentence_not_a_traceback(monkeypatch):
     monkeypatch.setattr(weak_labels, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match=r"needs scikit-image: pip install 'softprep\[weak\]'"):
         BuildOptions(scales=(0.25,), weak="scribbles:0.2")
+
+
+def test_self_labelling_resumes_exactly_with_bf16_and_accumulation(samples, tmp_path):
+    """The weak regime inside the one loop: bf16 autocast (the solver in float32), two
+    micro-batches per step, interrupted after step 2 and resumed = one straight run."""
+    url = str(tmp_path / "w.zarr")
+    build(CS, samples["cityscapes"], url, BuildOptions(scales=(0.125,), weak="blocks:0.3:32"))
+
+    def config(out, **kw):
+        return FitConfig(
+            store=url, out=str(out), model="deeplabv3plus_r18", crop="32x64", batch_size=2,
+            accum=2, bf16=True, iters=3, workers=0, device="cpu", weak_loss="self-label",
+            weak_steps=3, weak_start=1, log_every=1, **kw,
+        )  # fmt: skip
+
+    fit(config(tmp_path / "a"))
+
+    def interrupt(log):
+        if log.step == 3:  # after last.pt was written at step 2
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(config(tmp_path / "b", save_every=2), on_log=interrupt)
+    fit(config(tmp_path / "b", save_every=2), resume=True)
+    a, b = (torch.load(tmp_path / f"{r}/last.pt", weights_only=False)["model"] for r in "ab")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
