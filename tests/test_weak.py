@@ -101,6 +101,23 @@ def test_solver_keeps_labelled_pixels_and_lowers_its_objective():
     assert not y.requires_grad
 
 
+@pytest.mark.parametrize("relaxation", ["collision-divergence", "collision-ce", "bilinear"])
+def test_pseudo_labels_spread_from_the_labels_up_to_the_colour_edge(relaxation):
+    """An undecided network (uniform s), a dark and a bright half, a few labelled columns
+    at each end: the solved pseudo-labels take each end's class up to the colour edge."""
+    h, w, edge = 4, 24, 8  # off the middle, where plain smoothing would meet
+    image = torch.zeros(1, 3, h, w)
+    image[..., edge:] = 100
+    target = torch.zeros(1, 3, h, w)
+    labelled = torch.zeros(1, h, w, dtype=torch.bool)
+    labelled[..., :2], target[:, 0, :, :2] = True, 1
+    labelled[..., -2:], target[:, 1, :, -2:] = True, 1
+    opts = WeakOptions("self-label", potts=relaxation, steps=200, step_lr=0.075)
+    y = solve_pseudo_labels(torch.zeros(1, 3, h, w), target, labelled, affinities(image, 3), opts)
+    expected = torch.tensor([0] * edge + [1] * (w - edge)).expand(h, w)
+    assert torch.equal(y.argmax(1)[0], expected)
+
+
 def test_gradients_flow_only_where_intended(samples, tmp_path):
     url = str(tmp_path / "w.zarr")
     build(CS, samples["cityscapes"], url, BuildOptions(scales=(0.125,), weak="blocks:0.3:32"))
