@@ -34,6 +34,10 @@ def main() -> None:
     ap.add_argument("--lam", type=float, default=1.0, help="weight of the Potts term")
     ap.add_argument("--eta", type=float, default=1.0, help="weight of H(y, s)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument(
+        "--only", nargs="+", default=["full", "potts", "self-label"],
+        help="regimes besides the baseline: full, potts, self-label",
+    )  # fmt: skip
     args = ap.parse_args()
     cityscapes = load_manifest("cityscapes")
     with tempfile.TemporaryDirectory() as tmp:
@@ -44,13 +48,15 @@ def main() -> None:
             stores[name] = str(Path(tmp) / f"{name}.zarr")
             build(cityscapes, root, stores[name], BuildOptions(scales=(0.25,), weak=weak), jobs=2)
         runs = [
-            ("full labels (upper bound)", "full", "none"),
-            ("labelled pixels only (baseline)", "weak", "none"),
-            ("dense Potts on predictions", "weak", "potts"),
-            ("soft self-labelling", "weak", "self-label"),
+            ("full", "full labels (upper bound)", "full", "none"),
+            ("baseline", "labelled pixels only (baseline)", "weak", "none"),
+            ("potts", "dense Potts on predictions", "weak", "potts"),
+            ("self-label", "soft self-labelling", "weak", "self-label"),
         ]
         results = {}
-        for title, store, regime in runs:
+        for key, title, store, regime in runs:
+            if key not in ("baseline", *args.only):
+                continue
             cfg = FitConfig(
                 store=stores[store],
                 out=str(Path(tmp) / f"run-{store}-{regime}"),
@@ -73,7 +79,8 @@ def main() -> None:
     baseline = results["labelled pixels only (baseline)"][0]
     print(
         f"weak labels {args.weak}, {args.images} training images, {args.steps} steps each, "
-        f"sigma {args.sigma:g}, lambda {args.lam:g}, eta {args.eta:g}"
+        f"sigma {args.sigma:g}, lambda {args.lam:g}, eta {args.eta:g}, solver steps "
+        f"{args.solver_steps}"
     )
     for title, (miou, seconds) in results.items():
         print(
