@@ -212,6 +212,26 @@ def test_shards_written_by_softprep_are_zarrs_own_bytes(samples, tmp_path, datas
         assert chunks[0] == chunks[1], path
 
 
+def test_arrays_of_another_layout_are_written_by_zarr(tmp_path):
+    """Stores of an older layout (other codecs) take zarr's own write path."""
+    from softprep.store import ImageWriter, ShardEncoder
+
+    root = zarr.open_group(str(tmp_path / "old.zarr"), mode="w")
+    shapes = {"levels/x1/soft": (2, 3, 8, 8), "levels/x1/rgb": (2, 8, 8, 3)}
+    for path, shape in shapes.items():
+        root.create_array(
+            path, shape=shape, shards=(1, *shape[1:]), chunks=(1, *shape[1:]), dtype="uint8",
+            compressors=zarr.codecs.ZstdCodec(),
+        )  # fmt: skip
+        assert ShardEncoder.for_array(root[path].async_array) is None
+    planes, rgb = (
+        np.arange(np.prod(s[1:])).reshape(s[1:]).astype(np.uint8) for s in shapes.values()
+    )
+    ImageWriter(root).write(1, {"x1": (planes, rgb)}, None)
+    np.testing.assert_array_equal(root["levels/x1/soft"][1], planes)
+    np.testing.assert_array_equal(root["levels/x1/rgb"][1], rgb)
+
+
 def test_an_fsspec_url_store_equals_a_local_one(samples, tmp_path):
     """``file://`` goes through zarr's fsspec store (the write path of remote stores),
     a plain path through the direct local writes."""
