@@ -65,15 +65,7 @@ def soft_topk(label, changes, yi, yw, xi, xw, k):  # pragma: no cover - compiled
                     w = wy if row_uniform else wy * xw[ox, s]
                     if w == 0.0:
                         continue
-                    c = label[y, a if row_uniform else xi[ox, s]]
-                    j = 0
-                    while j < n and labels[j] != c:
-                        j += 1
-                    if j == n:
-                        labels[n] = c
-                        mass[n] = 0.0
-                        n += 1
-                    mass[j] += w
+                    n = _accumulate(labels, mass, n, label[y, a if row_uniform else xi[ox, s]], w)
             total = 0.0
             for j in range(n):
                 mass[j] = max(mass[j], 0.0)
@@ -97,6 +89,21 @@ def soft_topk(label, changes, yi, yw, xi, xw, k):  # pragma: no cover - compiled
             if n > k:  # else nothing was dropped (and rounding must not say otherwise)
                 truncated[oy, ox] = max(0.0, 1.0 - kept / total)
     return index, prob, truncated
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _accumulate(labels, mass, n, c, w):  # pragma: no cover - compiled
+    """Add weight ``w`` to label ``c`` in the short list ``labels[:n]``/``mass[:n]``
+    (appended if new); returns the new length."""
+    j = 0
+    while j < n and labels[j] != c:
+        j += 1
+    if j == n:
+        labels[n] = c
+        mass[n] = 0.0
+        n += 1
+    mass[j] += w
+    return n
 
 
 @numba.njit(cache=True, nogil=True)
@@ -258,14 +265,7 @@ def bilinear_argmax(index, prob, y0, y1, wy, x0, x1, wx, void):  # pragma: no co
                     c = index[slot, sy, sx]
                     if p == 0 or c == void:
                         continue
-                    j = 0
-                    while j < n and labels[j] != c:
-                        j += 1
-                    if j == n:
-                        labels[n] = c
-                        mass[n] = 0.0
-                        n += 1
-                    mass[j] += w * p
+                    n = _accumulate(labels, mass, n, c, w * p)
             best = -1
             for j in range(n):
                 if (
