@@ -4,8 +4,8 @@
   output, with no dense one-hot and no per-class planes. An output pixel whose taps all
   hold one label (``_uniform_windows``: O(1) per pixel from running label-change counts)
   gets that label with proportion 1; the others sum their tap weights per label in a
-  short list (the handful of labels under one window; a tap row holding one label adds
-  its row weight at once) and keep the ``k`` largest. Cost grows with pixels, never with
+  short list (the handful of labels under one window; each run of one label along a tap
+  row is one entry) and keep the ``k`` largest. Cost grows with pixels, never with
   the number of classes.
 - ``sampled_counts``: the label histogram of a nearest-neighbour grid, without building it.
 - ``kept_mass``: the label totals of a top-K soft label as stored (renormalised).
@@ -60,12 +60,16 @@ def soft_topk(label, changes, yi, yw, xi, xw, k):  # pragma: no cover - compiled
                 y, wy = yi[oy, t], yw[oy, t]
                 if wy == 0.0:
                     continue
-                row_uniform = changes[y, b] == changes[y, a]  # then its weights sum to 1
-                for s in range(1 if row_uniform else tx):
-                    w = wy if row_uniform else wy * xw[ox, s]
-                    if w == 0.0:
-                        continue
-                    n = _accumulate(labels, mass, n, label[y, a if row_uniform else xi[ox, s]], w)
+                if changes[y, b] == changes[y, a]:  # one label: its weights sum to 1
+                    n = _accumulate(labels, mass, n, label[y, a], wy)
+                    continue
+                run, w = label[y, xi[ox, 0]], 0.0  # taps of one label in a row: one entry
+                for s in range(tx):
+                    if label[y, xi[ox, s]] != run:
+                        n = _accumulate(labels, mass, n, run, wy * w)
+                        run, w = label[y, xi[ox, s]], 0.0
+                    w += xw[ox, s]
+                n = _accumulate(labels, mass, n, run, wy * w)
             total = 0.0
             for j in range(n):
                 mass[j] = max(mass[j], 0.0)
@@ -75,9 +79,7 @@ def soft_topk(label, changes, yi, yw, xi, xw, k):  # pragma: no cover - compiled
                 best = -1
                 for j in range(n):
                     if mass[j] > 0.0 and (
-                        best < 0
-                        or mass[j] > mass[best]
-                        or (mass[j] == mass[best] and labels[j] < labels[best])
+                        best < 0 or _before(mass[j], labels[j], mass[best], labels[best])
                     ):
                         best = j
                 if best < 0:
@@ -89,6 +91,14 @@ def soft_topk(label, changes, yi, yw, xi, xw, k):  # pragma: no cover - compiled
             if n > k:  # else nothing was dropped (and rounding must not say otherwise)
                 truncated[oy, ox] = max(0.0, 1.0 - kept / total)
     return index, prob, truncated
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _before(m, c, m_best, c_best):  # pragma: no cover - compiled
+    """Whether label ``c`` of mass ``m`` ranks before ``c_best`` of ``m_best``: larger mass
+    first; masses within 1e-9 (equal but for the order they were summed in) are a tie,
+    which the lower label wins."""
+    return m > m_best + 1e-9 or (m >= m_best - 1e-9 and c < c_best)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -268,11 +278,7 @@ def bilinear_argmax(index, prob, y0, y1, wy, x0, x1, wx, void):  # pragma: no co
                     n = _accumulate(labels, mass, n, c, w * p)
             best = -1
             for j in range(n):
-                if (
-                    best < 0
-                    or mass[j] > mass[best]
-                    or (mass[j] == mass[best] and labels[j] < labels[best])
-                ):
+                if best < 0 or _before(mass[j], labels[j], mass[best], labels[best]):
                     best = j
             out[oy, ox] = labels[best] if best >= 0 else void
     return out

@@ -117,6 +117,20 @@ def test_truncation_is_accounted():
 
 
 @pytest.mark.parametrize("kernel", ["area", "bilinear", "bicubic"])
+def test_tied_classes_rank_lower_id_first(kernel):
+    """Two classes of exactly equal proportion: the lower id is slot 0, whatever order the
+    kernel summed the tap weights in. Stripes 9 9 9 9 4 4 4 4 under x8 windows centred on
+    the stripes' edges: each tap of 9 is mirrored by one of 4 (away from the borders)."""
+    label = np.where((np.arange(64) // 4) % 2 == 0, 9, 4).astype(np.uint8)
+    label = np.broadcast_to(label, (64, 64))
+    r = Resampler.make((64, 64), (8, 8), kernel, True)
+    index, prob, _ = r.soft_topk(label, k=2)
+    tied = np.abs(prob[0] - prob[1]) < 1e-6
+    assert tied.sum() > 0
+    assert (index[0][tied] == 4).all() and (index[1][tied] == 9).all()
+
+
+@pytest.mark.parametrize("kernel", ["area", "bilinear", "bicubic"])
 def test_colour_is_the_same_kernel_as_pil(kernel):
     rng = np.random.default_rng(2)
     img = rng.integers(0, 256, (61, 83, 3), dtype=np.uint8)
