@@ -123,32 +123,23 @@ class ImageResult:
     error: Problem | None = None
 
 
-def stored_mass(index: np.ndarray, prob: np.ndarray, num_classes: int) -> np.ndarray:
-    """(C+1,) float64 class totals (void last) of a top-K soft label as the store keeps it:
-    ``prob`` (K, h, w) renormalised over the kept classes (bicubic lobes already clipped),
-    so they equal the totals of the stored uint8 planes within rounding (< 1/255 per
-    pixel holding two or more classes)."""
-    from softprep import kernels  # compiled: numba is imported only when needed
-
-    return with_void_last(kernels.kept_mass(index, prob), num_classes)
-
-
 def strategy_masses(
-    label, counts, out_hw, options, strategies, num_classes, made=None, soft=None
+    label, counts, out_hw, options, strategies, num_classes, made=None, soft_mass=None
 ) -> dict:
     """{strategy: (C+1,) class mass (void last)} of an (H, W) label at one output size.
     ``counts``: its (256,) histogram; ``made``: a Resampler already built for this size;
-    ``soft``: its (index, prob) top-K soft label, if computed. ``soft`` is the mass of the
-    stored soft labels (``stored_mass``); the others are the strategies' exact linear mass
-    (nearest: counts of the sampled pixels)."""
+    ``soft_mass``: the (256,) mass of its stored planes, if encoded (``encode_planes``).
+    ``soft`` is the mass of the stored soft labels, the others are the strategies' exact
+    linear mass (nearest: counts of the sampled pixels)."""
     masses = {}
     for s in strategies:
         kernel, aa = strategy_kernel(s, options)
         same = made is not None and (kernel, aa) == (made.kernel, made.antialias)
         r = made if same else Resampler.make(label.shape, out_hw, kernel, aa)
         if s == "soft":
-            index, prob, _ = soft if soft is not None else r.soft_topk(label, options.k)
-            masses[s] = stored_mass(index, prob, num_classes)
+            if soft_mass is None:
+                soft_mass = encode_planes(*r.soft_topk(label, options.k)[:2])[1]
+            masses[s] = with_void_last(soft_mass, num_classes)
         else:
             masses[s] = with_void_last(r.class_mass(label, counts), num_classes)
     return masses
@@ -171,11 +162,13 @@ def process_pair(
     for scale in options.scales:
         out_hw = level_size(label.shape, scale, options.short_side)
         r = Resampler.make(label.shape, out_hw, options.kernel, options.antialias)
-        soft = r.soft_topk(label, options.k, changes)
-        index, prob, truncated = soft
-        arrays[store.level_name(scale)] = (encode_planes(index, prob), r.colour(image))
+        index, prob, truncated = r.soft_topk(label, options.k, changes)
+        planes, soft_mass = encode_planes(index, prob)
+        arrays[store.level_name(scale)] = (planes, r.colour(image))
         stats = {"truncated": np.array([truncated.sum(), truncated.max()])}
-        stats |= strategy_masses(label, counts, out_hw, options, options.strategies, c, r, soft)
+        stats |= strategy_masses(
+            label, counts, out_hw, options, options.strategies, c, r, soft_mass
+        )
         result.levels[store.level_name(scale)] = stats
     return arrays, result, (label if keep_full else None)
 

@@ -234,7 +234,7 @@ def from_dataset(
             size = level_size(truth.shape, scale, options.short_side)
             r = Resampler.make(truth.shape, size, options.kernel, options.antialias)
             index, prob, _ = r.soft_topk(truth, options.k)
-            index, prob = decode_planes(encode_planes(index, prob))
+            index, prob = decode_planes(encode_planes(index, prob)[0])
             _score(conf, truth, index, prob, scale, options, strategies, c)
         if progress:
             progress(n + 1, len(pairs))

@@ -8,9 +8,9 @@
   row is one entry) and keep the ``k`` largest. Cost grows with pixels, never with
   the number of classes.
 - ``sampled_counts``: the label histogram of a nearest-neighbour grid, without building it.
-- ``kept_mass``: the label totals of a top-K soft label as stored (renormalised).
 - ``map_counted``, ``row_changes``: one pass each over a full-resolution label.
-- ``largest_remainder``: exact-sum uint8 rounding of proportions (``softprep.quantize``).
+- ``largest_remainder``, ``encode_planes``: exact-sum uint8 rounding of proportions, and the
+  store planes with the class totals they hold, in one pass (``softprep.quantize``).
 - ``bilinear_argmax``: the argmax of a bilinearly up-sampled top-K soft label
   (``softprep.fidelity``), pixels x K, never a dense class volume.
 
@@ -163,56 +163,67 @@ def sampled_counts(label, yi, xi):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def kept_mass(index, prob):  # pragma: no cover - compiled
-    """(256,) float64 label totals of a (K, Ho, Wo) top-K soft label (``index`` uint8,
-    ``prob`` float32), each pixel's kept proportions renormalised to sum to 1 (a pixel
-    with none adds nothing)."""
-    k, ho, wo = index.shape
-    mass = np.zeros(256, np.float64)
-    for y in range(ho):
-        for x in range(wo):
-            if k == 1 or prob[1, y, x] == 0:  # one label (slot 0 holds the largest)
-                if prob[0, y, x] > 0:
-                    mass[index[0, y, x]] += 1.0
-                continue
-            total = 0.0
-            for j in range(k):
-                total += prob[j, y, x]
-            if total > 0:
-                for j in range(k):
-                    mass[index[j, y, x]] += prob[j, y, x] / total
-    return mass
+def largest_remainder(prob, total, out):  # pragma: no cover - compiled
+    """Round each column of (K, N) non-negative ``prob`` (column sums > 0) to (K, N) uint8
+    ``out`` summing to exactly ``total`` (``_round_column``)."""
+    k, n = prob.shape
+    rest, given = np.empty(k, np.float64), np.empty(k, np.bool_)
+    for p in range(n):
+        _round_column(prob[:, p], total, out[:, p], rest, given)
+    return out
 
 
 @numba.njit(cache=True, nogil=True)
-def largest_remainder(prob, total, out):  # pragma: no cover - compiled
-    """Round each column of (K, N) non-negative ``prob`` (column sums > 0) to (K, N) uint8
-    ``out`` summing to exactly ``total``: scale to ``total``, floor, then one more unit to
-    each of the largest remainders (ties: lower slot first)."""
-    k, n = prob.shape
-    x = np.empty(k, np.float64)
-    given = np.empty(k, np.bool_)
-    for p in range(n):
-        s = 0.0
-        for j in range(k):
-            s += prob[j, p]
-        base_sum = 0
-        for j in range(k):
-            x[j] = prob[j, p] / s * total
-            out[j, p] = np.uint8(np.floor(x[j]))
-            x[j] -= np.floor(x[j])
-            base_sum += out[j, p]
-            given[j] = False
-        for _ in range(total - base_sum):
-            best = -1
+def encode_planes(index, prob, total):  # pragma: no cover - compiled
+    """Store planes of a top-K soft label: (K, H, W) uint8 ids and float32 proportions
+    (decreasing) -> (2K-1, H, W) uint8 planes (the ids, then slots 1..K-1 rounded with
+    slot 0 to sum ``total``; a pixel of one class needs no rounding) and (256,) int64 the
+    units of ``total`` each id holds in them, summed over pixels."""
+    k, h, w = index.shape
+    planes = np.zeros((2 * k - 1, h, w), np.uint8)
+    units = np.zeros(256, np.int64)
+    q = np.empty(k, np.uint8)
+    rest, given = np.empty(k, np.float64), np.empty(k, np.bool_)
+    for y in range(h):
+        for x in range(w):
             for j in range(k):
-                if not given[j] and (best < 0 or x[j] > x[best]):
-                    best = j
-            if best < 0:
-                break
-            given[best] = True
-            out[best, p] += 1
-    return out
+                planes[j, y, x] = index[j, y, x]
+            if k == 1 or prob[1, y, x] == 0:
+                units[index[0, y, x]] += total
+                continue
+            _round_column(prob[:, y, x], total, q, rest, given)
+            for j in range(k):
+                units[index[j, y, x]] += q[j]
+                if j > 0:
+                    planes[k + j - 1, y, x] = q[j]
+    return planes, units
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _round_column(p, total, out, rest, given):  # pragma: no cover - compiled
+    """(K,) non-negative ``p`` (sum > 0) -> (K,) uint8 ``out`` summing to exactly ``total``:
+    scale to ``total``, floor, then one more unit to each of the largest remainders (ties:
+    lower slot first). ``rest``, ``given``: (K,) scratch."""
+    k = p.shape[0]
+    s = 0.0
+    for j in range(k):
+        s += p[j]
+    base_sum = 0
+    for j in range(k):
+        x = p[j] / s * total
+        out[j] = np.uint8(np.floor(x))
+        rest[j] = x - np.floor(x)
+        base_sum += out[j]
+        given[j] = False
+    for _ in range(total - base_sum):
+        best = -1
+        for j in range(k):
+            if not given[j] and (best < 0 or rest[j] > rest[best]):
+                best = j
+        if best < 0:
+            break
+        given[best] = True
+        out[best] += 1
 
 
 @numba.njit(cache=True, nogil=True)

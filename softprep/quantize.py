@@ -27,17 +27,17 @@ def quantize_probs(prob: np.ndarray) -> np.ndarray:
     return kernels.largest_remainder(flat, TOTAL, out).reshape(prob.shape)
 
 
-def encode_planes(index: np.ndarray, prob: np.ndarray) -> np.ndarray:
+def encode_planes(index: np.ndarray, prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(K, H, W) uint8 ids + (K, H, W) float probs, sorted by decreasing probability ->
-    (2K-1, H, W) uint8 store planes. Only pixels with a second class need rounding."""
-    k = len(index)
-    planes = np.zeros((2 * k - 1, *index.shape[1:]), dtype=np.uint8)
-    planes[:k] = index
-    mixed = np.flatnonzero(prob[1] > 0) if k > 1 else []
-    if len(mixed):
-        rest = planes[k:].reshape(k - 1, -1)
-        rest[:, mixed] = quantize_probs(prob.reshape(k, -1)[:, mixed])[1:]
-    return planes
+    (2K-1, H, W) uint8 store planes and (256,) float64 the mass each id holds in them
+    (the sum over pixels of its stored probability, exactly). Only pixels with a second
+    class need rounding."""
+    from softprep import kernels  # compiled: numba is imported only when needed
+
+    planes, units = kernels.encode_planes(
+        np.ascontiguousarray(index, np.uint8), np.ascontiguousarray(prob, np.float32), TOTAL
+    )
+    return planes, units / TOTAL
 
 
 def decode_planes(planes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -111,6 +111,22 @@ def test_pairing_colour_equals_255_times_soft_label(tmp_path, kernel, antialias)
             assert np.abs(rgb - soft).max() <= 1, (kernel, scale)
 
 
+def test_soft_statistics_are_the_stored_planes_totals(samples, tmp_path):
+    """``stats/soft`` of each image equals the class totals of its stored planes, summed
+    here from what ``read_soft`` returns."""
+    url = str(tmp_path / "cs.zarr")
+    build(load_manifest("cityscapes"), samples["cityscapes"], url, BuildOptions(scales=SCALES))
+    s = SoftStore(url)
+    c = len(s.classes)
+    for scale in SCALES:
+        stats = s.stats(scale, "soft")
+        for i in range(len(s)):
+            index, q = s.read_soft(scale, i)
+            totals = np.bincount(index.ravel(), q.ravel() / 255, minlength=256)
+            expected = np.concatenate([totals[:c], totals[255:]])
+            np.testing.assert_allclose(stats[i], expected, rtol=0, atol=1e-6)
+
+
 def test_fidelity_and_priors_on_sample(samples, tmp_path):
     m = load_manifest("cityscapes")
     url = str(tmp_path / "cs.zarr")

@@ -46,8 +46,22 @@ def test_planes_roundtrip():
     rng = np.random.default_rng(2)
     p = random_probs(rng, 6, 40 * 30).reshape(6, 40, 30).astype(np.float32)
     idx = rng.integers(0, 19, (6, 40, 30)).astype(np.uint8)
-    planes = encode_planes(idx, p)
+    planes, mass = encode_planes(idx, p)
     assert planes.shape == (11, 40, 30) and planes.dtype == np.uint8
     i2, q = decode_planes(planes)
     assert (i2 == idx).all() and (q.sum(axis=0, dtype=int) == 255).all()
     assert np.abs(q / 255 - p).max() < 1 / 255
+    # the mass each id holds in the planes, against summing them independently
+    expected = np.zeros(256)
+    np.add.at(expected, i2.ravel(), q.ravel() / 255)
+    np.testing.assert_allclose(mass, expected, rtol=0, atol=1e-9)
+
+
+def test_planes_of_one_class_pixels_need_no_probabilities():
+    idx = np.zeros((3, 2, 2), np.uint8)
+    idx[0] = [[4, 7], [7, 7]]
+    p = np.zeros((3, 2, 2), np.float32)
+    p[0] = 1.0
+    planes, mass = encode_planes(idx, p)
+    assert (planes[3:] == 0).all() and (decode_planes(planes)[1][0] == 255).all()
+    assert mass[4] == 1.0 and mass[7] == 3.0 and mass.sum() == 4.0
