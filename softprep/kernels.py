@@ -181,13 +181,12 @@ def encode_planes(index, prob, total):  # pragma: no cover - compiled
     units of ``total`` each id holds in them, summed over pixels."""
     k, h, w = index.shape
     planes = np.zeros((2 * k - 1, h, w), np.uint8)
+    planes[:k] = index
     units = np.zeros(256, np.int64)
     q = np.empty(k, np.uint8)
     rest, given = np.empty(k, np.float64), np.empty(k, np.bool_)
     for y in range(h):
         for x in range(w):
-            for j in range(k):
-                planes[j, y, x] = index[j, y, x]
             if k == 1 or prob[1, y, x] == 0:
                 units[index[0, y, x]] += total
                 continue
