@@ -273,7 +273,7 @@ def fit(
         None, help="Weight of H(y, s). (default: 1.0)", rich_help_panel="Weak supervision"
     ),
     weak_lambda: float = typer.Option(
-        None, help="Weight of the Potts term. (default: 1.0)", rich_help_panel="Weak supervision"
+        None, help="Weight of the Potts term. (default: 10.0)", rich_help_panel="Weak supervision"
     ),
     weak_sigma: float = typer.Option(
         None,

@@ -45,7 +45,7 @@ class WeakOptions:
     potts: str = "collision-divergence"
     xent: str = "collision"
     eta: float = 1.0  # weight of H(y, s)
-    lam: float = 1.0  # weight of the Potts term
+    lam: float = 10.0  # weight of the Potts term
     sigma: float = 3.0  # colour bandwidth, 0..255 units
     neighbours: int = 4  # 4 or 8
     steps: int = 200  # pseudo-label solver steps
@@ -167,16 +167,24 @@ def weak_loss(
     if opts.loss == "none":
         return labelled_part
     s = logits.float().softmax(1)
-    weights = affinities(image, opts.sigma, opts.neighbours)
     if opts.loss == "potts":
+        weights = affinities(image, opts.sigma, opts.neighbours)
         extra = opts.lam * potts(s, weights, opts.potts, opts.neighbours)
     else:
-        q, void = densify(index, prob, logits.shape[1])
-        labelled = void <= 0.5
-        target = q / (1 - void).clamp_min(EPS).unsqueeze(1)
-        y = solve_pseudo_labels(logits, target, labelled, weights, opts)
+        y, _ = pseudo_labels(logits, index, prob, image, opts)
         extra = opts.eta * xent(y, s, opts.xent).mean()
     return LossOutput(labelled_part.loss + extra, labelled_part.kl, labelled_part.kept)
+
+
+def pseudo_labels(logits, index, prob, image, opts: WeakOptions):
+    """A batch's soft pseudo-labels for the fixed network (``solve_pseudo_labels``):
+    (B, C, H, W) float32, and (B, H, W) bool the labelled pixels (more than half of their
+    mass non-void), where they are the label. Arguments as for ``weak_loss``."""
+    q, void = densify(index, prob, logits.shape[1])
+    labelled = void <= 0.5
+    target = q / (1 - void).clamp_min(EPS).unsqueeze(1)
+    weights = affinities(image, opts.sigma, opts.neighbours)
+    return solve_pseudo_labels(logits, target, labelled, weights, opts), labelled
 
 
 def training_loss(cfg: FitConfig):
