@@ -165,11 +165,13 @@ def sampled_counts(label, yi, xi):  # pragma: no cover - compiled
 @numba.njit(cache=True, nogil=True)
 def largest_remainder(prob, total, out):  # pragma: no cover - compiled
     """Round each column of (K, N) non-negative ``prob`` (column sums > 0) to (K, N) uint8
-    ``out`` summing to exactly ``total`` (``_round_column``)."""
+    ``out`` summing to exactly ``total`` (``_round_at``)."""
     k, n = prob.shape
-    rest, given = np.empty(k, np.float64), np.empty(k, np.bool_)
+    columns = prob.reshape(k, 1, n)
+    q, rest, given = np.empty(k, np.uint8), np.empty(k, np.float64), np.empty(k, np.bool_)
     for p in range(n):
-        _round_column(prob[:, p], total, out[:, p], rest, given)
+        _round_at(columns, 0, p, total, q, rest, given)
+        out[:, p] = q
     return out
 
 
@@ -180,17 +182,17 @@ def encode_planes(index, prob, total):  # pragma: no cover - compiled
     slot 0 to sum ``total``; a pixel of one class needs no rounding) and (256,) int64 the
     units of ``total`` each id holds in them, summed over pixels."""
     k, h, w = index.shape
-    planes = np.zeros((2 * k - 1, h, w), np.uint8)
+    planes = np.empty((2 * k - 1, h, w), np.uint8)
     planes[:k] = index
+    planes[k:] = 0
     units = np.zeros(256, np.int64)
-    q = np.empty(k, np.uint8)
-    rest, given = np.empty(k, np.float64), np.empty(k, np.bool_)
+    q, rest, given = np.empty(k, np.uint8), np.empty(k, np.float64), np.empty(k, np.bool_)
     for y in range(h):
         for x in range(w):
             if k == 1 or prob[1, y, x] == 0:
                 units[index[0, y, x]] += total
                 continue
-            _round_column(prob[:, y, x], total, q, rest, given)
+            _round_at(prob, y, x, total, q, rest, given)
             for j in range(k):
                 units[index[j, y, x]] += q[j]
                 if j > 0:
@@ -199,21 +201,24 @@ def encode_planes(index, prob, total):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _round_column(p, total, out, rest, given):  # pragma: no cover - compiled
-    """(K,) non-negative ``p`` (sum > 0) -> (K,) uint8 ``out`` summing to exactly ``total``:
-    scale to ``total``, floor, then one more unit to each of the largest remainders (ties:
-    lower slot first). ``rest``, ``given``: (K,) scratch."""
-    k = p.shape[0]
+def _round_at(prob, y, x, total, out, rest, given):  # pragma: no cover - compiled
+    """(K,) uint8 ``out`` summing to exactly ``total`` from the non-negative proportions
+    ``prob[:, y, x]`` (sum > 0; indexed, not sliced: a view per pixel costs more than the
+    rounding): scale to ``total``, floor, then one more unit to each of the largest
+    remainders (ties: lower slot first). ``rest``, ``given``: (K,) scratch."""
+    k = prob.shape[0]
     s = 0.0
     for j in range(k):
-        s += p[j]
+        s += prob[j, y, x]
     base_sum = 0
     for j in range(k):
-        x = p[j] / s * total
-        out[j] = np.uint8(np.floor(x))
-        rest[j] = x - np.floor(x)
-        base_sum += out[j]
-        given[j] = False
+        p = prob[j, y, x]
+        out[j], given[j] = 0, p == 0  # (unused slots of a top-K label: nothing to round)
+        if p != 0:
+            v = p / s * total
+            out[j] = np.uint8(np.floor(v))
+            rest[j] = v - np.floor(v)
+            base_sum += out[j]
     for _ in range(total - base_sum):
         best = -1
         for j in range(k):
