@@ -26,6 +26,7 @@ crop size. Everything here runs in float32 on the training device, batched.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -135,21 +136,33 @@ def xent(y: torch.Tensor, s: torch.Tensor, kind: str) -> torch.Tensor:
 def solve_pseudo_labels(logits, target, labelled, weights, opts: WeakOptions) -> torch.Tensor:
     """Soft pseudo-labels y (B, C, H, W) for a fixed network: gradient descent on z with
     y = softmax(z), from z = logits, minimising eta * mean H(y, s) + lam * Potts(y); pixels
-    where ``labelled`` (B, H, W) keep ``target`` (B, C, H, W) throughout. Detached."""
+    where ``labelled`` (B, H, W) keep ``target`` (B, C, H, W) throughout. Detached.
+
+    Steps of ``step_lr`` (the paper's fixed step), except that a step which raised the
+    objective is taken back and the step halved: a fixed step too large for the weights
+    (measured: lambda 100 at 0.075) otherwise leaps onto the clamped plateau of the log
+    relaxations and stays there, with pseudo-labels worse than the predictions. Decided
+    on the device, without a synchronisation per step. Returns the last accepted y."""
     s = logits.detach().float().softmax(1)
-    z = logits.detach().float().clone().requires_grad_(True)
+    z = logits.detach().float().clone()
     keep = labelled.unsqueeze(1)
     pixels = labelled.numel()  # the objective is a sum over pixels, as in the paper
-    with torch.enable_grad():
-        for _ in range(opts.steps):
+    step = torch.tensor(opts.step_lr, device=z.device)
+    best = (torch.tensor(math.inf, device=z.device), z, torch.zeros_like(z))
+    for _ in range(opts.steps):
+        with torch.enable_grad():
+            z.requires_grad_(True)
             y = torch.where(keep, target, z.softmax(1))
-            per_pixel = opts.eta * xent(y, s, opts.xent).mean() + opts.lam * potts(
+            objective = opts.eta * xent(y, s, opts.xent).mean() + opts.lam * potts(
                 y, weights, opts.potts, opts.neighbours
             )
-            (grad,) = torch.autograd.grad(per_pixel * pixels, z)
-            with torch.no_grad():
-                z -= opts.step_lr * grad
-    return torch.where(keep, target, z.detach().softmax(1))
+            (grad,) = torch.autograd.grad(objective * pixels, z)
+        with torch.no_grad():
+            worse = objective > best[0]
+            best = tuple(torch.where(worse, b, now) for b, now in zip(best, (objective, z, grad)))
+            step = torch.where(worse, step / 2, step)
+            z = best[1] - step * best[2]
+    return torch.where(keep, target, best[1].detach().softmax(1))
 
 
 def weak_loss(

@@ -80,19 +80,24 @@ def test_affinity_weights_and_neighbourhoods():
     )
 
 
-def test_solver_keeps_labelled_pixels_and_lowers_its_objective():
+@pytest.mark.parametrize("lam,step_lr", [(10.0, 0.05), (100.0, 2.0)])
+def test_solver_keeps_labelled_pixels_and_lowers_its_objective(lam, step_lr):
+    """Also with a step far too large for the weights (the second case), which a fixed
+    step overshoots: the solver halves it whenever the objective rises."""
     torch.manual_seed(1)
     logits = torch.randn(1, 3, 6, 8)
     labelled = torch.zeros(1, 6, 8, dtype=torch.bool)
     labelled[:, :, :2] = True
     target = F.one_hot(torch.full((1, 6, 8), 2), 3).permute(0, 3, 1, 2).float()
     image = torch.full((1, 3, 6, 8), 100, dtype=torch.uint8)
+    image[..., 5:] = 0  # a colour edge: the pair weights across it are ~0
     weights = affinities(image, 3.0)
-    opts = WeakOptions("self-label", steps=50, step_lr=0.05)
+    opts = WeakOptions("self-label", lam=lam, steps=50, step_lr=step_lr)
 
     def objective(y):
         s = logits.softmax(1)
-        return (xent(y, s, opts.xent).mean() + potts(y, weights, opts.potts)).item()
+        h = xent(y, s, opts.xent).mean()
+        return (opts.eta * h + opts.lam * potts(y, weights, opts.potts)).item()
 
     start = torch.where(labelled[:, None], target, logits.softmax(1))
     y = solve_pseudo_labels(logits, target, labelled, weights, opts)
