@@ -83,7 +83,7 @@ def test_affinity_weights_and_neighbourhoods():
 @pytest.mark.parametrize("lam,step_lr", [(10.0, 0.05), (100.0, 2.0)])
 def test_solver_keeps_labelled_pixels_and_lowers_its_objective(lam, step_lr):
     """Also with a step far too large for the weights (the second case), which a fixed
-    step overshoots: the solver halves it whenever the objective rises."""
+    step overshoots: the solver takes back a step that raised the objective and halves it."""
     torch.manual_seed(1)
     logits = torch.randn(1, 3, 6, 8)
     labelled = torch.zeros(1, 6, 8, dtype=torch.bool)
