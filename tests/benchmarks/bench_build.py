@@ -2,6 +2,7 @@
 against a baseline measured in the same run.
 
     python tests/benchmarks/bench_build.py [--images 24] [--what throughput jobs memory size]
+        [--tmp /dev/shm]
 
 - throughput: build (1 job, scales 1/8 1/4 1/2, bilinear antialiased) vs decoding the same
   image + label files and resizing the colour image to the same scales with PIL (target <= 2x)
@@ -288,12 +289,15 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=24)
     ap.add_argument("--scaling-images", type=int, default=200)
     ap.add_argument(
+        "--tmp", default=None, help="folder for the data and stores (e.g. /dev/shm, a RAM disk)"
+    )
+    ap.add_argument(
         "--what",
         nargs="+",
         default=["throughput", "marginal", "jobs", "scaling", "memory", "size"],
     )
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory(dir=args.tmp) as d:
         tmp = Path(d)
         root = tmp / "cityscapes"
         if {"throughput", "jobs", "size"} & set(args.what):
