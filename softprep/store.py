@@ -14,7 +14,8 @@
       levels/<L>/rgb    (N, Hl, Wl, 3) uint8      colour, same kernel
       levels/<L>/hw     (N, 2) int32              true size of each image at this level
       levels/<L>/truncated (N, 2) float64         top-K dropped mass: sum, max per pixel
-      levels/<L>/stats/<strategy> (N, C+1) float64  class mass (soft) or counts (nearest)
+      levels/<L>/stats/<strategy> (N, C+1) float64  class mass (soft: the stored planes'
+                                      exact totals) or counts (nearest)
 
 Arrays are padded to the largest image: read ``hw`` and crop (padding decodes as class 0).
 Image arrays have one shard per image (256x256 inner chunks, all planes per chunk), so
