@@ -9,8 +9,9 @@
   the number of classes.
 - ``sampled_counts``: the label histogram of a nearest-neighbour grid, without building it.
 - ``map_counted``, ``row_changes``: one pass each over a full-resolution label.
-- ``largest_remainder``, ``encode_planes``: exact-sum uint8 rounding of proportions, and the
-  store planes with the class totals they hold, in one pass (``softprep.quantize``).
+- ``encode_planes``: the store planes of a top-K soft label, proportions rounded to an
+  exact uint8 sum (largest remainder), with the class totals they hold, in one pass
+  (``softprep.quantize``).
 - ``bilinear_argmax``: the argmax of a bilinearly up-sampled top-K soft label
   (``softprep.fidelity``), pixels x K, never a dense class volume.
 
@@ -160,19 +161,6 @@ def sampled_counts(label, yi, xi):  # pragma: no cover - compiled
         for x in xi:
             counts[row[x]] += 1
     return counts
-
-
-@numba.njit(cache=True, nogil=True)
-def largest_remainder(prob, total, out):  # pragma: no cover - compiled
-    """Round each column of (K, N) non-negative ``prob`` (column sums > 0) to (K, N) uint8
-    ``out`` summing to exactly ``total`` (``_round_at``)."""
-    k, n = prob.shape
-    columns = prob.reshape(k, 1, n)
-    q, rest, given = np.empty(k, np.uint8), np.empty(k, np.float64), np.empty(k, np.bool_)
-    for p in range(n):
-        _round_at(columns, 0, p, total, q, rest, given)
-        out[:, p] = q
-    return out
 
 
 @numba.njit(cache=True, nogil=True)

@@ -18,15 +18,6 @@ TOTAL = 255
 RULE = "top-k, renormalised, largest-remainder rounding to sum 255"
 
 
-def quantize_probs(prob: np.ndarray) -> np.ndarray:
-    """(K, ...) non-negative float, sums > 0 -> (K, ...) uint8 summing to 255 over axis 0."""
-    from softprep import kernels  # compiled: numba is imported only when needed
-
-    flat = np.ascontiguousarray(prob).reshape(len(prob), -1)
-    out = np.empty(flat.shape, dtype=np.uint8)
-    return kernels.largest_remainder(flat, TOTAL, out).reshape(prob.shape)
-
-
 def encode_planes(index: np.ndarray, prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(K, H, W) uint8 ids + (K, H, W) float probs, sorted by decreasing probability ->
     (2K-1, H, W) uint8 store planes and (256,) float64 the mass each id holds in them
