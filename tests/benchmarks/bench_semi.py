@@ -45,7 +45,9 @@ def labelled_only(root: Path, store: str, labeled: str, seed: int, out: Path) ->
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--images", type=int, default=32)
     ap.add_argument("--labeled", default="1/8")
     ap.add_argument("--steps", type=int, default=100)

@@ -37,7 +37,9 @@ from softtrain.weak import WeakOptions, pseudo_labels
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--images", type=int, default=24)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--weak", default="blocks:0.1:32")
