@@ -18,11 +18,13 @@
                                       exact totals) or counts (nearest)
 
 Arrays are padded to the largest image: read ``hw`` and crop (padding decodes as class 0).
-Image arrays have one shard per image (256x256 inner chunks, all planes per chunk), so
-parallel workers each write whole shards; only the parent writes the small arrays. Shard
-keys are flat (``c.<i>.0.0.0``, one file per image in the array's folder): nested keys
-cost a build three new folders per array and image, ~15 ms of 2048x1024 images' ~100 ms
-on ext4 (measured).
+Image arrays have one shard per ``G`` consecutive images (256x256 inner chunks, all planes
+per chunk; ``G`` = 1 for 2048x1024 images, more for small ones, so a build creates fewer,
+larger files), and parallel workers each write whole shards; only the parent writes the
+small arrays. An image that is not built has no inner chunks in its shard (it reads as fill
+values: check ``images/done``). Shard keys are flat (``c.<s>.0.0.0`` for shard ``s``, one
+file per shard in the array's folder): nested keys cost a build three new folders per
+array and shard, ~15 ms of 2048x1024 images' ~100 ms on ext4 (measured).
 Level ``L`` is named ``x<scale>``, e.g. ``x0.125`` for 1/8.
 """
 
@@ -40,6 +42,7 @@ import google_crc32c
 import numcodecs
 import numpy as np
 import zarr
+from zarr.abc.store import SuffixByteRequest
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
@@ -91,17 +94,18 @@ def scale_label(scale: float) -> str:
     return f"{f.numerator}/{f.denominator}" if abs(float(f) - scale) < 1e-9 else f"{scale:g}"
 
 
-def _image_array(group, name, n, planes_shape, dims, attrs, fill=0, channels_last=False):
-    """An (N, ..., H, W[, 3]) uint8 array with one shard per image and 256x256 inner chunks;
-    ``channels_last`` marks colour. ``dims``: its dimension names; ``attrs``: what it holds."""
+def _image_array(group, name, n, planes_shape, dims, attrs, per_shard, fill=0, channels_last=False):
+    """An (N, ..., H, W[, 3]) uint8 array with one shard per ``per_shard`` images and 256x256
+    inner chunks (one image each); ``channels_last`` marks colour. ``dims``: its dimension
+    names; ``attrs``: what it holds."""
     h, w = planes_shape[-2:] if not channels_last else planes_shape[-3:-1]
     ch, cw = min(CHUNK, h), min(CHUNK, w)
     sh, sw = math.ceil(h / ch) * ch, math.ceil(w / cw) * cw
     if channels_last:
-        chunks, shards = (1, ch, cw, planes_shape[-1]), (1, sh, sw, planes_shape[-1])
+        chunks, shards = (1, ch, cw, planes_shape[-1]), (per_shard, sh, sw, planes_shape[-1])
     else:
         lead = tuple(planes_shape[:-2])
-        chunks, shards = (1, *lead, ch, cw), (1, *lead, sh, sw)
+        chunks, shards = (1, *lead, ch, cw), (per_shard, *lead, sh, sw)
     return group.create_array(
         name,
         shape=(n, *planes_shape),
@@ -160,11 +164,13 @@ def create(
     k: int,
     strategies: list[str],
     eval_mask: np.ndarray,
+    images_per_shard: int = 1,
 ) -> zarr.Group:
     """Create every array of a new store (the parent does this once, before any worker).
 
     ``full_hw`` (N, 2) and ``level_hw[scale]`` (N, 2) int: sizes per image;
-    ``eval_mask`` (N,) bool: images whose full-resolution labels are kept.
+    ``eval_mask`` (N,) bool: images whose full-resolution labels are kept;
+    ``images_per_shard``: consecutive images sharing one shard (one file) per image array.
     """
     if holds_data(url) and not _interrupted_creation(url):
         raise StoreError(
@@ -224,6 +230,7 @@ def create(
             {
                 "description": "full-resolution train ids (255 = void), evaluation splits only; crop with images/hw"
             },
+            images_per_shard,
             fill=255,
         )
     levels = root.create_group("levels")
@@ -237,6 +244,7 @@ def create(
             (2 * k - 1, hmax, wmax),
             ("image", "plane", "y", "x"),
             {"description": soft_planes_description(k), "k": k},
+            images_per_shard,
         )
         _image_array(
             g,
@@ -245,6 +253,7 @@ def create(
             (hmax, wmax, 3),
             ("image", "y", "x", "channel"),
             {"description": "colour (RGB) down-sampled with the soft labels' kernel"},
+            images_per_shard,
             channels_last=True,
         )
         _meta_array(
@@ -336,10 +345,13 @@ def _crc32c(data: bytes) -> bytes:
     return google_crc32c.value(data).to_bytes(4, "little")
 
 
+ABSENT = 2**64 - 1  # a shard index's (offset, nbytes) of an inner chunk that is not stored
+
+
 class ShardEncoder:
-    """One image's whole shard of an array, encoded as zarr's ``sharding_indexed`` codec
-    stores it (inner chunks in C order, each Blosc-compressed then followed by its CRC32C;
-    then the (offset, nbytes) uint64 little-endian index and its CRC32C), in one
+    """One whole shard of an array (``G`` images), encoded as zarr's ``sharding_indexed``
+    codec stores it (inner chunks in C order, each Blosc-compressed then followed by its
+    CRC32C; then the (offset, nbytes) uint64 little-endian index and its CRC32C), in one
     synchronous pass. zarr's own write path sends every 256x256 inner chunk through its
     async codec pipeline and a thread hand-off, ~3x the cost of the compression itself
     (measured: ~21 of a Cityscapes image's ~28 ms of writing). zarr reads these shards
@@ -357,8 +369,9 @@ class ShardEncoder:
 
     @classmethod
     def for_array(cls, arr: zarr.AsyncArray) -> ShardEncoder | None:
-        """The encoder of a uint8 array with this module's layout (one sharding codec over
-        bytes, blosc and crc32c; index with crc32c, at the end); None for any other."""
+        """The encoder of a uint8 array with this module's layout (one image per inner chunk;
+        one sharding codec over bytes, blosc and crc32c; index with crc32c, at the end);
+        None for any other."""
         meta = arr.metadata.to_dict()
         codecs = meta["codecs"]
         if arr.dtype != np.uint8 or [c["name"] for c in codecs] != ["sharding_indexed"]:
@@ -370,6 +383,7 @@ class ShardEncoder:
             or [c["name"] for c in index] != ["bytes", "crc32c"]
             or index[0].get("configuration", {}).get("endian", "little") != "little"
             or conf["index_location"] != "end"
+            or conf["chunk_shape"][0] != 1
         ):
             return None
         b = inner[1]["configuration"]
@@ -379,14 +393,19 @@ class ShardEncoder:
         shard = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
         return cls(shard, tuple(conf["chunk_shape"]), blosc)
 
-    def encode(self, data: np.ndarray) -> bytes:
-        """The shard's bytes from (1, ...) uint8 ``data`` of the shard's shape (which may
-        pass the array's edge: zarr stores edge chunks whole, padded with the fill value)."""
-        index = np.empty((*self.grid, 2), "<u8")
+    def encode(self, images: list[np.ndarray | None]) -> bytes:
+        """The shard's bytes from one uint8 array per image of the shard (``G`` of them),
+        each of the shard's shape without the image axis (it may pass the array's edge:
+        zarr stores edge chunks whole, padded with the fill value), or None for an image
+        not stored: its inner chunks are absent and read as fill values."""
+        index = np.full((*self.grid, 2), ABSENT, "<u8")
         parts, offset = [], 0
         for coords in np.ndindex(self.grid):
-            window = tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, self.chunk))
-            body = self.blosc.encode(np.ascontiguousarray(data[window]))
+            image = images[coords[0]]
+            if image is None:
+                continue
+            window = tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords[1:], self.chunk[1:]))
+            body = self.blosc.encode(np.ascontiguousarray(image[window]))
             parts += [body, _crc32c(body)]
             index[coords] = offset, len(body) + 4
             offset += len(body) + 4
@@ -394,9 +413,14 @@ class ShardEncoder:
         return b"".join([*parts, table, _crc32c(table)])
 
 
+ImageData = tuple[dict[str, tuple[np.ndarray, np.ndarray]], "np.ndarray | None"]
+"""One image's arrays: ``{level name: (planes (2K-1, h, w), rgb (h, w, 3))}`` uint8 and, for
+evaluation splits, its (H, W) uint8 full-resolution label (else None)."""
+
+
 class ImageWriter:
-    """Writes images' shards into an open store (what a build worker holds). Array handles
-    are opened once: opening one reads its metadata (~0.5 ms each, measured)."""
+    """Writes shards of images into an open store (what a build worker holds). Array
+    handles are opened once: opening one reads its metadata (~0.5 ms each, measured)."""
 
     def __init__(self, root: zarr.Group):
         self.root = root
@@ -410,29 +434,50 @@ class ImageWriter:
             self._arrays[path] = arr, ShardEncoder.for_array(arr)
         return self._arrays[path]
 
-    def write(self, i: int, levels: dict, full_label: np.ndarray | None) -> None:
-        """Write image ``i``: ``levels[name] = (planes (2K-1,h,w), rgb (h,w,3))`` and, for
-        evaluation splits, its (H, W) full-resolution label.
+    def write(self, first: int, images: list[ImageData | None]) -> None:
+        """Write the shard of images ``first``, ``first + 1``, ... of every image array:
+        ``images`` holds one entry per image of the shard (``first`` is the shard's first
+        image), None for an image not built (left absent).
 
         Each array's shard is written whole (worker-safe), each file atomically: on a local
         disk directly (temporary file, then rename, as zarr's LocalStore does, without its
         thread hand-off: ~0.35 ms less per file, measured), elsewhere through the store.
-        Arrays of another layout (older stores) go through zarr's own write path.
+        Arrays of another layout (older stores) go through zarr's own write path, image by
+        image.
         """
-        writes = []
-        for name, (planes, rgb) in levels.items():
-            writes.append((f"levels/{name}/soft", planes, 0))
-            writes.append((f"levels/{name}/rgb", rgb, 0))
-        if full_label is not None:
-            writes.append(("full/label", full_label, 255))
-        shards, others = [], []
-        for path, data, fill in writes:
-            arr, encoder = self._array(path)
-            if encoder is None:
-                others.append(arr.setitem(i, _padded(data, arr.shape[1:], fill)))
+        arrays: dict[str, tuple[int, list]] = {}  # path -> (fill, data per image or None)
+
+        def put(path: str, fill: int, slot: int, data: np.ndarray) -> None:
+            arrays.setdefault(path, (fill, [None] * len(images)))[1][slot] = data
+
+        for slot, image in enumerate(images):
+            if image is None:
                 continue
-            key = arr.store_path / arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
-            shards.append((key, encoder.encode(_padded(data, encoder.shard[1:], fill)[None])))
+            levels, full_label = image
+            for name, (planes, rgb) in levels.items():
+                put(f"levels/{name}/soft", 0, slot, planes)
+                put(f"levels/{name}/rgb", 0, slot, rgb)
+            if full_label is not None:
+                put("full/label", 255, slot, full_label)
+        shards, others = [], []
+        for path, (fill, data) in arrays.items():
+            arr, encoder = self._array(path)
+            if encoder is None:  # one image after another: each rewrites the shard
+                writes = [
+                    arr.setitem(first + slot, _padded(d, arr.shape[1:], fill))
+                    for slot, d in enumerate(data)
+                    if d is not None
+                ]
+                others.append(_in_order(writes))
+                continue
+            per = encoder.shard[0]
+            if first % per or len(data) > per:
+                raise ValueError(f"{path}: images {first}.. are not one shard of {per}")
+            padded = [None if d is None else _padded(d, encoder.shard[1:], fill) for d in data]
+            key = arr.store_path / arr.metadata.encode_chunk_key(
+                (first // per,) + (0,) * (arr.ndim - 1)
+            )
+            shards.append((key, encoder.encode(padded + [None] * (per - len(padded)))))
         buffer = default_buffer_prototype().buffer
         for key, blob in shards:
             if isinstance(key.store, LocalStore):
@@ -445,6 +490,11 @@ class ImageWriter:
 
         if others:
             sync(write_all())
+
+
+async def _in_order(writes: list) -> None:
+    for write in writes:
+        await write
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -544,14 +594,27 @@ class SoftStore:
         return self._arrays[path]
 
     def image_arrays(self) -> list[str]:
-        """Paths of the per-image arrays (one shard per image): every level's soft and rgb,
+        """Paths of the per-image arrays (sharded by image): every level's soft and rgb,
         and ``full/label`` when the store has evaluation splits."""
         paths = [f"{self.level_path(s)}/{a}" for s in self.scales for a in ("soft", "rgb")]
         return paths + (["full/label"] if "full/label" in self.root else [])
 
-    def missing_shards(self, path: str, indices: np.ndarray) -> np.ndarray:
+    @property
+    def images_per_shard(self) -> int:
+        """How many consecutive images share one shard (one file) of each image array."""
+        return int(self.array(self.image_arrays()[0]).shards[0])
+
+    def shard_key(self, path: str, i: int) -> str:
+        """The store key of the shard of array ``path`` that holds image ``i``."""
+        arr = self.array(path)
+        coords = (i // self.images_per_shard,) + (0,) * (arr.ndim - 1)
+        return f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
+
+    def missing_shards(self, path: str, indices: np.ndarray, read_indexes=False) -> np.ndarray:
         """The images among ``indices`` whose shard of array ``path`` is absent (deleted or
-        lost: it would read back as fill values, a valid-looking label). One listing."""
+        lost: it would read back as fill values, a valid-looking label). One listing.
+        ``read_indexes``: also read the index of each shard that holds several images (one
+        small read per shard) and report images that have no inner chunks in it."""
         arr = self.array(path)
         prefix = f"{arr.path}/"
         keys = sync(_list_keys(arr.store, prefix))
@@ -560,7 +623,38 @@ class SoftStore:
             for k in keys
             if k[len(prefix) :].startswith("c.") and k.count("/") == prefix.count("/")
         }
-        return np.array([i for i in indices if int(i) not in present], dtype=np.int64)
+        per = self.images_per_shard
+        indexes = {}
+        missing = []
+        for i in (int(i) for i in indices):
+            if i // per not in present:
+                missing.append(i)
+            elif read_indexes and per > 1:
+                if i // per not in indexes:
+                    indexes[i // per] = self._shard_index(path, i)
+                index = indexes[i // per]
+                if index is not None and (index[i % per] == ABSENT).any():
+                    missing.append(i)
+        return np.array(missing, dtype=np.int64)
+
+    def _shard_index(self, path: str, i: int) -> np.ndarray | None:
+        """(G, chunks per image) uint64 offsets of the inner chunks in image ``i``'s shard
+        (``ABSENT`` where not stored), from the shard's last bytes; None if they are not an
+        index (a damaged shard, which reading it reports)."""
+        arr = self.array(path)
+        per_image = math.prod(s // c for s, c in zip(arr.shards[1:], arr.chunks[1:]))
+        n = self.images_per_shard * per_image
+        blob = sync(
+            arr.store.get(
+                self.shard_key(path, i),
+                default_buffer_prototype(),
+                byte_range=SuffixByteRequest(16 * n + 4),
+            )
+        )
+        data = blob.to_bytes()
+        if len(data) != 16 * n + 4 or _crc32c(data[:-4]) != data[-4:]:
+            return None
+        return np.frombuffer(data[:-4], "<u8").reshape(-1, per_image, 2)[..., 0]
 
     def hw(self, scale) -> np.ndarray:
         """(N, 2) int32 true sizes at a level."""
@@ -659,6 +753,7 @@ class SoftStore:
             "kernel": self.meta["kernel"],
             "antialias": self.meta["antialias"],
             "k": self.k,
+            "images_per_shard": self.images_per_shard,
             "classes": self.num_classes,
             "images": {s: int((split == s).sum()) for s in self.splits},
             "done": int(done.sum()),

@@ -119,10 +119,10 @@ def verify(store: SoftStore, progress=None) -> VerifyReport:
     lost: dict[int, list[str]] = {}
     for path in store.image_arrays():
         wanted = finished[evaluated[finished]] if path == "full/label" else finished
-        for i in store.missing_shards(path, wanted):
+        for i in store.missing_shards(path, wanted, read_indexes=True):
             lost.setdefault(int(i), []).append(path)
     for i, paths in sorted(lost.items()):
-        report.problems.append(f"{names[i]}: shard missing in {', '.join(paths)}")
+        report.problems.append(f"{names[i]}: data missing in {', '.join(paths)}")
     full_hw = store.root["images/hw"][:]
     counts = store.full_counts()
     c = store.num_classes

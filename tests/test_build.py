@@ -181,7 +181,8 @@ def test_store_is_plain_zarr_with_metadata(samples, tmp_path):
         assert key in meta
     soft = root["levels/x0.25/soft"]
     assert soft.dtype == np.uint8 and soft.shape[1] == 11
-    assert soft.shards[0] == 1 and soft.chunks[-2:] == (64, 128)
+    # 16 images of 256x512 per shard (one 2048x1024 image's pixels), 256x256 inner chunks
+    assert soft.shards[0] == 16 and soft.chunks[0] == 1 and soft.chunks[-2:] == (64, 128)
     h, w = root["levels/x0.25/hw"][0]
     planes = soft[0, :, :h, :w]
     first = 255 - planes[6:].astype(int).sum(0)
@@ -196,36 +197,45 @@ def test_store_is_plain_zarr_with_metadata(samples, tmp_path):
 @pytest.mark.parametrize("dataset,level", [("cityscapes", "x0.125"), ("ade20k", "x1")])
 def test_shards_written_by_softprep_are_zarrs_own_bytes(samples, tmp_path, dataset, level):
     """The build's shard encoder against zarr's own write of the same data: every inner
-    chunk byte for byte (indexes list chunks by position), and zarr reads it back. ADE20K
-    at full size: arrays 256 < H, W < 512, so shards pass the array's edge."""
+    chunk byte for byte (indexes list chunks by position), and zarr reads it back; an image
+    left out of a shard reads as fill values and is found missing. ADE20K at full size:
+    arrays 256 < H, W < 512, so shards pass the array's edge."""
     from softprep.store import ImageWriter, ShardEncoder
 
     url = str(tmp_path / "s.zarr")
     scale = float(level[1:].replace("_", "."))
-    build(load_manifest(dataset), samples[dataset], url, BuildOptions(scales=(scale,)))
+    options = BuildOptions(scales=(scale,), images_per_shard=2)
+    build(load_manifest(dataset), samples[dataset], url, options)
     root = zarr.open_group(url, mode="r+")
     rng = np.random.default_rng(0)
     paths = (f"levels/{level}/soft", f"levels/{level}/rgb", "full/label")
     data = {}
     for path in paths:
-        shape = root[path].shape[1:]
+        shape = (2, *root[path].shape[1:])
         data[path] = rng.integers(0, 4, shape, dtype=np.uint8)  # compressible, varied
         data[path][..., :7] = rng.integers(0, 256, data[path][..., :7].shape, dtype=np.uint8)
     writer = ImageWriter(root)
-    writer.write(0, {level: (data[paths[0]], data[paths[1]])}, data[paths[2]])
+    writer.write(
+        0, [({level: (data[paths[0]][j], data[paths[1]][j])}, data[paths[2]][j]) for j in (0, 1)]
+    )
+    writer.write(4, [({level: (data[paths[0]][0], data[paths[1]][0])}, data[paths[2]][0]), None])
+    store = SoftStore(url)
     for path in paths:
         arr = root[path]
         encoder = ShardEncoder.for_array(arr.async_array)
         assert encoder is not None, path
-        arr[1] = data[path]  # zarr's own write path
-        np.testing.assert_array_equal(arr[0], data[path])
+        arr[2:4] = data[path]  # zarr's own write path
+        np.testing.assert_array_equal(arr[0:2], data[path])
+        np.testing.assert_array_equal(arr[4], data[path][0])
+        assert (arr[5] == arr.fill_value).all()
         n, chunks = int(np.prod(encoder.grid)), []
-        for i in (0, 1):  # each shard's inner chunks, by position (from its index)
-            key = arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
-            blob = Path(url, path, key).read_bytes()
+        for i in (0, 2):  # each shard's inner chunks, by position (from its index)
+            blob = Path(url, store.shard_key(path, i)).read_bytes()
             table = np.frombuffer(blob[-(16 * n + 4) : -4], "<u8").reshape(n, 2)
             chunks.append([blob[int(o) : int(o + size)] for o, size in table])
         assert chunks[0] == chunks[1], path
+        assert list(store.missing_shards(path, np.arange(6), read_indexes=True)) == [5]
+        assert len(store.missing_shards(path, np.arange(6))) == 0  # the file is there
 
 
 def test_arrays_of_another_layout_are_written_by_zarr(tmp_path):
@@ -243,7 +253,7 @@ def test_arrays_of_another_layout_are_written_by_zarr(tmp_path):
     planes, rgb = (
         np.arange(np.prod(s[1:])).reshape(s[1:]).astype(np.uint8) for s in shapes.values()
     )
-    ImageWriter(root).write(1, {"x1": (planes, rgb)}, None)
+    ImageWriter(root).write(1, [({"x1": (planes, rgb)}, None)])
     np.testing.assert_array_equal(root["levels/x1/soft"][1], planes)
     np.testing.assert_array_equal(root["levels/x1/rgb"][1], rgb)
 
@@ -262,20 +272,20 @@ def test_an_fsspec_url_store_equals_a_local_one(samples, tmp_path):
 
 def test_resume_after_interruptions_equals_uninterrupted(samples, tmp_path, monkeypatch):
     m = load_manifest("cityscapes")
-    opts = BuildOptions(scales=SCALES)
+    opts = BuildOptions(scales=SCALES, images_per_shard=2)
     ref = str(tmp_path / "ref.zarr")
     build(m, samples["cityscapes"], ref, opts)
     url = str(tmp_path / "resumed.zarr")
     real_write = build_module.store.ImageWriter.write
     calls = {"n": 0}
 
-    def dying_write(writer, i, levels, full):
+    def dying_write(writer, first, images):
         calls["n"] += 1
-        if calls["n"] == 3:  # die half-way through an image's shards
-            first = dict(list(levels.items())[:1])
-            real_write(writer, i, first, None)
+        if calls["n"] == 2:  # die half-way through a shard's arrays
+            levels, _ = images[0]
+            real_write(writer, first, [(dict(list(levels.items())[:1]), None), None])
             raise KeyboardInterrupt
-        real_write(writer, i, levels, full)
+        real_write(writer, first, images)
 
     monkeypatch.setattr(build_module.store.ImageWriter, "write", dying_write)
     monkeypatch.setattr(build_module, "FLUSH_EVERY", 1)
@@ -379,7 +389,7 @@ def test_verify_detects_damage(samples, tmp_path):
     planes[6:, 5, 5] = 200  # probabilities now exceed 255
     planes[0, 7, 7], planes[6, 7, 7] = 77, 0  # an unknown class id with mass
     root["levels/x0.25/soft"][1] = planes
-    shard = Path(url, "levels/x0.5/soft/c.2.0.0.0")  # image 2's shard (flat chunk keys)
+    shard = Path(url, SoftStore(url).shard_key("levels/x0.5/soft", 2))  # image 2's shard
     shard.write_bytes(b"garbage" * 10)
     done = root["images/done"]
     done[4] = False

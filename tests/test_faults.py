@@ -31,7 +31,7 @@ from softtrain.data import CropDataset
 from tests.test_build import assert_same_store
 
 CS = load_manifest("cityscapes")
-OPTS = BuildOptions(scales=(0.125,))
+OPTS = BuildOptions(scales=(0.125,), images_per_shard=2)  # 6 sample images: 3 shards
 
 
 def header_only_png(path: Path, width: int, height: int) -> None:
@@ -102,6 +102,22 @@ def test_bad_files_named_alike_with_one_and_two_jobs(samples, tmp_path, jobs):
     got = {p.path: p.message for p in summary.skipped}
     assert set(got) == set(bad)
     assert all(reason in got[path] for path, reason in bad.items())
+    assert verify(SoftStore(url)).ok
+
+
+def test_a_skipped_image_fixed_later_rewrites_its_shard(samples, tmp_path):
+    """A skipped image shares its shard with a built one: once the file is fixed, the same
+    command rewrites that shard whole, and the store equals a clean build."""
+    root, bad = damage(samples, tmp_path, ("truncated",))
+    url, reference = str(tmp_path / "s.zarr"), str(tmp_path / "ref.zarr")
+    build(CS, root, url, OPTS, on_error="skip")
+    assert SoftStore(url).done().sum() == 5 and verify(SoftStore(url)).ok
+    broken = Path(next(iter(bad)))
+    shutil.copy(samples["cityscapes"] / broken.relative_to(root), broken)
+    summary = build(CS, root, url, OPTS)
+    assert (summary.built, summary.already_done) == (2, 4)
+    build(CS, samples["cityscapes"], reference, OPTS)
+    assert_same_store(url, reference)
     assert verify(SoftStore(url)).ok
 
 
@@ -212,14 +228,14 @@ def test_full_disk_is_one_message_and_the_build_resumes(samples, tmp_path, monke
 
     def disk_fills(self, *args):
         calls["n"] += 1
-        if calls["n"] > 3:
+        if calls["n"] > 2:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, *args)
 
     monkeypatch.setattr(store_module.ImageWriter, "write", disk_fills)
     with pytest.raises(BuildError, match="no space left on the device.*run the same command"):
         build(CS, samples["cityscapes"], url, OPTS)
-    assert SoftStore(url).done().sum() == 3  # what was written before is kept
+    assert SoftStore(url).done().sum() == 4  # the 2 shards written before are kept
     monkeypatch.setattr(store_module.ImageWriter, "write", real)
     reference = str(tmp_path / "ref.zarr")
     build(CS, samples["cityscapes"], url, OPTS)
@@ -297,7 +313,7 @@ def test_kill_9_mid_build_workers_end_and_resume_equals_uninterrupted(tmp_path):
 @pytest.fixture
 def built(samples, tmp_path):
     url = str(tmp_path / "s.zarr")
-    build(CS, samples["cityscapes"], url, BuildOptions(scales=(0.125, 0.25)))
+    build(CS, samples["cityscapes"], url, BuildOptions(scales=(0.125, 0.25), images_per_shard=2))
     assert verify(SoftStore(url)).ok
     return url
 
@@ -306,10 +322,9 @@ def built(samples, tmp_path):
 def test_deleted_shard_found_by_verify_and_refused_by_softtrain(built, array):
     s = SoftStore(built)
     i = int(np.flatnonzero(s.split_of() == ("val" if array == "full/label" else "train"))[0])
-    key = f"c.{i}.0.0.0" if array != "full/label" else f"c.{i}.0.0"
-    Path(built, array, key).unlink()
+    Path(built, s.shard_key(array, i)).unlink()
     report = verify(SoftStore(built))
-    assert f"{s.names()[i]}: shard missing in {array}" in report.problems
+    assert f"{s.names()[i]}: data missing in {array}" in report.problems
     split = "val" if array == "full/label" else "train"
     with pytest.raises(StoreError, match=f"no data in {array}"):
         CropDataset(built, (32, 32), split) if split == "train" else __import__(
@@ -318,7 +333,7 @@ def test_deleted_shard_found_by_verify_and_refused_by_softtrain(built, array):
 
 
 def test_bit_flip_inside_a_shard_is_caught(built):
-    shard = Path(built, "levels/x0.25/soft/c.1.0.0.0")
+    shard = Path(built, SoftStore(built).shard_key("levels/x0.25/soft", 1))
     data = bytearray(shard.read_bytes())
     data[len(data) // 3] ^= 0x10  # one bit, inside a compressed chunk
     shard.write_bytes(bytes(data))

@@ -139,7 +139,7 @@ def test_crop_reads_only_the_chunks_it_touches(tmp_path):
     m = load_manifest("cityscapes")
     write_sample(m, tmp_path / "cs", {"train": 1, "val": 0}, size=(512, 1024))
     url = str(tmp_path / "cs.zarr")
-    build(m, tmp_path / "cs", url, BuildOptions(scales=(1.0,)))
+    build(m, tmp_path / "cs", url, BuildOptions(scales=(1.0,), images_per_shard=1))
     recorder = KeyRecorder(zarr.storage.LocalStore(url, read_only=True))
     recorder.reads = []
     store = SoftStore(recorder)
@@ -151,7 +151,7 @@ def test_crop_reads_only_the_chunks_it_touches(tmp_path):
         assert len(data) == 1 + chunks  # the shard index, then each 256x256 chunk touched
         assert all(r[1] is not None for r in data)  # byte ranges, never the whole shard
     recorder.reads.clear()
-    store.read_soft(1.0, 0)  # the whole image: the whole shard in one read
+    store.read_soft(1.0, 0)  # the whole image, alone in its shard: the shard in one read
     assert [r[1] for r in recorder.reads if r[0].startswith(soft_data)] == [None]
     store.read_rgb(1.0, 0, (0, 0, 8, 8))
     recorder.reads.clear()
