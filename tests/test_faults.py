@@ -204,18 +204,19 @@ def test_manifest_problems_named_with_the_file(tmp_path, change, message):
 
 def test_interrupted_store_creation_resumes(samples, tmp_path, monkeypatch):
     url = str(tmp_path / "s.zarr")
-    real, calls = store_module._image_array, {"n": 0}
+    real, calls = store_module._filled, {"n": 0}
 
-    def crash_on_second(*args, **kwargs):
+    async def fail_on_fifth(array, data):
         calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # a kill in the middle of creating the arrays
-        return real(*args, **kwargs)
+        if calls["n"] == 5:  # the disk fails in the middle of creating the arrays
+            raise OSError(errno.EIO, "Input/output error")
+        await real(array, data)
 
-    monkeypatch.setattr(store_module, "_image_array", crash_on_second)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(store_module, "_filled", fail_on_fifth)
+    with pytest.raises(BuildError, match="writing failed"):
         build(CS, samples["cityscapes"], url, OPTS)
-    monkeypatch.setattr(store_module, "_image_array", real)
+    monkeypatch.setattr(store_module, "_filled", real)
+    assert Path(url, "images/name/zarr.json").is_file()  # some arrays were created
     with pytest.raises(StoreError, match="not a softprep store"):
         SoftStore(url)
     build(CS, samples["cityscapes"], url, OPTS)  # the same command finishes it
