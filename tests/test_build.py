@@ -330,13 +330,29 @@ def test_resume_after_sigkill_subprocess(samples, tmp_path):
     assert verify(SoftStore(url)).ok
 
 
+def test_images_per_shard_from_the_image_size():
+    def per_shard(hw, **kw):
+        return build_module.images_per_shard(np.array([hw] * 3), BuildOptions((0.5,), **kw))
+
+    assert per_shard((1024, 2048)) == 1 and per_shard((4000, 6000)) == 1
+    assert per_shard((512, 683)) == 5  # ADE20K-size: 2048 * 1024 // (512 * 683)
+    assert per_shard((64, 64)) == 16  # at most 16
+    assert per_shard((512, 683), images_per_shard=2) == 2
+    with pytest.raises(ValueError, match="images per shard"):
+        BuildOptions((0.5,), images_per_shard=0)
+
+
 def test_jobs_2_equals_jobs_1(samples, tmp_path):
     m = load_manifest("ade20k")
     a, b = str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")
-    opts = BuildOptions(scales=(0.5, 0.25), short_side=128)
+    opts = BuildOptions(scales=(0.5, 0.25), short_side=128, images_per_shard=4)
     build(m, samples["ade20k"], a, opts, jobs=1)
     build(m, samples["ade20k"], b, opts, jobs=2)
     assert_same_store(a, b)
+    shards = sorted(p.relative_to(a) for p in Path(a).glob("levels/*/*/c.*"))
+    assert len(shards) == 2 * 2 * 2  # 6 images in shards of 4 and 2, 2 levels, soft and rgb
+    for shard in shards:  # byte for byte
+        assert Path(a, shard).read_bytes() == Path(b, shard).read_bytes(), shard
     hw = SoftStore(a).hw(0.5)
     assert (hw.min(axis=1) == 64).all()  # short side 128 * 0.5
 
@@ -410,12 +426,13 @@ def test_dask_backend_equals_loky(samples, tmp_path):
 
     m = load_manifest("cityscapes")
     a, b = str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")
-    build(m, samples["cityscapes"], a, BuildOptions(scales=(0.25,)))
+    opts = BuildOptions(scales=(0.25,), images_per_shard=2)
+    build(m, samples["cityscapes"], a, opts)
     with (
         Client(processes=False, n_workers=1, threads_per_worker=2),
         joblib.parallel_config(backend="dask"),
     ):
-        build(m, samples["cityscapes"], b, BuildOptions(scales=(0.25,)), jobs=2)
+        build(m, samples["cityscapes"], b, opts, jobs=2)
     assert_same_store(a, b)
 
 

@@ -36,15 +36,16 @@ def test_sample_build_info_verify_show_priors(tmp_path):
     assert run("sample", "cityscapes", data, "--train", 3, "--val", 1).exit_code == 0
     r = run("scan", "cityscapes", "--root", data)
     assert r.exit_code == 0 and "class histogram" in r.text
-    r = run(
-        "build", "cityscapes", "--root", data, "--scales", "1/8", "1/4", "--out", store, "--jobs", 2
-    )
+    args = ["build", "cityscapes", "--root", data, "--scales", "1/8", "1/4", "--out", store]
+    r = run(*args, "--jobs", 2, "--images-per-shard", 3)
     assert r.exit_code == 0, r.output
     assert "4 built" in r.text
-    r = run("build", "cityscapes", "--root", data, "--scales", "1/8", "1/4", "--out", store)
+    r = run(*args, "--images-per-shard", 3)
     assert "0 built, 4 already done" in r.text
+    r = run(*args)
+    assert r.exit_code == 2 and "images_per_shard: 3 -> None" in r.text
     r = run("info", store)
-    assert r.exit_code == 0 and "1/4" in r.text
+    assert r.exit_code == 0 and "1/4" in r.text and "3 image(s) per shard" in r.text
     assert run("verify", store).exit_code == 0
     r = run("show", store, "--index", 3, "--level", "1/4", "--out", tmp_path / "s.png")
     assert r.exit_code == 0 and (tmp_path / "s.png").stat().st_size > 1000
