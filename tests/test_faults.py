@@ -204,18 +204,19 @@ def test_manifest_problems_named_with_the_file(tmp_path, change, message):
 
 def test_interrupted_store_creation_resumes(samples, tmp_path, monkeypatch):
     url = str(tmp_path / "s.zarr")
-    real, calls = store_module._filled, {"n": 0}
 
-    async def fail_on_fifth(array, data):
-        calls["n"] += 1
-        if calls["n"] == 5:  # the disk fails in the middle of creating the arrays
-            raise OSError(errno.EIO, "Input/output error")
-        await real(array, data)
+    async def fail_half_way(writes):
+        writes = list(writes)
+        for write in writes[: len(writes) // 2]:
+            await write
+        for write in writes[len(writes) // 2 :]:
+            write.close()
+        raise OSError(errno.EIO, "Input/output error")  # the disk fails while creating
 
-    monkeypatch.setattr(store_module, "_filled", fail_on_fifth)
+    monkeypatch.setattr(store_module, "_all", fail_half_way)
     with pytest.raises(BuildError, match="writing failed"):
         build(CS, samples["cityscapes"], url, OPTS)
-    monkeypatch.setattr(store_module, "_filled", real)
+    monkeypatch.undo()
     assert Path(url, "images/name/zarr.json").is_file()  # some arrays were created
     with pytest.raises(StoreError, match="not a softprep store"):
         SoftStore(url)
