@@ -524,11 +524,8 @@ class ImageWriter:
             else:
                 others.append(key.set(buffer.from_bytes(blob)))
 
-        async def write_all():
-            await asyncio.gather(*others)
-
         if others:
-            sync(write_all())
+            sync(_all(others))
 
 
 async def _in_order(writes: list) -> None:
