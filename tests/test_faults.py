@@ -295,7 +295,7 @@ def test_kill_9_mid_build_workers_end_and_resume_equals_uninterrupted(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline:
         shards = list(Path(url, "levels/x0.25/soft").glob("c.*"))
-        if len(shards) >= 4:
+        if len(shards) >= 2:  # of 7 shards (4 images each)
             break
         assert proc.poll() is None, "the build ended before it could be killed"
         time.sleep(0.05)
