@@ -8,7 +8,9 @@ Cityscapes-size data (2048x1024, 19 classes), DataLoader with the same workers a
   crop
 
 Targets: ours >= 10x the paper baseline and >= 3x the mmseg baseline with 2 workers; also
-prints crops/s per worker at 256x512 and 512x1024.
+prints crops/s per worker at 256x512 and 512x1024, and what several images per shard (the
+build's default for small images) cost crop reads of ADE20K-size images (683x512, 150
+classes, 256x256 crops from levels 1/4 1/2 1) against one image per shard.
 
     python tests/benchmarks/bench_loader.py [--images 8] [--workers 2] [--batches 48]
 """
@@ -77,6 +79,24 @@ def crops_per_second(dataset, workers: int, batch: int, batches: int) -> float:
     return time_loader(dataset, workers, batch, batches)["crops_per_s"]
 
 
+def bench_images_per_shard(tmp: Path, args) -> None:
+    """One worker's 256x256 crops/s from ADE20K-size stores built with one image per shard
+    and with the build's default (5 for 683x512)."""
+    manifest, root = load_manifest("ade20k"), tmp / "ade20k"
+    write_sample(manifest, root, {"train": 40}, size=(512, 683))
+    rate = {}
+    for per_shard in (1, None):
+        url = str(tmp / f"ade-{per_shard}.zarr")
+        options = BuildOptions(scales=(0.25, 0.5, 1.0), images_per_shard=per_shard)
+        build(manifest, root, url, options, jobs=2)
+        dataset = CropDataset(url, (256, 256))
+        rate[per_shard] = crops_per_second(dataset, 1, args.batch, max(96, args.batches))
+    print(
+        f"ADE20K-size, 256x256, 1 worker: default images per shard {rate[None]:.1f} crops/s vs "
+        f"one image per shard {rate[1]:.1f} crops/s -> {rate[None] / rate[1]:.2f}x"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -107,6 +127,7 @@ def main() -> None:
         for crop in ((256, 512), (512, 1024)):
             one = crops_per_second(CropDataset(url, crop), 1, args.batch, args.batches)
             print(f"{crop[0]}x{crop[1]}: {one:.1f} crops/s per worker (store levels 1/8 1/4 1/2)")
+        bench_images_per_shard(Path(d), args)
 
 
 if __name__ == "__main__":
