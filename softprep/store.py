@@ -513,9 +513,7 @@ class ImageWriter:
             if first % per or len(data) > per:
                 raise ValueError(f"{path}: images {first}.. are not one shard of {per}")
             padded = [None if d is None else _padded(d, encoder.shard[1:], fill) for d in data]
-            key = arr.store_path / arr.metadata.encode_chunk_key(
-                (first // per,) + (0,) * (arr.ndim - 1)
-            )
+            key = arr.store_path / _shard_key(arr, first // per)
             shards.append((key, encoder.encode(padded + [None] * (per - len(padded)))))
         buffer = default_buffer_prototype().buffer
         for key, blob in shards:
@@ -526,6 +524,11 @@ class ImageWriter:
 
         if others:
             sync(_all(others))
+
+
+def _shard_key(arr, shard: int) -> str:
+    """The key of shard number ``shard`` of an image-sharded array, relative to the array."""
+    return arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
 
 
 async def _in_order(writes: list) -> None:
@@ -643,8 +646,7 @@ class SoftStore:
     def shard_key(self, path: str, i: int) -> str:
         """The store key of the shard of array ``path`` that holds image ``i``."""
         arr = self.array(path)
-        coords = (i // self.images_per_shard,) + (0,) * (arr.ndim - 1)
-        return f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
+        return f"{arr.path}/{_shard_key(arr, i // self.images_per_shard)}"
 
     def missing_shards(self, path: str, indices: np.ndarray, read_indexes=False) -> np.ndarray:
         """The images among ``indices`` whose shard of array ``path`` is absent (deleted or
