@@ -1,4 +1,4 @@
-"""Loader benchmark (issue 5 targets), all measured in the same run on the same
+"""Loader benchmark (issue 5 targets). Three loaders measured in the same run on the same
 Cityscapes-size data (2048x1024, 19 classes), DataLoader with the same workers and batch:
 
 - ours: random-scale crops read from a softprep store (levels 1/8 1/4 1/2)
