@@ -41,7 +41,7 @@ from softprep.datasets import (
     with_void_last,
 )
 from softprep.manifest import VOID, Manifest
-from softprep.quantize import RULE, encode_planes
+from softprep.quantize import RULE
 from softprep.resample import KERNELS, Resampler, output_size, row_changes
 from softprep.weak import WeakProtocol
 
@@ -146,7 +146,7 @@ def strategy_masses(
 ) -> dict:
     """{strategy: (C+1,) class mass (void last)} of an (H, W) label at one output size.
     ``counts``: its (256,) histogram; ``made``: a Resampler already built for this size;
-    ``soft_mass``: the (256,) mass of its stored planes, if encoded (``encode_planes``).
+    ``soft_mass``: the (256,) mass of its stored planes, if made (``soft_planes``).
     ``soft`` is the mass of the stored soft labels, the others are the strategies' exact
     linear mass (nearest: counts of the sampled pixels)."""
     masses = {}
@@ -156,7 +156,7 @@ def strategy_masses(
         r = made if same else Resampler.make(label.shape, out_hw, kernel, aa)
         if s == "soft":
             if soft_mass is None:
-                soft_mass = encode_planes(*r.soft_topk(label, options.k)[:2])[1]
+                soft_mass = r.soft_planes(label, options.k)[1]
             masses[s] = with_void_last(soft_mass, num_classes)
         else:
             masses[s] = with_void_last(r.class_mass(label, counts), num_classes)
@@ -180,8 +180,7 @@ def process_pair(
     for scale in options.scales:
         out_hw = level_size(label.shape, scale, options.short_side)
         r = Resampler.make(label.shape, out_hw, options.kernel, options.antialias)
-        index, prob, truncated = r.soft_topk(label, options.k, changes)
-        planes, soft_mass = encode_planes(index, prob)
+        planes, soft_mass, truncated = r.soft_planes(label, options.k, changes)
         arrays[store.level_name(scale)] = (planes, r.colour(image))
         stats = {"truncated": np.array([truncated.sum(), truncated.max()])}
         stats |= strategy_masses(
@@ -260,7 +259,7 @@ def _warm_up(options: BuildOptions) -> None:
     raw = np.asarray(Image.new("L", (64, 64)))  # read-only, like a decoded label
     label, counts = kernels.map_counted(raw, np.zeros(256, np.uint8))
     r = Resampler.make(label.shape, (8, 8), options.kernel, options.antialias)
-    encode_planes(*r.soft_topk(label, options.k, row_changes(label))[:2])
+    r.soft_planes(label, options.k, row_changes(label))
     strategy_masses(label, counts, (8, 8), options, options.strategies, 1, r)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from softprep.build import BuildOptions, level_size
 from softprep.datasets import decode_label, labelled_pairs
 from softprep.manifest import VOID
-from softprep.quantize import decode_planes, encode_planes
+from softprep.quantize import decode_planes
 from softprep.resample import Resampler, axis_weights
 from softprep.store import SoftStore, StoreError, scale_label
 
@@ -233,8 +233,7 @@ def from_dataset(
         for scale in options.scales:
             size = level_size(truth.shape, scale, options.short_side)
             r = Resampler.make(truth.shape, size, options.kernel, options.antialias)
-            index, prob, _ = r.soft_topk(truth, options.k)
-            index, prob = decode_planes(encode_planes(index, prob)[0])
+            index, prob = decode_planes(r.soft_planes(truth, options.k)[0])
             _score(conf, truth, index, prob, scale, options, strategies, c)
         if progress:
             progress(n + 1, len(pairs))

@@ -1,17 +1,16 @@
 """Compiled label kernels (numba): the per-pixel loops numpy cannot express cheaply.
 
-- ``soft_topk``: top-K class proportions of every output pixel, in one pass over the
-  output, with no dense one-hot and no per-class planes. An output pixel whose taps all
-  hold one label (``_uniform_windows``: O(1) per pixel from running label-change counts)
-  gets that label with proportion 1; the others sum their tap weights per label in a
-  short list (the handful of labels under one window; each run of one label along a tap
-  row is one entry) and keep the ``k`` largest. Cost grows with pixels, never with
-  the number of classes.
+- ``soft_planes``: the store planes of the top-K soft label of every output pixel, in
+  one pass over the output, with no dense one-hot, no per-class planes and no float
+  intermediate volume. An output pixel whose taps all hold one label
+  (``_uniform_windows``: O(1) per pixel from running label-change counts) gets that label
+  with proportion 1; the others sum their tap weights per label in a short list (the
+  handful of labels under one window; each run of one label along a tap row is one
+  entry), keep the ``k`` largest and round them to an exact uint8 sum (largest
+  remainder, ``softprep.quantize``), counting the units each label holds. Cost grows with
+  pixels, never with the number of classes.
 - ``sampled_counts``: the label histogram of a nearest-neighbour grid, without building it.
 - ``map_counted``, ``row_changes``: one pass each over a full-resolution label.
-- ``encode_planes``: the store planes of a top-K soft label, proportions rounded to an
-  exact uint8 sum (largest remainder), with the class totals they hold, in one pass
-  (``softprep.quantize``).
 - ``bilinear_argmax``: the argmax of a bilinearly up-sampled top-K soft label
   (``softprep.fidelity``), pixels x K, never a dense class volume.
 
@@ -27,56 +26,50 @@ import numpy as np
 
 
 @numba.njit(cache=True, nogil=True)
-def soft_topk(label, changes, yi, yw, xi, xw, k):  # pragma: no cover - compiled
-    """Top-``k`` soft label of an (H, W) uint8 label map under separable weights.
+def soft_planes(label, changes, yi, yw, xi, xw, k, total):  # pragma: no cover - compiled
+    """Store planes of the top-``k`` soft label of an (H, W) uint8 label map under
+    separable weights, in one pass over the output.
 
     ``changes``: (H, W) int32 label changes left of each pixel in its row; ``yi``/``yw``:
     (Ho, Ty) int64 row taps and float64 weights; ``xi``/``xw``: (Wo, Tx) column taps and
-    weights (rows sum to 1, tap windows contiguous). Returns ``index`` (k, Ho, Wo) uint8
-    label values and ``prob`` (k, Ho, Wo) float32 proportions, by decreasing proportion
-    (ties: lower label first; unused slots 0), and ``truncated`` (Ho, Wo) float32, the
-    mass the dropped labels held. Negative masses (bicubic lobes) are clipped to 0 and
-    the rest renormalised.
+    weights (rows sum to 1, tap windows contiguous). Returns:
+
+    - ``planes`` (2k-1, Ho, Wo) uint8: the ``k`` label values by decreasing proportion
+      (ties: lower label first; unused slots 0), then slots 1..k-1's proportions in units
+      of 1/``total``; slot 0 holds the rest. The kept mass is renormalised and rounded by
+      largest remainder (ties: lower slot first), so the units sum to ``total`` exactly and
+      each is within one unit of the renormalised proportion. A pixel of one label needs no
+      rounding: its proportion planes are 0.
+    - ``units`` (256,) int64: the units each label value holds in the planes, over pixels.
+    - ``truncated`` (Ho, Wo) float32: the mass the dropped labels held.
+
+    Negative masses (bicubic lobes) are clipped to 0 and the rest renormalised.
     """
     ho, ty = yi.shape
     wo, tx = xi.shape
-    index = np.zeros((k, ho, wo), np.uint8)
-    prob = np.zeros((k, ho, wo), np.float32)
+    planes = np.zeros((2 * k - 1, ho, wo), np.uint8)
+    units = np.zeros(256, np.int64)
     truncated = np.zeros((ho, wo), np.float32)
     x_lo, x_hi = np.empty(wo, np.int64), np.empty(wo, np.int64)
     for ox in range(wo):
         x_lo[ox], x_hi[ox] = xi[ox].min(), xi[ox].max()
     uniform, value = _uniform_windows(label, changes, yi, x_lo, x_hi)
-    index[0] = value
-    labels = np.empty(ty * tx, np.uint8)
-    mass = np.empty(ty * tx, np.float64)
+    planes[0] = value
+    labels, mass = np.empty(ty * tx, np.uint8), np.empty(ty * tx, np.float64)
+    top, q, rest = np.empty(k, np.float64), np.empty(k, np.int64), np.empty(k, np.float64)
     for oy in range(ho):
         for ox in range(wo):
             if uniform[oy, ox]:
-                prob[0, oy, ox] = 1.0
+                units[value[oy, ox]] += total
                 continue
-            n = 0
-            a, b = x_lo[ox], x_hi[ox]
-            for t in range(ty):
-                y, wy = yi[oy, t], yw[oy, t]
-                if wy == 0.0:
-                    continue
-                if changes[y, b] == changes[y, a]:  # one label: its weights sum to 1
-                    n = _accumulate(labels, mass, n, label[y, a], wy)
-                    continue
-                run, w = label[y, xi[ox, 0]], 0.0  # taps of one label in a row: one entry
-                for s in range(tx):
-                    if label[y, xi[ox, s]] != run:
-                        n = _accumulate(labels, mass, n, run, wy * w)
-                        run, w = label[y, xi[ox, s]], 0.0
-                    w += xw[ox, s]
-                n = _accumulate(labels, mass, n, run, wy * w)
-            total = 0.0
+            n = _window_masses(
+                label, changes, yi[oy], yw[oy], xi[ox], xw[ox], x_lo[ox], x_hi[ox], labels, mass
+            )
+            whole, kept, m = 0.0, 0.0, 0
             for j in range(n):
                 mass[j] = max(mass[j], 0.0)
-                total += mass[j]
-            kept = 0.0
-            for slot in range(k):
+                whole += mass[j]
+            while m < k:  # the k largest, in order
                 best = -1
                 for j in range(n):
                     if mass[j] > 0.0 and (
@@ -85,13 +78,66 @@ def soft_topk(label, changes, yi, yw, xi, xw, k):  # pragma: no cover - compiled
                         best = j
                 if best < 0:
                     break
-                index[slot, oy, ox] = labels[best]
-                prob[slot, oy, ox] = mass[best] / total
-                kept += mass[best]
+                planes[m, oy, ox], top[m] = labels[best], mass[best]
+                if m > 0 and top[m] >= top[m - 1] - 1e-9:  # a tie (``_before``): made exact,
+                    top[m] = top[m - 1]  # so that rounding keeps the slot order
+                kept += top[m]
                 mass[best] = 0.0
+                m += 1
             if n > k:  # else nothing was dropped (and rounding must not say otherwise)
-                truncated[oy, ox] = max(0.0, 1.0 - kept / total)
-    return index, prob, truncated
+                truncated[oy, ox] = max(0.0, 1.0 - kept / whole)
+            _round_largest_remainder(top, m, kept, total, q, rest)
+            for j in range(m):
+                units[planes[j, oy, ox]] += q[j]
+                if j > 0:
+                    planes[k + j - 1, oy, ox] = q[j]
+    return planes, units, truncated
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _window_masses(label, changes, yi, yw, xi, xw, a, b, labels, mass):  # pragma: no cover
+    """Sum one output pixel's tap weights per label into the short list ``labels``/``mass``
+    (its (Ty,) row and (Tx,) column taps and weights, ``a``/``b`` its first and last
+    column); returns the list's length. A tap row of one label (no change inside the
+    window) is one entry, and so is each run of one label along a row."""
+    n = 0
+    for t in range(yi.shape[0]):
+        y, wy = yi[t], yw[t]
+        if wy == 0.0:
+            continue
+        if changes[y, b] == changes[y, a]:  # one label: its weights sum to 1
+            n = _accumulate(labels, mass, n, label[y, a], wy)
+            continue
+        run, w = label[y, xi[0]], 0.0
+        for s in range(xi.shape[0]):
+            if label[y, xi[s]] != run:
+                n = _accumulate(labels, mass, n, run, wy * w)
+                run, w = label[y, xi[s]], 0.0
+            w += xw[s]
+        n = _accumulate(labels, mass, n, run, wy * w)
+    return n
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _round_largest_remainder(top, m, kept, total, q, rest):  # pragma: no cover - compiled
+    """``q[:m]`` (int64) summing to exactly ``total`` from the positive masses ``top[:m]``
+    of sum ``kept``: scale to ``total``, floor, then one more unit to each of the largest
+    remainders (ties: lower slot first). ``rest``: (k,) scratch."""
+    short = total
+    for j in range(m):
+        v = top[j] / kept * total
+        q[j] = np.int64(np.floor(v))
+        rest[j] = v - q[j]
+        short -= q[j]
+    for _ in range(short):
+        best = -1
+        for j in range(m):
+            if rest[j] >= 0.0 and (best < 0 or rest[j] > rest[best]):
+                best = j
+        if best < 0:
+            break
+        rest[best] = -1.0
+        q[best] += 1
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -161,61 +207,6 @@ def sampled_counts(label, yi, xi):  # pragma: no cover - compiled
         for x in xi:
             counts[row[x]] += 1
     return counts
-
-
-@numba.njit(cache=True, nogil=True)
-def encode_planes(index, prob, total):  # pragma: no cover - compiled
-    """Store planes of a top-K soft label: (K, H, W) uint8 ids and float32 proportions
-    (decreasing) -> (2K-1, H, W) uint8 planes (the ids, then slots 1..K-1 rounded with
-    slot 0 to sum ``total``; a pixel of one class needs no rounding) and (256,) int64 the
-    units of ``total`` each id holds in them, summed over pixels."""
-    k, h, w = index.shape
-    planes = np.empty((2 * k - 1, h, w), np.uint8)
-    planes[:k] = index
-    planes[k:] = 0
-    units = np.zeros(256, np.int64)
-    q, rest, given = np.empty(k, np.uint8), np.empty(k, np.float64), np.empty(k, np.bool_)
-    for y in range(h):
-        for x in range(w):
-            if k == 1 or prob[1, y, x] == 0:
-                units[index[0, y, x]] += total
-                continue
-            _round_at(prob, y, x, total, q, rest, given)
-            for j in range(k):
-                units[index[j, y, x]] += q[j]
-                if j > 0:
-                    planes[k + j - 1, y, x] = q[j]
-    return planes, units
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _round_at(prob, y, x, total, out, rest, given):  # pragma: no cover - compiled
-    """(K,) uint8 ``out`` summing to exactly ``total`` from the non-negative proportions
-    ``prob[:, y, x]`` (sum > 0; indexed, not sliced: a view per pixel costs more than the
-    rounding): scale to ``total``, floor, then one more unit to each of the largest
-    remainders (ties: lower slot first). ``rest``, ``given``: (K,) scratch."""
-    k = prob.shape[0]
-    s = 0.0
-    for j in range(k):
-        s += prob[j, y, x]
-    base_sum = 0
-    for j in range(k):
-        p = prob[j, y, x]
-        out[j], given[j] = 0, p == 0  # (unused slots of a top-K label: nothing to round)
-        if p != 0:
-            v = p / s * total
-            out[j] = np.uint8(np.floor(v))
-            rest[j] = v - np.floor(v)
-            base_sum += out[j]
-    for _ in range(total - base_sum):
-        best = -1
-        for j in range(k):
-            if not given[j] and (best < 0 or rest[j] > rest[best]):
-                best = j
-        if best < 0:
-            break
-        given[best] = True
-        out[best] += 1
 
 
 @numba.njit(cache=True, nogil=True)

@@ -7,7 +7,8 @@ probabilities that sum to exactly 255. Encoding: renormalise the kept mass to 1,
 probability, slot order is preserved, so slot 0 stays the argmax (the hard label).
 
 On disk (``softprep.store``) the K id planes are followed by the probabilities of slots
-1..K-1; slot 0's probability is 255 minus their sum.
+1..K-1; slot 0's probability is 255 minus their sum. The planes are made in one pass with
+the soft label itself (``Resampler.soft_planes``, kernel ``softprep.kernels.soft_planes``).
 """
 
 from __future__ import annotations
@@ -16,19 +17,6 @@ import numpy as np
 
 TOTAL = 255
 RULE = "top-k, renormalised, largest-remainder rounding to sum 255"
-
-
-def encode_planes(index: np.ndarray, prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(K, H, W) uint8 ids + (K, H, W) float probs, sorted by decreasing probability ->
-    (2K-1, H, W) uint8 store planes and (256,) float64 the mass each id holds in them
-    (the sum over pixels of its stored probability, exactly). Only pixels with a second
-    class need rounding."""
-    from softprep import kernels  # compiled: numba is imported only when needed
-
-    planes, units = kernels.encode_planes(
-        np.ascontiguousarray(index, np.uint8), np.ascontiguousarray(prob, np.float32), TOTAL
-    )
-    return planes, units / TOTAL
 
 
 def decode_planes(planes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from softprep.quantize import TOTAL
+
 KERNELS = ("nearest", "nearest-floor", "area", "bilinear", "bicubic")
 NEAREST_KERNELS = ("nearest", "nearest-floor")
 _PIL_FILTERS = {"area": Image.BOX, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
@@ -207,12 +209,14 @@ class Resampler:
             counts = np.bincount(label.ravel(), minlength=256)
         return separable_mass(label, self.y.column_sums(), self.x.column_sums(), counts)
 
-    def soft_topk(self, label: np.ndarray, k: int, changes: np.ndarray | None = None):
-        """Top-``k`` soft label of an (H, W) uint8 train-id map (void = 255 is a class).
+    def soft_planes(self, label: np.ndarray, k: int, changes: np.ndarray | None = None):
+        """Store planes of the top-``k`` soft label of an (H, W) uint8 train-id map (void =
+        255 is a class): proportions renormalised and rounded to sum 255 (``quantize``).
 
-        Returns ``index`` (k, Ho, Wo) uint8 class ids and ``prob`` (k, Ho, Wo) float32
-        class proportions, sorted by decreasing proportion (slot 0 = argmax), and
-        ``truncated`` (Ho, Wo) float32, the mass dropped by keeping only ``k`` classes.
+        Returns ``planes`` (2k-1, Ho, Wo) uint8 (``k`` class ids by decreasing proportion,
+        slot 0 = argmax, then slots 1..k-1's proportions; ``quantize.decode_planes``),
+        ``mass`` (256,) float64 the sum over pixels of each id's stored proportion, and
+        ``truncated`` (Ho, Wo) float32 the mass dropped by keeping only ``k`` classes.
         No dense one-hot: cost grows with pixels, not classes (``softprep.kernels``).
         ``changes``: ``row_changes(label)`` if already computed (shareable between levels).
         """
@@ -220,9 +224,10 @@ class Resampler:
 
         if changes is None:
             changes = row_changes(label)
-        return kernels.soft_topk(
-            label, changes, self.y.index, self.y.weight, self.x.index, self.x.weight, k
+        planes, units, truncated = kernels.soft_planes(
+            label, changes, self.y.index, self.y.weight, self.x.index, self.x.weight, k, TOTAL
         )
+        return planes, units / TOTAL, truncated
 
 
 def row_changes(label: np.ndarray) -> np.ndarray:
