@@ -56,7 +56,13 @@ FORMAT = "softprep-store/2"  # 2: dimension names, per-array attributes, chunk c
 READABLE_FORMATS = ("softprep-store/1", FORMAT)
 CREATING = "softprep_creating"  # root attribute while ``create`` runs; gone once it ends
 CHUNK = 256
-META_CHUNK = 4096
+META_CHUNK = 4096  # rows of a per-image metadata chunk, at most ...
+META_CHUNK_BYTES = 256 * 1024  # ... and at most this many bytes. The build's parent
+# rewrites the chunks its results fall in every few hundred images: with (4096, 151)
+# float64 chunks of ADE20K class statistics that cost 0.67-0.73 ms per image at 20,210
+# images, with 256 KiB ones 0.35-0.40 (``bench_build.py --what parent``; 64 and 128 KiB
+# were slower, 512 KiB the same)
+
 # Codecs, measured on 2048x1024 levels and on the real fixture photos: label planes are
 # mostly runs of one value, and lz4 encodes them ~7x faster than zstd for a store only ~3%
 # larger; colour with zstd level 1 and bit-shuffle is as small as zstd 3 without it (0.74
@@ -126,7 +132,9 @@ def _image_array(group, name, n, planes_shape, dims, attrs, per_shard, fill=0, c
 
 
 def _meta_array(group, name, shape, dtype, dims, attrs, fill=0):
-    chunks = (min(META_CHUNK, shape[0]),) + tuple(shape[1:])
+    row_bytes = np.dtype(dtype).itemsize * int(np.prod(shape[1:]))
+    rows = min(META_CHUNK, META_CHUNK_BYTES // row_bytes, shape[0])
+    chunks = (max(rows, 1),) + tuple(shape[1:])
     return group.create_array(
         name,
         shape=shape,

@@ -14,6 +14,7 @@ import zarr
 from PIL import Image
 
 from softprep import build as build_module
+from softprep import store as store_module
 from softprep.build import BuildError, BuildOptions, build
 from softprep.manifest import VOID, load_manifest
 from softprep.resample import Resampler
@@ -340,6 +341,26 @@ def test_images_per_shard_from_the_image_size():
     assert per_shard((512, 683), images_per_shard=2) == 2
     with pytest.raises(ValueError, match="images per shard"):
         BuildOptions((0.5,), images_per_shard=0)
+
+
+def test_metadata_chunks_stay_small_for_many_classes(tmp_path):
+    """The parent rewrites the chunks of per-image statistics as results come in: a chunk
+    of 150-class float64 rows holds at most META_CHUNK_BYTES; narrow arrays keep
+    META_CHUNK rows. Statistics written across chunks read back."""
+    n, c = 5000, 150
+    hw = np.tile([512, 683], (n, 1))
+    root = store_module.create(
+        str(tmp_path / "s.zarr"), {}, [f"train/{i}" for i in range(n)], np.zeros(n, np.uint8),
+        hw, {0.5: hw // 2}, c, 6, ["soft"], np.zeros(n, bool), 5,
+    )  # fmt: skip
+    stats = root["levels/x0.5/stats/soft"]
+    rows = stats.chunks[0]
+    assert rows * (c + 1) * 8 <= store_module.META_CHUNK_BYTES and rows >= 200
+    assert root["images/done"].chunks == (store_module.META_CHUNK,)
+    assert root["levels/x0.5/truncated"].chunks == (store_module.META_CHUNK, 2)
+    values = np.random.default_rng(0).random((300, c + 1))
+    stats.oindex[list(range(100, 400)), :] = values  # across a chunk boundary
+    np.testing.assert_array_equal(stats[100:400], values)
 
 
 def test_jobs_2_equals_jobs_1(samples, tmp_path):
