@@ -141,11 +141,13 @@ def test_tied_classes_rank_lower_id_first(kernel):
     label = np.where((np.arange(64) // 4) % 2 == 0, 9, 4).astype(np.uint8)
     label = np.broadcast_to(label, (64, 64))
     r = Resampler.make((64, 64), (8, 8), kernel, True)
-    index = decode_planes(r.soft_planes(label, k=2)[0])[0]
+    index, q = decode_planes(r.soft_planes(label, k=2)[0])
     dense = dense_soft(label, (8, 8), kernel, True)
     tied = np.abs(dense[..., 4] - dense[..., 9]) < 1e-6
     assert tied.sum() > 0
     assert (index[0][tied] == 4).all() and (index[1][tied] == 9).all()
+    # 127.5 units each: the tie's extra unit goes to slot 0, which stays the argmax
+    assert (q[0][tied] == 128).all() and (q[1][tied] == 127).all()
 
 
 @pytest.mark.parametrize("kernel", ["area", "bilinear", "bicubic"])
