@@ -59,7 +59,7 @@ CHUNK = 256
 META_CHUNK = 4096  # rows of a per-image metadata chunk, at most ...
 META_CHUNK_BYTES = 256 * 1024  # ... and at most this many bytes. The build's parent
 # rewrites the chunks its results fall in every few hundred images: with (4096, 151)
-# float64 chunks of ADE20K class statistics that cost 0.67-0.73 ms per image at 20,210
+# float64 chunks of ADE20K class statistics that cost 0.67-0.77 ms per image at 20,210
 # images, with 256 KiB ones 0.35-0.40 (``bench_build.py --what parent``; 64 and 128 KiB
 # were slower, 512 KiB the same)
 
