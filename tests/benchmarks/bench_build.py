@@ -1,5 +1,5 @@
-"""Benchmarks for ``softprep build`` (issue 3 and issue 13 targets). Each figure is printed as a ratio
-against a baseline measured in the same run.
+"""Benchmarks for ``softprep build`` (issue 3 and issue 13 targets). Each figure is printed
+as a ratio against a baseline measured in the same run.
 
     python tests/benchmarks/bench_build.py [--images 24] [--what throughput jobs memory size]
         [--tmp /dev/shm]
