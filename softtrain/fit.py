@@ -183,7 +183,11 @@ def _open_inputs(cfg: FitConfig, ranks: Ranks, resume: bool, overwrite: bool):
     if cfg.labeled:  # semi-supervised: a labelled share of train; its rest and image-only splits
         in_train = store.split_of()[train.items] == "train"
         labelled, rest = partition(
-            store.names(), train.items[in_train], cfg.labeled, cfg.labeled_seed
+            store.names(),
+            train.items[in_train],
+            cfg.labeled,
+            cfg.labeled_seed,
+            store.manifest.layout["image_suffix"],
         )
         rest = np.union1d(rest, train.items[~in_train])
         train, unlabeled = train.subset(labelled, cfg.seed), train.subset(rest, cfg.seed + 1)

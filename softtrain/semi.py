@@ -38,41 +38,64 @@ from softtrain.config import FitConfig
 EPS = 1e-8
 
 
-def partition(names: np.ndarray, items: np.ndarray, labeled: str, seed: int):
+def partition(
+    names: np.ndarray, items: np.ndarray, labeled: str, seed: int, image_suffix: str = ""
+):
     """(labelled, unlabelled) item numbers of a split's ``items`` (store image numbers).
 
     ``labeled``: a fraction (``"1/8"``, ``"0.125"``: a seeded random choice, at least one
     image) or the path of a list file whose lines start with image file names (other
-    columns ignored, as in the usual partition files); names match store images by stem."""
+    columns ignored, as in the usual partition files). A line names an image when its file
+    name, less the dataset's ``image_suffix`` (or else its extension), equals the image's
+    stored name (its file name below the split folder, less the suffix) whole: never a
+    prefix. A line matching no image, or several, is refused."""
     from fractions import Fraction
 
     try:
         share = float(Fraction(labeled))
     except ValueError:
-        share = None
+        share = None  # not a number: a list file
+    except (ZeroDivisionError, OverflowError):  # 1/0, 1e400
+        raise ValueError(f"--labeled {labeled}: not a fraction in (0, 1]") from None
     if share is not None:
         if not 0 < share <= 1:
-            raise ValueError(f"labeled fraction must be in (0, 1], got {labeled}")
+            raise ValueError(f"--labeled {labeled}: not a fraction in (0, 1]")
         order = np.random.default_rng(seed).permutation(len(items))
-        chosen = np.sort(items[order[: max(1, round(share * len(items)))]])
-    else:
-        path = Path(labeled)
-        if not path.is_file():
-            raise FileNotFoundError(f"{labeled}: not a fraction nor a partition list file")
-        stems = {str(n).rsplit("/", 1)[-1]: i for i, n in zip(items, names[items])}
-        wanted, missing = [], []
-        for line in path.read_text().splitlines():
-            if not line.strip():
-                continue
-            base = Path(line.split()[0]).name
-            match = next((s for s in stems if base.startswith(s)), None)
-            (wanted if match else missing).append(stems.get(match, base))
-        if missing:
-            raise ValueError(
-                f"{path}: {len(missing)} name(s) not among the training images, e.g. {missing[:3]}"
-            )
-        chosen = np.array(sorted(set(wanted)), dtype=items.dtype)
-    return chosen, np.setdiff1d(items, chosen)
+        return _split(items, items[order[: max(1, round(share * len(items)))]])
+    path = Path(labeled)
+    if not path.is_file():
+        raise FileNotFoundError(f"{labeled}: not a fraction nor a partition list file")
+    by_stem: dict[str, list[int]] = {}
+    for i, n in zip(items, names[items]):
+        by_stem.setdefault(str(n).rsplit("/", 1)[-1], []).append(int(i))
+    wanted, missing, ambiguous = [], [], []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        base = line.split()[0].replace("\\", "/").rsplit("/", 1)[-1]
+        if image_suffix and base.endswith(image_suffix):
+            stem = base[: -len(image_suffix)]
+        else:
+            stem = base.rsplit(".", 1)[0] if "." in base else base
+        found = by_stem.get(stem, [])
+        if len(found) > 1:
+            ambiguous.append(f"line {number} '{base}'")
+        (wanted if found else missing).extend(found or [f"line {number} '{base}'"])
+    if missing:
+        raise ValueError(
+            f"{path}: {len(missing)} name(s) match no training image, e.g. "
+            f"{', '.join(missing[:3])} (names must match whole)"
+        )
+    if ambiguous:
+        raise ValueError(
+            f"{path}: {', '.join(ambiguous[:3])} match(es) several training images (in "
+            "different folders); a partition list must name each image once"
+        )
+    return _split(items, np.array(sorted(set(wanted)), dtype=items.dtype))
+
+
+def _split(items: np.ndarray, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.sort(chosen), np.setdiff1d(items, chosen)
 
 
 @dataclass(frozen=True)

@@ -52,10 +52,10 @@ def test_partitions_are_deterministic_disjoint_and_from_lists(store, tmp_path):
     listing.write_text(
         "".join(f"leftImg8bit/train/x/{n}_leftImg8bit.png gtFine/x/{n}.png\n" for n in names)
     )
-    chosen, _ = partition(s.names(), items, str(listing), 0)
+    chosen, _ = partition(s.names(), items, str(listing), 0, "_leftImg8bit.png")
     assert list(chosen) == list(items[:2])
     listing.write_text("leftImg8bit/train/x/nowhere_000000_000000_leftImg8bit.png\n")
-    with pytest.raises(ValueError, match="not among the training images"):
+    with pytest.raises(ValueError, match="match no training image"):
         partition(s.names(), items, str(listing), 0)
 
 
@@ -150,3 +150,27 @@ def test_labeled_list_names_the_partition_file_on_the_command_line(store, tmp_pa
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 2 and "nowhere.txt: not a fraction nor a partition list file" in r.output
     assert not out.exists()
+
+
+def test_partition_lists_match_whole_names_never_prefixes(tmp_path):
+    names = np.array(["a/1", "a/2", "a/10", "a/20", "b/x_leftImg8bit_3", "c/7", "d/7"])
+    items = np.arange(len(names))
+    listing = tmp_path / "part.txt"
+    listing.write_text("train/10.jpg extra columns\n20.jpg\n")
+    assert list(partition(names, items, str(listing), 0)[0]) == [2, 3]
+    listing.write_text("x_leftImg8bit_3_leftImg8bit.png\n1.png\n")  # the dataset's suffix comes off
+    assert list(partition(names, items, str(listing), 0, "_leftImg8bit.png")[0]) == [0, 4]
+    for text, why in [
+        ("100.jpg\n", "match no training image"),  # "10" is a prefix of it: no match
+        ("1\n3.jpg\n", "match no training image"),
+        ("7.png\n", "several training images"),  # c/7 and d/7
+    ]:
+        listing.write_text(text)
+        with pytest.raises(ValueError, match=why):
+            partition(names, items, str(listing), 0)
+
+
+@pytest.mark.parametrize("bad", ["1/0", "1e400", "0", "3/2", "-1/8"])
+def test_labeled_fractions_outside_the_unit_interval_are_sentences(bad):
+    with pytest.raises(ValueError, match=r"not a fraction in \(0, 1\]"):
+        partition(np.array(["a", "b"]), np.arange(2), bad, 0)
