@@ -58,6 +58,29 @@ def find_images(inputs: list[Path], out_dir: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def refuse_overlap(inputs: list[Path], outputs: dict[str, Path | None]) -> None:
+    """Refuse an output folder (``{"--out": path, ...}``) that is, contains or lies inside
+    an input image or folder (symlinks resolved): predictions must never replace a photo,
+    nor land where a later run takes them as images."""
+    given = [(Path(i), Path(i).resolve()) for i in inputs]
+    for flag, folder in outputs.items():
+        if folder is None:
+            continue
+        where = Path(folder).resolve()
+        if where.exists() and not where.is_dir():
+            raise ValueError(f"{flag} {folder} is a file, not a folder")
+        for shown, real in given:
+            if where == real or where.is_relative_to(real) or real.is_relative_to(where):
+                relation = (
+                    "is" if where == real else "lies inside" if where.is_relative_to(real)
+                    else "contains"
+                )
+                raise ValueError(
+                    f"{flag} {folder} {relation} the input {shown}: predictions would overwrite "
+                    "or mix with the images; give a folder outside every input"
+                )
+
+
 def _encode(pred: np.ndarray, fmt: str, manifest, palette: np.ndarray) -> Image.Image:
     """(H, W) uint8 train ids -> the PNG image of ``fmt``."""
     if fmt == "trainIds":
@@ -93,6 +116,7 @@ def predict(
     if fmt not in FORMATS:
         raise ValueError(f"unknown format '{fmt}'; choose from {', '.join(FORMATS)}")
     out_dir = Path(out_dir)
+    refuse_overlap(list(inputs), {"--out": out_dir, "--overlays": overlays})
     if overlays is not None and overlays.resolve().is_relative_to(out_dir.resolve()):
         raise ValueError(
             f"overlays folder {overlays} is inside --out {out_dir}: evaluators read every PNG "

@@ -196,3 +196,44 @@ def test_pretrained_trunk_weights_come_from_a_local_file(tmp_path):
     model = build_model("deeplabv3plus_r18", 19, pretrained=str(path))
     torch.testing.assert_close(model.trunk.conv1.weight, reference.conv1.weight)
     torch.testing.assert_close(model.trunk.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+
+
+def test_predict_never_writes_over_or_among_its_inputs(store, tmp_path, samples):
+    import os
+    import shutil
+
+    fit(tiny_config(store, tmp_path / "run", iters=1))
+    ckpt = str(tmp_path / "run/last.pt")
+    photos = tmp_path / "photos"
+    shutil.copytree(samples["cityscapes"] / "leftImg8bit/val", photos)
+    jpeg = photos / "one.jpg"
+    from PIL import Image
+
+    Image.new("RGB", (64, 32), (90, 120, 30)).save(jpeg)
+    os.symlink(photos, tmp_path / "alias")
+    before = {p: p.read_bytes() for p in photos.rglob("*") if p.is_file()}
+    city = next(p for p in photos.iterdir() if p.is_dir())
+    cases = [
+        ([photos], photos, None, "is the input"),
+        ([photos], city, None, "lies inside the input"),
+        ([city], photos, None, "contains the input"),
+        ([jpeg], photos, None, "contains the input"),
+        ([jpeg], jpeg, None, "is a file"),
+        ([photos], tmp_path / "pred", photos, "--overlays .* is the input"),
+        ([tmp_path / "alias"], photos / "out", None, "lies inside the input"),  # via a symlink
+        ([jpeg, city], tmp_path / "pred", city / "overlays", "--overlays .* lies inside"),
+    ]
+    for inputs, out, overlays, why in cases:
+        with pytest.raises(ValueError, match=why):
+            predict(ckpt, inputs, out, "trainIds", overlays=overlays, device="cpu")
+    cwd = os.getcwd()
+    try:  # relative paths: the current folder is the input folder
+        os.chdir(photos)
+        with pytest.raises(ValueError, match="is the input"):
+            predict(ckpt, [photos], type(photos)("."), device="cpu")
+    finally:
+        os.chdir(cwd)
+    after = {p: p.read_bytes() for p in photos.rglob("*") if p.is_file()}
+    assert after == before  # nothing replaced, nothing added
+    written = predict(ckpt, [jpeg], tmp_path / "pred", overlays=tmp_path / "ov", device="cpu")
+    assert written == [tmp_path / "pred/one.png"] and (tmp_path / "ov/one.jpg").is_file()
