@@ -32,7 +32,7 @@ _EXPORTS = {
     "MODELS": "softtrain.models",
     "build_model": "softtrain.models",
     "FitConfig": "softtrain.config",
-    "RunSampler": "softtrain.fit",
+    "RunSampler": "softtrain.loader",
     "TrainingError": "softtrain.fit",
     "eval_checkpoint": "softtrain.evaluate",
     "InferenceOptions": "softtrain.evaluate",

@@ -7,6 +7,7 @@ optionally ``iter_<step>.pt`` (the last ``keep_checkpoints``), ``curves.png`` an
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import shutil
@@ -15,8 +16,13 @@ from pathlib import Path
 
 import torch
 
+from softprep.lockfile import LockBusy, LockFile
+
+log = logging.getLogger("softtrain")
+
 REQUIRED = ("model", "classes", "config", "step")
 RUN_FILES = ("config.toml", "metrics.jsonl", "last.pt", "best.pt", "curves.png")
+LOCK = ".softtrain.lock"  # one writer per run folder
 
 
 class CheckpointError(ValueError):
@@ -24,17 +30,25 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: Path, **content) -> None:
-    """Atomic and durable: written to a temporary file, flushed to disk, then renamed, so a
-    crash (or a full disk) at any moment leaves the previous checkpoint intact."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Atomic and durable: written to a temporary file of this process, flushed to disk,
+    then renamed, so a crash (or a full disk) at any moment leaves the previous checkpoint
+    intact. A failure to write is a ``CheckpointError`` that says so."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             torch.save(content, f)
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) or isinstance(e.__cause__, OSError):
+            why = e if isinstance(e, OSError) else e.__cause__
+            kept = f"the previous {path.name} is intact" if path.exists() else "nothing saved"
+            raise CheckpointError(
+                f"{path}: cannot save the checkpoint ({why.strerror or why}); {kept}. Free "
+                "space or fix the folder, then continue with --resume"
+            ) from None
         raise
 
 
@@ -76,7 +90,11 @@ def keep_last(out: Path, n: int) -> None:
 
 
 def holds_run(out: Path) -> bool:
-    return any((out / f).exists() for f in RUN_FILES) or bool(list(out.glob("iter_*.pt")))
+    """Whether ``out`` holds a run worth keeping: a checkpoint. What a run that stopped
+    before its first save left (config, metrics) is replaced by the next run."""
+    return any((out / f).exists() for f in ("last.pt", "best.pt")) or bool(
+        list(out.glob("iter_*.pt"))
+    )
 
 
 def describe_run(out: Path) -> str:
@@ -90,14 +108,20 @@ def describe_run(out: Path) -> str:
 
 
 def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to start a run where one already is, unless told what to do with it."""
+    """Refuse to start a run where one already is, unless told what to do with it, and an
+    ``out`` that cannot be a run folder (a file, a folder this process cannot write)."""
     if resume and overwrite:
         raise CheckpointError("give --resume (continue the run) or --overwrite, not both")
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise CheckpointError(f"--out {out}: {existing} is a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise CheckpointError(f"--out {out}: {existing} is not writable by this user")
     if resume:
-        if not (out / "last.pt").exists():
+        if not (out / "last.pt").exists() and not iter_checkpoints(out):
             raise CheckpointError(
                 f"{out}: nothing to resume, no last.pt (the run saved no checkpoint yet); "
-                "start it again with --overwrite"
+                "start it again without --resume"
             )
     elif holds_run(out) and not overwrite:
         raise CheckpointError(
@@ -106,10 +130,40 @@ def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
         )
 
 
+def resume_checkpoint(out: Path, classes: list[dict]) -> tuple[dict, Path]:
+    """The checkpoint a ``--resume`` continues from and its path: ``last.pt``, or, when it
+    is damaged or missing, the newest intact ``iter_<step>.pt`` (said in the log)."""
+    last = out / "last.pt"
+    try:
+        return load_checkpoint(last, classes), last
+    except CheckpointError as e:
+        for older in reversed(iter_checkpoints(out)):
+            try:
+                ckpt = load_checkpoint(older, classes)
+            except CheckpointError:
+                continue
+            log.warning("%s; resuming from %s (step %d) instead", e, older.name, ckpt["step"])
+            return ckpt, older
+        raise
+
+
+def lock_run(out: Path) -> LockFile:
+    """Hold ``out`` (created if needed) for this process: a second ``fit`` on the same run
+    folder is refused while this one lives; released by the OS however it exits."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return LockFile(out / LOCK).acquire()
+    except LockBusy as e:
+        raise CheckpointError(
+            f"{out}: another softtrain fit (pid {e.holder}) is writing this run folder; wait "
+            "for it to end or give another --out"
+        ) from None
+
+
 def clear_run(out: Path) -> None:
     """Delete a run's files (``--overwrite``); other files in the folder stay."""
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
-    for p in out.glob("iter_*.pt"):
+    for p in [*out.glob("iter_*.pt"), *out.glob("*.pt.*.tmp")]:
         p.unlink()
     shutil.rmtree(out / "tb", ignore_errors=True)

@@ -112,7 +112,7 @@ class CropDataset(Dataset):
       every epoch sees new crops; ``torch.manual_seed`` makes a run repeatable.
     - ``seed=S`` (what ``softtrain fit`` uses): from (S, epoch, i) alone, independent of the
       worker count; indices past the split's length select later epochs
-      (``epoch * len(self) + i``, as ``softtrain.fit.RunSampler`` draws them).
+      (``epoch * len(self) + i``, as ``softtrain.loader.RunSampler`` draws them).
     """
 
     def __init__(

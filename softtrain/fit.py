@@ -19,14 +19,13 @@ import random
 import signal
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Sampler
 
 from softprep.store import SoftStore, StoreError, scale_label
 from softtrain import distributed
@@ -36,12 +35,15 @@ from softtrain.checkpoint import (
     clear_run,
     keep_last,
     load_checkpoint,
+    lock_run,
+    resume_checkpoint,
     save_checkpoint,
 )
 from softtrain.config import FitConfig
 from softtrain.data import CropDataset, normalise, parse_crop
 from softtrain.distributed import Ranks
 from softtrain.evaluate import eval_dataset, evaluate, resolve_device
+from softtrain.loader import batches, run_loader, worker_error
 from softtrain.metrics import eval_record
 from softtrain.models import build_model
 from softtrain.runlog import RunLog, StepLog
@@ -65,33 +67,6 @@ class Interrupted(Exception):
             f"{signal.Signals(signum).name}: stopped at step {step} with {out / 'last.pt'} "
             f"saved; continue with: softtrain fit --out {out} --resume"
         )
-
-
-class RunSampler(Sampler):
-    """Sample indices for a whole run: epoch after epoch, each a fresh permutation from
-    (seed, epoch) cut to whole steps of ``batch_size`` per rank x ``world`` ranks, encoded as
-    ``epoch * n + item`` (so loader workers need no epoch updates), starting at the
-    rank's micro-batch ``start`` (for resuming). Rank ``r`` takes the ``r``-th share of
-    every step: the ranks' shares of an epoch are disjoint and together equal the epoch of
-    one process with a ``batch_size * world`` batch.
-    """
-
-    def __init__(
-        self, n: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1
-    ):
-        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
-        self.rank, self.world = rank, world
-        self.per_epoch = n // (batch_size * world)  # steps per epoch
-
-    def __iter__(self):
-        epoch, skip = divmod(self.start, self.per_epoch)
-        b, w = self.batch_size, self.world
-        while True:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            perm = torch.randperm(self.n, generator=g)[: self.per_epoch * w * b]
-            mine = perm.view(self.per_epoch, w, b)[skip:, self.rank].reshape(-1)
-            yield from (epoch * self.n + mine).tolist()
-            epoch, skip = epoch + 1, 0
 
 
 def poly_lr(step: int, cfg: FitConfig) -> float:
@@ -140,13 +115,6 @@ def stop_signals():
             signal.signal(s, h)
 
 
-def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
-    """Loader worker start-up: ignore SIGTERM/SIGINT, which schedulers and Ctrl-C send to
-    the whole process group; the main process saves ``last.pt`` and then stops them."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _resume_checks(cfg: FitConfig, ckpt: dict, store: SoftStore, path: Path) -> None:
     changed = cfg.changed_for_resume(ckpt["config"])
     if changed:
@@ -167,7 +135,8 @@ def _resume_checks(cfg: FitConfig, ckpt: dict, store: SoftStore, path: Path) -> 
 def _open_inputs(cfg: FitConfig, ranks: Ranks, resume: bool, overwrite: bool):
     """Everything a run needs that bad input can break, opened before anything is written:
     (store, training crops, unlabelled crops or None, evaluation set or None, evaluation
-    level, model, checkpoint)."""
+    level, model, checkpoint, the run folder's lock (rank 0) or None). The lock is taken last,
+    so a refused run writes nothing."""
     store = SoftStore(cfg.store)
     image_only = store.image_only_splits if cfg.labeled else []
     train = CropDataset(
@@ -216,9 +185,10 @@ def _open_inputs(cfg: FitConfig, ranks: Ranks, resume: bool, overwrite: bool):
     check_run_folder(out, resume, overwrite)
     ckpt = None
     if resume:
-        ckpt = load_checkpoint(out / "last.pt", store.classes)
-        _resume_checks(cfg, ckpt, store, out / "last.pt")
-    return store, train, unlabeled, evalset, eval_level, model, ckpt
+        ckpt, path = resume_checkpoint(out, store.classes)
+        _resume_checks(cfg, ckpt, store, path)
+    lock = lock_run(out) if ranks.main else None
+    return store, train, unlabeled, evalset, eval_level, model, ckpt, lock
 
 
 def fit(
@@ -232,20 +202,23 @@ def fit(
     """
     ranks = distributed.setup(resolve_device(cfg.device))
     try:
-        return _fit(cfg, ranks, resume, overwrite, on_log, on_eval)
+        with ExitStack() as cleanup:  # the run folder's lock, loader workers: on any exit
+            return _fit(cfg, ranks, resume, overwrite, on_log, on_eval, cleanup)
     finally:
         distributed.teardown(ranks)
 
 
-def _fit(cfg: FitConfig, ranks: Ranks, resume, overwrite, on_log, on_eval) -> dict:
+def _fit(cfg: FitConfig, ranks: Ranks, resume, overwrite, on_log, on_eval, cleanup) -> dict:
     device = ranks.device
     torch.manual_seed(cfg.seed + ranks.rank)  # dropout differs per rank; DDP syncs weights
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     try:
-        store, train, unlabeled, evalset, eval_level, model, ckpt = _open_inputs(
+        store, train, unlabeled, evalset, eval_level, model, ckpt, lock = _open_inputs(
             cfg, ranks, resume, overwrite
         )
+        if lock is not None:
+            cleanup.callback(lock.release)
         error = None
     except (StoreError, TrainingError, CheckpointError, ValueError, FileNotFoundError) as e:
         error = e
@@ -257,9 +230,8 @@ def _fit(cfg: FitConfig, ranks: Ranks, resume, overwrite, on_log, on_eval) -> di
     out = Path(cfg.out)
     runlog = None
     if ranks.main:  # the inputs are usable: from here on the run folder is written
-        if overwrite:
+        if not resume:  # --overwrite, or what a run that never saved left
             clear_run(out)
-        out.mkdir(parents=True, exist_ok=True)
         (out / "config.toml").write_text(cfg.to_toml())
         runlog = RunLog(out, cfg.tensorboard, resume_step=ckpt["step"] if ckpt else None)
     if cfg.sync_bn and ranks.distributed:
@@ -352,45 +324,28 @@ def _fit(cfg: FitConfig, ranks: Ranks, resume, overwrite, on_log, on_eval) -> di
     model.train()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop size
-    loader = DataLoader(
-        train,
-        batch_size=cfg.batch_size,
-        sampler=RunSampler(len(train), cfg.batch_size, cfg.seed, micro, ranks.rank, ranks.world),
-        num_workers=cfg.workers,
-        pin_memory=device.type == "cuda",
-        drop_last=True,
-        prefetch_factor=4 if cfg.workers else None,
-        generator=torch.Generator().manual_seed(cfg.seed),  # leaves the global RNG untouched
-        worker_init_fn=_leave_stop_signals_to_the_main_process,
+    pin = device.type == "cuda"
+    loader = run_loader(
+        train, cfg.batch_size, cfg.seed, micro, ranks.rank, ranks.world, cfg.workers, pin
     )
-    batches = iter(loader)
+    batches_ = cleanup.enter_context(batches(loader))
     if semi:
         per_rank = cfg.unlabeled_batch or cfg.batch_size
-        unlabeled_batches = iter(
-            DataLoader(
-                unlabeled,
-                batch_size=per_rank,
-                sampler=RunSampler(
-                    len(unlabeled), per_rank, cfg.seed + 1, micro, ranks.rank, ranks.world
-                ),
-                num_workers=cfg.workers,
-                pin_memory=device.type == "cuda",
-                drop_last=True,
-                prefetch_factor=4 if cfg.workers else None,
-                generator=torch.Generator().manual_seed(cfg.seed + 1),  # global RNG untouched
-                worker_init_fn=_leave_stop_signals_to_the_main_process,
-            )
+        loader = run_loader(
+            unlabeled, per_rank, cfg.seed + 1, micro, ranks.rank, ranks.world, cfg.workers, pin
         )
+        unlabeled_batches = cleanup.enter_context(batches(loader))
     t_start, step_start = time.perf_counter(), step
     t_log, wait, seen = t_start, 0.0, 0
     with stop_signals() as stop:
         while step < cfg.iters:
             t0 = time.perf_counter()
             try:
-                batch = next(batches)
-            except Exception:
+                batch = next(batches_)
+                extra = next(unlabeled_batches)["image"] if semi else None
+            except Exception as e:
                 if stop["signum"] is None:  # a signal also stops the loader's workers
-                    raise
+                    raise worker_error(e) from None
                 batch = None
             if distributed.any_rank(ranks, stop["signum"] is not None):
                 save()
@@ -407,9 +362,9 @@ def _fit(cfg: FitConfig, ranks: Ranks, resume, overwrite, on_log, on_eval) -> di
             with no_sync():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     if semi:  # one pass over labelled crops and the unlabelled strong view
-                        extra = next(unlabeled_batches)["image"].to(device, non_blocking=True)
                         logits, unsupervised = semi.forward(
-                            step_model, image, extra, normalise, step, micro
+                            step_model, image, extra.to(device, non_blocking=True), normalise,
+                            step, micro,
                         )
                     else:
                         logits = step_model(image)
@@ -476,7 +431,7 @@ def _non_finite_message(value: float, step: int, out: Path) -> str:
     if saved is None:
         return (
             f"loss is {value} at step {step}; stopped. No checkpoint was saved yet: lower --lr "
-            "or add --warmup-iters and start again with --overwrite"
+            "or add --warmup-iters and start again"
         )
     return (
         f"loss is {value} at step {step}; stopped. The last checkpoint ({last}, step {saved}) "

@@ -14,7 +14,8 @@ from softprep.manifest import load_manifest
 from softtrain.checkpoint import load_checkpoint
 from softtrain.config import FitConfig
 from softtrain.evaluate import eval_checkpoint
-from softtrain.fit import RunSampler, fit
+from softtrain.fit import fit
+from softtrain.loader import RunSampler
 from softtrain.runlog import read_metrics
 
 

@@ -14,7 +14,7 @@ from softprep.manifest import load_manifest
 from softprep.quantize import decode_planes
 from softprep.store import StoreError
 from softtrain.data import CropDataset, EvalDataset, densify, multi_class_mask
-from softtrain.fit import RunSampler
+from softtrain.loader import RunSampler
 
 
 @pytest.fixture(scope="module")

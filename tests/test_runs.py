@@ -254,3 +254,101 @@ def test_missing_tensorboard_is_refused_before_anything_is_written(store, tmp_pa
     with pytest.raises(ValueError, match="needs the tensorboard package"):
         tiny(store, tmp_path / "run", tensorboard=True)
     assert not (tmp_path / "run").exists()
+
+
+def damaged_copy(store: str, where) -> str:
+    """A copy of ``store`` whose 1/8 soft-label shards fail their checksums."""
+    import shutil
+    from pathlib import Path
+
+    url = str(where / "damaged.zarr")
+    shutil.copytree(store, url)
+    for shard in Path(url, "levels/x0.125/soft").glob("c.*"):
+        data = bytearray(shard.read_bytes())
+        for k in range(100, len(data) - 100, 50):
+            data[k] ^= 0x10
+        shard.write_bytes(bytes(data))
+    return url
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_damaged_data_ends_the_run_and_its_workers_with_one_sentence(store, tmp_path, workers):
+    url = damaged_copy(store, tmp_path)
+    cfg = tiny(url, tmp_path / "run", iters=50)
+    for _attempt in range(2):  # the retry is not refused: the failed run saved nothing
+        t0 = time.time()
+        proc, log = start_fit(cfg, tmp_path / "log.txt", workers=workers)
+        rc = proc.wait(60)  # before the fix: forever, with 2 workers
+        log.close()
+        text = (tmp_path / "log.txt").read_text()
+        assert rc == 2 and time.time() - t0 < 60, text
+        assert "Traceback" not in text and "DataLoader worker" not in text, text
+        assert text.strip().startswith("error: ") and text.count("\n") == 1, text
+        assert not list((tmp_path / "run").glob("*.pt"))
+        assert subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True).stdout == b""
+
+
+def test_one_writer_per_run_folder(store, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny(store, out, iters=400, save_every=1)
+    proc, log = start_fit(cfg, tmp_path / "log.txt")
+    try:
+        wait_for_steps(out, 2, proc)
+        for second in (dict(resume=True), dict(overwrite=True)):
+            with pytest.raises(CheckpointError, match=f"another softtrain fit \\(pid {proc.pid}\\)"):
+                fit(tiny(store, out, iters=500), **second)
+        assert proc.poll() is None  # the first run goes on, its files untouched
+    finally:
+        proc.kill()  # kill -9: the OS releases the lock, the folder is not left stuck
+        proc.wait()
+        log.close()
+    assert fit(tiny(store, out, iters=load_checkpoint(out / "last.pt")["step"] + 1), resume=True)
+
+
+def test_a_full_disk_while_saving_is_a_sentence_and_last_pt_stays(store, tmp_path, monkeypatch):
+    import errno
+
+    out = tmp_path / "run"
+    fit(tiny(store, out, iters=2))
+    real, calls = torch.save, []
+
+    def full(obj, f, *a, **kw):
+        calls.append(1)
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match="last.pt: cannot save the checkpoint \\(No space "
+                       "left on device\\); the previous last.pt is intact.*--resume"):
+        fit(tiny(store, out, iters=4, save_every=1), resume=True)
+    monkeypatch.setattr(torch, "save", real)
+    assert calls and load_checkpoint(out / "last.pt")["step"] == 2
+    assert not list(out.glob("*.tmp"))
+    r = runner.invoke(__import__("softtrain.cli", fromlist=["app"]).app,
+                      ["fit", "--out", str(out), "--resume", "--iters", "3", "--config",
+                       str(out / "config.toml")])
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("where", ["a file", "below a file"])
+def test_out_that_cannot_be_a_folder_is_refused_first(store, tmp_path, where):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("mine")
+    out = blocker if where == "a file" else blocker / "run"
+    with pytest.raises(CheckpointError, match="file.txt is a file, not a folder"):
+        fit(tiny(store, out))
+    assert blocker.read_text() == "mine" and sorted(tmp_path.iterdir()) == [blocker]
+
+
+def test_resume_with_a_damaged_last_pt_continues_from_the_newest_intact_save(
+    store, tmp_path, caplog
+):
+    out = tmp_path / "run"
+    fit(tiny(store, out, iters=4, save_every=1, keep_checkpoints=2))
+    (out / "last.pt").write_bytes(b"torn")
+    (out / "iter_4.pt").write_bytes((out / "iter_4.pt").read_bytes()[:100])
+    with caplog.at_level("WARNING", logger="softtrain"):
+        assert fit(tiny(store, out, iters=5, keep_checkpoints=2), resume=True)["step"] == 5
+    assert "resuming from iter_3.pt (step 3) instead" in caplog.text
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["type"] == "train"]
+    assert steps == [1, 2, 3, 4, 5]

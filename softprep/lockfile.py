@@ -1,0 +1,55 @@
+"""Exclusive lock files: one writer per store or run folder.
+
+An ``flock`` on a file, so the OS releases it when the holder exits, however it exits
+(a crash or ``kill -9`` never leaves a store or a run stuck). The file holds the holder's
+pid, for the message of whoever is refused. Local paths only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class LockBusy(Exception):
+    """Another process holds the lock; ``holder`` is its pid as it wrote it ("?" if none)."""
+
+    def __init__(self, path: Path, holder: str):
+        self.path, self.holder = path, holder
+        super().__init__(f"{path} is held by pid {holder}")
+
+
+class LockFile:
+    """``acquire()`` takes the lock at ``path`` (its folder must exist) or raises
+    ``LockBusy``; ``release()`` (or leaving a ``with``) lets it go. The file stays: removing
+    a lock file while another process waits on it would let two writers in."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.fd: int | None = None
+
+    def acquire(self) -> LockFile:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise LockBusy(self.path, holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> LockFile:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
