@@ -31,6 +31,7 @@ Level ``L`` is named ``x<scale>``, e.g. ``x0.125`` for 1/8.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import os
 from contextlib import contextmanager
@@ -48,6 +49,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore, MemoryStore
 
+from softprep.lockfile import LockBusy, LockFile
 from softprep.manifest import VOID, Manifest, manifest_from_json
 from softprep.quantize import decode_planes
 
@@ -348,32 +350,31 @@ def _interrupted_creation(url: str) -> bool:
 
 @contextmanager
 def writer_lock(url: str):
-    """One writer per local store: an exclusive ``flock`` on ``.<name>.lock`` beside it,
-    released by the OS when the holder exits, however it exits (never left stuck).
-    Refuses (``StoreError``) while another process holds it. URLs are not locked."""
+    """One writer per local store: an exclusive lock on ``.<name>.lock`` beside it (a
+    shortened name with a hash when the store's name is long), removed when the build ends,
+    released by the OS however the build exits (never left stuck). Refuses
+    (``StoreError``) while another process holds it. URLs are not locked."""
     if "://" in str(url):
         yield
         return
-    import fcntl
-
     path = Path(url).absolute()
-    lock = path.with_name(f".{path.name}.lock")
+    name = path.name if len(path.name) <= 200 else (
+        f"{path.name[:180]}~{hashlib.sha1(path.name.encode()).hexdigest()[:12]}"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise StoreError(
-                f"{url}: another softprep build is writing this store (pid {holder}); "
-                "wait for it to finish (its lock is released when it exits)"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        lock = LockFile(path.with_name(f".{name}.lock")).acquire()
+    except LockBusy as e:
+        raise StoreError(
+            f"{url}: another softprep build is writing this store (pid {e.holder}); "
+            "wait for it to finish (its lock is released when it exits)"
+        ) from None
+    except OSError as e:
+        raise StoreError(f"{url}: cannot create its lock file beside it ({e.strerror})") from None
+    try:
         yield
     finally:
-        os.close(fd)
+        lock.release()
 
 
 async def _list_keys(store, prefix: str) -> list[str]:

@@ -263,6 +263,31 @@ def test_one_writer_per_store_and_a_crashed_holder_frees_it(samples, tmp_path):
     holder.wait()
     build(CS, samples["cityscapes"], url, OPTS)
     assert SoftStore(url).done().all()
+    assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]  # the lock file went with it
+
+
+def test_a_store_name_at_the_file_system_limit_builds(samples, tmp_path):
+    url = str(tmp_path / ("n" * 250 + ".zarr"))  # 255 bytes: its lock's name would be longer
+    build(CS, samples["cityscapes"], url, OPTS)
+    assert SoftStore(url).done().all()
+    assert [p.name for p in tmp_path.iterdir()] == [Path(url).name]
+
+
+def test_a_lock_file_taken_over_after_its_holder_removed_it(tmp_path):
+    from softprep.lockfile import LockBusy, LockFile
+
+    path = tmp_path / ".x.lock"
+    first = LockFile(path).acquire()
+    with pytest.raises(LockBusy) as busy:
+        LockFile(path).acquire()
+    assert busy.value.holder == str(os.getpid())
+    first.release()
+    assert not path.exists()
+    with LockFile(path) as again:  # a new file, held
+        assert path.read_text() == str(os.getpid())
+        with pytest.raises(LockBusy):
+            LockFile(path).acquire()
+    assert again.fd is None and not path.exists()
 
 
 def children_of(pid: int) -> list[int]:
