@@ -7,12 +7,14 @@
 - ``deeplabv3plus_r18``: the same on ResNet-18, small enough for CPU tests
 
 Outputs are logits at stride 4; callers upsample bilinearly. Pretrained trunk weights come
-only from a local file (``pretrained=PATH``); the trunk's hub and URL sources are cleared, so
+only from a local file (``pretrained=PATH``, ``load_trunk_weights``): a timm, torchvision or
+mmseg/mmcv checkpoint of the trunk's ImageNet model (``resnet18/50/101``, ``hrnet_w18/32/48``);
 nothing is ever downloaded. timm is imported when a model is built.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -29,18 +31,90 @@ def conv_bn_relu(cin: int, cout: int, k: int = 1, dilation: int = 1) -> nn.Seque
     )
 
 
+log = logging.getLogger("softtrain")
+PREFIXES = ("", "module.", "backbone.", "model.", "encoder.", "trunk.", "module.backbone.")
+WRAPPERS = ("state_dict", "model", "model_state", "module", "net")
+MIN_MATCHED = 0.9  # share of the trunk's tensors a weights file must provide
+
+
 def _trunk(name: str, pretrained: str | None, **kwargs) -> nn.Module:
     import timm
 
     if pretrained is not None and not Path(pretrained).is_file():
         raise FileNotFoundError(f"{pretrained}: pretrained weights file not found")
-    local = dict(file=str(pretrained), hf_hub_id=None, url=None) if pretrained else None
-    return timm.create_model(
-        name,
-        pretrained=pretrained is not None,
-        pretrained_cfg_overlay=local,
-        features_only=True,
-        **kwargs,
+    trunk = timm.create_model(name, pretrained=False, features_only=True, **kwargs)
+    if pretrained:
+        log.warning(load_trunk_weights(trunk, pretrained, name))  # shown as a note
+    return trunk
+
+
+def load_trunk_weights(trunk: nn.Module, path: str | Path, name: str = "the trunk") -> str:
+    """Load ImageNet weights into ``trunk`` from a timm, torchvision or mmseg/mmcv file:
+    a state dict, possibly wrapped (``state_dict``, ``model``, ...) and prefixed
+    (``backbone.``, ``module.``, ...); tensors match by name and shape. Refuses
+    (``ValueError``, one sentence) a file PyTorch cannot read as plain tensors, a softtrain
+    checkpoint, or one that gives fewer than ``MIN_MATCHED`` of the trunk's tensors (no
+    silent random start). Returns what was loaded, as one line."""
+    import pickle
+    import zipfile
+
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            first = "it holds Python objects beyond tensors, as a softtrain checkpoint does"
+        raise ValueError(
+            f"{path}: not a weights file for --pretrained ({first}); give the trunk's "
+            f"ImageNet state dict ({name}: a timm, torchvision or mmseg checkpoint)"
+        ) from None
+    except Exception as e:  # struct.error, UnicodeDecodeError ...: junk bytes
+        raise ValueError(
+            f"{path}: not a weights file PyTorch can read ({type(e).__name__})"
+        ) from None
+    if isinstance(raw, dict) and "classes" in raw and "config" in raw:
+        raise ValueError(
+            f"{path}: a softtrain checkpoint, not trunk weights; continue that run with "
+            "--resume, or give the trunk's ImageNet weights"
+        )
+    weights = raw
+    for _ in range(3):  # wrappers nest a few deep at most
+        inner = [
+            weights[k]
+            for k in WRAPPERS
+            if isinstance(weights, dict) and isinstance(weights.get(k), dict)
+        ]
+        if not inner:
+            break
+        weights = inner[0]
+    if not isinstance(weights, dict) or not any(torch.is_tensor(v) for v in weights.values()):
+        raise ValueError(f"{path}: holds no tensors by name (not a state dict)")
+    own = trunk.state_dict()
+
+    def matching(prefix: str) -> dict:
+        return {
+            k[len(prefix) :]: v
+            for k, v in weights.items()
+            if k.startswith(prefix)
+            and torch.is_tensor(v)
+            and k[len(prefix) :] in own
+            and own[k[len(prefix) :]].shape == v.shape
+        }
+
+    prefix = max(PREFIXES, key=lambda p: len(matching(p)))
+    found = matching(prefix)
+    if len(found) < MIN_MATCHED * len(own):
+        raise ValueError(
+            f"{path}: only {len(found)} of the {len(own)} tensors of {name} match by name and "
+            f"shape{f' (prefix {prefix!r} removed)' if prefix else ''}; is it {name}'s "
+            "ImageNet checkpoint?"
+        )
+    trunk.load_state_dict(found, strict=False)
+    unused = len(weights) - len(found)
+    return (
+        f"{path}: loaded {len(found)} of {len(own)} trunk tensors of {name}"
+        + (f" (prefix {prefix!r} removed)" if prefix else "")
+        + (f"; {unused} entries of the file unused (e.g. the classifier)" if unused else "")
     )
 
 

@@ -72,7 +72,10 @@ def refuse_overlap(inputs: list[Path], outputs: dict[str, Path | None]) -> None:
         for shown, real in given:
             if where == real or where.is_relative_to(real) or real.is_relative_to(where):
                 relation = (
-                    "is" if where == real else "lies inside" if where.is_relative_to(real)
+                    "is"
+                    if where == real
+                    else "lies inside"
+                    if where.is_relative_to(real)
                     else "contains"
                 )
                 raise ValueError(

@@ -237,3 +237,39 @@ def test_predict_never_writes_over_or_among_its_inputs(store, tmp_path, samples)
     assert after == before  # nothing replaced, nothing added
     written = predict(ckpt, [jpeg], tmp_path / "pred", overlays=tmp_path / "ov", device="cpu")
     assert written == [tmp_path / "pred/one.png"] and (tmp_path / "ov/one.jpg").is_file()
+
+
+def test_pretrained_reads_torchvision_and_mmseg_layouts_and_refuses_the_rest(tmp_path, store):
+    import torchvision
+
+    reference = torchvision.models.resnet18(weights=None)  # torchvision's own key names
+    layouts = {
+        "torchvision.pth": reference.state_dict(),
+        "mmseg.pth": {  # mmcv: {"meta", "state_dict"} with the backbone under "backbone."
+            "meta": {"epoch": 1},
+            "state_dict": {f"backbone.{k}": v for k, v in reference.state_dict().items()}
+            | {"decode_head.conv_seg.weight": torch.zeros(19, 512, 1, 1)},
+        },
+        "ddp.pth": {"model": {f"module.{k}": v for k, v in reference.state_dict().items()}},
+    }
+    for name, content in layouts.items():
+        torch.save(content, tmp_path / name)
+        model = build_model("deeplabv3plus_r18", 19, pretrained=str(tmp_path / name))
+        torch.testing.assert_close(
+            model.trunk.layer3[0].conv1.weight, reference.layer3[0].conv1.weight
+        )
+    import timm
+
+    torch.save(timm.create_model("resnet50").state_dict(), tmp_path / "r50.pth")
+    (tmp_path / "junk.pth").write_bytes(b"\x00garbage" * 100)
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    fit(tiny_config(store, tmp_path / "run", iters=1))
+    refused = {
+        "r50.pth": "only .* of the .* tensors of resnet18 match by name and shape",
+        "junk.pth": "not a weights file",
+        "list.pth": "holds no tensors by name",
+        "run/last.pt": "softtrain checkpoint",
+    }
+    for name, why in refused.items():
+        with pytest.raises(ValueError, match=why):
+            build_model("deeplabv3plus_r18", 19, pretrained=str(tmp_path / name))
