@@ -25,6 +25,7 @@ from softprep.manifest import VOID
 
 PROTOCOLS = ("blocks", "scribbles")
 DEFAULT_SIZE = {"blocks": 64, "scribbles": 3}
+MAX_SIZE = {"blocks": 8192, "scribbles": 255}  # pixels: beyond, a typo, not a protocol
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,13 @@ class WeakProtocol:
             raise ValueError(
                 f"weak protocol '{text}': SHARE is a number, SIZE an integer"
             ) from None
-        if not 0 < protocol.share <= 1 or protocol.size < 1:
-            raise ValueError(f"weak protocol '{text}': SHARE in (0, 1], SIZE >= 1")
+        if not 0 < protocol.share <= 1:
+            raise ValueError(f"weak protocol '{text}': SHARE must be in (0, 1]")
+        if not 1 <= protocol.size <= MAX_SIZE[kind]:
+            what = "block side SIZE" if kind == "blocks" else "stroke WIDTH"
+            raise ValueError(
+                f"weak protocol '{text}': the {what} must be 1 to {MAX_SIZE[kind]} pixels"
+            )
         if kind == "scribbles" and find_spec("skimage") is None:
             raise ValueError("--weak scribbles needs scikit-image: pip install 'softprep[weak]'")
         return protocol
@@ -69,7 +75,8 @@ class WeakProtocol:
         n = rows * cols
         kept = np.zeros(n, bool)
         kept[rng.permutation(n)[: max(1, round(self.share * n))]] = True
-        return np.repeat(np.repeat(kept.reshape(rows, cols), self.size, 0), self.size, 1)[:h, :w]
+        block_row, block_col = np.arange(h) // self.size, np.arange(w) // self.size
+        return kept.reshape(rows, cols)[block_row[:, None], block_col[None, :]]
 
     def _scribbles(self, label: np.ndarray, rng) -> np.ndarray:
         from skimage.measure import label as components  # checked by ``parse``
@@ -92,5 +99,6 @@ class WeakProtocol:
             kept.append(s + 1)
             total += lengths[s]
         lines = np.isin(strokes, kept)
-        wide = dilation(lines, footprint_rectangle((self.size, self.size)))
+        square = footprint_rectangle((self.size, self.size), decomposition="separable")
+        wide = dilation(lines, square)  # a row then a column: cost linear in WIDTH
         return wide & (label != VOID)  # strokes stay within labelled pixels

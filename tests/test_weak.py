@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from softprep.build import BuildOptions, build
-from softprep.manifest import load_manifest
+from softprep.manifest import VOID, load_manifest
 from softprep.store import SoftStore
 from softprep.verify import verify
 from softprep.weak import WeakProtocol
@@ -273,3 +273,38 @@ def test_self_labelling_resumes_exactly_with_bf16_and_accumulation(samples, tmp_
     a, b = (torch.load(tmp_path / f"{r}/last.pt", weights_only=False)["model"] for r in "ab")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize(
+    "spec,why",
+    [
+        ("blocks:0.5:1000000", "block side SIZE must be 1 to 8192 pixels"),
+        ("blocks:0.5:0", "block side SIZE must be 1 to 8192"),
+        ("scribbles:0.5:1000", "stroke WIDTH must be 1 to 255 pixels"),
+        ("blocks:1.5", r"SHARE must be in \(0, 1\]"),
+    ],
+)
+def test_weak_sizes_out_of_range_name_the_spec(spec, why):
+    with pytest.raises(ValueError, match=f"weak protocol '{spec}': .*{why}"):
+        WeakProtocol.parse(spec)
+
+
+def test_blocks_and_strokes_equal_their_dense_definitions():
+    from skimage.morphology import dilation, footprint_rectangle
+
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 4, (23, 37)).repeat(6, 0).repeat(5, 1).astype(np.uint8)
+    for size in (1, 7, 64, 5000):  # 5000: one block larger than the image
+        protocol = WeakProtocol.parse(f"blocks:0.3:{size}")
+        keep = protocol.thin(label, 3, 1) != VOID
+        rows, cols = -(-label.shape[0] // size), -(-label.shape[1] // size)
+        r = np.random.default_rng([3, 1])
+        kept = np.zeros(rows * cols, bool)
+        kept[r.permutation(rows * cols)[: max(1, round(0.3 * rows * cols))]] = True
+        dense = np.kron(kept.reshape(rows, cols), np.ones((size, size), bool))
+        assert np.array_equal(keep, dense[: label.shape[0], : label.shape[1]]), size
+    lines = rng.random(label.shape) > 0.97
+    for width in (1, 4, 9):
+        full = dilation(lines, footprint_rectangle((width, width)))
+        separable = dilation(lines, footprint_rectangle((width, width), decomposition="separable"))
+        assert np.array_equal(full, separable), width
