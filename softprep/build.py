@@ -43,7 +43,7 @@ from softprep.datasets import (
 from softprep.manifest import VOID, Manifest
 from softprep.quantize import RULE
 from softprep.resample import KERNELS, Resampler, output_size, row_changes
-from softprep.weak import WeakProtocol
+from softprep.weak_labels import WeakProtocol
 
 BASE_STRATEGIES = ("soft", "nn", "nn-floor")
 FLUSH_EVERY = 256
@@ -75,7 +75,7 @@ class BuildOptions:
     short_side: int | None = None
     stats_for: tuple[str, ...] = ()
     splits: tuple[str, ...] | None = None
-    weak: str | None = None  # a softprep.weak protocol for training splits, e.g. "blocks:0.1"
+    weak: str | None = None  # a softprep.weak_labels protocol for training splits, e.g. "blocks:0.1"
     weak_seed: int = 0
     unlabeled: str | None = None  # a folder of images without labels: split "unlabeled"
     images_per_shard: int | None = None  # None: from the image size (``images_per_shard``)

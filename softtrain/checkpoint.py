@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import random
 import shutil
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from softprep.lockfile import LockBusy, LockFile
@@ -167,3 +169,99 @@ def clear_run(out: Path) -> None:
     for p in [*out.glob("iter_*.pt"), *out.glob("*.pt.*.tmp")]:
         p.unlink()
     shutil.rmtree(out / "tb", ignore_errors=True)
+
+
+def rng_state() -> dict:
+    """This process's RNG states (torch, CUDA, numpy, Python): what a resume restores."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+STORE_META = ("kernel", "antialias", "short_side", "dataset", "build_id", "manifest")
+
+
+class RunCheckpoints:
+    """A run's checkpoints: ``last.pt`` (and ``iter_<step>.pt``), ``best.pt`` and what a
+    resume restores. Every rank calls ``save``/``save_best`` (the RNG states of all ranks
+    are gathered), rank 0 writes. A checkpoint holds the model, optimiser, scheduler, step,
+    best mIoU, RNG states (one per rank, as at the last optimiser step), the regime's state,
+    the class table, the flat config, the store's metadata and the evaluation level."""
+
+    def __init__(self, out: Path, cfg, store, eval_level: str, ranks, runlog):
+        from softtrain import distributed
+
+        self.out, self.cfg, self.ranks, self.runlog = Path(out), cfg, ranks, runlog
+        self.gather = lambda state: distributed.gather(ranks, state)
+        self.meta = {
+            "classes": store.classes,
+            "config": cfg.flat(),
+            "store_meta": {k: store.meta.get(k) for k in STORE_META},
+            "eval_level": eval_level,
+            "world_size": ranks.world,
+        }
+        self.rng_at_step = rng_state()
+
+    def stepped(self) -> None:
+        """After an optimiser step: the RNG state a save records."""
+        self.rng_at_step = rng_state()
+
+    def restore(self, ckpt, model, optimizer, scheduler, regime, poly_lr) -> tuple[int, float]:
+        """(step, best mIoU) of a resumed checkpoint, everything else restored in place;
+        (0, -1) for a new run. ``--lr`` and ``--iters`` of this run apply."""
+        if ckpt is None:
+            self.stepped()
+            return 0, -1.0
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        step, lr = ckpt["step"], self.cfg.optim.lr
+        scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+        for group in optimizer.param_groups:
+            group["initial_lr"], group["lr"] = lr, lr * poly_lr(step, self.cfg)
+        regime.restore(ckpt)
+        states = ckpt["rng"]  # one per rank of the run that saved it
+        states = [states] if isinstance(states, dict) else states
+        rank, world = self.ranks.rank, self.ranks.world
+        set_rng_state(states[rank] if len(states) == world else states[0])
+        self.stepped()
+        return step, ckpt["best_miou"]
+
+    def _write(self, path: Path, rng, step, best, model, optimizer, scheduler, regime) -> None:
+        save_checkpoint(
+            path, model=model.state_dict(), optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(), step=step, best_miou=best, rng=rng,
+            **regime.state(), **self.meta,
+        )  # fmt: skip
+
+    def save(self, step, best, model, optimizer, scheduler, regime) -> None:
+        """``last.pt`` (and ``iter_<step>.pt`` with ``keep_checkpoints``), then the curves."""
+        rng = self.gather(self.rng_at_step)  # every rank calls; rank 0 writes
+        if not self.ranks.main:
+            return
+        parts = (step, best, model, optimizer, scheduler, regime)
+        self._write(self.out / "last.pt", rng, *parts)
+        keep = self.cfg.run.keep_checkpoints
+        if keep:
+            self._write(self.out / f"iter_{step}.pt", rng, *parts)
+            keep_last(self.out, keep)
+        self.runlog.plot()
+
+    def save_best(self, step, miou, model, optimizer, scheduler, regime) -> None:
+        """``best.pt``: a new best mIoU ``miou`` at ``step``."""
+        rng = self.gather(self.rng_at_step)
+        if self.ranks.main:
+            self._write(self.out / "best.pt", rng, step, miou, model, optimizer, scheduler, regime)

@@ -26,7 +26,7 @@ from softprep.terminal import (
     tagged,
     user_errors,
 )
-from softtrain.config import LOSSES, MC_MODES, POTTS, WEAK_LOSSES, XENT, FitConfig
+from softtrain.config import FitConfig
 
 app = typer.Typer(
     help="Segmentation training on softprep soft-label stores: fit, eval, predict.",
@@ -130,19 +130,57 @@ def write_eval(record: dict, csv_path: Path | None, json_path: Path | None) -> N
         json_path.write_text(json.dumps(record, indent=1, allow_nan=False))
 
 
+def _shown(d) -> str:
+    """A declared option's default as ``--help`` says it."""
+    if d.shown:
+        return d.shown
+    if d.type is bool:
+        return "on" if d.default else "off"
+    if d.choices:
+        return f"{d.default} ({', '.join(map(str, d.choices))})"
+    return "none" if d.default is None else str(d.default)
+
+
+def config_options(keys=None):
+    """Decorate a command whose ``**options`` are config options: its signature (and so
+    its ``--help``) gains one Typer option per declared option (``softtrain.config``), or
+    per flat key in ``keys``; given values arrive in ``options``, the others as None."""
+    import inspect
+
+    from softtrain.config import declared
+
+    params = []
+    for d in declared().values():
+        if keys is not None and d.key not in keys:
+            continue
+        names = [f"{d.flag}/--no-{d.flag[2:]}"] if d.type is bool else [d.flag, *d.aliases]
+        opt = typer.Option(
+            None, *names, help=f"{d.help} \\[default: {_shown(d)}]", rich_help_panel=d.panel,
+            show_default=False,
+        )  # fmt: skip
+        params.append(
+            inspect.Parameter(d.key, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=d.type)
+        )
+
+    def decorate(fn):
+        sig = inspect.signature(fn)
+        fixed = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
+        fn.__signature__ = sig.replace(parameters=[*fixed, *params])
+        return fn
+
+    return decorate
+
+
+def _given(options: dict) -> dict:
+    """The options given on the command line (lists given empty count as not given)."""
+    return {k: v for k, v in options.items() if v is not None and v != []}
+
+
 @app.command()
+@config_options()
 def fit(
-    store: str = typer.Option(
-        None, help="Store built by 'softprep build'.", rich_help_panel="Data"
-    ),
     config: Path = typer.Option(
         None, help="A config.toml (as written next to every run); flags given here override it."
-    ),
-    out_dir: str = typer.Option(
-        None,
-        "--out",
-        help="Run folder: config.toml, metrics.jsonl, last.pt, best.pt, curves.png, tb/. "
-        "(default: runs/run)",
     ),
     resume: bool = typer.Option(
         False,
@@ -150,238 +188,7 @@ def fit(
         "--iters, --lr, --workers, --device, logging, saving and evaluation options may change).",
     ),
     overwrite: bool = typer.Option(False, help="Delete the run in --out and start again."),
-    model: str = typer.Option(
-        None,
-        help="Model name; 'softtrain models' lists them. (default: hrnetv2_w48)",
-        rich_help_panel="Optimisation",
-    ),
-    pretrained: str = typer.Option(
-        None,
-        help="Local file with trunk weights (never downloaded).",
-        rich_help_panel="Optimisation",
-    ),
-    crop: str = typer.Option(
-        None, help="Crop HEIGHTxWIDTH. (default: 256x512)", rich_help_panel="Data"
-    ),
-    levels: list[str] = typer.Option(
-        None, help="Store levels to draw scales from. (default: all)", rich_help_panel="Data"
-    ),
-    level_weights: list[float] = typer.Option(
-        None,
-        help="Sampling weight per level. (default: uniform)",
-        rich_help_panel="Data",
-    ),
-    cat_max_ratio: float = typer.Option(
-        None,
-        help="Class-balanced crops (mmseg cat_max_ratio, e.g. 0.75). (default: 1.0 = off)",
-        rich_help_panel="Data",
-    ),
-    batch_size: int = typer.Option(
-        None,
-        help="Crops per step and GPU: under torchrun with N processes a step sees N x this; "
-        "--lr is used as given (scale it yourself, e.g. linearly). (default: 12)",
-        rich_help_panel="Optimisation",
-    ),
-    accum: int = typer.Option(
-        None, help="Gradient accumulation steps. (default: 1)", rich_help_panel="Optimisation"
-    ),
-    iters: int = typer.Option(
-        None, help="Optimiser steps. (default: 1000)", rich_help_panel="Optimisation"
-    ),
-    lr: float = typer.Option(
-        None, help="Base learning rate. (default: 0.01)", rich_help_panel="Optimisation"
-    ),
-    momentum: float = typer.Option(
-        None, help="SGD momentum. (default: 0.9)", rich_help_panel="Optimisation"
-    ),
-    weight_decay: float = typer.Option(
-        None, help="Weight decay. (default: 1e-4)", rich_help_panel="Optimisation"
-    ),
-    power: float = typer.Option(
-        None, help="Poly learning-rate power. (default: 0.9)", rich_help_panel="Optimisation"
-    ),
-    warmup_iters: int = typer.Option(
-        None, help="Linear warm-up steps. (default: 0)", rich_help_panel="Optimisation"
-    ),
-    loss: str = typer.Option(
-        None,
-        help=f"{' or '.join(LOSSES)}: KL / soft CE, or CE on the argmax. (default: soft)",
-        rich_help_panel="Optimisation",
-    ),
-    mc: str = typer.Option(
-        None,
-        help=f"Multi-class pixels in the loss: {' or '.join(MC_MODES)}. (default: include)",
-        rich_help_panel="Optimisation",
-    ),
-    workers: int = typer.Option(
-        None, help="Loader worker processes. (default: 2)", rich_help_panel="Data"
-    ),
-    eval_every: int = typer.Option(
-        None,
-        help="Evaluate every N steps (0: only at the end). (default: 0)",
-        rich_help_panel="Evaluation, checkpoints, logs",
-    ),
-    eval_level: str = typer.Option(
-        None,
-        help="Level to evaluate at. (default: the largest training level)",
-        rich_help_panel="Evaluation, checkpoints, logs",
-    ),
-    eval_split: str = typer.Option(
-        None,
-        help="Split to evaluate on; a store without it trains unevaluated. (default: val)",
-        rich_help_panel="Evaluation, checkpoints, logs",
-    ),
-    save_every: int = typer.Option(
-        None,
-        help="Save last.pt every N steps (0: only at evaluations and the end). (default: 500)",
-        rich_help_panel="Evaluation, checkpoints, logs",
-    ),
-    keep_checkpoints: int = typer.Option(
-        None,
-        help="Also keep the last N checkpoints as iter_<step>.pt. (default: 0)",
-        rich_help_panel="Evaluation, checkpoints, logs",
-    ),
-    tensorboard: bool = typer.Option(
-        None,
-        "--tensorboard/--no-tensorboard",
-        help="TensorBoard scalars in <out>/tb (pip install 'softprep[tensorboard]').",
-        rich_help_panel="Evaluation, checkpoints, logs",
-    ),
-    sync_bn: bool = typer.Option(
-        None,
-        "--sync-bn/--no-sync-bn",
-        help="SyncBatchNorm across GPUs (under torchrun).",
-        rich_help_panel="Speed (GPU), several GPUs",
-    ),
-    weak_loss: str = typer.Option(
-        None,
-        help=f"Weak supervision ({', '.join(WEAK_LOSSES)}): none = CE on labelled pixels; potts "
-        "= + dense Potts on the predictions; self-label = + soft pseudo-labels. (default: none)",
-        rich_help_panel="Weak supervision",
-    ),
-    weak_potts: str = typer.Option(
-        None,
-        help=f"Potts relaxation: {', '.join(POTTS)}. (default: collision-divergence)",
-        rich_help_panel="Weak supervision",
-    ),
-    weak_xent: str = typer.Option(
-        None,
-        help=f"Pseudo-label cross-entropy: {', '.join(XENT)}. (default: collision)",
-        rich_help_panel="Weak supervision",
-    ),
-    weak_eta: float = typer.Option(
-        None, help="Weight of H(y, s). (default: 1.0)", rich_help_panel="Weak supervision"
-    ),
-    weak_lambda: float = typer.Option(
-        None, help="Weight of the Potts term. (default: 10.0)", rich_help_panel="Weak supervision"
-    ),
-    weak_sigma: float = typer.Option(
-        None,
-        help="Colour bandwidth of the pair weights, 0..255. (default: 3)",
-        rich_help_panel="Weak supervision",
-    ),
-    weak_neighbours: int = typer.Option(
-        None, help="Pairs: 4 or 8 neighbours. (default: 4)", rich_help_panel="Weak supervision"
-    ),
-    weak_steps: int = typer.Option(
-        None, help="Pseudo-label solver steps. (default: 200)", rich_help_panel="Weak supervision"
-    ),
-    weak_step_lr: float = typer.Option(
-        None, help="Pseudo-label solver step. (default: 0.075)", rich_help_panel="Weak supervision"
-    ),
-    weak_start: int = typer.Option(
-        None,
-        help="Steps of CE on the labelled pixels before the weak term. (default: 0)",
-        rich_help_panel="Weak supervision",
-    ),
-    labeled: str = typer.Option(
-        None,
-        "--labeled",
-        "--labeled-list",
-        help="Semi-supervised: the labelled share of the training split, a fraction (1/8) or a "
-        "partition list file (lines starting with image names); the rest, and the store's image-only splits (softprep build "
-        "--split train_extra, --unlabeled DIR), are unlabelled (teacher-student). "
-        "(default: all labelled)",
-        rich_help_panel="Semi-supervised",
-    ),
-    labeled_seed: int = typer.Option(
-        None, help="Seed of the --labeled choice. (default: 0)", rich_help_panel="Semi-supervised"
-    ),
-    unlabeled_batch: int = typer.Option(
-        None,
-        help="Unlabelled crops per step and GPU. (default: --batch-size)",
-        rich_help_panel="Semi-supervised",
-    ),
-    semi_threshold: float = typer.Option(
-        None,
-        help="Teacher confidence for hard pseudo-labels. (default: 0.95)",
-        rich_help_panel="Semi-supervised",
-    ),
-    semi_esl: bool = typer.Option(
-        None,
-        "--semi-esl/--no-semi-esl",
-        help="ESL dynamic soft labels below the threshold.",
-        rich_help_panel="Semi-supervised",
-    ),
-    semi_esl_weight: float = typer.Option(
-        None, help="Weight of the ESL term. (default: 0.2)", rich_help_panel="Semi-supervised"
-    ),
-    semi_ipix: str = typer.Option(
-        None,
-        help="IPixMatch inter-pixel loss: none, kl or corr. (default: none)",
-        rich_help_panel="Semi-supervised",
-    ),
-    semi_ipix_weight: float = typer.Option(
-        None,
-        help="Weight of the inter-pixel loss. (default: 1)",
-        rich_help_panel="Semi-supervised",
-    ),
-    semi_ipix_pixels: int = typer.Option(
-        None, help="Pixels sampled for it. (default: 256)", rich_help_panel="Semi-supervised"
-    ),
-    semi_ema: float = typer.Option(
-        None, help="Teacher EMA momentum. (default: 0.999)", rich_help_panel="Semi-supervised"
-    ),
-    semi_cutmix: bool = typer.Option(
-        None,
-        "--semi-cutmix/--no-semi-cutmix",
-        help="CutMix in the strong view. (default: on)",
-        rich_help_panel="Semi-supervised",
-    ),
-    semi_eval: str = typer.Option(
-        None,
-        help="Evaluate (and predict with) the teacher or the student. (default: teacher)",
-        rich_help_panel="Semi-supervised",
-    ),
-    bf16: bool = typer.Option(
-        None,
-        "--bf16/--no-bf16",
-        help="bf16 autocast (GPU).",
-        rich_help_panel="Speed (GPU), several GPUs",
-    ),
-    channels_last: bool = typer.Option(
-        None,
-        "--channels-last/--no-channels-last",
-        help="channels_last memory format (GPU).",
-        rich_help_panel="Speed (GPU), several GPUs",
-    ),
-    compile_model: bool = typer.Option(
-        None,
-        "--compile/--no-compile",
-        help="torch.compile the model (GPU; slow first step).",
-        rich_help_panel="Speed (GPU), several GPUs",
-    ),
-    device: str = typer.Option(
-        None, help="cuda, cpu or auto. (default: auto)", rich_help_panel="Speed (GPU), several GPUs"
-    ),
-    seed: int = typer.Option(
-        None, help="Random seed. (default: 0)", rich_help_panel="Optimisation"
-    ),
-    log_every: int = typer.Option(
-        None,
-        help="Progress/metrics every N steps. (default: 10)",
-        rich_help_panel="Evaluation, checkpoints, logs",
-    ),
+    **options,
 ):
     """Train a segmentation model on a store's crops and evaluate at full resolution.
 
@@ -391,76 +198,18 @@ def fit(
     --overwrite. SIGTERM / Ctrl-C save last.pt and exit (143 / 130); --resume continues
     exactly where the run stopped.
     """
-    flags = dict(
-        store=store,
-        out=out_dir,
-        model=model,
-        pretrained=pretrained,
-        crop=crop,
-        levels=levels or None,
-        level_weights=level_weights or None,
-        cat_max_ratio=cat_max_ratio,
-        batch_size=batch_size,
-        accum=accum,
-        iters=iters,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        power=power,
-        warmup_iters=warmup_iters,
-        loss=loss,
-        mc=mc,
-        workers=workers,
-        eval_every=eval_every,
-        eval_level=eval_level,
-        eval_split=eval_split,
-        save_every=save_every,
-        keep_checkpoints=keep_checkpoints,
-        tensorboard=tensorboard,
-        sync_bn=sync_bn,
-        weak_loss=weak_loss,
-        weak_potts=weak_potts,
-        weak_xent=weak_xent,
-        weak_eta=weak_eta,
-        weak_lambda=weak_lambda,
-        weak_sigma=weak_sigma,
-        weak_neighbours=weak_neighbours,
-        weak_steps=weak_steps,
-        weak_step_lr=weak_step_lr,
-        weak_start=weak_start,
-        labeled=labeled,
-        labeled_seed=labeled_seed,
-        unlabeled_batch=unlabeled_batch,
-        semi_threshold=semi_threshold,
-        semi_esl=semi_esl,
-        semi_esl_weight=semi_esl_weight,
-        semi_ipix=semi_ipix,
-        semi_ipix_weight=semi_ipix_weight,
-        semi_ipix_pixels=semi_ipix_pixels,
-        semi_ema=semi_ema,
-        semi_cutmix=semi_cutmix,
-        semi_eval=semi_eval,
-        bf16=bf16,
-        channels_last=channels_last,
-        compile=compile_model,
-        device=device,
-        seed=seed,
-        log_every=log_every,
-    )
+    flags = _given(options)
     with _user_errors():
         if resume and not config:
-            config = Path(out_dir or FitConfig.__dataclass_fields__["out"].default) / "config.toml"
+            from softtrain.config import RunOptions
+
+            config = Path(flags.get("out", RunOptions().out)) / "config.toml"
             if not config.exists():
                 raise FileNotFoundError(f"{config}: no run to resume here (no config.toml)")
-        if config:
-            cfg = FitConfig.from_toml(config, **flags)
-        else:
-            if not store:
-                raise ValueError("give --store STORE (or --config run/config.toml)")
-            cfg = FitConfig(**{k: v for k, v in flags.items() if v is not None})
+        cfg = FitConfig.from_toml(config, **flags) if config else FitConfig.of(**flags)
         import softtrain.fit as training
 
-        with fit_reporter(cfg.iters) as (on_log, on_eval):
+        with fit_reporter(cfg.optim.iters) as (on_log, on_eval):
             try:
                 result = training.fit(cfg, resume, overwrite, on_log=on_log, on_eval=on_eval)
             except training.Interrupted as e:
@@ -471,11 +220,16 @@ def fit(
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     out.print(
         f"[green]done[/green]: {result['step']} steps, last mIoU {fmt(result['last_miou'])}, "
-        f"best {fmt(result['best_miou'])}; run in {cfg.out}"
+        f"best {fmt(result['best_miou'])}; run in {cfg.run.out}"
     )
 
 
+COMPARED = ("model", "crop", "levels", "batch_size", "iters", "lr", "workers", "eval_level",
+            "device", "bf16")  # fmt: skip
+
+
 @app.command()
+@config_options(COMPARED)
 def compare(
     arm: list[str] = typer.Option(
         ...,
@@ -487,24 +241,12 @@ def compare(
         Path("runs/compare"), "--out", help="Runs go to OUT/<arm>/seed<N>; the table next to them."
     ),
     config: Path = typer.Option(None, help="A config.toml with the shared model and schedule."),
-    model: str = typer.Option(None, help="Model name. (default: hrnetv2_w48)"),
-    crop: str = typer.Option(None, help="Crop HEIGHTxWIDTH. (default: 256x512)"),
-    levels: list[str] = typer.Option(None, help="Store levels to draw scales from."),
-    batch_size: int = typer.Option(None, help="Crops per step and GPU. (default: 12)"),
-    iters: int = typer.Option(None, help="Optimiser steps per run. (default: 1000)"),
-    lr: float = typer.Option(None, help="Base learning rate. (default: 0.01)"),
-    workers: int = typer.Option(None, help="Loader worker processes. (default: 2)"),
-    eval_level: str = typer.Option(None, help="Level to evaluate at."),
-    device: str = typer.Option(None, help="cuda, cpu or auto. (default: auto)"),
-    bf16: bool = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (GPU)."),
+    **options,
 ):
     """Train the same model and schedule on several stores / losses over seeds, then one
     side-by-side table: mean and spread of mIoU and per-class IoU, and each store's label
     fidelity (the paper's Tables I and III on your data). Finished runs are not retrained."""
-    flags = dict(
-        model=model, crop=crop, levels=levels or None, batch_size=batch_size, iters=iters,
-        lr=lr, workers=workers, eval_level=eval_level, device=device, bf16=bf16,
-    )  # fmt: skip
+    flags = _given(options)
     with _user_errors():
         from softtrain.compare import Arm
         from softtrain.compare import compare as run_compare
@@ -514,7 +256,7 @@ def compare(
         if config:
             base = FitConfig.from_toml(config, **first, **flags)
         else:
-            base = FitConfig(**first, **{k: v for k, v in flags.items() if v is not None})
+            base = FitConfig.of(**first, **flags)
 
         def on_run(name: str, seed: int, status: str) -> None:
             console.print(tagged(status, "cyan", f"{name} seed {seed}"), highlight=False)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -157,8 +157,9 @@ def compare(base: FitConfig, arms: list[Arm], seeds: list[int], out: Path, on_ru
     if len(set(names)) < len(names):
         raise ValueError(f"two arms share a name ({names}); give stores distinct file names")
     first = next(iter(stores.values()))
-    level = base.eval_level or scale_label(
-        max(parse_scale(v) for v in base.levels) if base.levels else max(first.scales)
+    levels = base.data.levels
+    level = base.run.eval_level or scale_label(
+        max(parse_scale(v) for v in levels) if levels else max(first.scales)
     )
     classes = first.manifest.class_names
     miou, iou, fidelity = {}, {}, {}
@@ -166,14 +167,15 @@ def compare(base: FitConfig, arms: list[Arm], seeds: list[int], out: Path, on_ru
         miou[arm.name], rows = [], []
         for seed in seeds:
             run = out / arm.name / f"seed{seed}"
-            cfg = replace(base, store=arm.store, loss=arm.loss, mc=arm.mc, seed=seed, out=str(run))
-            record = _final_eval(run, cfg.iters)
+            cfg = base.with_flat(store=arm.store, loss=arm.loss, mc=arm.mc, seed=seed, out=str(run))
+            iters = cfg.optim.iters
+            record = _final_eval(run, iters)
             if record is None:
                 resume = (run / "last.pt").exists() and load_checkpoint(run / "last.pt")[
                     "step"
-                ] < cfg.iters
+                ] < iters
                 fit(cfg, resume=resume, overwrite=not resume)
-                record = _final_eval(run, cfg.iters)
+                record = _final_eval(run, iters)
                 status = "resumed" if resume else "trained"
             else:
                 status = "done"
@@ -184,6 +186,6 @@ def compare(base: FitConfig, arms: list[Arm], seeds: list[int], out: Path, on_ru
             miou[arm.name].append(record["mIoU"])
             rows.append([np.nan if r["iou"] is None else r["iou"] for r in record["classes"]])
         iou[arm.name] = np.array(rows, dtype=np.float64)
-        report = fidelity_from_store(stores[arm.store], [], base.eval_split)
+        report = fidelity_from_store(stores[arm.store], [], base.run.eval_split)
         fidelity[arm.name] = report.miou(level, "soft")
     return CompareReport(classes, level, names, list(seeds), miou, iou, fidelity)

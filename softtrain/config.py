@@ -1,4 +1,12 @@
-"""``FitConfig``: every option of a training run, written to ``<out>/config.toml``.
+"""``FitConfig``: every option of a training run, declared once, written to
+``<out>/config.toml``.
+
+Each option is a field of one section (data, optimisation, run, speed, weak, semi) declared
+with ``option``: default, help, and the command-line flag it keeps (``--batch-size``,
+``--weak-lambda``, ``--semi-threshold``). ``softtrain fit`` and ``compare`` generate their
+flags from these declarations; ``FitConfig.of(batch_size=2, weak_lambda=1)`` builds a config
+from the same flat keys; ``config.toml`` holds one table per section (a flat file of earlier
+versions still loads); checkpoints record the flat keys.
 
 Light on purpose (no torch import), so ``softtrain --help`` answers at once.
 """
@@ -6,9 +14,10 @@ Light on purpose (no torch import), so ``softtrain --help`` answers at once.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Any, get_type_hints
 
 try:
     import tomllib
@@ -17,7 +26,7 @@ except ImportError:  # Python 3.10
 
 LOSSES = ("soft", "ce-hard")
 MC_MODES = ("include", "exclude")
-WEAK_LOSSES = ("none", "potts", "self-label")  # softtrain.weak
+WEAK_LOSSES = ("none", "potts", "self-label")  # softtrain.weak_losses
 POTTS = (
     "bilinear",
     "quadratic",
@@ -27,30 +36,289 @@ POTTS = (
     "log-quadratic",
 )
 XENT = ("standard", "reverse", "collision")
+IPIX = ("none", "kl", "corr")
+# Training methods behind the one loop (softtrain.regime): name -> "module:class".
+REGIMES = {
+    "supervised": "softtrain.supervised:Supervised",
+    "teacher-student": "softtrain.semi:TeacherStudent",
+}
 
-# Options a resumed run may change: they touch neither the weights' history nor the data
-# order. Everything else must equal the checkpoint's run, or the resume is refused.
-RESUMABLE = frozenset(
-    {
-        "out",
-        "store",  # the same store (build id checked) may have moved
-        "iters",
-        "lr",
-        "workers",
-        "device",
-        "log_every",
-        "save_every",
-        "keep_checkpoints",
-        "eval_every",
-        "eval_level",
-        "eval_split",
-        "tensorboard",
-        "pretrained",  # the checkpoint's weights replace it anyway
-        "bf16",  # speed/precision knobs apply from the resumed step on
-        "channels_last",
-        "compile",
-    }
-)
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    key: str | None = None,
+    choices: tuple | None = None,
+    minimum: float | None = None,
+    resumable: bool = False,
+    shown: str | None = None,
+    aliases: tuple[str, ...] = (),
+):
+    """A config field: ``help`` for ``--help``; ``key`` the flat name (and flag) when it is
+    not the section prefix + field name; ``choices``/``minimum`` checked on creation;
+    ``resumable``: a ``--resume`` may change it; ``shown``: the default as ``--help`` says it;
+    ``aliases``: more flags for it."""
+    meta = dict(help=help, key=key, choices=choices, minimum=minimum, resumable=resumable,
+                shown=shown, aliases=aliases)  # fmt: skip
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _check(section) -> None:
+    """The declared choices and minimums of a section's fields."""
+    for f in fields(section):
+        value, meta = getattr(section, f.name), f.metadata
+        name = "--" + key_of(type(section), f).replace("_", "-")
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ValueError(
+                f"{name} {value!r}: choose from {', '.join(map(str, meta['choices']))}"
+            )
+        if meta.get("minimum") is not None and value < meta["minimum"]:
+            raise ValueError(f"{name} must be at least {meta['minimum']}, got {value}")
+
+
+@dataclass
+class DataOptions:
+    """What the model sees: the store, crops and scales, the loader."""
+
+    PANEL = "Data"
+    PREFIX = ""
+    store: str = option(
+        "", "Store built by 'softprep build'.", resumable=True, shown="none: required"
+    )  # may move
+    crop: str = option("256x512", "Crop HEIGHTxWIDTH.")
+    levels: list[str] = option([], "Store levels to draw scales from.", shown="all")
+    level_weights: list[float] = option([], "Sampling weight per level.", shown="uniform")
+    cat_max_ratio: float = option(
+        1.0, "Class-balanced crops (mmseg cat_max_ratio, e.g. 0.75; 1 = off).", minimum=0.0
+    )
+    workers: int = option(2, "Loader worker processes.", minimum=0, resumable=True)
+
+    def __post_init__(self):
+        _check(self)
+        self.store = absolute_store(self.store) if self.store else self.store
+
+
+@dataclass
+class OptimOptions:
+    """The model, the loss and the schedule."""
+
+    PANEL = "Optimisation"
+    PREFIX = ""
+    regime: str = option(
+        "auto",
+        "Training method: supervised, teacher-student, or auto (teacher-student when "
+        "--labeled is given, else supervised).",
+    )
+    model: str = option("hrnetv2_w48", "Model name; 'softtrain models' lists them.")
+    pretrained: str | None = option(
+        None, "Local file with the trunk's ImageNet weights (never downloaded).", resumable=True
+    )
+    batch_size: int = option(
+        12,
+        "Crops per step and GPU: under torchrun with N processes a step sees N x this; "
+        "--lr is used as given (scale it yourself, e.g. linearly).",
+        minimum=1,
+    )
+    accum: int = option(1, "Gradient accumulation steps.", minimum=1)
+    iters: int = option(1000, "Optimiser steps.", minimum=1, resumable=True)
+    lr: float = option(0.01, "Base learning rate.", resumable=True)
+    momentum: float = option(0.9, "SGD momentum.")
+    weight_decay: float = option(1e-4, "Weight decay.")
+    power: float = option(0.9, "Poly learning-rate power.")
+    warmup_iters: int = option(0, "Linear warm-up steps.", minimum=0)
+    loss: str = option(
+        "soft", "soft (KL / soft CE) or ce-hard (CE on the argmax label).", choices=LOSSES
+    )
+    mc: str = option("include", "Multi-class pixels in the loss.", choices=MC_MODES)
+    seed: int = option(0, "Random seed.")
+
+    def __post_init__(self):
+        _check(self)
+        if self.lr <= 0:
+            raise ValueError("--lr must be positive")
+        if self.regime not in ("auto", *REGIMES):
+            raise ValueError(f"--regime {self.regime!r}: choose from auto, {', '.join(REGIMES)}")
+
+
+@dataclass
+class RunOptions:
+    """Where the run goes and what it leaves: evaluations, checkpoints, logs."""
+
+    PANEL = "Evaluation, checkpoints, logs"
+    PREFIX = ""
+    out: str = option(
+        "runs/run",
+        "Run folder: config.toml, metrics.jsonl, last.pt, best.pt, curves.png, tb/.",
+        resumable=True,
+    )
+    eval_every: int = option(0, "Evaluate every N steps (0: only at the end).", minimum=0,
+                             resumable=True)  # fmt: skip
+    eval_level: str = option(
+        "", "Level to evaluate at.", shown="the largest training level", resumable=True
+    )
+    eval_split: str = option(
+        "val", "Split to evaluate on; a store without it trains unevaluated.", resumable=True
+    )
+    save_every: int = option(
+        500, "Save last.pt every N steps (0: only at evaluations and the end).", minimum=0,
+        resumable=True,
+    )  # fmt: skip
+    keep_checkpoints: int = option(
+        0, "Also keep the last N checkpoints as iter_<step>.pt.", minimum=0, resumable=True
+    )
+    tensorboard: bool = option(
+        False, "TensorBoard scalars in <out>/tb (pip install 'softprep[tensorboard]').",
+        resumable=True,
+    )  # fmt: skip
+    log_every: int = option(10, "Progress/metrics every N steps.", minimum=1, resumable=True)
+
+    def __post_init__(self):
+        _check(self)
+        if self.tensorboard and find_spec("tensorboard") is None:
+            raise ValueError(
+                "--tensorboard needs the tensorboard package: pip install 'softprep[tensorboard]'"
+            )
+
+
+@dataclass
+class SpeedOptions:
+    """Device and speed knobs; they change nothing but time and precision."""
+
+    PANEL = "Speed (GPU), several GPUs"
+    PREFIX = ""
+    device: str = option("auto", "cuda, cpu or auto.", resumable=True)
+    bf16: bool = option(False, "bf16 autocast (GPU).", resumable=True)
+    channels_last: bool = option(False, "channels_last memory format (GPU).", resumable=True)
+    compile: bool = option(False, "torch.compile the model (GPU; slow first step).",
+                           resumable=True)  # fmt: skip
+    sync_bn: bool = option(False, "SyncBatchNorm across GPUs (under torchrun).")
+
+    def __post_init__(self):
+        _check(self)
+
+
+@dataclass
+class WeakOptions:
+    """How unlabelled pixels of a weak store are supervised (``softtrain.weak_losses``)."""
+
+    PANEL = "Weak supervision"
+    PREFIX = "weak_"
+    loss: str = option(
+        "none",
+        "none = CE on the labelled pixels; potts = + dense Potts on the predictions; "
+        "self-label = + soft pseudo-labels.",
+        choices=WEAK_LOSSES,
+    )
+    potts: str = option("collision-divergence", "Potts relaxation.", choices=POTTS)
+    xent: str = option("collision", "Pseudo-label cross-entropy.", choices=XENT)
+    eta: float = option(1.0, "Weight of H(y, s).")
+    # Pair terms are averaged per pixel: at 1 the pseudo-labels barely leave the predictions
+    # (bench_weak on generated scenes: +0.3 mIoU over the predictions at 1, +1.4..2.7 at 10).
+    lam: float = option(10.0, "Weight of the Potts term.", key="weak_lambda")
+    sigma: float = option(3.0, "Colour bandwidth of the pair weights, 0..255.")
+    neighbours: int = option(4, "Pairs: 4 or 8 neighbours.", choices=(4, 8))
+    steps: int = option(200, "Pseudo-label solver steps.", minimum=0)
+    step_lr: float = option(0.075, "Pseudo-label solver step.")
+    start: int = option(0, "Steps of CE on the labelled pixels before the weak term.", minimum=0)
+
+    def __post_init__(self):
+        _check(self)
+
+
+@dataclass
+class SemiOptions:
+    """Semi-supervised teacher-student training (``softtrain.semi``)."""
+
+    PANEL = "Semi-supervised"
+    PREFIX = "semi_"
+    labeled: str = option(
+        "",
+        "The labelled share of the training split, a fraction (1/8) or a partition list file "
+        "(lines starting with image names); the rest, and the store's image-only splits "
+        "(softprep build --split train_extra, --unlabeled DIR), are unlabelled "
+        "(teacher-student).",
+        key="labeled",
+        shown="all labelled",
+        aliases=("--labeled-list",),
+    )
+    labeled_seed: int = option(0, "Seed of the --labeled choice.", key="labeled_seed")
+    unlabeled_batch: int = option(
+        0, "Unlabelled crops per step and GPU (0: --batch-size).", key="unlabeled_batch",
+        minimum=0,
+    )  # fmt: skip
+    threshold: float = option(0.95, "Teacher confidence for hard pseudo-labels.")
+    esl: bool = option(False, "ESL dynamic soft labels below the threshold.")
+    esl_weight: float = option(0.2, "Weight of the ESL term.")
+    ipix: str = option("none", "IPixMatch inter-pixel loss.", choices=IPIX)
+    ipix_weight: float = option(1.0, "Weight of the inter-pixel loss.")
+    ipix_pixels: int = option(256, "Pixels sampled for it.", minimum=1)
+    ema: float = option(0.999, "Teacher EMA momentum, in [0, 1).", minimum=0.0)
+    cutmix: bool = option(True, "CutMix in the strong view.")
+    eval: str = option(
+        "teacher", "Evaluate (and predict with) the teacher or the student.",
+        choices=("teacher", "student"),
+    )  # fmt: skip
+
+    def __post_init__(self):
+        _check(self)
+        if not self.ema < 1:
+            raise ValueError("--semi-ema must be in [0, 1)")
+
+
+SECTIONS = {
+    "data": DataOptions,
+    "optim": OptimOptions,
+    "run": RunOptions,
+    "speed": SpeedOptions,
+    "weak": WeakOptions,
+    "semi": SemiOptions,
+}
+
+
+def key_of(section: type, f) -> str:
+    """The flat key (and, dashed, the flag) of field ``f`` of ``section``."""
+    return f.metadata.get("key") or section.PREFIX + f.name
+
+
+@dataclass(frozen=True)
+class Declared:
+    """One option as the command line and flat configs know it."""
+
+    key: str  # flat key, e.g. "weak_lambda"; the flag is "--weak-lambda"
+    section: str  # attribute of FitConfig, e.g. "weak"
+    name: str  # field of the section, e.g. "lam"
+    type: Any  # str, int, float, bool, list[str], list[float]
+    default: Any
+    help: str
+    panel: str
+    resumable: bool
+    shown: str | None
+    aliases: tuple[str, ...]
+    choices: tuple | None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+
+def declared() -> dict[str, Declared]:
+    """Every option by flat key, in declaration order."""
+    found = {}
+    for section, cls in SECTIONS.items():
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            default = f.default if f.default is not MISSING else f.default_factory()
+            kind = hints[f.name]
+            kind = str if kind == (str | None) else kind
+            found[key_of(cls, f)] = Declared(
+                key_of(cls, f), section, f.name, kind, default, f.metadata["help"],
+                cls.PANEL, f.metadata["resumable"], f.metadata["shown"], f.metadata["aliases"],
+                f.metadata["choices"],
+            )  # fmt: skip
+    return found
 
 
 def absolute_store(url: str) -> str:
@@ -62,127 +330,96 @@ def absolute_store(url: str) -> str:
 
 @dataclass
 class FitConfig:
-    """Every option of a run; ``softtrain fit --config <out>/config.toml`` repeats it."""
+    """Every option of a run, by section; ``softtrain fit --config <out>/config.toml``
+    repeats it. ``FitConfig.of(store=..., batch_size=2)`` builds one from flat keys."""
 
-    store: str
-    out: str = "runs/run"
-    model: str = "hrnetv2_w48"
-    pretrained: str | None = None
-    crop: str = "256x512"
-    levels: list[str] = field(default_factory=list)  # empty: every level of the store
-    level_weights: list[float] = field(default_factory=list)
-    cat_max_ratio: float = 1.0
-    batch_size: int = 12
-    accum: int = 1
-    iters: int = 1000
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    power: float = 0.9
-    warmup_iters: int = 0
-    loss: str = "soft"
-    mc: str = "include"
-    workers: int = 2
-    eval_every: int = 0  # 0: only at the end
-    eval_level: str = ""  # empty: the largest training level
-    eval_split: str = "val"
-    save_every: int = 500  # last.pt every N steps (0: only at evaluations and the end)
-    keep_checkpoints: int = 0  # also keep the last N iter_<step>.pt
-    tensorboard: bool = False
-    sync_bn: bool = False  # SyncBatchNorm across GPUs under torchrun
-    # weak supervision (softtrain.weak), for stores whose unlabelled pixels are void
-    weak_loss: str = "none"  # none: CE on labelled pixels; potts; self-label
-    weak_potts: str = "collision-divergence"
-    weak_xent: str = "collision"
-    weak_eta: float = 1.0  # weight of H(y, s) (self-label)
-    # weight of the Potts term; pair terms are averaged per pixel, and at 1 the pseudo-labels
-    # barely leave the predictions (bench_weak's solver figure on generated scenes: +0.3
-    # mIoU over the predictions at 1, +1.4 to +2.7 at 10)
-    weak_lambda: float = 10.0
-    weak_sigma: float = 3.0  # colour bandwidth of the pair weights, 0..255 units
-    weak_neighbours: int = 4
-    weak_steps: int = 200  # pseudo-label solver steps
-    weak_step_lr: float = 0.075  # pseudo-label solver step size
-    weak_start: int = 0  # steps of CE on the labelled pixels before the weak term starts
-    # semi-supervised (softtrain.semi): a labelled share of the training split, the rest
-    # unlabelled, teacher-student
-    labeled: str = ""  # a fraction ("1/8") or a partition list file; empty: all labelled
-    labeled_seed: int = 0  # the partition's seed (fixed across training seeds)
-    unlabeled_batch: int = 0  # unlabelled crops per step (0: --batch-size)
-    semi_threshold: float = 0.95  # teacher confidence for hard pseudo-labels
-    semi_esl: bool = False  # dynamic soft labels below the threshold
-    semi_esl_weight: float = 0.2
-    semi_ipix: str = "none"  # inter-pixel loss: none, kl, corr
-    semi_ipix_weight: float = 1.0
-    semi_ipix_pixels: int = 256
-    semi_ema: float = 0.999  # teacher momentum
-    semi_cutmix: bool = True
-    semi_eval: str = "teacher"  # evaluate (and save for eval/predict) the teacher or student
-    bf16: bool = False
-    channels_last: bool = False
-    compile: bool = False
-    device: str = "auto"
-    seed: int = 0
-    log_every: int = 10
+    data: DataOptions = field(default_factory=DataOptions)
+    optim: OptimOptions = field(default_factory=OptimOptions)
+    run: RunOptions = field(default_factory=RunOptions)
+    speed: SpeedOptions = field(default_factory=SpeedOptions)
+    weak: WeakOptions = field(default_factory=WeakOptions)
+    semi: SemiOptions = field(default_factory=SemiOptions)
 
     def __post_init__(self):
-        if self.loss not in LOSSES:
-            raise ValueError(f"unknown loss '{self.loss}'; choose from {', '.join(LOSSES)}")
-        if self.mc not in MC_MODES:
-            raise ValueError(f"mc must be include or exclude, got '{self.mc}'")
-        for value, allowed, name in (
-            (self.weak_loss, WEAK_LOSSES, "weak_loss"),
-            (self.weak_potts, POTTS, "weak_potts"),
-            (self.weak_xent, XENT, "weak_xent"),
-        ):
-            if value not in allowed:
-                raise ValueError(f"unknown {name} '{value}'; choose from {', '.join(allowed)}")
-        if self.weak_neighbours not in (4, 8):
-            raise ValueError("weak_neighbours must be 4 or 8")
-        if self.semi_ipix not in ("none", "kl", "corr"):
-            raise ValueError(f"semi_ipix must be none, kl or corr, got '{self.semi_ipix}'")
-        if self.semi_eval not in ("teacher", "student"):
-            raise ValueError(f"semi_eval must be teacher or student, got '{self.semi_eval}'")
-        if not 0 <= self.semi_ema < 1:
-            raise ValueError("semi_ema must be in [0, 1)")
-        if self.tensorboard and find_spec("tensorboard") is None:
-            raise ValueError(
-                "--tensorboard needs the tensorboard package: pip install 'softprep[tensorboard]'"
-            )
-        for name in ("batch_size", "accum", "iters", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        for name in ("save_every", "keep_checkpoints", "eval_every", "warmup_iters", "workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative")
-        if self.lr <= 0:
-            raise ValueError("lr must be positive")
-        self.store = absolute_store(self.store)
+        if not self.data.store:
+            raise ValueError("give --store STORE (or --config run/config.toml)")
+
+    @classmethod
+    def of(cls, **flat) -> FitConfig:
+        """A config from flat keys (``batch_size``, ``weak_lambda``, ``labeled``, ...);
+        unknown keys are refused, the rest take their defaults."""
+        options = declared()
+        unknown = sorted(set(flat) - set(options))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown}")
+        by_section: dict[str, dict] = {s: {} for s in SECTIONS}
+        for key, value in flat.items():
+            by_section[options[key].section][options[key].name] = value
+        return cls(**{s: SECTIONS[s](**kw) for s, kw in by_section.items()})
+
+    def flat(self) -> dict[str, Any]:
+        """Every option by flat key (what checkpoints record)."""
+        return {d.key: getattr(getattr(self, d.section), d.name) for d in declared().values()}
+
+    def with_flat(self, **flat) -> FitConfig:
+        """This config with the non-None flat ``flat`` options replaced."""
+        return FitConfig.of(**(self.flat() | {k: v for k, v in flat.items() if v is not None}))
+
+    @property
+    def regime(self) -> str:
+        """The training method this config runs (``auto`` resolved)."""
+        if self.optim.regime != "auto":
+            return self.optim.regime
+        return "teacher-student" if self.semi.labeled else "supervised"
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> FitConfig:
-        """The config in ``path`` with the non-None ``overrides`` applied."""
+        """The config in ``path`` (one table per section, or the flat form of earlier
+        versions) with the non-None flat ``overrides`` applied."""
         try:
             data = tomllib.loads(Path(path).read_text())
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: config file not found") from None
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"{path}: not valid TOML ({e})") from None
-        names = {f.name for f in fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ValueError(f"{path}: unknown option(s) {sorted(unknown)}")
-        return cls(**(data | {k: v for k, v in overrides.items() if v is not None}))
+        options = declared()
+        flat = {}
+        for name, value in data.items():
+            if name in SECTIONS and isinstance(value, dict):
+                names = {d.name: d.key for d in options.values() if d.section == name}
+                unknown = sorted(set(value) - set(names))
+                if unknown:
+                    raise ValueError(f"{path}: unknown option(s) {unknown} in [{name}]")
+                flat |= {names[k]: v for k, v in value.items()}
+            elif name in options:
+                flat[name] = value
+            else:
+                raise ValueError(f"{path}: unknown option(s) {[name]}")
+        try:
+            return cls.of(**(flat | {k: v for k, v in overrides.items() if v is not None}))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def to_toml(self) -> str:
         lines = []
-        for k, v in asdict(self).items():
-            if v is None:
-                continue
-            lines.append(f"{k} = {json.dumps(v)}")  # JSON scalars/arrays are valid TOML here
-        return "\n".join(lines) + "\n"
+        for section in SECTIONS:
+            lines.append(f"[{section}]")
+            for f in fields(getattr(self, section)):
+                value = getattr(getattr(self, section), f.name)
+                if value is not None:  # JSON scalars/arrays are valid TOML here
+                    lines.append(f"{f.name} = {json.dumps(value)}")
+            lines.append("")
+        return "\n".join(lines)
 
     def changed_for_resume(self, saved: dict) -> list[str]:
-        """Options that differ from a checkpoint's config and may not change on resume."""
-        mine = asdict(self)
-        return sorted(k for k in mine if k not in RESUMABLE and k in saved and saved[k] != mine[k])
+        """Flat keys that differ from a checkpoint's (flat) config and may not change on
+        resume: everything that touches the weights' history or the data order."""
+        mine, options = self.flat(), declared()
+        return sorted(
+            k for k in mine
+            if not options[k].resumable and k in saved and saved[k] != mine[k]
+        )  # fmt: skip
+
+    def replace(self, section: str, **changes) -> FitConfig:
+        """A copy with fields of one section changed."""
+        return replace(self, **{section: replace(getattr(self, section), **changes)})

@@ -8,6 +8,8 @@ UTC). ``type = "train"``: the fields of ``StepLog``. ``type = "eval"``: the fiel
 from __future__ import annotations
 
 import json
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +28,46 @@ class StepLog:
     data_wait_share: float  # share of wall time spent waiting for the loader
     peak_memory_gib: float  # CUDA peak allocated since the start (0 on CPU)
     eta_s: float  # seconds to the last step at this run's mean speed
+
+
+class Throughput:
+    """Crops/s, the share of time spent waiting for data, peak memory and the ETA between
+    two reports, counting training time only (evaluations and saves are ``paused``)."""
+
+    def __init__(self, step: int, iters: int):
+        self.step_start, self.iters = step, iters
+        self.t_start = self.t_log = time.perf_counter()
+        self.wait, self.seen = 0.0, 0
+
+    @contextmanager
+    def waiting(self):
+        t0 = time.perf_counter()
+        yield
+        self.wait += time.perf_counter() - t0
+
+    @contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        yield
+        self.t_log += time.perf_counter() - t0
+
+    def saw(self, crops: int) -> None:
+        self.seen += crops
+
+    def report(self, step: int, device) -> dict:
+        """The ``StepLog`` rate fields since the last report (which this starts anew)."""
+        import torch
+
+        now_ = time.perf_counter()
+        cuda = device.type == "cuda"
+        rates = dict(
+            crops_per_s=self.seen / (now_ - self.t_log),
+            data_wait_share=self.wait / (now_ - self.t_log),
+            peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+            eta_s=(self.iters - step) * (now_ - self.t_start) / (step - self.step_start),
+        )
+        self.t_log, self.wait, self.seen = time.perf_counter(), 0.0, 0
+        return rates
 
 
 def now() -> str:
@@ -101,8 +143,8 @@ def plot_curves(records: list[dict], png: Path) -> Path:
     evals = [r for r in records if r.get("type") == "eval" and r.get("mIoU") is not None]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     steps = [r["step"] for r in train]
-    axes[0].plot(steps, [r["loss"] for r in train], label="loss (soft CE)")
-    axes[0].plot(steps, [r["kl"] for r in train], label="KL")
+    axes[0].plot(steps, [r["loss"] for r in train], label="loss (what is optimised)")
+    axes[0].plot(steps, [r["kl"] for r in train], label="KL on the labelled pixels")
     axes[0].set_title("training loss")
     axes[0].legend()
     axes[1].plot(steps, [r["lr"] for r in train])

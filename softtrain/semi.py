@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,11 @@ import torch
 import torch.nn.functional as F
 
 from softtrain.config import FitConfig
+from softtrain.data import normalise
+from softtrain.loader import batches, run_loader
+from softtrain.losses import LossOutput
+from softtrain.regime import Forward, RunData
+from softtrain.supervised import Supervised, upsample
 
 EPS = 1e-8
 
@@ -96,27 +100,6 @@ def partition(
 
 def _split(items: np.ndarray, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(chosen), np.setdiff1d(items, chosen)
-
-
-@dataclass(frozen=True)
-class SemiOptions:
-    """The unsupervised losses and the teacher (``FitConfig.semi_*`` fields)."""
-
-    threshold: float = 0.95
-    esl: bool = False
-    esl_weight: float = 0.2
-    ipix: str = "none"
-    ipix_weight: float = 1.0
-    ipix_pixels: int = 256
-    ema: float = 0.999
-    cutmix: bool = True
-
-    @classmethod
-    def from_config(cls, cfg: FitConfig) -> SemiOptions:
-        return cls(
-            cfg.semi_threshold, cfg.semi_esl, cfg.semi_esl_weight, cfg.semi_ipix,
-            cfg.semi_ipix_weight, cfg.semi_ipix_pixels, cfg.semi_ema, cfg.semi_cutmix,
-        )  # fmt: skip
 
 
 @torch.no_grad()
@@ -207,48 +190,96 @@ def cutmix_boxes(b: int, hw: tuple[int, int], generator: torch.Generator) -> tor
     return mask
 
 
-class TeacherStudent:
-    """The teacher, the strong views and the unsupervised losses; ``fit`` calls
-    ``unsupervised_loss`` every micro-batch and ``update`` after every optimiser step."""
+class TeacherStudent(Supervised):
+    """The teacher-student regime: each micro-batch holds a labelled batch (the supervised
+    loss) and an unlabelled one from this regime's own loader (the unsupervised losses
+    against the teacher); the teacher follows the student after every step, is saved in
+    every checkpoint (key ``teacher``) and is what is evaluated unless ``--semi-eval
+    student``."""
 
-    def __init__(self, model: torch.nn.Module, opts: SemiOptions, seed: int, iters: int):
+    def __init__(self, cfg: FitConfig, data: RunData):
+        super().__init__(cfg, data)
+        self.opts = cfg.semi
+        train, ranks, store = data.train, data.ranks, data.store
+        in_train = store.split_of()[train.items] == "train"
+        labelled, rest = partition(
+            store.names(), train.items[in_train], cfg.semi.labeled, cfg.semi.labeled_seed,
+            store.manifest.layout["image_suffix"],
+        )  # fmt: skip
+        rest = np.union1d(rest, train.items[~in_train])
+        self.labelled = train.subset(labelled, cfg.optim.seed)
+        self.unlabelled = train.subset(rest, cfg.optim.seed + 1)
+        self.per_rank = cfg.semi.unlabeled_batch or cfg.optim.batch_size
+        if len(self.unlabelled) < self.per_rank * ranks.world:
+            raise ValueError(
+                f"{cfg.data.store}: {len(self.unlabelled)} unlabelled images (the rest of train"
+                + "".join(f", {s}" for s in data.image_only)
+                + "), fewer than one step's unlabelled batch; lower --unlabeled-batch, label "
+                "fewer images or add image-only splits (softprep build --unlabeled DIR)"
+            )
+        self.teacher = None
+
+    def start(self, model: torch.nn.Module) -> None:
         self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        self.opts, self.seed, self.iters = opts, seed, iters
 
-    def update(self, student: torch.nn.Module, step: int) -> None:
-        """After optimiser step ``step`` (0-based): the EMA with momentum
-        min(ema, 1 - 1 / (step + 1)), so the teacher does not keep the random initial
-        weights (and BatchNorm statistics) for the first ~1 / (1 - ema) steps."""
-        ema_update(self.teacher, student, min(self.opts.ema, 1 - 1 / (step + 1)))
+    def batches(self, start: int, cleanup):
+        """Labelled micro-batches with the unlabelled crops as ``unlabeled`` (B', 3, h, w)."""
+        labelled = super().batches(start, cleanup)
+        cfg, ranks = self.cfg, self.data.ranks
+        loader = run_loader(
+            self.unlabelled, self.per_rank, cfg.optim.seed + 1, start, ranks.rank, ranks.world,
+            cfg.data.workers, ranks.device.type == "cuda",
+        )  # fmt: skip
+        unlabelled = cleanup.enter_context(batches(loader))
+        for batch in labelled:
+            yield batch | {"unlabeled": next(unlabelled)["image"]}
 
-    def forward(self, student, image, unlabeled, normalise, step: int, micro: int):
-        """One forward of the student over the labelled crops ``image`` (B, 3, h, w, already
-        normalised) and the strong view of the ``unlabeled`` crops (B', 3, h, w) uint8
-        together (one pass, as DDP wants). Returns the labelled logits and the unsupervised
-        loss against the teacher's weak view; logits are up-sampled to (h, w)."""
+    def loss(self, forward: Forward, batch: dict, step: int, micro: int) -> LossOutput:
+        """One forward of the student over the labelled crops and the strong view of the
+        unlabelled ones together (one pass, as DDP wants); the supervised loss plus the
+        unsupervised loss against the teacher's weak view."""
+        image, unlabeled, index = batch["image"], batch["unlabeled"], batch["index"]
         size = tuple(unlabeled.shape[-2:])
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + micro)
+        g = torch.Generator().manual_seed(self.cfg.optim.seed * 1_000_003 + micro)
         with torch.no_grad():
-            teacher = self.teacher(normalise(unlabeled)).float()
-            probs = F.interpolate(teacher, size, mode="bilinear", align_corners=False).softmax(1)
+            probs = upsample(forward(normalise(unlabeled), self.teacher), size).softmax(1)
         strong = strong_view(unlabeled, g)
         if self.opts.cutmix and unlabeled.shape[0] > 1:
             box = cutmix_boxes(unlabeled.shape[0], size, g).to(unlabeled.device)[:, None]
             strong = torch.where(box, strong.roll(1, dims=0), strong)  # pasted from the next
             probs = torch.where(box, probs.roll(1, dims=0), probs)
-        both = student(torch.cat([image, normalise(strong).to(image.dtype)]))
+        both = forward(torch.cat([image, normalise(strong).to(image.dtype)]))
         labelled_logits, strong_logits = both[: len(image)], both[len(image) :]
-        logits = F.interpolate(strong_logits.float(), size, mode="bilinear", align_corners=False)
-        return labelled_logits, self.loss(logits.log_softmax(1), probs, step, g)
+        unsupervised = self.unsupervised(upsample(strong_logits, size).log_softmax(1), probs,
+                                         step, g)  # fmt: skip
+        logits = upsample(labelled_logits, index.shape[-2:])
+        out = self.criterion(logits, index, batch["prob"], batch["colour"], step)
+        return LossOutput(out.loss + unsupervised, out.kl, out.kept)
 
-    def loss(self, logp: torch.Tensor, probs: torch.Tensor, step: int, g) -> torch.Tensor:
+    def after_step(self, model: torch.nn.Module, step: int) -> None:
+        """The EMA with momentum min(ema, 1 - 1 / (step + 1)), so the teacher does not keep
+        the random initial weights (and BatchNorm statistics) for the first ~1 / (1 - ema)
+        steps."""
+        ema_update(self.teacher, model, min(self.opts.ema, 1 - 1 / (step + 1)))
+
+    def state(self) -> dict:
+        return {"teacher": self.teacher.state_dict()}
+
+    def restore(self, ckpt: dict) -> None:
+        if "teacher" in ckpt:
+            self.teacher.load_state_dict(ckpt["teacher"])
+
+    def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.teacher if self.opts.eval == "teacher" else model
+
+    def unsupervised(self, logp: torch.Tensor, probs: torch.Tensor, step: int, g) -> torch.Tensor:
         """Unsupervised loss of student log-probabilities ``logp`` against teacher ``probs``
         (both (B, C, H, W)): hard pseudo-labels, dynamic soft labels, inter-pixel."""
         conf, hard = probs.max(1)
         confident = conf >= self.opts.threshold
         loss = (F.nll_loss(logp, hard, reduction="none") * confident).mean()
         if self.opts.esl and (~confident).any():
-            tau = 0.5 + (self.opts.threshold - 0.5) * min(1.0, step / max(1, self.iters))
+            tau = 0.5 + (self.opts.threshold - 0.5) * min(1.0, step / max(1, self.cfg.optim.iters))
             ce = -(dynamic_soft_labels(probs, tau) * logp).sum(1)
             loss = loss + self.opts.esl_weight * ce[~confident].mean()
         if self.opts.ipix != "none" and confident.sum() > 1:

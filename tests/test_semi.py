@@ -1,6 +1,8 @@
 """Semi-supervised training: EMA exactness, partitions, dynamic soft labels by hand, the
 inter-pixel loss against a dense reference, and an exact resume of a teacher-student run."""
 
+from contextlib import ExitStack
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from softtrain.checkpoint import load_checkpoint
 from softtrain.config import FitConfig
 from softtrain.distributed import Ranks
 from softtrain.evaluate import model_from_checkpoint
-from softtrain.fit import _open_inputs, fit
+from softtrain.fit import fit, open_inputs
 from softtrain.semi import dynamic_soft_labels, ema_update, partition, relation_loss
 
 
@@ -92,7 +94,7 @@ def test_inter_pixel_loss(kind):
 
 
 def semi_config(store, out, **kw):
-    return FitConfig(
+    return FitConfig.of(
         store=store, out=str(out), model="deeplabv3plus_r18", crop="32x64", batch_size=1,
         unlabeled_batch=2, iters=kw.pop("iters", 4), lr=0.02, workers=0, device="cpu",
         log_every=1, labeled=kw.pop("labeled", "1/2"), semi_esl=True, semi_ipix="corr", semi_threshold=0.3,
@@ -130,12 +132,16 @@ def test_image_only_splits_join_the_unlabelled_images(tmp_path):
     build(m, data, url, options)
     s = SoftStore(url)
     extra = np.flatnonzero(s.split_of() == "train_extra")
-    _, train, unlabeled, *_ = _open_inputs(
-        semi_config(url, tmp_path / "r", labeled="1"), Ranks(), False, False
-    )
+    with ExitStack() as cleanup:
+        regime = open_inputs(
+            semi_config(url, tmp_path / "r", labeled="1"), Ranks(), False, False, cleanup
+        ).regime
+    train, unlabeled = regime.labelled, regime.unlabelled
     assert list(train.items) == list(np.flatnonzero(s.split_of() == "train"))
     assert list(unlabeled.items) == list(extra)  # every train image labelled, the rest extra
-    _, train, unlabeled, *_ = _open_inputs(semi_config(url, tmp_path / "r"), Ranks(), False, False)
+    with ExitStack() as cleanup:
+        regime = open_inputs(semi_config(url, tmp_path / "r"), Ranks(), False, False, cleanup).regime
+    train, unlabeled = regime.labelled, regime.unlabelled
     assert len(train) == 1 and set(extra) < set(unlabeled.items) and len(unlabeled) == 4
     assert fit(semi_config(url, tmp_path / "run", labeled="1", iters=2))["step"] == 2
 

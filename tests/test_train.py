@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from softprep.build import BuildOptions, build
 from softprep.manifest import load_manifest
 from softtrain import fit as fit_module
-from softtrain import weak as weak_module
+from softtrain import weak_losses as weak_module
 from softtrain.checkpoint import CheckpointError, load_checkpoint
 from softtrain.data import CropDataset, densify
 from softtrain.fit import FitConfig, fit
@@ -85,7 +85,7 @@ def test_confusion_miou_matches_torchmetrics():
 
 
 def tiny_config(store, out, **kw):
-    return FitConfig(
+    return FitConfig.of(
         store=store,
         out=str(out),
         model="deeplabv3plus_r18",
@@ -112,7 +112,7 @@ def test_tiny_model_loss_falls_and_eval_runs(store, tmp_path):
     assert 0 <= result["last_miou"] <= 1
     assert (tmp_path / "run/best.pt").exists() and (tmp_path / "run/config.toml").exists()
     cfg = FitConfig.from_toml(tmp_path / "run/config.toml")
-    assert cfg.iters == 30 and cfg.model == "deeplabv3plus_r18"
+    assert cfg.optim.iters == 30 and cfg.optim.model == "deeplabv3plus_r18"
 
 
 def test_resume_continues_exactly(store, tmp_path):

@@ -97,4 +97,4 @@ def test_bad_input_messages(tmp_path):
     r = run("fit")
     assert r.exit_code == 2 and "give --store" in r.text
     r = run("fit", "--store", "x.zarr", "--loss", "dice")
-    assert r.exit_code == 2 and "unknown loss 'dice'" in r.text
+    assert r.exit_code == 2 and "--loss 'dice': choose from soft, ce-hard" in r.text

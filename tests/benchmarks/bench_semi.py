@@ -79,7 +79,7 @@ def main() -> None:
         ]
         results = {}
         for n, (title, options) in enumerate(runs):
-            cfg = FitConfig(out=str(tmp / f"run{n}"), **common, **options)
+            cfg = FitConfig.of(out=str(tmp / f"run{n}"), **common, **options)
             start = time.perf_counter()
             results[title] = (fit(cfg)["last_miou"], time.perf_counter() - start)
     baseline = results["labelled share only (baseline)"][0]

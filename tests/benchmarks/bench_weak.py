@@ -28,12 +28,12 @@ from softprep.manifest import VOID, load_manifest
 from softprep.sample import write_sample
 from softprep.store import SoftStore
 from softtrain.checkpoint import load_checkpoint
-from softtrain.config import FitConfig
+from softtrain.config import FitConfig, WeakOptions
 from softtrain.data import normalise
 from softtrain.evaluate import model_from_checkpoint
 from softtrain.fit import fit
 from softtrain.metrics import Confusion
-from softtrain.weak import WeakOptions, pseudo_labels
+from softtrain.weak_losses import pseudo_labels
 
 
 def main() -> None:
@@ -74,7 +74,7 @@ def main() -> None:
         for key, title, store, regime in runs:
             if key not in ("baseline", *args.only):
                 continue
-            cfg = FitConfig(
+            cfg = FitConfig.of(
                 store=stores[store],
                 out=str(Path(tmp) / f"run-{store}-{regime}"),
                 model="deeplabv3plus_r18",

@@ -13,7 +13,7 @@ w_pq = exp(-||I_p - I_q||^2 / (2 sigma^2)) on 0..255 colour:
   log-quadratic -ln(1 - ||y_p - y_q||^2 / 2).
 - Cross-entropies H(y, s) (``XENT``): standard -sum y ln s; reverse -sum s ln y;
   collision -ln sum s y.
-- ``weak_loss`` regimes (``WEAK_LOSSES``): ``none``: CE on the labelled pixels only;
+- ``--weak-loss`` choices (``softtrain.config.WEAK_LOSSES``): ``none``: CE on the labelled pixels only;
   ``potts``: that + lambda * the Potts relaxation of the predictions themselves (dense
   Potts, the baseline); ``self-label``: that + eta * H(y, s), with y solved, for the fixed
   network, by ``steps`` gradient-descent steps on y = softmax(z) (z initialised from the
@@ -27,48 +27,14 @@ crop size. Everything here runs in float32 on the training device, batched.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from softtrain.config import POTTS, WEAK_LOSSES, XENT, FitConfig
+from softtrain.config import FitConfig, WeakOptions
 from softtrain.data import densify
 from softtrain.losses import LossOutput, soft_label_loss
 
 EPS = 1e-8
-
-
-@dataclass(frozen=True)
-class WeakOptions:
-    """How unlabelled pixels are supervised (``FitConfig.weak_*`` fields)."""
-
-    loss: str = "none"
-    potts: str = "collision-divergence"
-    xent: str = "collision"
-    eta: float = 1.0  # weight of H(y, s)
-    lam: float = 10.0  # weight of the Potts term
-    sigma: float = 3.0  # colour bandwidth, 0..255 units
-    neighbours: int = 4  # 4 or 8
-    steps: int = 200  # pseudo-label solver steps
-    step_lr: float = 0.075  # pseudo-label solver learning rate
-
-    def __post_init__(self):
-        for value, allowed, what in (
-            (self.loss, WEAK_LOSSES, "weak loss"),
-            (self.potts, POTTS, "Potts relaxation"),
-            (self.xent, XENT, "cross-entropy"),
-        ):
-            if value not in allowed:
-                raise ValueError(f"unknown {what} '{value}'; choose from {', '.join(allowed)}")
-        if self.neighbours not in (4, 8):
-            raise ValueError("neighbours must be 4 or 8")
-
-    @classmethod
-    def from_config(cls, cfg: FitConfig) -> WeakOptions:
-        return cls(
-            cfg.weak_loss, cfg.weak_potts, cfg.weak_xent, cfg.weak_eta, cfg.weak_lambda,
-            cfg.weak_sigma, cfg.weak_neighbours, cfg.weak_steps, cfg.weak_step_lr,
-        )  # fmt: skip
 
 
 def _shifts(neighbours: int) -> list[tuple[int, int]]:
@@ -172,11 +138,13 @@ def weak_loss(
     image: torch.Tensor,
     opts: WeakOptions,
     mc: str = "include",
+    kind: str = "soft",
 ) -> LossOutput:
     """The weak-supervision loss of a batch. ``logits`` (B, C, H, W) at the label size;
     ``index``/``prob`` (B, K, H, W) uint8 soft labels (void where unlabelled); ``image``
-    (B, 3, H, W) uint8 colour at the same size. ``kl`` reports the labelled pixels' KL."""
-    labelled_part = soft_label_loss(logits, index, prob, "soft", mc)
+    (B, 3, H, W) uint8 colour at the same size; ``kind``: the labelled pixels' loss
+    (``soft`` or ``ce-hard``). ``kl`` reports the labelled pixels' KL."""
+    labelled_part = soft_label_loss(logits, index, prob, kind, mc)
     if opts.loss == "none":
         return labelled_part
     s = logits.float().softmax(1)
@@ -201,14 +169,14 @@ def pseudo_labels(logits, index, prob, image, opts: WeakOptions):
 
 
 def training_loss(cfg: FitConfig):
-    """The loss ``fit`` optimises: ``loss(logits, index, prob, image, step) -> LossOutput``;
-    a weak regime adds its term from step ``weak_start`` on (CE on the labelled pixels
-    before, as the paper initialises the network)."""
-    weak = WeakOptions.from_config(cfg)
+    """The supervised loss: ``loss(logits, index, prob, image, step) -> LossOutput``;
+    a weak regime adds its term from step ``--weak-start`` on (CE on the labelled pixels
+    before, as the paper initialises the network). ``--loss`` applies throughout."""
+    weak, kind, mc = cfg.weak, cfg.optim.loss, cfg.optim.mc
 
     def loss(logits, index, prob, image, step: int) -> LossOutput:
-        if weak.loss == "none" or step < cfg.weak_start:
-            return soft_label_loss(logits, index, prob, cfg.loss, cfg.mc)
-        return weak_loss(logits, index, prob, image, weak, cfg.mc)
+        if weak.loss == "none" or step < weak.start:
+            return soft_label_loss(logits, index, prob, kind, mc)
+        return weak_loss(logits, index, prob, image, weak, mc, kind)
 
     return loss
