@@ -29,4 +29,8 @@ demo: install
 test: install
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
-.PHONY: install demo test
+# The fast tier while editing: no process-spawning or seconds-long training tests (< 1 min).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+.PHONY: install demo test test-fast

@@ -299,6 +299,7 @@ def test_resume_after_interruptions_equals_uninterrupted(samples, tmp_path, monk
     assert_same_store(ref, url)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_subprocess(samples, tmp_path):
     """Kill a real build process at random moments; the rerun must equal a clean build."""
     ref, url = str(tmp_path / "ref.zarr"), str(tmp_path / "killed.zarr")

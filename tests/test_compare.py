@@ -35,6 +35,7 @@ def test_arm_parsing():
     assert Arm.parse("a.zarr:ce-hard:exclude").name == "a-ce-hard-mc-excluded"
 
 
+@pytest.mark.slow
 def test_tiny_compare_writes_the_table_and_does_not_retrain(stores, tmp_path):
     out = tmp_path / "cmp"
     args = ["compare", "--arm", stores["bilinear"], stores["nearest"], "--seeds", "0", "1",

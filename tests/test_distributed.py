@@ -60,6 +60,7 @@ COMMON = ["--model", "deeplabv3plus_r18", "--crop", "32x64", "--levels", "1/8", 
           "--workers", "0", "--device", "cpu", "--log-every", "1"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_ddp_trains_evaluates_like_one_process_and_hands_over_checkpoints(store, tmp_path):
     out = tmp_path / "run"
     r = torchrun("--store", store, "--out", out, "--batch-size", 2, "--iters", 20,
@@ -84,6 +85,7 @@ def test_ddp_trains_evaluates_like_one_process_and_hands_over_checkpoints(store,
     assert load_checkpoint(out / "last.pt")["step"] == 24
 
 
+@pytest.mark.slow
 def test_more_ranks_than_a_batch_of_images_is_refused(store, tmp_path):
     r = torchrun("--store", store, "--out", tmp_path / "run", "--batch-size", 4, "--iters", 2,
                  *COMMON)  # fmt: skip

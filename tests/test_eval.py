@@ -133,6 +133,7 @@ def test_split_without_labels_is_refused(cityscapes_run, tmp_path):
     assert not (tmp_path / "m.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["cityscapes", "ade20k"])
 def test_predict_formats_round_trip_through_the_manifest(samples, tmp_path_factory, dataset):
     url, ckpt = trained(samples, tmp_path_factory, dataset)

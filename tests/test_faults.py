@@ -245,6 +245,7 @@ def test_full_disk_is_one_message_and_the_build_resumes(samples, tmp_path, monke
     assert_same_store(url, reference)
 
 
+@pytest.mark.slow
 def test_one_writer_per_store_and_a_crashed_holder_frees_it(samples, tmp_path):
     url = str(tmp_path / "s.zarr")
     with writer_lock(url):
@@ -310,6 +311,7 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
 def test_kill_9_mid_build_workers_end_and_resume_equals_uninterrupted(tmp_path):
     root = tmp_path / "cs"
     write_sample(CS, root, {"train": 24, "val": 2}, size=(512, 1024), seed=3)

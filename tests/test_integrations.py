@@ -97,6 +97,7 @@ def test_fewer_logit_channels_than_store_classes_is_refused(store):
         softtrain.soft_label_loss(torch.randn(4, 19, 8, 16), batch["index"], batch["prob"])
 
 
+@pytest.mark.slow
 def test_lightning_datamodule_and_module(store, tmp_path):
     L = pytest.importorskip("lightning")
 

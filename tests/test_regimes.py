@@ -1,5 +1,6 @@
 """The one loop and its regimes, the config as the one source of options."""
 
+import pytest
 import torch
 
 from softprep.build import BuildOptions, build
@@ -33,6 +34,7 @@ class Toy(Supervised):
         self.steps = ckpt["toy_steps"]
 
 
+@pytest.mark.slow
 def test_a_new_regime_plugs_in_with_one_registration_line(samples, tmp_path, monkeypatch):
     url = str(tmp_path / "cs.zarr")
     build(load_manifest("cityscapes"), samples["cityscapes"], url, BuildOptions(scales=(0.125,)))

@@ -89,6 +89,7 @@ def reference(store, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "SIGTERM to the group, 2 workers"])
 def test_killed_run_resumes_to_the_uninterrupted_weights(store, reference, tmp_path, how):
     out = tmp_path / "run"
@@ -118,6 +119,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(store, reference, tmp_p
     assert steps == [1, 2, 3, 4, 5, 6]  # records past the checkpoint were written once
 
 
+@pytest.mark.slow
 def test_a_folder_holding_a_run_is_refused_and_left_untouched(store, tmp_path):
     out = tmp_path / "run"
     fit(tiny(store, out, iters=2))
@@ -148,6 +150,7 @@ def test_resume_refuses_changed_model_without_writing(store, tmp_path):
     assert load_checkpoint(out / "last.pt")["step"] == 2
 
 
+@pytest.mark.slow
 def test_resume_applies_new_lr_and_iters(store, tmp_path):
     out = tmp_path / "run"
     fit(tiny(store, out, iters=2))
@@ -190,6 +193,7 @@ def test_non_finite_loss_without_checkpoint_claims_none(store, tmp_path, monkeyp
         fit(tiny(store, tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_keep_checkpoints_and_tensorboard_events(store, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -234,6 +238,7 @@ def test_config_store_is_absolute_and_every_option_is_a_flag(tmp_path, monkeypat
     assert not missing and len(declared()) > 50
 
 
+@pytest.mark.slow
 def test_softtrain_help_imports_no_torch():
     code = "import sys, softtrain.cli; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
@@ -271,6 +276,7 @@ def damaged_copy(store: str, where) -> str:
     return url
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_damaged_data_ends_the_run_and_its_workers_with_one_sentence(store, tmp_path, workers):
     url = damaged_copy(store, tmp_path)
@@ -288,6 +294,7 @@ def test_damaged_data_ends_the_run_and_its_workers_with_one_sentence(store, tmp_
         assert subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True).stdout == b""
 
 
+@pytest.mark.slow
 def test_one_writer_per_run_folder(store, tmp_path):
     out = tmp_path / "run"
     cfg = tiny(store, out, iters=400, save_every=1)
@@ -305,6 +312,7 @@ def test_one_writer_per_run_folder(store, tmp_path):
     assert fit(tiny(store, out, iters=load_checkpoint(out / "last.pt")["step"] + 1), resume=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_saving_is_a_sentence_and_last_pt_stays(store, tmp_path, monkeypatch):
     import errno
 
@@ -340,6 +348,7 @@ def test_out_that_cannot_be_a_folder_is_refused_first(store, tmp_path, where):
     assert blocker.read_text() == "mine" and sorted(tmp_path.iterdir()) == [blocker]
 
 
+@pytest.mark.slow
 def test_resume_with_a_damaged_last_pt_continues_from_the_newest_intact_save(
     store, tmp_path, caplog
 ):

@@ -102,6 +102,7 @@ def semi_config(store, out, **kw):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_teacher_student_resumes_exactly_and_evaluates_the_teacher(store, tmp_path):
     straight = tmp_path / "a"
     fit(semi_config(store, straight))
@@ -124,6 +125,7 @@ def test_teacher_student_resumes_exactly_and_evaluates_the_teacher(store, tmp_pa
     assert all(torch.equal(used[k], a["teacher"][k]) for k in used)  # eval/predict: the teacher
 
 
+@pytest.mark.slow
 def test_image_only_splits_join_the_unlabelled_images(tmp_path):
     data, url = tmp_path / "cs", str(tmp_path / "cs.zarr")
     m = load_manifest("cityscapes")

@@ -101,6 +101,7 @@ def tiny_config(store, out, **kw):
     )
 
 
+@pytest.mark.slow
 def test_tiny_model_loss_falls_and_eval_runs(store, tmp_path):
     logs = []
     result = fit(
@@ -115,6 +116,7 @@ def test_tiny_model_loss_falls_and_eval_runs(store, tmp_path):
     assert cfg.optim.iters == 30 and cfg.optim.model == "deeplabv3plus_r18"
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(store, tmp_path):
     straight = tmp_path / "a"
     fit(tiny_config(store, straight, iters=4, eval_every=2))
@@ -239,6 +241,7 @@ def test_predict_never_writes_over_or_among_its_inputs(store, tmp_path, samples)
     assert written == [tmp_path / "pred/one.png"] and (tmp_path / "ov/one.jpg").is_file()
 
 
+@pytest.mark.slow
 def test_pretrained_reads_torchvision_and_mmseg_layouts_and_refuses_the_rest(tmp_path, store):
     import torchvision
 

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from softprep.build import BuildOptions, build
@@ -18,6 +19,7 @@ def run(*args):
     return result
 
 
+@pytest.mark.slow
 def test_fit_eval_predict_with_nearest_store_and_config_replay(samples, tmp_path):
     url = str(tmp_path / "nn.zarr")
     build(

@@ -247,6 +247,7 @@ def test_missing_scikit_image_is_a_sentence_not_a_traceback(monkeypatch):
         BuildOptions(scales=(0.25,), weak="scribbles:0.2")
 
 
+@pytest.mark.slow
 def test_self_labelling_resumes_exactly_with_bf16_and_accumulation(samples, tmp_path):
     """The weak regime inside the one loop: bf16 autocast (the solver in float32), two
     micro-batches per step, interrupted after step 2 and resumed = one straight run."""
