@@ -18,6 +18,7 @@ from softprep.build import BuildError, BuildOptions
 from softprep.build import build as run_build
 from softprep.datasets import DatasetError, detect_version
 from softprep.datasets import scan as run_scan
+from softprep.decode import KINDS as DECODES
 from softprep.fidelity import from_dataset as fidelity_from_dataset
 from softprep.fidelity import from_store as fidelity_from_store
 from softprep.manifest import ManifestError, load_manifest
@@ -39,7 +40,7 @@ app = typer.Typer(
 console = Console(stderr=True)
 out = Console()
 
-MULTI_VALUE = ("--scales", "--compare", "--stats-for", "--split")
+MULTI_VALUE = ("--scales", "--compare", "--stats-for", "--split", "--decode")
 USER_ERRORS = (BuildError, DatasetError, ManifestError, StoreError, ValueError)
 
 
@@ -425,6 +426,12 @@ def fidelity(
         ["nn", "nn-floor"], help="Nearest-neighbour labels to score beside the soft labels."
     ),
     split: str = typer.Option("val", help="An evaluation split (full-resolution labels)."),
+    decode: list[str] = typer.Option(
+        ["argmax"],
+        help="How soft labels become labels: argmax, prior (logit adjustment), "
+        "bias (per-class, for mIoU), or all; prior and bias are fitted on --fit-split.",
+    ),
+    fit_split: str = typer.Option("val", help="The split the decodes are fitted on."),
     scales: list[str] = typer.Option(
         ["1/8", "1/4", "1/2"], help="Without a store: levels to compute."
     ),
@@ -441,28 +448,44 @@ def fidelity(
     resolution, as if a model reproduced its training labels perfectly.
 
     soft: probabilities up-sampled bilinearly, then argmax (what training exploits);
-    soft-argmax: argmax, then nearest up-sampling; nn / nn-floor: nearest-neighbour labels.
+    soft-argmax: argmax, then nearest up-sampling; nn / nn-floor: nearest-neighbour labels;
+    soft-prior / soft-bias: soft with a decode fitted per level on --fit-split.
     """
+    kinds = list(DECODES) if "all" in decode else decode
     with user_errors():
         if store:
             with progress_bar("scoring labels") as bar:
-                report = fidelity_from_store(SoftStore(store), compare, split, progress=bar)
+                report = fidelity_from_store(
+                    SoftStore(store), compare, split, bar, kinds, fit_split
+                )
         elif dataset and root:
             m = _manifest(dataset, root, version, labels)
             options = BuildOptions(
                 scales=_scales(scales), kernel=kernel, antialias=antialias, short_side=short_side
             )
             with progress_bar("scoring labels") as bar:
-                report = fidelity_from_dataset(m, root, options, compare, split, progress=bar)
+                report = fidelity_from_dataset(
+                    m, root, options, compare, split, bar, kinds, fit_split
+                )
         else:
             raise ValueError("give --store STORE, or a dataset and --root PATH")
     for level in report.levels:
-        table = Table("class", *report.strategies, title=f"{level}: IoU (%) at full resolution")
+        table = Table(
+            "class", *report.strategies, title=f"{level}: IoU (%) at full resolution ({split})"
+        )
         for c, name in enumerate(report.classes):
             cells = [report.iou(level, s)[c] for s in report.strategies]
             table.add_row(name, *("-" if np.isnan(v) else f"{100 * v:.1f}" for v in cells))
         table.add_row("mIoU", *(f"{100 * report.miou(level, s):.1f}" for s in report.strategies))
         out.print(table)
+        for s, d in report.decodes.get(level, {}).items():
+            shown = (
+                f"tau {d.tau}"
+                if d.tau is not None
+                else ", ".join(f"{n} {b:+.2f}" for n, b in zip(report.classes, d.bias) if b)
+                or "all 0"
+            )
+            out.print(f"{level} {s} (fitted on {d.fitted_on}): {shown}")
     for path, write in (
         (csv_path, report.write_csv),
         (json_path, report.write_json),

@@ -7,7 +7,10 @@ full-resolution labels, as if a model reproduced its training labels perfectly:
   False, as training up-samples logits), then the argmax;
 - ``soft-argmax``: the stored soft labels' argmax (slot 0), up-sampled by nearest neighbour;
 - ``nn`` / ``nn-floor``: nearest-neighbour labels of both phases (centre / top-left),
-  down-sampled from the full-resolution labels, up-sampled by nearest neighbour.
+  down-sampled from the full-resolution labels, up-sampled by nearest neighbour;
+- ``soft-prior`` / ``soft-bias``: ``soft`` with a decode (``softprep.decode``) in place of
+  the argmax, fitted per level on another split (``fit_split``) from its up-sampled
+  probabilities (dense there: cost pixels x classes on the fit split only).
 
 Nearest up-sampling is centre-aligned, ``src = floor((i + 0.5) h / H)``. Void never wins
 an argmax; a pixel whose label holds only void counts as a miss. Cost grows with pixels x
@@ -18,13 +21,14 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from softprep.build import BuildOptions, level_size
 from softprep.datasets import decode_label, labelled_pairs
+from softprep.decode import Decode, DecodeSample, fit_decode, iou
 from softprep.manifest import VOID
 from softprep.quantize import decode_planes
 from softprep.resample import Resampler, axis_weights
@@ -32,6 +36,8 @@ from softprep.store import SoftStore, StoreError, scale_label
 
 SOFT = ("soft", "soft-argmax")
 NEAREST = {"nn": "nearest", "nn-floor": "nearest-floor"}
+DECODED = {"prior": "soft-prior", "bias": "soft-bias"}
+FIT_PIXELS = 20_000  # per image: pixels of several classes kept to fit a decode
 
 
 def nearest_up(small: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -39,17 +45,42 @@ def nearest_up(small: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return Resampler.make(small.shape, hw, "nearest").nearest_label(small)
 
 
-def soft_bilinear_argmax(index: np.ndarray, prob: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+def _bilinear_taps(shape: tuple[int, int], hw: tuple[int, int]):
+    rows = axis_weights(shape[0], hw[0], "bilinear", antialias=False)
+    cols = axis_weights(shape[1], hw[1], "bilinear", antialias=False)
+    return rows, cols
+
+
+def soft_bilinear_argmax(
+    index: np.ndarray, prob: np.ndarray, hw: tuple[int, int], decode: Decode | None = None
+) -> np.ndarray:
     """(K, h, w) uint8 top-K soft label -> (H, W) uint8 argmax of its bilinear up-sampling
-    as torch's ``align_corners=False`` (255 where only void has mass)."""
+    as torch's ``align_corners=False`` (255 where only void has mass); with ``decode``, the
+    argmax of its weighted probabilities."""
     from softprep import kernels  # compiled: numba is imported only when needed
 
-    rows = axis_weights(index.shape[1], hw[0], "bilinear", antialias=False)
-    cols = axis_weights(index.shape[2], hw[1], "bilinear", antialias=False)
+    weight = np.ones(256)
+    if decode is not None:
+        weight[: len(decode.bias)] = decode.weights
+    rows, cols = _bilinear_taps(index.shape[1:], hw)
     return kernels.bilinear_argmax(
         index, prob, rows.index[:, 0], rows.index[:, 1], rows.weight[:, 1],
-        cols.index[:, 0], cols.index[:, 1], cols.weight[:, 1], VOID,
+        cols.index[:, 0], cols.index[:, 1], cols.weight[:, 1], weight, VOID,
     )  # fmt: skip
+
+
+def soft_bilinear_probs(index: np.ndarray, prob: np.ndarray, hw: tuple[int, int], c: int):
+    """(K, h, w) uint8 top-K soft label -> (C, H, W) float32 non-void class probabilities
+    up-sampled bilinearly (``align_corners=False``); dense, cost pixels x classes."""
+    keep = index != VOID
+    dense = np.zeros((c, *index.shape[1:]), np.float32)
+    slots = np.nonzero(keep)
+    np.add.at(dense, (index[keep], slots[1], slots[2]), prob[keep] / np.float32(255))
+    rows, cols = _bilinear_taps(index.shape[1:], hw)
+    wy = rows.weight[:, 1].astype(np.float32)[None, :, None]
+    wx = cols.weight[:, 1].astype(np.float32)[None, None, :]
+    dense = dense[:, rows.index[:, 0]] * (1 - wy) + dense[:, rows.index[:, 1]] * wy
+    return dense[:, :, cols.index[:, 0]] * (1 - wx) + dense[:, :, cols.index[:, 1]] * wx
 
 
 def hard_argmax(index: np.ndarray, prob: np.ndarray) -> np.ndarray:
@@ -61,9 +92,12 @@ def hard_argmax(index: np.ndarray, prob: np.ndarray) -> np.ndarray:
     return np.where(usable.any(axis=0), label, VOID).astype(np.uint8)
 
 
-def strategy_labels(index, prob, label, scale, options, strategies) -> dict[str, np.ndarray]:
+def strategy_labels(
+    index, prob, label, scale, options, strategies, decodes: dict[str, Decode] | None = None
+) -> dict[str, np.ndarray]:
     """{strategy: (H, W) uint8 label back at full resolution} for one image and level.
-    ``index``/``prob``: its stored top-K soft label; ``label``: (H, W) full-resolution truth."""
+    ``index``/``prob``: its stored top-K soft label; ``label``: (H, W) full-resolution truth;
+    ``decodes``: {strategy: Decode} of this level's decoded soft strategies."""
     hw = label.shape
     out = {}
     for s in strategies:
@@ -71,6 +105,8 @@ def strategy_labels(index, prob, label, scale, options, strategies) -> dict[str,
             out[s] = soft_bilinear_argmax(index, prob, hw)
         elif s == "soft-argmax":
             out[s] = nearest_up(hard_argmax(index, prob), hw)
+        elif s in DECODED.values():
+            out[s] = soft_bilinear_argmax(index, prob, hw, decodes[s])
         else:
             size = level_size(hw, scale, options.short_side)
             small = Resampler.make(hw, size, NEAREST[s]).nearest_label(label)
@@ -87,6 +123,7 @@ class FidelityReport:
     split: str
     images: int
     confusion: dict[str, dict[str, np.ndarray]]
+    decodes: dict[str, dict[str, Decode]] = field(default_factory=dict)  # level -> strategy
 
     @property
     def levels(self) -> list[str]:
@@ -98,15 +135,11 @@ class FidelityReport:
 
     def iou(self, level: str, strategy: str) -> np.ndarray:
         """(C,) IoU per class; NaN where a class is neither true nor labelled."""
-        m = self.confusion[level][strategy].astype(np.float64)
-        tp = np.diag(m[:, : len(self.classes)])
-        union = m.sum(1) + m[:, : len(self.classes)].sum(0) - tp
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(union > 0, tp / union, np.nan)
+        return iou(self.confusion[level][strategy].astype(np.float64))
 
     def miou(self, level: str, strategy: str) -> float:
-        iou = self.iou(level, strategy)
-        return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+        v = self.iou(level, strategy)
+        return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
 
     def records(self) -> list[dict]:
         rows = []
@@ -134,7 +167,9 @@ class FidelityReport:
             w.writerows(rows)
 
     def write_json(self, path: Path) -> None:
-        doc = {"split": self.split, "images": self.images, "summary": self.summary()}
+        doc = {"split": self.split, "images": self.images, "summary": self.summary(),
+               "decodes": {level: {s: d.to_dict() for s, d in fitted.items()}
+                           for level, fitted in self.decodes.items()}}  # fmt: skip
         Path(path).write_text(json.dumps(doc | {"rows": self.records()}, indent=1))
 
     def plot(self, path: Path) -> None:
@@ -165,11 +200,38 @@ class FidelityReport:
         plt.close(fig)
 
 
-def _score(conf: dict, truth, index, prob, scale, options, strategies, c: int) -> None:
-    """Add one image at one level to every strategy's confusion matrix."""
-    labels = strategy_labels(index, prob, truth, scale, options, strategies)
-    for s, predicted in labels.items():
-        _accumulate(conf[scale_label(scale)][s], truth, predicted, c)
+def _store_images(store: SoftStore, split: str):
+    """(count, iterator of (truth, [(scale, index, prob)])) of a store's evaluation split."""
+    if split not in store.meta.get("eval_splits", []) or split not in store.splits:
+        raise StoreError(
+            f"{store.url}: split '{split}' has no full-resolution labels to score against "
+            f"(evaluation splits: {', '.join(store.meta.get('eval_splits', [])) or 'none'})"
+        )
+    items = np.flatnonzero((store.split_of() == split) & store.done())
+
+    def images():
+        for i in items:
+            yield (store.read_full_label(int(i)),
+                   [(s, *store.read_soft(s, int(i))) for s in store.scales])  # fmt: skip
+
+    return len(items), images()
+
+
+def _dataset_images(manifest, root, options: BuildOptions, split: str):
+    """(count, iterator of (truth, [(scale, index, prob)])) computed from label files."""
+    pairs = labelled_pairs(manifest, root, split)
+
+    def images():
+        for pair in pairs:
+            truth = decode_label(pair.label, manifest)
+            levels = []
+            for scale in options.scales:
+                size = level_size(truth.shape, scale, options.short_side)
+                r = Resampler.make(truth.shape, size, options.kernel, options.antialias)
+                levels.append((scale, *decode_planes(r.soft_planes(truth, options.k)[0])))
+            yield truth, levels
+
+    return len(pairs), images()
 
 
 def _accumulate(confusion: np.ndarray, truth: np.ndarray, labels: np.ndarray, c: int) -> None:
@@ -180,61 +242,88 @@ def _accumulate(confusion: np.ndarray, truth: np.ndarray, labels: np.ndarray, c:
     ).reshape(c, c + 1)
 
 
-def _strategies(compare: list[str]) -> list[str]:
+def _strategies(compare: list[str], decodes: list[str]) -> list[str]:
     unknown = [s for s in compare if s not in NEAREST and s not in SOFT]
     if unknown:
         raise ValueError(f"unknown strategies {unknown}; compare with nn, nn-floor")
-    return list(SOFT) + [s for s in compare if s not in SOFT]
+    unknown = [d for d in decodes if d not in DECODED and d != "argmax"]
+    if unknown:
+        raise ValueError(f"unknown decodes {unknown}; choose from argmax, prior, bias")
+    decoded = [DECODED[d] for d in DECODED if d in decodes]
+    return list(SOFT) + decoded + [s for s in compare if s not in SOFT]
 
 
-def from_store(
-    store: SoftStore, compare: list[str] = ("nn", "nn-floor"), split: str = "val", progress=None
-) -> FidelityReport:
-    """Fidelity of a store's soft labels (and of nearest-neighbour labels of the same
-    images) on an evaluation split, against its full-resolution labels."""
-    strategies = _strategies(list(compare))
-    if split not in store.meta.get("eval_splits", []) or split not in store.splits:
-        raise StoreError(
-            f"{store.url}: split '{split}' has no full-resolution labels to score against "
-            f"(evaluation splits: {', '.join(store.meta.get('eval_splits', [])) or 'none'})"
-        )
-    items = np.flatnonzero((store.split_of() == split) & store.done())
-    c = store.num_classes
-    options = BuildOptions(scales=tuple(store.scales), short_side=store.meta.get("short_side"))
-    conf = {
-        scale_label(s): {k: np.zeros((c, c + 1), np.int64) for k in strategies}
-        for s in store.scales
-    }
-    for n, i in enumerate(items):
-        truth = store.read_full_label(int(i))
-        for scale in store.scales:
-            index, prob = store.read_soft(scale, int(i))
-            _score(conf, truth, index, prob, scale, options, strategies, c)
+def fit_decodes(images, c: int, kinds: list[str], fit_split: str, progress=None):
+    """{level: {strategy: Decode}} fitted on ``images`` (an iterator as ``_store_images``
+    gives) for each decode kind of ``DECODED`` in ``kinds``."""
+    kinds = [k for k in DECODED if k in kinds]
+    samples = {}
+    for n, (truth, levels) in enumerate(images):
+        for scale, index, prob in levels:
+            sample = samples.setdefault(scale_label(scale), DecodeSample(c, FIT_PIXELS))
+            sample.add(soft_bilinear_probs(index, prob, truth.shape, c), truth)
         if progress:
-            progress(n + 1, len(items))
-    return FidelityReport(store.manifest.class_names, split, len(items), conf)
+            progress(n + 1)
+    return {
+        level: {DECODED[k]: fit_decode(sample, k, fit_split) for k in kinds}
+        for level, sample in samples.items()
+    }
 
 
-def from_dataset(
-    manifest, root, options: BuildOptions, compare: list[str] = ("nn", "nn-floor"),
-    split: str = "val", progress=None,
-) -> FidelityReport:  # fmt: skip
-    """The same report from the label files, soft labels computed (and quantised) as a
-    build with ``options`` would store them."""
-    strategies = _strategies(list(compare))
-    pairs = labelled_pairs(manifest, root, split)
-    c = manifest.num_classes
+def _report(images, count, classes, options, strategies, decodes, split, progress=None):
+    c = len(classes)
     conf = {
         scale_label(s): {k: np.zeros((c, c + 1), np.int64) for k in strategies}
         for s in options.scales
     }
-    for n, pair in enumerate(pairs):
-        truth = decode_label(pair.label, manifest)
-        for scale in options.scales:
-            size = level_size(truth.shape, scale, options.short_side)
-            r = Resampler.make(truth.shape, size, options.kernel, options.antialias)
-            index, prob = decode_planes(r.soft_planes(truth, options.k)[0])
-            _score(conf, truth, index, prob, scale, options, strategies, c)
+    for n, (truth, levels) in enumerate(images):
+        for scale, index, prob in levels:
+            level = scale_label(scale)
+            labels = strategy_labels(
+                index, prob, truth, scale, options, strategies, decodes.get(level)
+            )
+            for s, predicted in labels.items():
+                _accumulate(conf[level][s], truth, predicted, c)
         if progress:
-            progress(n + 1, len(pairs))
-    return FidelityReport(manifest.class_names, split, len(pairs), conf)
+            progress(n + 1)
+    return FidelityReport(classes, split, count, conf, decodes)
+
+
+def _run(source, classes, options, compare, split, decodes, fit_split, progress):
+    """Fit the decodes on ``fit_split`` (if any asked), then score ``split``."""
+    strategies = _strategies(list(compare), list(decodes))
+    count, images = source(split)
+    fitted, done, total = {}, 0, count
+    if any(d in DECODED for d in decodes):
+        fit_count, fit_images = source(fit_split)
+        done, total = fit_count, fit_count + count
+        step = (lambda n: progress(n, total)) if progress else None
+        fitted = fit_decodes(fit_images, len(classes), list(decodes), fit_split, step)
+    step = (lambda n: progress(done + n, total)) if progress else None
+    return _report(images, count, classes, options, strategies, fitted, split, step)
+
+
+def from_store(
+    store: SoftStore, compare: list[str] = ("nn", "nn-floor"), split: str = "val",
+    progress=None, decodes: list[str] = (), fit_split: str = "val",
+) -> FidelityReport:  # fmt: skip
+    """Fidelity of a store's soft labels (and of nearest-neighbour labels of the same
+    images) on an evaluation split, against its full-resolution labels; ``decodes``
+    (``prior``, ``bias``) are fitted on ``fit_split`` and scored on ``split``."""
+    options = BuildOptions(scales=tuple(store.scales), short_side=store.meta.get("short_side"))
+    return _run(
+        lambda s: _store_images(store, s), store.manifest.class_names, options, compare,
+        split, decodes, fit_split, progress,
+    )  # fmt: skip
+
+
+def from_dataset(
+    manifest, root, options: BuildOptions, compare: list[str] = ("nn", "nn-floor"),
+    split: str = "val", progress=None, decodes: list[str] = (), fit_split: str = "val",
+) -> FidelityReport:  # fmt: skip
+    """The same report from the label files, soft labels computed (and quantised) as a
+    build with ``options`` would store them."""
+    return _run(
+        lambda s: _dataset_images(manifest, root, options, s), manifest.class_names, options,
+        compare, split, decodes, fit_split, progress,
+    )  # fmt: skip

@@ -239,14 +239,18 @@ def row_changes(label):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def bilinear_argmax(index, prob, y0, y1, wy, x0, x1, wx, void):  # pragma: no cover - compiled
+def bilinear_argmax(
+    index, prob, y0, y1, wy, x0, x1, wx, weight, void
+):  # pragma: no cover - compiled
     """Argmax of the bilinear up-sampling of a top-K soft label, without a dense volume.
 
     ``index``/``prob``: (K, h, w) uint8 class ids and probabilities (any scale); ``y0``,
     ``y1``: (H,) int64 source rows of each output row and ``wy`` (H,) float64 the weight of
-    ``y1``; likewise ``x0``, ``x1``, ``wx`` for columns. Returns (H, W) uint8: the non-void
-    class of largest up-sampled probability (ties: lower id), ``void`` where only void has
-    mass. Each output pixel sums at most 4K (class, weight) pairs: cost pixels x K.
+    ``y1``; likewise ``x0``, ``x1``, ``wx`` for columns; ``weight`` (256,) float64 a factor
+    per class id (a decode, ``softprep.decode``; ones: the plain argmax). Returns (H, W)
+    uint8: the non-void class of largest weighted up-sampled probability (ties: lower id),
+    ``void`` where only void has mass. Each output pixel sums at most 4K (class, weight)
+    pairs: cost pixels x K.
     """
     k = index.shape[0]
     ho, wo = y0.shape[0], x0.shape[0]
@@ -270,9 +274,10 @@ def bilinear_argmax(index, prob, y0, y1, wy, x0, x1, wx, void):  # pragma: no co
                     if p == 0 or c == void:
                         continue
                     n = _accumulate(labels, mass, n, c, w * p)
-            best = -1
+            best, best_mass = -1, 0.0
             for j in range(n):
-                if best < 0 or _before(mass[j], labels[j], mass[best], labels[best]):
-                    best = j
+                m = mass[j] * weight[labels[j]]
+                if best < 0 or _before(m, labels[j], best_mass, labels[best]):
+                    best, best_mass = j, m
             out[oy, ox] = labels[best] if best >= 0 else void
     return out

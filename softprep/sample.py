@@ -20,14 +20,14 @@ ROLES = {
     "sky": ["sky"],
     "building": ["building"],
     "road": ["road"],
-    "sidewalk": ["sidewalk"],
+    "sidewalk": ["sidewalk", "pavement"],
     "vegetation": ["vegetation", "tree"],
     "pole": ["pole"],
     "fence": ["fence"],
     "traffic_light": ["traffic light"],
     "sign": ["traffic sign", "signboard", "sign"],
-    "person": ["person"],
-    "bicycle": ["bicycle"],
+    "person": ["person", "pedestrian"],
+    "bicycle": ["bicycle", "bicyclist"],
     "car": ["car"],
 }
 
@@ -35,6 +35,7 @@ DEFAULT_SIZES = {
     "cityscapes": (256, 512),
     "mapillary": (300, 400),
     "ade20k": (256, 320),
+    "camvid": (360, 480),
 }
 
 
@@ -119,6 +120,8 @@ def _stem(manifest: Manifest, split: str, i: int) -> str:
         return f"{city}/{city}_{i:06d}_000019"
     if manifest.dataset == "ade20k":
         return f"ADE_{'train' if split == 'train' else 'val'}_{i + 1:08d}"
+    if manifest.dataset == "camvid":
+        return f"0001TP_{6690 + 30 * i:06d}"
     return f"sample_{split}_{i:05d}"
 
 
@@ -148,7 +151,8 @@ def write_sample(
     of images (image-only splits get no label files).
 
     ``counts``: images per split (default train 6, val 2). ``size``: (H, W) for every image;
-    default varies per image around the dataset's typical aspect ratio (fixed for Cityscapes).
+    default varies per image around the dataset's typical aspect ratio (fixed for Cityscapes
+    and CamVid, 360x480).
     Labels use the dataset's raw encoding: Cityscapes labelIds (and labelTrainIds), Mapillary
     palette PNGs, ADE20K values 0..150.
     """
@@ -176,7 +180,7 @@ def write_sample(
     for split, count in counts.items():
         token = manifest.splits[split]
         for i in range(count):
-            if size is not None or manifest.dataset == "cityscapes":
+            if size is not None or manifest.dataset in ("cityscapes", "camvid"):
                 h, w = size or base
             else:
                 h = int(base[0] * rng.uniform(0.8, 1.25))

