@@ -71,6 +71,9 @@ class BuildOptions:
     scales: tuple[float, ...]
     kernel: str = "bilinear"
     antialias: bool = True
+    # the colour image's kernel when it is not ``kernel``: mmsegmentation's pipeline is
+    # kernel "nearest" for labels and colour_kernel "bilinear" (unpaired, the usual baseline)
+    colour_kernel: str | None = None
     k: int = 6
     short_side: int | None = None
     stats_for: tuple[str, ...] = ()
@@ -85,8 +88,9 @@ class BuildOptions:
             raise ValueError("give at least one scale")
         if self.weak is not None:
             WeakProtocol.parse(self.weak)
-        if self.kernel not in KERNELS:
-            raise ValueError(f"unknown kernel '{self.kernel}'; choose from {', '.join(KERNELS)}")
+        for kernel in (self.kernel, self.colour_kernel or self.kernel):
+            if kernel not in KERNELS:
+                raise ValueError(f"unknown kernel '{kernel}'; choose from {', '.join(KERNELS)}")
         if not 1 <= self.k <= 16:
             raise ValueError(f"k must be in 1..16, got {self.k}")
         if self.images_per_shard is not None and not 1 <= self.images_per_shard <= 256:
@@ -181,7 +185,10 @@ def process_pair(
         out_hw = level_size(label.shape, scale, options.short_side)
         r = Resampler.make(label.shape, out_hw, options.kernel, options.antialias)
         planes, soft_mass, truncated = r.soft_planes(label, options.k, changes)
-        arrays[store.level_name(scale)] = (planes, r.colour(image))
+        rc = r
+        if options.colour_kernel is not None:  # unpaired on purpose (a baseline)
+            rc = Resampler.make(label.shape, out_hw, options.colour_kernel, options.antialias)
+        arrays[store.level_name(scale)] = (planes, rc.colour(image))
         stats = {"truncated": np.array([truncated.sum(), truncated.max()])}
         stats |= strategy_masses(
             label, counts, out_hw, options, options.strategies, c, r, soft_mass
@@ -320,6 +327,8 @@ def _config(manifest: Manifest, options: BuildOptions) -> dict:
         del cfg["weak"], cfg["weak_seed"]
     if options.unlabeled is None:
         del cfg["unlabeled"]
+    if options.colour_kernel is None:  # paired stores record no colour kernel of their own
+        del cfg["colour_kernel"]
     cfg.update(dataset=manifest.dataset, version=manifest.version, variant=manifest.variant)
     return cfg
 
@@ -336,6 +345,7 @@ def _metadata(
         "dataset_version": manifest.version,
         "manifest": manifest.to_json(),
         "kernel": options.kernel,
+        **({"colour_kernel": options.colour_kernel} if options.colour_kernel else {}),
         "antialias": options.antialias,
         "scales": list(options.scales),
         "short_side": options.short_side,

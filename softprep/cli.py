@@ -172,6 +172,11 @@ def build(
         "bilinear",
         help=f"One of {', '.join(KERNELS)}; the colour image gets the same kernel.",
     ),
+    colour_kernel: str = typer.Option(
+        None,
+        help="Resize the colour image with another kernel than the labels: --kernel nearest "
+        "--colour-kernel bilinear is mmsegmentation's pipeline (the baseline users run).",
+    ),
     antialias: bool = typer.Option(
         True,
         help="--no-antialias: the paper's exact variant (fixed 2-tap bilinear / 4-tap bicubic).",
@@ -235,6 +240,7 @@ def build(
         options = BuildOptions(
             scales=_scales(scales),
             kernel=kernel,
+            colour_kernel=colour_kernel,
             antialias=antialias,
             k=k,
             short_side=short_side,
@@ -294,7 +300,9 @@ def info(
         return
     out.print(
         f"[bold]{d['url']}[/bold]: {d['dataset']} {d['dataset_version']}, {d['classes']} classes, "
-        f"kernel {d['kernel']} ({'antialiased' if d['antialias'] else 'no antialias'}), K={d['k']}, "
+        f"kernel {d['kernel']} ({'antialiased' if d['antialias'] else 'no antialias'})"
+        + (f", colour {d['colour_kernel']}" if d["colour_kernel"] else "")
+        + f", K={d['k']}, "
         f"{d['images_per_shard']} image(s) per shard"
     )
     out.print(

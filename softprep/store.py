@@ -798,6 +798,7 @@ class SoftStore:
             "image_only_splits": self.image_only_splits,
             "dataset_version": self.meta["dataset_version"],
             "kernel": self.meta["kernel"],
+            "colour_kernel": self.meta.get("colour_kernel"),
             "antialias": self.meta["antialias"],
             "k": self.k,
             "images_per_shard": self.images_per_shard,

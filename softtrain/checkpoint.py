@@ -191,7 +191,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-STORE_META = ("kernel", "antialias", "short_side", "dataset", "build_id", "manifest")
+STORE_META = (
+    "kernel",
+    "colour_kernel",
+    "antialias",
+    "short_side",
+    "dataset",
+    "build_id",
+    "manifest",
+)
 
 
 class RunCheckpoints:

@@ -143,7 +143,10 @@ def predict(
         levels = []
         for scale in scales:
             small = Resampler.make(
-                hw, level_size(hw, scale, meta["short_side"]), meta["kernel"], meta["antialias"]
+                hw,
+                level_size(hw, scale, meta["short_side"]),
+                meta.get("colour_kernel") or meta["kernel"],
+                meta["antialias"],
             ).colour(image)
             levels.append(torch.from_numpy(small.transpose(2, 0, 1).copy())[None].to(dev))
         scores = segment_scores(model, levels, opts, window, stride)

@@ -492,3 +492,34 @@ def test_never_overwrites_something_that_is_not_a_store(samples, tmp_path):
             BuildOptions(scales=(0.25,)),
         )
     assert (precious / "chapter1.tex").read_text() == "years of work"
+
+
+def test_mmseg_style_store_pairs_bilinear_colour_with_nearest_labels(samples, tmp_path):
+    """--kernel nearest --colour-kernel bilinear: the labels of a nearest store, the colour
+    of a bilinear one (mmsegmentation's pipeline); a resume with another colour kernel is
+    refused."""
+    root, m = samples["cityscapes"], load_manifest("cityscapes")
+    urls = {}
+    for name, options in {
+        "nearest": dict(kernel="nearest"),
+        "bilinear": dict(kernel="bilinear"),
+        "mmseg": dict(kernel="nearest", colour_kernel="bilinear"),
+    }.items():
+        urls[name] = str(tmp_path / f"{name}.zarr")
+        build(m, root, urls[name], BuildOptions(scales=(0.25,), **options))
+    stores = {k: SoftStore(v) for k, v in urls.items()}
+    for i in range(len(stores["mmseg"].names())):
+        assert np.array_equal(
+            stores["mmseg"].read_rgb("1/4", i), stores["bilinear"].read_rgb("1/4", i)
+        )
+        assert not np.array_equal(
+            stores["mmseg"].read_rgb("1/4", i), stores["nearest"].read_rgb("1/4", i)
+        )
+        for a, b in zip(
+            stores["mmseg"].read_probs("1/4", i), stores["nearest"].read_probs("1/4", i)
+        ):
+            assert np.array_equal(a, b)
+    assert stores["mmseg"].describe()["colour_kernel"] == "bilinear"
+    assert stores["bilinear"].describe()["colour_kernel"] is None
+    with pytest.raises(BuildError, match="colour_kernel: 'bilinear' -> 'bicubic'"):
+        build(m, root, urls["mmseg"], BuildOptions((0.25,), "nearest", colour_kernel="bicubic"))
