@@ -297,10 +297,30 @@ FlipOpt = typer.Option(False, "--flip", help="Test-time augmentation: add the fl
 TtaOpt = typer.Option(None, help="Test-time augmentation: more stored levels, e.g. 1/4 1/2.")
 
 
-def _inference(mode, window, stride, flip, tta_levels, bf16):
+DecodeFileOpt = typer.Option(
+    None,
+    "--decode",
+    help="A decode fitted by 'softtrain eval --decode prior|bias --save-decode FILE' (JSON): "
+    "per-class offsets that keep thin classes. [default: argmax]",
+)
+
+
+def _inference(mode, window, stride, flip, tta_levels, bf16, decode_file=None):
     from softtrain.evaluate import InferenceOptions
 
-    return InferenceOptions(mode, window, stride, flip, tuple(tta_levels or ()), bf16)
+    decode = None
+    if decode_file is not None:
+        from softprep.decode import Decode
+
+        try:
+            decode = Decode.from_dict(json.loads(Path(decode_file).read_text()))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{decode_file}: no such decode file") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"{decode_file}: not a decode written by --save-decode ({e})"
+            ) from None
+    return InferenceOptions(mode, window, stride, flip, tuple(tta_levels or ()), bf16, decode)
 
 
 @app.command("eval")
@@ -318,22 +338,49 @@ def evaluate(
     bf16: bool = typer.Option(False, help="bf16 autocast."),
     csv_path: Path = typer.Option(None, "--csv", help="Write per-class IoU and Acc as CSV."),
     json_path: Path = typer.Option(None, "--json", help="Write the metrics record as JSON."),
+    decode: str = typer.Option(
+        "argmax",
+        help="How probabilities become labels: argmax; prior (class-prior logit adjustment, "
+        "strength chosen on --fit-split) or bias (per-class offsets fitted for --fit-split's "
+        "mIoU), both keep thin classes; or a decode file (--save-decode).",
+    ),
+    fit_split: str = typer.Option("val", help="Split the prior/bias decode is fitted on."),
+    save_decode: Path = typer.Option(
+        None, help="Write the fitted decode (JSON) for 'eval/predict --decode FILE'."
+    ),
 ):
     """aAcc, mIoU, mAcc and per-class IoU / Acc of a checkpoint at full resolution."""
     with _user_errors():
+        from softprep.decode import KINDS
         from softprep.store import SoftStore
         from softtrain.evaluate import eval_checkpoint
         from softtrain.metrics import eval_record
 
-        opts = _inference(mode, window, stride, flip, tta_levels, bf16)
+        kind = decode if decode in KINDS else None
+        opts = _inference(mode, window, stride, flip, tta_levels, bf16, None if kind else decode)
+        if kind == "argmax":
+            kind = None
+        if kind and fit_split == split:
+            console.print(
+                tagged(
+                    "note",
+                    "yellow",
+                    f"the decode is fitted on the split it is "
+                    f"scored on ({split}): an optimistic figure",
+                ),
+                highlight=False,
+            )
         names = [c["name"] for c in SoftStore(store).classes]
         with progress_bar("evaluating") as progress:
             confusion, context = eval_checkpoint(
-                checkpoint, store, level, split, device, opts, progress
+                checkpoint, store, level, split, device, opts, progress, kind, fit_split
             )
         record = eval_record(confusion, names, **context)
     print_eval(record, f"{checkpoint} on {store} ({split}, {record['level']}, {mode})")
     write_eval(record, csv_path, json_path)
+    if save_decode and record["decode"]:
+        save_decode.write_text(json.dumps(record["decode"], indent=1))
+        out.print(f"wrote the {record['decode']['kind']} decode to {save_decode}")
 
 
 @app.command()
@@ -357,12 +404,13 @@ def predict(
     tta_levels: list[str] = TtaOpt,
     device: str = typer.Option("auto", help="cuda, cpu or auto."),
     bf16: bool = typer.Option(False, help="bf16 autocast."),
+    decode: Path = DecodeFileOpt,
 ):
     """One label PNG per image (same name, .png), at the image's full resolution."""
     with _user_errors():
         from softtrain.predict import predict as run_predict
 
-        opts = _inference(mode, window, stride, flip, tta_levels, bf16)
+        opts = _inference(mode, window, stride, flip, tta_levels, bf16, decode)
         with progress_bar("predicting") as progress:
             written = run_predict(
                 checkpoint, images, out_dir, fmt, overlays, device, opts, progress

@@ -8,6 +8,10 @@
 - Test-time augmentation: ``flip`` adds the horizontally flipped image; ``tta_levels`` adds
   other stored levels of the same image. Softmax probabilities are averaged at the main
   level's score size, then upsampled.
+- Decodes (``softprep.decode``): per-class offsets ``b`` on log probabilities, fitted on
+  one split for its mIoU (``fit_model_decode``), so thin classes below one half still win
+  their pixels: labels are ``argmax(logits + b)`` of the upsampled logits (with TTA,
+  ``argmax(exp(b) p)`` of the upsampled averaged probabilities).
 
 The upsample + argmax runs over chunks of classes, so a 124-class 4000x6000 label never
 needs all class scores at full resolution at once (the result is identical).
@@ -15,12 +19,14 @@ needs all class scores at full resolution at once (the result is identical).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
+from softprep.decode import Decode, DecodeSample, fit_decode
 from softprep.store import SoftStore, StoreError, parse_scale, scale_label
 from softtrain import distributed
 from softtrain.checkpoint import load_checkpoint
@@ -44,10 +50,16 @@ class InferenceOptions:
     flip: bool = False
     tta_levels: tuple[str, ...] = ()
     bf16: bool = False
+    decode: Decode | None = None  # None: the plain argmax
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown mode '{self.mode}'; choose from {', '.join(MODES)}")
+
+    @property
+    def averaged(self) -> bool:
+        """Whether ``segment_scores`` gives averaged probabilities (TTA), not logits."""
+        return self.flip or bool(self.tta_levels)
 
     def windows(self, crop: str) -> tuple[tuple[int, int], tuple[int, int]]:
         """(window, stride) in pixels of the level image, defaults from the training crop."""
@@ -105,6 +117,21 @@ def segment_scores(model, images: list[torch.Tensor], opts: InferenceOptions, wi
     return probs / (len(images) * (2 if opts.flip else 1))
 
 
+def decode_labels(scores: torch.Tensor, size: tuple[int, int], opts: InferenceOptions):
+    """(1, C, h, w) ``segment_scores`` -> (H, W) int64 labels at ``size``: the argmax of
+    their bilinear upsampling after ``opts.decode``'s per-class offsets."""
+    if opts.decode is not None:
+        bias = torch.tensor(opts.decode.bias, dtype=scores.dtype, device=scores.device)
+        if len(bias) != scores.shape[1]:
+            raise ValueError(
+                f"the decode has {len(bias)} classes, the model {scores.shape[1]}: fitted for "
+                "another dataset"
+            )
+        bias = bias.view(1, -1, 1, 1)
+        scores = scores * bias.exp() if opts.averaged else scores + bias
+    return upsample_argmax(scores, size)
+
+
 def upsample_argmax(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(1, C, h, w) scores -> (H, W) int64 argmax of their bilinear upsampling to ``size``,
     computed over chunks of classes (identical to upsampling all at once)."""
@@ -150,12 +177,59 @@ def evaluate(
         images = [x.to(device) for x in batch["images"]]
         label = batch["label"][0].to(device)
         scores = segment_scores(model, images, opts, window, stride)
-        confusion.update(upsample_argmax(scores, tuple(label.shape)), label)
+        confusion.update(decode_labels(scores, tuple(label.shape), opts), label)
         if progress:
             progress(n + 1, len(share))
     distributed.sum_(ranks, confusion.matrix)
     model.train(was_training)
     return confusion
+
+
+@torch.no_grad()
+def fit_model_decode(
+    model,
+    dataset: EvalDataset,
+    num_classes: int,
+    device,
+    kind: str,
+    split: str,
+    opts: InferenceOptions | None = None,
+    crop: str = "512x1024",
+    progress=None,
+    every: int = 4,
+    max_pixels: int | None = 20_000,
+) -> Decode:
+    """A decode of ``kind`` (``softprep.decode.KINDS``) fitted for the mIoU of ``model`` on
+    ``dataset`` (the fit split, named ``split``): the upsampled class probabilities at
+    every ``every``-th pixel of each row and column (offsets varying per image; sampled
+    with ``grid_sample``, exactly the values of the full bilinear upsampling), at most
+    ``max_pixels`` per image kept (``DecodeSample``; None: all, the fit is then exact)."""
+    opts = opts or InferenceOptions()
+    window, stride = opts.windows(crop)
+    was_training = model.training
+    model.eval()
+    sample = DecodeSample(num_classes, max_pixels=max_pixels, seed=0)
+    loader = DataLoader(dataset, batch_size=1, num_workers=0)
+    for n, batch in enumerate(loader):
+        images = [x.to(device) for x in batch["images"]]
+        label = batch["label"][0]
+        scores = segment_scores(model, images, opts, window, stride).float()
+        h, w = label.shape
+        ys = torch.arange(n % every, h, every)
+        xs = torch.arange((n // every) % every, w, every)
+        grid = torch.stack(  # normalised pixel centres, as F.interpolate samples them
+            torch.meshgrid((2 * xs + 1) / w - 1, (2 * ys + 1) / h - 1, indexing="xy"), -1
+        )
+        up = F.grid_sample(
+            scores, grid[None].to(scores.device), mode="bilinear", padding_mode="border",
+            align_corners=False,
+        )[0]  # fmt: skip
+        probs = up if opts.averaged else up.softmax(0)
+        sample.add(probs.cpu().numpy(), label[ys][:, xs].numpy().astype(np.uint8))
+        if progress:
+            progress(n + 1, len(dataset))
+    model.train(was_training)
+    return fit_decode(sample, kind, fitted_on=split)
 
 
 def model_from_checkpoint(ckpt: dict, device) -> torch.nn.Module:
@@ -196,9 +270,13 @@ def eval_checkpoint(
     device: str = "auto",
     opts: InferenceOptions | None = None,
     progress=None,
+    fit_kind: str | None = None,
+    fit_split: str = "val",
 ) -> tuple[Confusion, dict]:
-    """Evaluate a checkpoint on a store split at full resolution. Returns the confusion
-    matrix and the record's context (checkpoint, step, split, level, mode)."""
+    """Evaluate a checkpoint on a store split at full resolution. ``fit_kind``: first fit a
+    decode of that kind on ``fit_split`` and score with it (else ``opts.decode``). Returns
+    the confusion matrix and the record's context (checkpoint, step, split, level, mode,
+    decode)."""
     store = SoftStore(store_url)
     ckpt = load_checkpoint(checkpoint, store.classes)
     opts = opts or InferenceOptions()
@@ -206,9 +284,12 @@ def eval_checkpoint(
     dataset = eval_dataset(store_url, level, split, opts.tta_levels)
     dev = resolve_device(device)
     model = model_from_checkpoint(ckpt, dev)
-    confusion = evaluate(
-        model, dataset, len(store.classes), dev, opts, ckpt["config"]["crop"], progress
-    )
+    crop, c = ckpt["config"]["crop"], len(store.classes)
+    if fit_kind is not None:
+        fitset = eval_dataset(store_url, level, fit_split, opts.tta_levels)
+        decode = fit_model_decode(model, fitset, c, dev, fit_kind, fit_split, opts, crop)
+        opts = replace(opts, decode=decode)
+    confusion = evaluate(model, dataset, c, dev, opts, crop, progress)
     context = {
         "checkpoint": str(checkpoint),
         "step": ckpt["step"],
@@ -217,5 +298,6 @@ def eval_checkpoint(
         "mode": opts.mode,
         "flip": opts.flip,
         "tta_levels": list(opts.tta_levels),
+        "decode": opts.decode.to_dict() if opts.decode else None,
     }
     return confusion, context

@@ -26,10 +26,10 @@ from softprep.store import parse_scale
 from softtrain.checkpoint import load_checkpoint
 from softtrain.evaluate import (
     InferenceOptions,
+    decode_labels,
     model_from_checkpoint,
     resolve_device,
     segment_scores,
-    upsample_argmax,
 )
 
 FORMATS = ("trainIds", "labelIds", "palette")
@@ -150,7 +150,7 @@ def predict(
             ).colour(image)
             levels.append(torch.from_numpy(small.transpose(2, 0, 1).copy())[None].to(dev))
         scores = segment_scores(model, levels, opts, window, stride)
-        pred = upsample_argmax(scores, hw).cpu().numpy().astype(np.uint8)
+        pred = decode_labels(scores, hw, opts).cpu().numpy().astype(np.uint8)
         target.parent.mkdir(parents=True, exist_ok=True)
         _encode(pred, fmt, manifest, palette).save(target)
         written.append(target)

@@ -3,6 +3,7 @@ upsampling, label-less splits refused, prediction formats through the manifest, 
 official Cityscapes evaluator scoring our predictions exactly as ``softtrain eval`` does."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,3 +201,64 @@ def test_official_cityscapes_evaluator_agrees_with_softtrain_eval(
         assert (np.isnan(iou) and np.isnan(theirs)) or theirs == pytest.approx(iou, abs=1e-9)
     gt_label = decode_label(gt[0], load_manifest("cityscapes"))
     assert gt_label.shape == np.asarray(Image.open(ev.getPrediction(ev.args, gt[0]))).shape
+
+
+def test_decodes_equal_a_dense_reference_and_a_fitted_bias_never_loses_on_its_split(
+    cityscapes_run, samples
+):
+    from dataclasses import replace
+
+    from softprep.decode import Decode
+
+    url, ckpt = cityscapes_run
+    model = evaluation.model_from_checkpoint(torch.load(ckpt, weights_only=False), "cpu")
+    data = eval_dataset(url, "1/4", "val")
+    item = data[0]
+    with torch.no_grad():
+        scores = model(normalise(item["images"][0][None]))
+    size = tuple(item["label"].shape)
+    bias = torch.linspace(-1, 1, scores.shape[1])
+    opts = InferenceOptions(decode=Decode("bias", tuple(bias.tolist())))
+    dense = F.interpolate(scores, size, mode="bilinear", align_corners=False)[0]
+    expected = (dense + bias.view(-1, 1, 1)).argmax(0)  # upsample everything, then decide
+    assert torch.equal(evaluation.decode_labels(scores, size, opts), expected)
+    tta = replace(opts, flip=True)  # averaged probabilities: weights exp(b) on them
+    probs = dense.softmax(0)
+    assert torch.equal(
+        evaluation.decode_labels(dense.softmax(0)[None], size, tta),
+        (probs * bias.exp().view(-1, 1, 1)).argmax(0),
+    )
+    c = len(load_manifest("cityscapes").classes)
+    for kind in ("prior", "bias"):
+        decode = evaluation.fit_model_decode(
+            model, data, c, "cpu", kind, "val", crop="32x64", every=1, max_pixels=None
+        )
+        plain = evaluation.evaluate(model, data, c, "cpu", InferenceOptions(), "32x64")
+        fitted = evaluation.evaluate(
+            model, data, c, "cpu", InferenceOptions(decode=decode), "32x64"
+        )
+        assert decode.fitted_on == "val" and fitted.miou() >= plain.miou() - 1e-9, kind
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            "--store",
+            url,
+            "--checkpoint",
+            ckpt,
+            "--decode",
+            "bias",
+            "--split",
+            "val",
+            "--save-decode",
+            str(Path(ckpt).parent / "d.json"),
+        ],
+    )
+    assert r.exit_code == 0 and "optimistic" in r.output, r.output
+    image = next((samples["cityscapes"] / "leftImg8bit/val").rglob("*.png"))
+    decode_file = Path(ckpt).parent / "d.json"
+    args = ["predict", str(image), "--checkpoint", ckpt, "--out", str(Path(ckpt).parent / "p")]
+    assert runner.invoke(app, [*args, "--decode", str(decode_file)]).exit_code == 0
+    decode_file.write_text("{}")
+    r = runner.invoke(app, [*args, "--decode", str(decode_file)])
+    assert r.exit_code == 2 and "not a decode written by --save-decode" in r.output
