@@ -27,7 +27,7 @@ from softprep.render import render
 from softprep.resample import KERNELS
 from softprep.sample import write_sample
 from softprep.store import SoftStore, StoreError, parse_scale
-from softprep.terminal import progress_bar, run_app, show_notes, tagged
+from softprep.terminal import progress_bar, run_app, show_notes, tagged, version_option
 from softprep.terminal import user_errors as _user_errors
 from softprep.verify import verify as run_verify
 
@@ -49,7 +49,7 @@ def user_errors():
 
 
 @app.callback()
-def _setup() -> None:
+def _setup(version: bool = version_option("softprep")) -> None:
     show_notes("softprep")
 
 

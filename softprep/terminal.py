@@ -68,6 +68,19 @@ class _Notes(logging.Handler):
         console.print(tagged("note", "yellow", record.getMessage()), highlight=False)
 
 
+def version_option(prog: str):
+    """A ``--version`` option for a Typer callback: prints ``<prog> <version>`` and exits."""
+    from softprep import __version__
+
+    def show(value: bool) -> None:
+        if value:
+            print(f"{prog} {__version__}")
+            raise typer.Exit()
+
+    return typer.Option(False, "--version", callback=show, is_eager=True,
+                        help="Print the version and exit.")  # fmt: skip
+
+
 def show_notes(logger: str) -> None:
     """Print the library's warnings (logger ``softprep`` / ``softtrain``) as ``note:`` lines
     on stderr; installed once per process by each CLI."""

@@ -20,6 +20,8 @@ The public API (imported on first use, so ``import softtrain`` stays light)::
 
 from importlib import import_module
 
+from softprep import __version__  # one distribution, one version
+
 _EXPORTS = {
     "CropDataset": "softtrain.data",
     "EvalDataset": "softtrain.data",
@@ -33,13 +35,13 @@ _EXPORTS = {
     "build_model": "softtrain.models",
     "FitConfig": "softtrain.config",
     "RunSampler": "softtrain.loader",
-    "TrainingError": "softtrain.fit",
+    "TrainingError": "softtrain.errors",
     "eval_checkpoint": "softtrain.evaluate",
     "InferenceOptions": "softtrain.evaluate",
     "load_checkpoint": "softtrain.checkpoint",
     "CheckpointError": "softtrain.checkpoint",
 }
-__all__ = list(_EXPORTS)
+__all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str):

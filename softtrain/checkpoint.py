@@ -249,9 +249,11 @@ class RunCheckpoints:
         return step, ckpt["best_miou"]
 
     def _write(self, path: Path, rng, step, best, model, optimizer, scheduler, regime) -> None:
+        optimiser = {} if optimizer is None else {
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()
+        }  # fmt: skip
         save_checkpoint(
-            path, model=model.state_dict(), optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(), step=step, best_miou=best, rng=rng,
+            path, model=model.state_dict(), **optimiser, step=step, best_miou=best, rng=rng,
             **regime.state(), **self.meta,
         )  # fmt: skip
 
@@ -268,8 +270,10 @@ class RunCheckpoints:
             keep_last(self.out, keep)
         self.runlog.plot()
 
-    def save_best(self, step, miou, model, optimizer, scheduler, regime) -> None:
-        """``best.pt``: a new best mIoU ``miou`` at ``step``."""
+    def save_best(self, step, miou, model, regime) -> None:
+        """``best.pt``: a new best mIoU ``miou`` at ``step``; the weights (and the regime's
+        state) only, no optimiser state: it is for eval, predict and export (a third of
+        ``last.pt``'s size with SGD momentum)."""
         rng = self.gather(self.rng_at_step)
         if self.ranks.main:
-            self._write(self.out / "best.pt", rng, step, miou, model, optimizer, scheduler, regime)
+            self._write(self.out / "best.pt", rng, step, miou, model, None, None, regime)

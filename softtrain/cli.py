@@ -25,11 +25,13 @@ from softprep.terminal import (
     show_notes,
     tagged,
     user_errors,
+    version_option,
 )
 from softtrain.config import FitConfig
 
 app = typer.Typer(
-    help="Segmentation training on softprep soft-label stores: fit, eval, predict.",
+    help="Segmentation training on softprep soft-label stores: fit, compare, eval, predict, "
+    "models, bench-loader.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -39,16 +41,25 @@ MULTI_VALUE = ("--levels", "--level-weights", "--tta-levels", "--arm", "--seeds"
 
 
 def _user_errors():
-    from softprep.store import StoreError
-    from softtrain.checkpoint import CheckpointError
-    from softtrain.fit import TrainingError
+    """Bad input as one line and exit 2. Store and checkpoint errors are ValueErrors; nothing
+    here imports torch, so argument errors answer at once."""
+    from softtrain.errors import TrainingError
 
-    return user_errors((StoreError, TrainingError, CheckpointError, ValueError, FileNotFoundError))
+    return user_errors((TrainingError, ValueError, FileNotFoundError))
 
 
 @app.callback()
-def _setup() -> None:
+def _setup(version: bool = version_option("softtrain")) -> None:
     show_notes("softtrain")
+
+
+def _say(lines: list[str]) -> None:
+    """The run's start-up banner on stderr; ``note:`` lines in the notes' colour."""
+    for line in lines:
+        if line.startswith("note: "):
+            console.print(tagged("note", "yellow", line[6:]), highlight=False)
+        else:
+            console.print(line, highlight=False)
 
 
 def _step_text(log) -> str:
@@ -211,7 +222,9 @@ def fit(
 
         with fit_reporter(cfg.optim.iters) as (on_log, on_eval):
             try:
-                result = training.fit(cfg, resume, overwrite, on_log=on_log, on_eval=on_eval)
+                result = training.fit(
+                    cfg, resume, overwrite, on_log=on_log, on_eval=on_eval, on_start=_say
+                )
             except training.Interrupted as e:
                 console.print(tagged("interrupted", "yellow", e), highlight=False)
                 raise typer.Exit(128 + e.signum) from None
@@ -353,6 +366,8 @@ def evaluate(
     with _user_errors():
         from softprep.decode import KINDS
         from softprep.store import SoftStore
+
+        names = [c["name"] for c in SoftStore(store).classes]  # a bad store: before torch
         from softtrain.evaluate import eval_checkpoint
         from softtrain.metrics import eval_record
 
@@ -370,7 +385,6 @@ def evaluate(
                 ),
                 highlight=False,
             )
-        names = [c["name"] for c in SoftStore(store).classes]
         with progress_bar("evaluating") as progress:
             confusion, context = eval_checkpoint(
                 checkpoint, store, level, split, device, opts, progress, kind, fit_split

@@ -158,6 +158,17 @@ class CropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def padding_share(self) -> dict[float, float]:
+        """Per level: the mean share of a crop that is padding (void), over this dataset's
+        images (a crop larger than the image at that level is padded)."""
+        ch, cw = self.crop
+        shares = {}
+        for s in self.scales:
+            hw = self.hw[s][self.items]
+            inside = np.minimum(hw[:, 0], ch) * np.minimum(hw[:, 1], cw) / (ch * cw)
+            shares[s] = float(1 - inside.mean()) if len(hw) else 0.0
+        return shares
+
     def subset(self, items: np.ndarray, seed: int | None) -> CropDataset:
         """The same crops restricted to store images ``items`` (e.g. the labelled share),
         with their own ``seed``; the store is not checked again."""

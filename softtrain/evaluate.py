@@ -242,9 +242,26 @@ def model_from_checkpoint(ckpt: dict, device) -> torch.nn.Module:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``: the GPU if PyTorch sees one, else the CPU. A device that does not exist
+    here is refused (``ValueError``, one sentence) before anything is written."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"--device {name}: PyTorch sees no CUDA GPU on this machine "
+                f"(torch {torch.__version__}); use --device cpu or auto"
+            )
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA GPU(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: softtrain runs on cpu or cuda")
+    return device
 
 
 def eval_dataset(url: str, level: str, split: str, tta_levels=()) -> EvalDataset:

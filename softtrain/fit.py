@@ -40,6 +40,7 @@ from softtrain.checkpoint import (
 from softtrain.config import FitConfig
 from softtrain.data import CropDataset, EvalDataset, normalise, parse_crop
 from softtrain.distributed import Ranks
+from softtrain.errors import TrainingError
 from softtrain.evaluate import eval_dataset, evaluate, resolve_device
 from softtrain.loader import worker_error
 from softtrain.metrics import eval_record
@@ -49,11 +50,6 @@ from softtrain.runlog import RunLog, StepLog, Throughput
 from softtrain.signals import Interrupted, stop_signals
 
 log = logging.getLogger("softtrain")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start or had to stop (non-finite loss, refused resume); the message
-    says why and what to do."""
 
 
 def poly_lr(step: int, cfg: FitConfig) -> float:
@@ -115,8 +111,15 @@ def open_inputs(cfg: FitConfig, ranks: Ranks, resume: bool, overwrite: bool, cle
             f"batch of {cfg.optim.batch_size} per process x {ranks.world} process(es)"
         )
     eval_level = cfg.run.eval_level or scale_label(max(train.scales))
+    split, evaluable = cfg.run.eval_split, [s for s in store.splits if s in store.meta.get(
+        "eval_splits", [])]  # fmt: skip
+    if split not in store.splits and evaluable:
+        raise TrainingError(
+            f"--eval-split {split}: {cfg.data.store} has no such split; its evaluation "
+            f"split(s): {', '.join(evaluable)}"
+        )
     try:
-        evalset = eval_dataset(cfg.data.store, eval_level, cfg.run.eval_split)
+        evalset = eval_dataset(cfg.data.store, eval_level, split)
     except StoreError as e:
         evalset = None
         if ranks.main:
@@ -134,25 +137,33 @@ def open_inputs(cfg: FitConfig, ranks: Ranks, resume: bool, overwrite: bool, cle
 
 
 def fit(
-    cfg: FitConfig, resume: bool = False, overwrite: bool = False, on_log=None, on_eval=None
+    cfg: FitConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_log=None,
+    on_eval=None,
+    on_start=None,
 ) -> dict:
     """Train per ``cfg``; returns {"best_miou", "last_miou", "step", "rank"} (mIoU None when
-    the store has no evaluation split). ``on_log(StepLog)`` every ``log_every`` steps and
-    ``on_eval(record)`` (``metrics.eval_record``) report progress (rank 0 only). Raises
+    the store has no evaluation split). ``on_start(lines)`` once, with what the run uses
+    (device, model, data, crop against the levels); ``on_log(StepLog)`` every ``log_every``
+    steps and ``on_eval(record)`` (``metrics.eval_record``) report progress (rank 0 only). Raises
     ``TrainingError`` for unusable inputs (before anything is written) and ``Interrupted``
     on SIGTERM/SIGINT. Under ``torchrun``, one process per GPU (``softtrain.distributed``).
     """
     ranks = distributed.setup(resolve_device(cfg.speed.device))
     try:
         with ExitStack() as cleanup:  # the run folder's lock, loader workers: on any exit
-            return _fit(cfg, ranks, resume, overwrite, on_log, on_eval, cleanup)
+            return _fit(cfg, ranks, resume, overwrite, on_log, on_eval, on_start, cleanup)
     finally:
         distributed.teardown(ranks)
 
 
-def _fit(cfg: FitConfig, ranks: Ranks, resume, overwrite, on_log, on_eval, cleanup) -> dict:
+def _fit(cfg: FitConfig, ranks, resume, overwrite, on_log, on_eval, on_start, cleanup) -> dict:
     optim, every = cfg.optim, cfg.run
     inputs = _start(cfg, ranks, resume, overwrite, cleanup)
+    if on_start and ranks.main:
+        on_start(banner(cfg, inputs, ranks))
     out, regime, ckpt = Path(every.out), inputs.regime, inputs.ckpt
     runlog = _start_run_folder(cfg, ranks, resume, ckpt)
     model = _place(inputs.model, cfg, ranks)
@@ -174,7 +185,7 @@ def _fit(cfg: FitConfig, ranks: Ranks, resume, overwrite, on_log, on_eval, clean
         nonlocal best
         miou = _evaluate(regime.eval_model(model), inputs, cfg, ranks, step, runlog, on_eval)
         if miou is not None and miou > best:
-            saves.save_best(step, miou, model, optimizer, scheduler, regime)
+            saves.save_best(step, miou, model, regime)
         best = max(best, miou if miou is not None else -1.0)
         return miou
 
@@ -217,6 +228,39 @@ def _fit(cfg: FitConfig, ranks: Ranks, resume, overwrite, on_log, on_eval, clean
         runlog.close()
     best_miou = best if best >= 0 else None
     return {"best_miou": best_miou, "last_miou": last_miou, "step": step, "rank": ranks.rank}
+
+
+def banner(cfg: FitConfig, inputs: RunInputs, ranks: Ranks) -> list[str]:
+    """What a run uses, said once at its start: device, model, data, crop against levels."""
+    train = inputs.regime.labelled
+    params = sum(p.numel() for p in inputs.model.parameters()) / 1e6
+    ch, cw = train.crop
+    sizes = ", ".join(
+        f"{scale_label(s)} up to {hw[:, 0].max()}x{hw[:, 1].max()}"
+        for s, hw in ((s, train.hw[s][train.items]) for s in train.scales)
+    )
+    device = f"{ranks.device}" + (f" x {ranks.world} processes" if ranks.distributed else "")
+    lines = [
+        f"{cfg.regime} training of {cfg.optim.model} ({params:.1f} M parameters) on {device}"
+        + (", bf16" if cfg.speed.bf16 else ""),
+        f"data: {len(train)} training images of {cfg.data.store}; batch {cfg.optim.batch_size}"
+        f" x {cfg.optim.accum} accumulated, {cfg.optim.iters} steps",
+        f"crops {ch}x{cw} from levels {sizes} (height x width)",
+        f"evaluation: {cfg.run.eval_split} at {inputs.eval_level}"
+        if inputs.evalset is not None
+        else "evaluation: none (no evaluation split)",
+    ]
+    padded = {s: v for s, v in train.padding_share().items() if v > 0.05}
+    if padded:
+        lines.append(
+            "note: the crop is larger than the images at "
+            + ", ".join(f"{scale_label(s)} ({v:.0%} of each crop is void padding)"
+                        for s, v in padded.items())
+            + "; a smaller --crop trains faster on the same pixels"
+        )  # fmt: skip
+    if cfg.speed.bf16 and ranks.device.type == "cpu":
+        lines.append("note: --bf16 on the CPU is slow and less precise; it is meant for GPUs")
+    return lines
 
 
 def _start(cfg: FitConfig, ranks: Ranks, resume, overwrite, cleanup) -> RunInputs:

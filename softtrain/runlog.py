@@ -26,7 +26,7 @@ class StepLog:
     lr: float
     crops_per_s: float
     data_wait_share: float  # share of wall time spent waiting for the loader
-    peak_memory_gib: float  # CUDA peak allocated since the start (0 on CPU)
+    peak_memory_gib: float | None  # CUDA peak allocated since the start (None on CPU)
     eta_s: float  # seconds to the last step at this run's mean speed
 
 
@@ -63,7 +63,7 @@ class Throughput:
         rates = dict(
             crops_per_s=self.seen / (now_ - self.t_log),
             data_wait_share=self.wait / (now_ - self.t_log),
-            peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+            peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             eta_s=(self.iters - step) * (now_ - self.t_start) / (step - self.step_start),
         )
         self.t_log, self.wait, self.seen = time.perf_counter(), 0.0, 0

@@ -1,6 +1,8 @@
 """softtrain on the command line, and the paper's nearest-neighbour baseline end to end."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -100,3 +102,75 @@ def test_bad_input_messages(tmp_path):
     assert r.exit_code == 2 and "give --store" in r.text
     r = run("fit", "--store", "x.zarr", "--loss", "dice")
     assert r.exit_code == 2 and "--loss 'dice': choose from soft, ce-hard" in r.text
+
+
+def test_device_eval_split_and_version_are_one_line_before_anything_is_written(tmp_path, samples):
+    import time
+
+    url = str(tmp_path / "cs.zarr")
+    build(load_manifest("cityscapes"), samples["cityscapes"], url, BuildOptions(scales=(0.125,)))
+    base = [
+        "fit",
+        "--store",
+        url,
+        "--out",
+        str(tmp_path / "run"),
+        "--model",
+        "deeplabv3plus_r18",
+        "--batch-size",
+        "2",
+    ]
+    for extra, why in [
+        (["--device", "cuda:7"], "--device cuda:7: "),
+        (["--device", "gpu"], "--device gpu: not a device name"),
+        (
+            ["--eval-split", "vall"],
+            "--eval-split vall: .* has no such split; its evaluation split\\(s\\): val",
+        ),
+    ]:
+        r = runner.invoke(app, base + extra)
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+        assert __import__("re").search(why, r.output), r.output
+        assert not (tmp_path / "run").exists()
+    t0 = time.time()  # argument errors answer before torch is imported
+    r = subprocess.run(
+        [sys.executable, "-m", "softtrain", "fit", "--loss", "dice", "--store", url],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "--loss 'dice'" in r.stderr and time.time() - t0 < 5
+    for prog in ("softprep", "softtrain"):
+        r = subprocess.run(
+            [sys.executable, "-m", prog, "--version"], capture_output=True, text=True
+        )
+        assert r.returncode == 0 and r.stdout.strip() == f"{prog} 0.1.0"
+
+
+def test_the_banner_says_what_a_run_uses_and_best_pt_has_no_optimiser(tmp_path, samples):
+    from softtrain.checkpoint import load_checkpoint
+    from softtrain.config import FitConfig
+    from softtrain.fit import fit
+    from softtrain.runlog import read_metrics
+
+    url = str(tmp_path / "cs.zarr")
+    build(load_manifest("cityscapes"), samples["cityscapes"], url, BuildOptions(scales=(0.125,)))
+    said = []
+    cfg = FitConfig.of(
+        store=url,
+        out=str(tmp_path / "run"),
+        model="deeplabv3plus_r18",
+        crop="64x128",
+        batch_size=2,
+        iters=2,
+        workers=0,
+        device="cpu",
+    )
+    fit(cfg, on_start=said.extend)
+    text = "\n".join(said)
+    assert "supervised training of deeplabv3plus_r18 (16.6 M parameters) on cpu" in text
+    assert "crops 64x128 from levels 1/8 up to 32x64" in text
+    assert "1/8 (75% of each crop is void padding)" in text  # 32x64 of 64x128
+    best, last = (load_checkpoint(tmp_path / f"run/{n}.pt") for n in ("best", "last"))
+    assert "optimizer" not in best and "optimizer" in last
+    records = [r for r in read_metrics(tmp_path / "run/metrics.jsonl") if r["type"] == "train"]
+    assert records and all(r["peak_memory_gib"] is None for r in records)  # CPU: no figure
