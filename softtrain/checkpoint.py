@@ -248,21 +248,23 @@ class RunCheckpoints:
         self.stepped()
         return step, ckpt["best_miou"]
 
-    def _write(self, path: Path, rng, step, best, model, optimizer, scheduler, regime) -> None:
+    def _write(self, path: Path, rng, step, best, model, optimizer, scheduler, regime,
+               pending_eval: bool = False) -> None:  # fmt: skip
         optimiser = {} if optimizer is None else {
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()
         }  # fmt: skip
         save_checkpoint(
             path, model=model.state_dict(), **optimiser, step=step, best_miou=best, rng=rng,
-            **regime.state(), **self.meta,
+            pending_eval=pending_eval, **regime.state(), **self.meta,
         )  # fmt: skip
 
-    def save(self, step, best, model, optimizer, scheduler, regime) -> None:
-        """``last.pt`` (and ``iter_<step>.pt`` with ``keep_checkpoints``), then the curves."""
+    def save(self, step, best, model, optimizer, scheduler, regime, pending_eval=False) -> None:
+        """``last.pt`` (and ``iter_<step>.pt`` with ``keep_checkpoints``), then the curves.
+        ``pending_eval``: the evaluation at ``step`` was cut short; a resume redoes it."""
         rng = self.gather(self.rng_at_step)  # every rank calls; rank 0 writes
         if not self.ranks.main:
             return
-        parts = (step, best, model, optimizer, scheduler, regime)
+        parts = (step, best, model, optimizer, scheduler, regime, pending_eval)
         self._write(self.out / "last.pt", rng, *parts)
         keep = self.cfg.run.keep_checkpoints
         if keep:

@@ -82,7 +82,7 @@ def _resume_checks(cfg: FitConfig, ckpt: dict, store: SoftStore, path: Path) -> 
         )
     if ckpt["store_meta"].get("build_id") != store.meta.get("build_id"):
         raise TrainingError(f"{path}: the run was trained on another store than {cfg.data.store}")
-    if ckpt["step"] >= cfg.optim.iters:
+    if ckpt["step"] >= cfg.optim.iters and not ckpt.get("pending_eval"):
         raise TrainingError(
             f"{path}: the run is already at step {ckpt['step']} of {cfg.optim.iters}; "
             "give a larger --iters to train further"
@@ -176,22 +176,34 @@ def _fit(cfg: FitConfig, ranks, resume, overwrite, on_log, on_eval, on_start, cl
     step, best = saves.restore(ckpt, model, optimizer, scheduler, regime, poly_lr)
     forward = _forward(model, cfg, ranks)
     micro = step * optim.accum  # micro-batches (per rank) consumed so far
-    meter, last_miou = Throughput(step, optim.iters), None
+    meter, last_miou, evaluated = Throughput(step, optim.iters), None, set()
 
-    def save() -> None:
-        saves.save(step, best, model, optimizer, scheduler, regime)
+    def save(pending_eval: bool = False) -> None:
+        saves.save(step, best, model, optimizer, scheduler, regime, pending_eval)
 
     def run_eval() -> float | None:
+        """Score the evaluation model; a stop signal meanwhile ends it within an image
+        (one process), saves with the evaluation pending (a resume redoes it) and stops."""
         nonlocal best
-        miou = _evaluate(regime.eval_model(model), inputs, cfg, ranks, step, runlog, on_eval)
+        try:
+            miou = _evaluate(
+                regime.eval_model(model), inputs, cfg, ranks, step, runlog, on_eval, stop
+            )
+        except EvaluationStopped:
+            save(pending_eval=True)
+            raise Interrupted(stop["signum"], step, out) from None
         if miou is not None and miou > best:
             saves.save_best(step, miou, model, regime)
         best = max(best, miou if miou is not None else -1.0)
+        evaluated.add(step)
         return miou
 
     model.train()
     batches = regime.batches(micro, cleanup)
     with stop_signals() as stop:
+        if ckpt and ckpt.get("pending_eval") and inputs.evalset is not None:
+            last_miou = run_eval()  # the evaluation a stop signal cut short
+            save()
         while step < optim.iters:
             with meter.waiting():
                 batch = _next(batches, stop)
@@ -221,7 +233,7 @@ def _fit(cfg: FitConfig, ranks, resume, overwrite, on_log, on_eval, on_start, cl
                     save()
                 elif every.save_every and step % every.save_every == 0:
                     save()
-        if inputs.evalset is not None:
+        if inputs.evalset is not None and step not in evaluated:
             last_miou = run_eval()
         save()
     if runlog:
@@ -367,13 +379,25 @@ def _to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
     return moved
 
 
-def _evaluate(model, inputs: RunInputs, cfg, ranks, step, runlog, on_eval) -> float | None:
-    """mIoU of ``model`` on the evaluation split (every rank takes part), recorded by rank 0."""
+class EvaluationStopped(Exception):
+    """A stop signal came during an evaluation (one process): it was cut short."""
+
+
+def _evaluate(model, inputs: RunInputs, cfg, ranks, step, runlog, on_eval, stop) -> float | None:
+    """mIoU of ``model`` on the evaluation split (every rank takes part), recorded by rank 0.
+    In one process a stop signal ends it after the current image (``EvaluationStopped``);
+    under torchrun the ranks finish it together (they score different images)."""
+
+    def check(done: int, total: int) -> None:
+        if stop["signum"] is not None:
+            raise EvaluationStopped
+
     names = [c["name"] for c in inputs.store.classes]
     distributed.share_buffers(ranks, model)  # evaluate exactly the model rank 0 saves
     confusion = evaluate(
-        model, inputs.evalset, len(names), ranks.device, crop=cfg.data.crop, ranks=ranks
-    )
+        model, inputs.evalset, len(names), ranks.device, crop=cfg.data.crop,
+        progress=None if ranks.distributed else check, ranks=ranks,
+    )  # fmt: skip
     record = eval_record(
         confusion, names, step=step, split=cfg.run.eval_split, level=inputs.eval_level,
         mode="whole",

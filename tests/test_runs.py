@@ -302,7 +302,9 @@ def test_one_writer_per_run_folder(store, tmp_path):
     try:
         wait_for_steps(out, 2, proc)
         for second in (dict(resume=True), dict(overwrite=True)):
-            with pytest.raises(CheckpointError, match=f"another softtrain fit \\(pid {proc.pid}\\)"):
+            with pytest.raises(
+                CheckpointError, match=f"another softtrain fit \\(pid {proc.pid}\\)"
+            ):
                 fit(tiny(store, out, iters=500), **second)
         assert proc.poll() is None  # the first run goes on, its files untouched
     finally:
@@ -326,15 +328,28 @@ def test_a_full_disk_while_saving_is_a_sentence_and_last_pt_stays(store, tmp_pat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(CheckpointError, match="last.pt: cannot save the checkpoint \\(No space "
-                       "left on device\\); the previous last.pt is intact.*--resume"):
+    with pytest.raises(
+        CheckpointError,
+        match="last.pt: cannot save the checkpoint \\(No space "
+        "left on device\\); the previous last.pt is intact.*--resume",
+    ):
         fit(tiny(store, out, iters=4, save_every=1), resume=True)
     monkeypatch.setattr(torch, "save", real)
     assert calls and load_checkpoint(out / "last.pt")["step"] == 2
     assert not list(out.glob("*.tmp"))
-    r = runner.invoke(__import__("softtrain.cli", fromlist=["app"]).app,
-                      ["fit", "--out", str(out), "--resume", "--iters", "3", "--config",
-                       str(out / "config.toml")])
+    r = runner.invoke(
+        __import__("softtrain.cli", fromlist=["app"]).app,
+        [
+            "fit",
+            "--out",
+            str(out),
+            "--resume",
+            "--iters",
+            "3",
+            "--config",
+            str(out / "config.toml"),
+        ],
+    )
     assert r.exit_code == 0, r.output
 
 
@@ -361,3 +376,26 @@ def test_resume_with_a_damaged_last_pt_continues_from_the_newest_intact_save(
     assert "resuming from iter_3.pt (step 3) instead" in caplog.text
     steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["type"] == "train"]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def test_a_stop_during_evaluation_saves_and_the_resume_redoes_it(store, tmp_path, monkeypatch):
+    import softtrain.fit as fit_module
+
+    real, calls = fit_module.evaluate, []
+
+    def signalled(*args, **kwargs):  # SIGTERM arrives as the evaluation starts
+        calls.append(1)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "evaluate", signalled)
+    out = tmp_path / "run"
+    with pytest.raises(fit_module.Interrupted, match="SIGTERM: stopped at step 2"):
+        fit(tiny(store, out, iters=4, eval_every=2))
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["step"] == 2 and ckpt["pending_eval"]
+    assert not [r for r in read_metrics(out / "metrics.jsonl") if r["type"] == "eval"]
+    fit(tiny(store, out, iters=4, eval_every=2), resume=True)
+    evals = [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["type"] == "eval"]
+    assert evals == [2, 4] and not load_checkpoint(out / "last.pt")["pending_eval"]
