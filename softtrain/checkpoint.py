@@ -227,19 +227,15 @@ class RunCheckpoints:
         """After an optimiser step: the RNG state a save records."""
         self.rng_at_step = rng_state()
 
-    def restore(self, ckpt, model, optimizer, scheduler, regime, poly_lr) -> tuple[int, float]:
+    def restore(self, ckpt, model, stepper, regime) -> tuple[int, float]:
         """(step, best mIoU) of a resumed checkpoint, everything else restored in place;
         (0, -1) for a new run. ``--lr`` and ``--iters`` of this run apply."""
         if ckpt is None:
             self.stepped()
             return 0, -1.0
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        step, lr = ckpt["step"], self.cfg.optim.lr
-        scheduler.base_lrs = [lr] * len(optimizer.param_groups)
-        for group in optimizer.param_groups:
-            group["initial_lr"], group["lr"] = lr, lr * poly_lr(step, self.cfg)
+        step = ckpt["step"]
+        stepper.restore(ckpt, step)
         regime.restore(ckpt)
         states = ckpt["rng"]  # one per rank of the run that saved it
         states = [states] if isinstance(states, dict) else states
@@ -248,23 +244,19 @@ class RunCheckpoints:
         self.stepped()
         return step, ckpt["best_miou"]
 
-    def _write(self, path: Path, rng, step, best, model, optimizer, scheduler, regime,
-               pending_eval: bool = False) -> None:  # fmt: skip
-        optimiser = {} if optimizer is None else {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()
-        }  # fmt: skip
+    def _write(self, path: Path, rng, step, best, model, stepper, regime, pending_eval=False):
         save_checkpoint(
-            path, model=model.state_dict(), **optimiser, step=step, best_miou=best, rng=rng,
-            pending_eval=pending_eval, **regime.state(), **self.meta,
+            path, model=model.state_dict(), **(stepper.state() if stepper else {}), step=step,
+            best_miou=best, rng=rng, pending_eval=pending_eval, **regime.state(), **self.meta,
         )  # fmt: skip
 
-    def save(self, step, best, model, optimizer, scheduler, regime, pending_eval=False) -> None:
+    def save(self, step, best, model, stepper, regime, pending_eval=False) -> None:
         """``last.pt`` (and ``iter_<step>.pt`` with ``keep_checkpoints``), then the curves.
         ``pending_eval``: the evaluation at ``step`` was cut short; a resume redoes it."""
         rng = self.gather(self.rng_at_step)  # every rank calls; rank 0 writes
         if not self.ranks.main:
             return
-        parts = (step, best, model, optimizer, scheduler, regime, pending_eval)
+        parts = (step, best, model, stepper, regime, pending_eval)
         self._write(self.out / "last.pt", rng, *parts)
         keep = self.cfg.run.keep_checkpoints
         if keep:
@@ -278,4 +270,4 @@ class RunCheckpoints:
         ``last.pt``'s size with SGD momentum)."""
         rng = self.gather(self.rng_at_step)
         if self.ranks.main:
-            self._write(self.out / "best.pt", rng, step, miou, model, None, None, regime)
+            self._write(self.out / "best.pt", rng, step, miou, model, None, regime)

@@ -95,6 +95,9 @@ class DataOptions:
         1.0, "Class-balanced crops (mmseg cat_max_ratio, e.g. 0.75; 1 = off).", minimum=0.0
     )
     workers: int = option(2, "Loader worker processes.", minimum=0, resumable=True)
+    photometric: bool = option(
+        False, "mmseg's photometric distortion of the training crops (seeded: resume is exact)."
+    )
 
     def __post_init__(self):
         _check(self)
@@ -112,7 +115,12 @@ class OptimOptions:
         "Training method: supervised, teacher-student, or auto (teacher-student when "
         "--labeled is given, else supervised).",
     )
-    model: str = option("hrnetv2_w48", "Model name; 'softtrain models' lists them.")
+    model: str = option(
+        "hrnetv2_w48",
+        "Model name ('softtrain models' lists them) or your own factory as "
+        "package.module:function (called with the number of classes, returns an nn.Module "
+        "whose logits may be at any stride; a dict's 'out' is used).",
+    )
     pretrained: str | None = option(
         None, "Local file with the trunk's ImageNet weights (never downloaded).", resumable=True
     )
@@ -125,20 +133,46 @@ class OptimOptions:
     accum: int = option(1, "Gradient accumulation steps.", minimum=1)
     iters: int = option(1000, "Optimiser steps.", minimum=1, resumable=True)
     lr: float = option(0.01, "Base learning rate.", resumable=True)
+    optimizer: str = option("sgd", "sgd (momentum) or adamw.", choices=("sgd", "adamw"))
     momentum: float = option(0.9, "SGD momentum.")
     weight_decay: float = option(1e-4, "Weight decay.")
+    norm_decay: bool = option(
+        True, "Weight decay on normalisation weights and biases too (--no-norm-decay: none)."
+    )
+    head_lr: float = option(
+        1.0, "Learning-rate multiplier of the head (all but the trunk).", minimum=0.0
+    )
     power: float = option(0.9, "Poly learning-rate power.")
     warmup_iters: int = option(0, "Linear warm-up steps.", minimum=0)
     loss: str = option(
         "soft", "soft (KL / soft CE) or ce-hard (CE on the argmax label).", choices=LOSSES
     )
     mc: str = option("include", "Multi-class pixels in the loss.", choices=MC_MODES)
+    class_weights: str = option(
+        "",
+        "Per-class loss weights: inverse-sqrt (of the training pixels' class shares) or one "
+        "number per class, comma-separated.",
+        shown="none",
+    )
+    ohem_thresh: float = option(
+        0.0,
+        "OHEM: train on the pixels whose target's expected probability is below this "
+        "(mmseg's 0.7); 0: off.",
+        minimum=0.0,
+    )
+    ohem_min_kept: int = option(100000, "OHEM: at least this many pixels per image.", minimum=1)
+    ema: float = option(
+        0.0, "Weight EMA of the model, evaluated and saved as best.pt (e.g. 0.9999; 0: off).",
+        minimum=0.0,
+    )  # fmt: skip
     seed: int = option(0, "Random seed.")
 
     def __post_init__(self):
         _check(self)
         if self.lr <= 0:
             raise ValueError("--lr must be positive")
+        if not self.ema < 1:
+            raise ValueError("--ema must be in [0, 1)")
         if self.regime not in ("auto", *REGIMES):
             raise ValueError(f"--regime {self.regime!r}: choose from auto, {', '.join(REGIMES)}")
 
@@ -191,6 +225,7 @@ class SpeedOptions:
     PREFIX = ""
     device: str = option("auto", "cuda, cpu or auto.", resumable=True)
     bf16: bool = option(False, "bf16 autocast (GPU).", resumable=True)
+    fp16: bool = option(False, "fp16 autocast with a gradient scaler (GPUs without bf16).")
     channels_last: bool = option(False, "channels_last memory format (GPU).", resumable=True)
     compile: bool = option(False, "torch.compile the model (GPU; slow first step).",
                            resumable=True)  # fmt: skip
@@ -198,6 +233,8 @@ class SpeedOptions:
 
     def __post_init__(self):
         _check(self)
+        if self.bf16 and self.fp16:
+            raise ValueError("give --bf16 or --fp16, not both")
 
 
 @dataclass

@@ -249,7 +249,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name}: not a device name; use cpu, cuda, cuda:N or auto") from None
+        raise ValueError(
+            f"--device {name}: not a device name; use cpu, cuda, cuda:N or auto"
+        ) from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:

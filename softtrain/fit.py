@@ -27,6 +27,7 @@ import torch
 
 from softprep.store import SoftStore, StoreError, scale_label
 from softtrain import distributed
+from softtrain.augment import photometric
 from softtrain.checkpoint import (
     CheckpointError,
     RunCheckpoints,
@@ -45,19 +46,12 @@ from softtrain.evaluate import eval_dataset, evaluate, resolve_device
 from softtrain.loader import worker_error
 from softtrain.metrics import eval_record
 from softtrain.models import build_model
+from softtrain.optim import Stepper, poly_lr
 from softtrain.regime import Regime, RunData, make_regime
 from softtrain.runlog import RunLog, StepLog, Throughput
 from softtrain.signals import Interrupted, stop_signals
 
 log = logging.getLogger("softtrain")
-
-
-def poly_lr(step: int, cfg: FitConfig) -> float:
-    """Learning-rate factor at ``step``: linear warm-up, then (1 - t)^power."""
-    optim = cfg.optim
-    if step < optim.warmup_iters:
-        return (step + 1) / optim.warmup_iters
-    return max(0.0, 1 - step / max(1, optim.iters)) ** optim.power
 
 
 @dataclass
@@ -167,19 +161,16 @@ def _fit(cfg: FitConfig, ranks, resume, overwrite, on_log, on_eval, on_start, cl
     out, regime, ckpt = Path(every.out), inputs.regime, inputs.ckpt
     runlog = _start_run_folder(cfg, ranks, resume, ckpt)
     model = _place(inputs.model, cfg, ranks)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: poly_lr(s, cfg))
+    stepper = Stepper(model, cfg, ranks.device)
     regime.start(model)
     saves = RunCheckpoints(out, cfg, inputs.store, inputs.eval_level, ranks, runlog)
-    step, best = saves.restore(ckpt, model, optimizer, scheduler, regime, poly_lr)
+    step, best = saves.restore(ckpt, model, stepper, regime)
     forward = _forward(model, cfg, ranks)
     micro = step * optim.accum  # micro-batches (per rank) consumed so far
     meter, last_miou, evaluated = Throughput(step, optim.iters), None, set()
 
     def save(pending_eval: bool = False) -> None:
-        saves.save(step, best, model, optimizer, scheduler, regime, pending_eval)
+        saves.save(step, best, model, stepper, regime, pending_eval)
 
     def run_eval() -> float | None:
         """Score the evaluation model; a stop signal meanwhile ends it within an image
@@ -210,21 +201,20 @@ def _fit(cfg: FitConfig, ranks, resume, overwrite, on_log, on_eval, on_start, cl
             if distributed.any_rank(ranks, stop["signum"] is not None):
                 save()
                 raise Interrupted(stop["signum"] or signal.SIGTERM, step, out)
-            batch = _to_device(batch, ranks.device, cfg.speed.channels_last)
-            result, value = _backward(regime, forward, batch, step, micro, cfg, ranks)
+            batch = _prepare(batch, micro, cfg, ranks.device)
+            result, value = _backward(regime, forward, stepper, batch, step, micro, cfg, ranks)
             micro += 1
             meter.saw(batch["image"].shape[0] * ranks.world)
             if micro % optim.accum:
                 continue
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            stepper.step()
             regime.after_step(model, step)
             step += 1
             saves.stepped()  # a save records the RNG state of the last optimiser step
             if ranks.main and (step % every.log_every == 0 or step == optim.iters):
-                lr = scheduler.get_last_lr()[0]
-                _log_step(runlog, on_log, step, optim.iters, value, result, lr, meter, ranks)
+                _log_step(
+                    runlog, on_log, step, optim.iters, value, result, stepper.lr, meter, ranks
+                )
             if step == optim.iters:
                 break
             with meter.paused():  # rates count training time only
@@ -290,7 +280,7 @@ def _start(cfg: FitConfig, ranks: Ranks, resume, overwrite, cleanup) -> RunInput
     return inputs
 
 
-def _backward(regime: Regime, forward, batch: dict, step: int, micro: int, cfg, ranks):
+def _backward(regime: Regime, forward, stepper, batch: dict, step: int, micro: int, cfg, ranks):
     """One micro-batch's loss and gradients: (LossOutput, the loss averaged over ranks).
     Under DDP gradients are all-reduced on the last micro-batch of a step only."""
     accum = cfg.optim.accum
@@ -301,7 +291,7 @@ def _backward(regime: Regime, forward, batch: dict, step: int, micro: int, cfg, 
         value = distributed.mean(ranks, result.loss).item()
         if not math.isfinite(value):
             raise TrainingError(_non_finite_message(value, step, Path(cfg.run.out)))
-        (result.loss / accum).backward()
+        stepper.backward(result.loss / accum)
     return result, value
 
 
@@ -349,8 +339,11 @@ def _forward(model: torch.nn.Module, cfg: FitConfig, ranks: Ranks):
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     step_model = torch.compile(train_model) if cfg.speed.compile else train_model
 
+    dtype = torch.float16 if cfg.speed.fp16 else torch.bfloat16
+    amp = cfg.speed.bf16 or cfg.speed.fp16
+
     def forward(images: torch.Tensor, module: torch.nn.Module | None = None) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.speed.bf16):
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
             return (module or step_model)(images)
 
     forward.model = train_model
@@ -368,13 +361,15 @@ def _next(batches, stop: dict) -> dict | None:
         return None
 
 
-def _to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
-    """Tensors on ``device``: ``colour`` (B, 3, h, w) uint8 as loaded, ``image`` normalised
-    float32, the rest as they are."""
+def _prepare(batch: dict, micro: int, cfg: FitConfig, device: torch.device) -> dict:
+    """Tensors on ``device``: ``colour`` (B, 3, h, w) uint8 as loaded, ``image`` float32
+    normalised (after the photometric distortion, seeded by the micro-batch, if asked)."""
     moved = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
-    moved["colour"] = moved["image"]
-    moved["image"] = normalise(moved["colour"])
-    if channels_last:
+    moved["colour"] = image = moved["image"]
+    if cfg.data.photometric:
+        image = photometric(image, torch.Generator().manual_seed(cfg.optim.seed * 7_919 + micro))
+    moved["image"] = normalise(image)
+    if cfg.speed.channels_last:
         moved["image"] = moved["image"].contiguous(memory_format=torch.channels_last)
     return moved
 

@@ -187,9 +187,55 @@ MODELS = {
 }
 
 
+class FactoryModel(nn.Module):
+    """A model from a user's factory, its output made plain logits: a tensor as it is, the
+    ``"out"`` entry of a dict (torchvision's segmentation models), the first of a tuple."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        if isinstance(out, dict):
+            out = out["out"]
+        elif isinstance(out, (tuple, list)):
+            out = out[0]
+        return out
+
+
+def from_factory(spec: str, num_classes: int) -> nn.Module:
+    """``package.module:function``, called with ``num_classes``; it returns an
+    ``nn.Module`` whose output (B, num_classes, h, w) logits are at any stride."""
+    from importlib import import_module
+
+    module, _, function = spec.partition(":")
+    try:
+        factory = getattr(import_module(module), function)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--model {spec}: cannot import it ({e})") from None
+    net = factory(num_classes)
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"--model {spec}: returned {type(net).__name__}, not an nn.Module")
+    return FactoryModel(net)
+
+
 def build_model(name: str, num_classes: int, pretrained: str | None = None) -> nn.Module:
-    """A model from the registry; ``pretrained``: path of a local trunk weights file."""
+    """A model from the registry, or from a factory ``package.module:function`` (called
+    with ``num_classes``); ``pretrained``: path of a local weights file for the trunk (for a
+    factory's model: its ``backbone``, else the whole model)."""
+    if ":" in name:
+        model = from_factory(name, num_classes)
+        if pretrained:
+            if not Path(pretrained).is_file():
+                raise FileNotFoundError(f"{pretrained}: pretrained weights file not found")
+            target = getattr(model.net, "backbone", model.net)
+            log.warning(load_trunk_weights(target, pretrained, f"{name}'s backbone"))
+        return model
     if name not in MODELS:
-        raise ValueError(f"unknown model '{name}'; choose from {', '.join(MODELS)}")
+        raise ValueError(
+            f"unknown model '{name}'; choose from {', '.join(MODELS)}, or give a factory "
+            "as package.module:function"
+        )
     cls, trunk = MODELS[name]
     return cls(trunk, num_classes, pretrained)

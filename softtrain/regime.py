@@ -14,6 +14,7 @@ A new method is one module with a ``Regime`` subclass plus one line there.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -45,14 +46,18 @@ class RunData:
 
 
 class Regime:
-    """The supervised defaults; subclasses override what their method changes."""
+    """The supervised defaults; subclasses override what their method changes. With
+    ``--ema m`` a weight EMA of the model is kept, evaluated and saved (key ``ema``)."""
 
     def __init__(self, cfg: FitConfig, data: RunData):
         self.cfg, self.data = cfg, data
         self.labelled = data.train
+        self.ema = None
 
     def start(self, model: torch.nn.Module) -> None:
         """The model is built, on its device, restored if resuming: make what depends on it."""
+        if self.cfg.optim.ema:
+            self.ema = copy.deepcopy(model).eval().requires_grad_(False)
 
     def batches(self, start: int, cleanup: ExitStack) -> Iterator[dict]:
         """Endless micro-batches from micro-batch ``start`` (per rank): ``image`` (B, 3, h, w)
@@ -69,18 +74,35 @@ class Regime:
         raise NotImplementedError
 
     def after_step(self, model: torch.nn.Module, step: int) -> None:
-        """After optimiser step ``step`` (0-based)."""
+        """After optimiser step ``step`` (0-based): the EMA follows, with momentum warmed up
+        as min(m, 1 - 1 / (step + 1))."""
+        if self.ema is not None:
+            ema_update(self.ema, model, min(self.cfg.optim.ema, 1 - 1 / (step + 1)))
 
     def state(self) -> dict:
         """Saved in every checkpoint, next to the model (top-level keys)."""
-        return {}
+        return {"ema": self.ema.state_dict()} if self.ema is not None else {}
 
     def restore(self, ckpt: dict) -> None:
         """What ``state`` saved, from a resumed checkpoint."""
+        if self.ema is not None and "ema" in ckpt:
+            self.ema.load_state_dict(ckpt["ema"])
 
     def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model evaluated and saved as the run's result."""
-        return model
+        return self.ema if self.ema is not None else model
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, momentum: float) -> None:
+    """t = m t + (1 - m) s for every parameter and floating buffer; other buffers copied."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        if t.is_floating_point():
+            t.mul_(momentum).add_(s, alpha=1 - momentum)
+        else:
+            t.copy_(s)
 
 
 def make_regime(cfg: FitConfig, data: RunData) -> Regime:

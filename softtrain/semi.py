@@ -36,7 +36,7 @@ from softtrain.config import FitConfig
 from softtrain.data import normalise
 from softtrain.loader import batches, run_loader
 from softtrain.losses import LossOutput
-from softtrain.regime import Forward, RunData
+from softtrain.regime import Forward, RunData, ema_update
 from softtrain.supervised import Supervised, upsample
 
 EPS = 1e-8
@@ -100,18 +100,6 @@ def partition(
 
 def _split(items: np.ndarray, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(chosen), np.setdiff1d(items, chosen)
-
-
-@torch.no_grad()
-def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, momentum: float) -> None:
-    """t = m t + (1 - m) s for every parameter and floating buffer; other buffers copied."""
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
-    for t, s in zip(teacher.buffers(), student.buffers()):
-        if t.is_floating_point():
-            t.mul_(momentum).add_(s, alpha=1 - momentum)
-        else:
-            t.copy_(s)
 
 
 def dynamic_soft_labels(probs: torch.Tensor, tau: float) -> torch.Tensor:
@@ -218,6 +206,10 @@ class TeacherStudent(Supervised):
                 "fewer images or add image-only splits (softprep build --unlabeled DIR)"
             )
         self.teacher = None
+        if cfg.optim.ema:
+            raise ValueError(
+                "--ema with teacher-student: the teacher is the weight EMA already (--semi-ema)"
+            )
 
     def start(self, model: torch.nn.Module) -> None:
         self.teacher = copy.deepcopy(model).eval().requires_grad_(False)

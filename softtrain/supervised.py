@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from softtrain.losses import LossOutput
+from softtrain.losses import LossOutput, class_weights
 from softtrain.regime import Forward, Regime
 from softtrain.weak_losses import training_loss
 
@@ -17,7 +17,9 @@ from softtrain.weak_losses import training_loss
 class Supervised(Regime):
     def __init__(self, cfg, data):
         super().__init__(cfg, data)
-        self.criterion = training_loss(cfg)
+        counts = data.store.full_counts()[data.train.items].sum(0)  # (C + 1,) pixels
+        weights = class_weights(cfg.optim.class_weights, counts, data.store.num_classes)
+        self.criterion = training_loss(cfg, weights)
 
     def loss(self, forward: Forward, batch: dict, step: int, micro: int) -> LossOutput:
         index = batch["index"]

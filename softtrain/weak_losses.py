@@ -139,12 +139,14 @@ def weak_loss(
     opts: WeakOptions,
     mc: str = "include",
     kind: str = "soft",
+    **labelled,
 ) -> LossOutput:
     """The weak-supervision loss of a batch. ``logits`` (B, C, H, W) at the label size;
     ``index``/``prob`` (B, K, H, W) uint8 soft labels (void where unlabelled); ``image``
     (B, 3, H, W) uint8 colour at the same size; ``kind``: the labelled pixels' loss
-    (``soft`` or ``ce-hard``). ``kl`` reports the labelled pixels' KL."""
-    labelled_part = soft_label_loss(logits, index, prob, kind, mc)
+    (``soft`` or ``ce-hard``), ``labelled``: its class weights and OHEM
+    (``soft_label_loss``). ``kl`` reports the labelled pixels' KL."""
+    labelled_part = soft_label_loss(logits, index, prob, kind, mc, **labelled)
     if opts.loss == "none":
         return labelled_part
     s = logits.float().softmax(1)
@@ -168,15 +170,18 @@ def pseudo_labels(logits, index, prob, image, opts: WeakOptions):
     return solve_pseudo_labels(logits, target, labelled, weights, opts), labelled
 
 
-def training_loss(cfg: FitConfig):
+def training_loss(cfg: FitConfig, class_weights: torch.Tensor | None = None):
     """The supervised loss: ``loss(logits, index, prob, image, step) -> LossOutput``;
     a weak regime adds its term from step ``--weak-start`` on (CE on the labelled pixels
-    before, as the paper initialises the network). ``--loss`` applies throughout."""
+    before, as the paper initialises the network). ``--loss``, ``class_weights`` (C,) and
+    OHEM apply throughout."""
     weak, kind, mc = cfg.weak, cfg.optim.loss, cfg.optim.mc
+    ohem = (cfg.optim.ohem_thresh, cfg.optim.ohem_min_kept) if cfg.optim.ohem_thresh else None
+    labelled = dict(class_weights=class_weights, ohem=ohem)
 
     def loss(logits, index, prob, image, step: int) -> LossOutput:
         if weak.loss == "none" or step < weak.start:
-            return soft_label_loss(logits, index, prob, kind, mc)
-        return weak_loss(logits, index, prob, image, weak, mc, kind)
+            return soft_label_loss(logits, index, prob, kind, mc, **labelled)
+        return weak_loss(logits, index, prob, image, weak, mc, kind, **labelled)
 
     return loss
