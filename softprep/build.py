@@ -5,8 +5,10 @@ runs one joblib task per shard (``G`` consecutive images: one for 2048x1024 imag
 for small ones). A task decodes its pairs, computes every level (soft label, colour,
 statistics) and writes the whole shards; it returns only the small per-image statistics,
 which the parent writes in batches followed by the ``done`` flags. Killing the build at any
-point loses at most the unflushed batch; running the same command again skips completed
-shards and rewrites the others whole (their images count as not done until then).
+point loses at most the unflushed batch; running the same command again removes the
+temporary files a killed write left, skips completed shards and rewrites the others whole
+(their images count as not done until then). ``repair`` also rewrites the shards of images
+that ``softprep verify`` finds damaged.
 """
 
 from __future__ import annotations
@@ -311,6 +313,8 @@ class BuildSummary:
     skipped: list[Problem]
     seconds: float  # the whole build: discovery, headers, store creation, images
     image_seconds: float  # from the first image task to the end
+    repaired: int = 0  # damaged images found by ``repair`` (rebuilt with their shards)
+    litter: int = 0  # temporary files of an interrupted write removed
 
     @property
     def images_per_second(self) -> float:
@@ -510,6 +514,24 @@ def _shards_to_build(zroot: zarr.Group, options: BuildOptions) -> tuple[np.ndarr
     return done, shards
 
 
+def _mark_damaged(url: str, zroot: zarr.Group) -> int:
+    """For ``repair``: clear the ``done`` flag of every image ``verify`` finds damaged (data
+    missing, unreadable or invalid, statistics that do not add up), so that the build
+    rewrites their shards whole. Returns their number; metadata damage is refused."""
+    from softprep.verify import verify
+
+    report = verify(store.SoftStore(url))
+    if not report.layout:
+        raise BuildError(
+            f"{url}: its metadata is damaged ({report.problems[0]}); --repair rebuilds "
+            "images only: delete the store and build it again"
+        )
+    damaged = sorted(report.damaged)
+    if damaged:
+        zroot["images/done"].oindex[damaged] = False
+    return len(damaged)
+
+
 def build(
     manifest: Manifest,
     root: str | Path,
@@ -518,8 +540,13 @@ def build(
     jobs: int = 1,
     on_error: str = "fail",
     progress=None,
+    repair: bool = False,
 ) -> BuildSummary:
     """Build (or resume) the store at ``url`` from the dataset at ``root``.
+
+    ``repair``: check the existing store first, as ``softprep verify`` does (reads it
+    whole), and rebuild the shards of every damaged image too; the result equals a clean
+    build. Temporary files an interrupted write left in the store are removed in any case.
 
     ``on_error``: ``fail`` stops at the first bad pair (after saving finished images),
     ``skip`` records it in the store's ``skipped`` list and goes on. Tasks run on the active
@@ -529,6 +556,11 @@ def build(
     """
     if on_error not in ("fail", "skip"):
         raise ValueError("on_error must be 'fail' or 'skip'")
+    if repair:
+        try:
+            store.SoftStore(url)
+        except store.StoreError as e:
+            raise BuildError(f"{e}: nothing to repair; build it without --repair") from None
     start = time.monotonic()
     warming = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(
         joblib.delayed(_warm_up)(options) for _ in range(joblib.effective_n_jobs(jobs))
@@ -538,16 +570,17 @@ def build(
         pass
     with store.writer_lock(url):
         return _build_locked(
-            manifest, url, options, jobs, on_error, progress, start, pairs, sizes, problems
+            manifest, url, options, jobs, on_error, progress, start, pairs, sizes, problems, repair
         )
 
 
-def _build_locked(manifest, url, options, jobs, on_error, progress, start, pairs, sizes, problems):
+def _build_locked(
+    manifest, url, options, jobs, on_error, progress, start, pairs, sizes, problems, repair
+):
     try:
-        zroot, meta = _open_or_create(url, manifest, options, pairs, sizes)
-    except OSError as e:
-        raise _write_failure(url, e) from None
-    try:
+        zroot, meta = _open_or_create(url, manifest, options, pairs, sizes)  # a store, now
+        litter = len(store.remove_litter(url))  # what a killed write left; nothing reads it
+        repaired = _mark_damaged(url, zroot) if repair else 0
         done, shards = _shards_to_build(zroot, options)
     except OSError as e:
         raise _write_failure(url, e) from None
@@ -607,5 +640,6 @@ def _build_locked(manifest, url, options, jobs, on_error, progress, start, pairs
         raise _write_failure(url, e) from None
     now = time.monotonic()
     return BuildSummary(
-        url, len(pairs), built, int(done.sum()), skipped, now - start, now - loop_start
-    )
+        url, len(pairs), built, int(done.sum()), skipped, now - start, now - loop_start,
+        repaired, litter,
+    )  # fmt: skip

@@ -228,12 +228,19 @@ def build(
     scheduler: str | None = typer.Option(
         None, help="Dask scheduler address, e.g. tcp://host:8786."
     ),
+    repair: bool = typer.Option(
+        False,
+        "--repair",
+        help="Check the existing store as 'softprep verify' does and rebuild the shards of "
+        "every damaged image (give the options of the original build).",
+    ),
     version: str | None = VersionOpt,
     labels: str | None = LabelsOpt,
 ):
     """Write the soft-label pyramid (and paired colour) of every split to one Zarr store.
 
-    Interrupt at any time and run the same command again to resume.
+    Interrupt at any time and run the same command again to resume; after 'softprep
+    verify' reports damage, run it again with --repair.
     """
     with user_errors():
         m = _manifest(dataset, root, version, labels)
@@ -253,12 +260,18 @@ def build(
         )
         url = out_url or f"{m.dataset}.zarr"
         with _backend(backend, scheduler), progress_bar("building") as bar:
-            summary = run_build(m, root, url, options, jobs=jobs, on_error=on_error, progress=bar)
+            summary = run_build(
+                m, root, url, options, jobs=jobs, on_error=on_error, progress=bar, repair=repair
+            )
+    if summary.litter:
+        note = f"removed {summary.litter} temporary file(s) left by an interrupted write"
+        console.print(tagged("note", "yellow", note), highlight=False)
+    repaired = f"{summary.repaired} damaged image(s) found, " if repair else ""
     out.print(
         tagged(
             summary.url,
             "green",
-            f"{summary.built} built, {summary.already_done} already done, "
+            f"{repaired}{summary.built} built, {summary.already_done} already done, "
             f"{len(summary.skipped)} skipped, {summary.images_per_second:.2f} img/s "
             f"({summary.seconds:.1f} s in all)",
         )
@@ -342,10 +355,13 @@ def verify(store: str = typer.Argument(..., help="Store path or URL.")):
             report = run_verify(s, progress=bar)
     for p in report.skipped:
         console.print(tagged("skipped", "yellow", p), highlight=False)
+    for p in report.notes:
+        console.print(tagged("note", "yellow", p), highlight=False)
     for p in report.problems[:100]:
         console.print(tagged("problem", "red", p), highlight=False)
     if not report.ok:
         console.print(f"[red]{len(report.problems)} problem(s)[/red] in {store}")
+        console.print(tagged("next step", "bold", report.advice(store)), highlight=False)
         raise typer.Exit(1)
     out.print(f"[green]ok[/green]: {report.checked} images, {len(s.scales)} levels")
 

@@ -302,14 +302,44 @@ def pair_size(pair: Pair) -> tuple[int, int]:
     return hw
 
 
+# 16-bit grey modes PIL gives (PNG, TIFF); mode I is how PIL before 10 opened 16-bit PNGs
+SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _to_rgb(im: Image.Image, path: Path) -> Image.Image:
+    """A decoded image as 8-bit RGB, keeping each sample's true value: 16-bit samples keep
+    their high byte (``v >> 8``; PIL does the same itself for 16-bit RGB, RGBA and grey +
+    alpha PNGs, which it opens as 8-bit RGB / RGBA); 1, 2 and 4-bit grey, palette, LA,
+    CMYK, YCbCr are converted by PIL. Modes whose range is unknown (32-bit integer, float,
+    signed 16-bit) raise ``DatasetError`` instead of being clipped to 255."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in SIXTEEN_BIT_GREY or (im.mode == "I" and im.format == "PNG"):
+        grey = (np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8)  # (H, W)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if im.mode in ("I", "F") or im.mode.startswith("I;"):
+        kind = "floating-point" if im.mode == "F" else "32-bit or signed integer"
+        raise DatasetError(
+            path,
+            f"{kind} image (mode {im.mode}): its value range is unknown, so it cannot be "
+            "mapped to 8-bit colour; convert it to an 8-bit (or 16-bit PNG) image",
+        )
+    try:
+        return im.convert("RGB")
+    except ValueError as e:
+        raise DatasetError(
+            path, f"image mode {im.mode} cannot be converted to RGB ({e}); save it as RGB"
+        ) from e
+
+
 def open_image(path: Path) -> Image.Image:
-    """The decoded RGB PIL image (what the colour resize takes). Grayscale and palette
-    images are converted; EXIF orientation is deliberately not applied (the labels were
-    drawn on the stored pixel grid)."""
+    """The decoded 8-bit RGB PIL image (what the colour resize takes), each mode and bit
+    depth mapped faithfully or refused (``_to_rgb``). EXIF orientation is deliberately not
+    applied (the labels were drawn on the stored pixel grid)."""
     try:
         with _open(path, "image") as im:
             im.load()
-            return im if im.mode == "RGB" else im.convert("RGB")
+            return _to_rgb(im, path)
     except (OSError, SyntaxError) as e:
         raise DatasetError(path, f"cannot decode image ({e})") from e
 
@@ -336,11 +366,23 @@ def _label_mode_error(path: Path, mode: str, manifest: Manifest) -> str:
     return f"label mode {mode} is not supported (need L or P)"
 
 
+# 2 and 4-bit grey PNGs: PIL scales their values to 0..255 (1 -> 85, 17); a label's class
+# ids are the stored values, so they are divided back
+LOW_BIT_GREY = {"L;2": 85, "L;4": 17}
+
+
+def _low_bit_step(im: Image.Image) -> int:
+    """What PIL multiplied an undecoded grey PNG's values by (1 unless 2 or 4-bit)."""
+    rawmodes = {t.args for t in im.tile if isinstance(t.args, str)}
+    return LOW_BIT_GREY.get(rawmodes.pop(), 1) if im.format == "PNG" and len(rawmodes) == 1 else 1
+
+
 def decode_label_counted(path: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
     """(H, W) uint8 train ids (``VOID`` = 255 for ignore) from a label file, and their
     (256,) int64 pixel counts (counted once, on the raw values, for the check below).
 
-    Palette (P) PNGs are read as indices, never converted to luminance. Raises
+    Palette (P) PNGs are read as indices, never converted to luminance; 2 and 4-bit grey
+    PNGs as their stored values (not PIL's 0..255 scaling). Raises
     ``DatasetError`` naming the file for RGB/16-bit files and for values the manifest
     does not define.
     """
@@ -349,8 +391,9 @@ def decode_label_counted(path: Path, manifest: Manifest) -> tuple[np.ndarray, np
             _refuse_lossy(im, path)
             if im.mode not in ("L", "P"):
                 raise DatasetError(path, f"{_label_mode_error(path, im.mode, manifest)}")
+            step = _low_bit_step(im)
             im.load()
-            raw = np.asarray(im)
+            raw = np.asarray(im) if step == 1 else np.asarray(im) // step
     except (OSError, SyntaxError) as e:
         raise DatasetError(path, f"cannot decode label ({e})") from e
     from softprep import kernels  # compiled: numba is imported only when needed

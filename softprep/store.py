@@ -82,7 +82,30 @@ COLOUR_CODECS = (
 
 
 class StoreError(ValueError):
-    """A store that is missing, incomplete or built with other options."""
+    """A store that is missing, incomplete, damaged or built with other options."""
+
+
+def repair_hint(url: str) -> str:
+    """The next step for a store with damaged or missing data (ends every such message)."""
+    return f"run 'softprep verify {url}', then the same 'softprep build ...' command with --repair"
+
+
+def litter(url: str) -> list[Path]:
+    """Temporary files (``*.partial``) that a write killed half-way left in a local store
+    (ours and zarr's own atomic writes); nothing reads them. Empty for URLs."""
+    root = Path(url)
+    if "://" in str(url) or not root.is_dir():
+        return []
+    return sorted(root.rglob("*.partial"))
+
+
+def remove_litter(url: str) -> list[Path]:
+    """Delete ``litter(url)``; only while holding the store's ``writer_lock`` (a running
+    build's temporary files are live). Returns the files removed."""
+    found = litter(url)
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
 
 
 def parse_scale(text: str | float) -> float:
@@ -710,13 +733,27 @@ class SoftStore:
     def _window(self, path: str, i: int, window) -> tuple[int, int, int, int]:
         return window or (0, 0, *self.array(f"{path}/hw")[i])
 
+    def _read(self, path: str, i: int, selection: tuple) -> np.ndarray:
+        """``array(path)[selection]`` of image ``i``; damaged bytes (a checksum that does not
+        match, an unreadable shard) raise ``StoreError`` naming the store, array and image."""
+        try:
+            return self.array(path)[selection]
+        except (ValueError, RuntimeError) as e:
+            name = self.root["images/name"][i]
+            raise StoreError(
+                f"{self.url}: {path} of image {i} ({name}) is damaged ({e}); "
+                f"{repair_hint(self.url)}"
+            ) from e
+
     def read_soft(self, scale, i: int, window=None) -> tuple[np.ndarray, np.ndarray]:
         """Image ``i``'s soft label at a level: ids (K, h, w) uint8 and probabilities
         (K, h, w) uint8 summing to 255. ``window`` = (y0, x0, h, w) reads a crop (only the
         chunks it touches); default: the whole image at its true size."""
         path = self.level_path(scale)
         y0, x0, h, w = self._window(path, i, window)
-        return decode_planes(self.array(f"{path}/soft")[i, :, y0 : y0 + h, x0 : x0 + w])
+        return decode_planes(
+            self._read(f"{path}/soft", i, (i, slice(None), slice(y0, y0 + h), slice(x0, x0 + w)))
+        )
 
     def read_probs(self, scale, i: int, window=None) -> tuple[np.ndarray, np.ndarray]:
         """Image ``i``'s soft label at a level as dense class probabilities: (C, h, w)
@@ -735,14 +772,14 @@ class SoftStore:
         """Image ``i``'s colour at a level: (h, w, 3) uint8."""
         path = self.level_path(scale)
         y0, x0, h, w = self._window(path, i, window)
-        return self.array(f"{path}/rgb")[i, y0 : y0 + h, x0 : x0 + w]
+        return self._read(f"{path}/rgb", i, (i, slice(y0, y0 + h), slice(x0, x0 + w)))
 
     def read_full_label(self, i: int) -> np.ndarray:
         """(H, W) uint8 full-resolution train ids (evaluation splits only)."""
         if "full/label" not in self.root:
             raise StoreError(f"{self.url}: no full-resolution labels (no evaluation split)")
         h, w = self.array("images/hw")[i]
-        return self.array("full/label")[i, :h, :w]
+        return self._read("full/label", i, (i, slice(0, h), slice(0, w)))
 
     def stats(self, scale, strategy: str) -> np.ndarray:
         """(N, C+1) float64 per-image class mass of a strategy at a level (void last)."""

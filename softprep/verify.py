@@ -9,7 +9,15 @@ import numpy as np
 from softprep.manifest import VOID
 from softprep.quantize import TOTAL
 from softprep.resample import KERNELS
-from softprep.store import SoftStore, level_name, scale_label
+from softprep.store import (
+    SoftStore,
+    StoreError,
+    level_name,
+    litter,
+    remove_litter,
+    scale_label,
+    writer_lock,
+)
 
 
 @dataclass
@@ -17,10 +25,24 @@ class VerifyReport:
     checked: int = 0
     problems: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # left out by --on-error skip: not a failure
+    damaged: set[int] = field(default_factory=set)  # finished images with bad or missing data
+    layout: bool = True  # False: metadata and arrays disagree (a repair cannot fix that)
+    notes: list[str] = field(default_factory=list)  # warnings that are not problems (litter)
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def advice(self, url: str) -> str:
+        """What to do about the problems: the command that fixes them."""
+        if not self.layout:
+            return f"{url}: its metadata is damaged; delete it and build it again"
+        if self.damaged:
+            return (
+                f"{url}: {len(self.damaged)} image(s) have damaged or missing data; rebuild "
+                "them: rerun the same 'softprep build ...' command with --repair"
+            )
+        return f"{url}: the build did not finish; run the same 'softprep build ...' command again"
 
 
 def check_planes(planes: np.ndarray, num_classes: int) -> list[str]:
@@ -93,14 +115,40 @@ def _row_sum_problems(row: np.ndarray, pixels: int, what: str) -> list[str]:
     return []
 
 
+def _clean_litter(url: str, report: VerifyReport) -> None:
+    """Remove the temporary files an interrupted write left (a note, not a problem: nothing
+    reads them); while a build holds the store, or where it cannot be written, only list
+    them."""
+    found = litter(url)
+    if not found:
+        return
+    try:
+        with writer_lock(url):
+            remove_litter(url)
+    except (StoreError, OSError) as e:
+        reason = e if isinstance(e, StoreError) else f"cannot remove them: {e}"
+        report.notes.append(
+            f"{len(found)} temporary file(s) of an interrupted or running write, e.g. "
+            f"{found[0]}, left in place ({reason})"
+        )
+        return
+    report.notes.append(
+        f"removed {len(found)} temporary file(s) left by an interrupted write, e.g. {found[0]}"
+    )
+
+
 def verify(store: SoftStore, progress=None) -> VerifyReport:
     """Metadata consistent with the arrays; every image complete (or skipped on purpose,
     listed apart); every finished image's shards present and readable (CRC32C-checked in
     stores that have checksums); soft planes valid; statistics consistent with the sizes
-    and, for full-resolution labels, equal to their histogram. Reads the whole store."""
+    and, for full-resolution labels, equal to their histogram. Reads the whole store.
+    ``damaged`` lists the finished images with a problem (what ``build --repair`` rebuilds);
+    temporary files of an interrupted write are removed (a note; see ``_clean_litter``)."""
     report = VerifyReport()
+    _clean_litter(store.url, report)
     report.problems += check_attributes(store)
     if report.problems:
+        report.layout = False
         return report
     done = store.done()
     names = store.names()
@@ -121,36 +169,41 @@ def verify(store: SoftStore, progress=None) -> VerifyReport:
         wanted = finished[evaluated[finished]] if path == "full/label" else finished
         for i in store.missing_shards(path, wanted, read_indexes=True):
             lost.setdefault(int(i), []).append(path)
+
+    def problem(i: int, problems: list[str]) -> None:
+        report.problems.extend(problems)
+        if problems:
+            report.damaged.add(int(i))
+
     for i, paths in sorted(lost.items()):
-        report.problems.append(f"{names[i]}: data missing in {', '.join(paths)}")
+        problem(i, [f"{names[i]}: data missing in {', '.join(paths)}"])
     full_hw = store.root["images/hw"][:]
     counts = store.full_counts()
     c = store.num_classes
     for n, i in enumerate(finished):
         h, w = (int(v) for v in full_hw[i])
-        report.problems += _row_sum_problems(
-            counts[i], h * w, f"{names[i]}: full-resolution counts"
-        )
+        problem(i, _row_sum_problems(counts[i], h * w, f"{names[i]}: full-resolution counts"))
         if evaluated[i] and i not in lost:
             try:
-                label = store.read_full_label(i)
+                label = store.array("full/label")[i, :h, :w]
             except Exception as e:  # noqa: BLE001 (damaged chunks raise codec errors of any type)
-                report.problems.append(
-                    f"{names[i]}: full label unreadable ({type(e).__name__}: {e})"
-                )
+                problem(i, [f"{names[i]}: full label unreadable ({type(e).__name__}: {e})"])
             else:
                 hist = np.bincount(np.where(label == VOID, c, label).ravel(), minlength=c + 1)
                 if not np.array_equal(hist, counts[i]):
-                    report.problems.append(
-                        f"{names[i]}: full-resolution counts differ from the stored full label"
+                    problem(
+                        i, [f"{names[i]}: full-resolution counts differ from the stored full label"]
                     )
         for scale in store.scales:
             where = f"{names[i]} at {scale_label(scale)}"
             g = store.level(scale)
             hh, ww = (int(v) for v in g["hw"][i])
             for strategy in store.meta.get("strategies", []):
-                report.problems += _row_sum_problems(
-                    g[f"stats/{strategy}"][i], hh * ww, f"{where}: '{strategy}' statistics"
+                problem(
+                    i,
+                    _row_sum_problems(
+                        g[f"stats/{strategy}"][i], hh * ww, f"{where}: '{strategy}' statistics"
+                    ),
                 )
             if i in lost:
                 continue
@@ -158,9 +211,9 @@ def verify(store: SoftStore, progress=None) -> VerifyReport:
                 planes = g["soft"][i, :, :hh, :ww]
                 g["rgb"][i, :hh, :ww]
             except Exception as e:  # noqa: BLE001 (damaged chunks raise codec errors of any type)
-                report.problems.append(f"{where}: unreadable ({type(e).__name__}: {e})")
+                problem(i, [f"{where}: unreadable ({type(e).__name__}: {e})"])
                 continue
-            report.problems += [f"{where}: {p}" for p in check_planes(planes, c)]
+            problem(i, [f"{where}: {p}" for p in check_planes(planes, c)])
         report.checked += 1
         if progress:
             progress(n + 1, len(finished))

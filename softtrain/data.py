@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from softprep.manifest import VOID
 from softprep.quantize import TOTAL
-from softprep.store import SoftStore, StoreError, parse_scale, scale_label
+from softprep.store import SoftStore, StoreError, parse_scale, repair_hint, scale_label
 
 CAT_MAX_TRIES = 10
 MEAN = torch.tensor([0.485, 0.456, 0.406]) * 255  # ImageNet statistics, 0..255 units
@@ -74,8 +74,8 @@ def open_checked(url: str, split: str | list[str]) -> tuple[SoftStore, np.ndarra
         if len(lost):
             raise StoreError(
                 f"{url}: {len(lost)} finished image(s) have no data in {path} (e.g. "
-                f"{store.names()[lost[0]]}): the store is damaged; 'softprep verify' lists "
-                "every problem; rebuild the store"
+                f"{store.names()[lost[0]]}), missing shards: the store is damaged; "
+                f"{repair_hint(url)}"
             )
     return store, items
 

@@ -400,3 +400,182 @@ def test_missing_array_metadata_is_a_problem_not_a_traceback(built):
     Path(built, "images/done/zarr.json").unlink()
     report = verify(SoftStore(built))
     assert "images/done: array missing" in report.problems
+
+
+# Decoding is faithful or refused: every bit depth and mode of a colour image maps to 8-bit
+# RGB by its true bit depth (oracle: numpy ``>> 8`` of the 16-bit samples) or is refused.
+
+
+def png16(path: Path, samples: np.ndarray) -> None:
+    """A PNG of 16-bit samples written by hand (PIL writes no 16-bit colour PNGs):
+    ``samples`` (H, W) grey, (H, W, 2) grey + alpha, (H, W, 3) RGB or (H, W, 4) RGBA."""
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[1 if samples.ndim == 2 else samples.shape[2]]
+    h, w = samples.shape[:2]
+    big = samples.astype(">u2").reshape(h, -1)
+    raw = b"".join(b"\x00" + big[y].tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )  # fmt: skip
+
+
+def sixteen_bit(shape, seed=0) -> np.ndarray:
+    """uint16 samples over the whole range (a 16-bit photo: most values above 255)."""
+    return np.random.default_rng(seed).integers(0, 65536, shape).astype(np.uint16)
+
+
+def grey_as_rgb(grey: np.ndarray) -> np.ndarray:
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+@pytest.mark.parametrize(
+    "kind", ["grey16-pil", "grey16-tiff", "grey16", "grey-alpha16", "rgb48", "rgba64"]
+)
+def test_16_bit_images_keep_their_high_byte(tmp_path, kind):
+    from softprep.datasets import decode_image
+
+    data = sixteen_bit((12, 20, {"grey-alpha16": 2, "rgb48": 3, "rgba64": 4}.get(kind, 1)))
+    data = data[..., 0] if data.shape[2] == 1 else data
+    path = tmp_path / ("x.tif" if kind == "grey16-tiff" else "x.png")
+    if kind in ("grey16-pil", "grey16-tiff"):
+        Image.fromarray(data).save(path)  # PIL writes mode I;16
+        assert Image.open(path).mode.startswith("I;16")
+    else:
+        png16(path, data)
+    expected = (data >> 8).astype(np.uint8)
+    expected = grey_as_rgb(expected) if data.ndim == 2 else expected
+    expected = grey_as_rgb(expected[..., 0]) if kind == "grey-alpha16" else expected[..., :3]
+    np.testing.assert_array_equal(decode_image(path), expected)
+
+
+def test_mode_i_from_a_png_is_16_bit(tmp_path):
+    """Pillow before 10.? opened 16-bit grey PNGs as mode I: the same high byte."""
+    from softprep.datasets import _to_rgb
+
+    data = sixteen_bit((6, 9))
+    im = Image.fromarray(data.astype(np.int32))
+    im.format = "PNG"
+    np.testing.assert_array_equal(np.asarray(_to_rgb(im, tmp_path)), grey_as_rgb(data >> 8))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_low_bit_grey_and_8_bit_modes_still_work(tmp_path, bits):
+    from softprep.datasets import decode_image
+
+    values = np.random.default_rng(bits).integers(0, 2**bits, (7, 13)).astype(np.uint8)
+    grey = Image.fromarray(values.astype(bool)) if bits == 1 else Image.fromarray(values)
+    grey.save(tmp_path / "x.png", bits=bits)  # PIL writes 1, 2 and 4-bit grey PNGs
+    expected = grey_as_rgb(values * (255 // (2**bits - 1)))
+    np.testing.assert_array_equal(decode_image(tmp_path / "x.png"), expected)
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (7, 13, 3), np.uint8))
+    for mode, name in [("P", "p.png"), ("LA", "la.png"), ("RGBA", "rgba.png"), ("CMYK", "c.tif")]:
+        rgb.convert(mode).save(tmp_path / name)
+        np.testing.assert_array_equal(
+            decode_image(tmp_path / name), np.asarray(rgb.convert(mode).convert("RGB"))
+        )
+
+
+@pytest.mark.parametrize("mode", ["F", "I"])
+def test_images_of_unknown_range_are_refused_by_name(samples, tmp_path, mode):
+    from softprep.datasets import DatasetError, decode_image
+
+    data = np.linspace(0, 3, 60, dtype=np.float32).reshape(6, 10)
+    path = tmp_path / "x.tif"
+    Image.fromarray(data if mode == "F" else (data * 1e6).astype(np.int32)).save(path)
+    assert Image.open(path).mode == mode
+    with pytest.raises(DatasetError, match=f"{path}: .*mode {mode}.* value range is unknown"):
+        decode_image(path)
+
+
+def test_48_bit_dataset_image_builds_as_its_high_byte(samples, tmp_path):
+    """A labelled image saved as 48-bit RGB (its 8-bit pixels as the high byte, noise in
+    the low byte) builds the same store as the 8-bit original."""
+    root = tmp_path / "cs"
+    shutil.copytree(samples["cityscapes"], root)
+    image = sorted((root / "leftImg8bit/train").rglob("*.png"))[1]
+    rgb = np.asarray(Image.open(image).convert("RGB")).astype(np.uint16)
+    png16(image, (rgb << 8) | sixteen_bit(rgb.shape, seed=5) & 0xFF)
+    assert Image.open(image).mode == "RGB"  # PIL's own truncation of 16-bit samples
+    url, reference = str(tmp_path / "s.zarr"), str(tmp_path / "ref.zarr")
+    build(CS, root, url, OPTS)
+    build(CS, samples["cityscapes"], reference, OPTS)
+    assert_same_store(url, reference)
+
+
+def test_16_bit_grey_unlabeled_image_builds_as_its_high_byte(samples, tmp_path):
+    """``--unlabeled`` with a 16-bit grey PNG (the photo most of whose values are above
+    255) equals the build from the same image reduced to 8 bits by ``>> 8``, not clipped."""
+    grey = sixteen_bit((48, 80), seed=2)
+    sixteen, eight = tmp_path / "u16", tmp_path / "u8"
+    sixteen.mkdir()
+    eight.mkdir()
+    Image.fromarray(grey).save(sixteen / "a.png")  # mode I;16
+    Image.fromarray((grey >> 8).astype(np.uint8)).save(eight / "a.png")
+    stores = []
+    for folder in (sixteen, eight):
+        opts = BuildOptions(scales=(0.5,), splits=("val",), unlabeled=str(folder))
+        stores.append(str(tmp_path / f"{folder.name}.zarr"))
+        build(CS, samples["cityscapes"], stores[-1], opts)
+    assert_same_store(*stores)
+    s = SoftStore(stores[0])
+    i = list(s.names()).index("unlabeled/a")
+    assert (s.read_rgb("1/2", i) == 255).mean() < 0.05  # was 97.5% white when clipped
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_low_bit_grey_labels_are_read_as_their_values(tmp_path, bits):
+    """A 2 or 4-bit grey label PNG holds class ids 0..3 / 0..15; PIL scales them to
+    0..255 (1 -> 85 / 17), the decoder takes them back."""
+    from softprep.datasets import decode_label
+
+    ade = load_manifest("ade20k")
+    values = np.random.default_rng(bits).integers(0, 2**bits, (9, 14)).astype(np.uint8)
+    Image.fromarray(values).save(tmp_path / "low.png", bits=bits)
+    Image.fromarray(values).save(tmp_path / "eight.png")
+    assert Image.open(tmp_path / "low.png").tile[0].args == f"L;{bits}"
+    np.testing.assert_array_equal(
+        decode_label(tmp_path / "low.png", ade), decode_label(tmp_path / "eight.png", ade)
+    )
+    Image.fromarray(values.astype(np.uint16)).save(tmp_path / "sixteen.png")
+    with pytest.raises(Exception, match="16/32-bit"):  # 16-bit labels stay refused
+        decode_label(tmp_path / "sixteen.png", ade)
+
+
+def test_predict_decodes_16_bit_inputs_and_refuses_float_ones(tmp_path, monkeypatch):
+    """``softtrain predict`` reads inputs through the same decoder (a stand-in model: a
+    1x1 convolution, so the output follows the colour)."""
+    import torch
+
+    from softprep.datasets import DatasetError
+    from softtrain import predict as predict_module
+
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 4, 1).eval()
+    fake = {
+        "config": {"crop": "32x32"},
+        "eval_level": "1/2",
+        "store_meta": {"manifest": CS.to_json(), "short_side": None, "kernel": "bilinear",
+                       "antialias": True},
+    }  # fmt: skip
+    monkeypatch.setattr(predict_module, "load_checkpoint", lambda path: fake)
+    monkeypatch.setattr(predict_module, "model_from_checkpoint", lambda ckpt, device: model)
+    grey = sixteen_bit((24, 40), seed=3)
+    (tmp_path / "in16").mkdir()
+    (tmp_path / "in8").mkdir()
+    Image.fromarray(grey).save(tmp_path / "in16/a.png")
+    Image.fromarray((grey >> 8).astype(np.uint8)).save(tmp_path / "in8/a.png")
+    out = {}
+    for name in ("in16", "in8"):
+        (written,) = predict_module.predict("x.pt", [tmp_path / name], tmp_path / f"o{name}")
+        out[name] = np.asarray(Image.open(written))
+    np.testing.assert_array_equal(out["in16"], out["in8"])
+    Image.fromarray(grey.astype(np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(DatasetError, match="f.tif: floating-point image"):
+        predict_module.predict("x.pt", [tmp_path / "f.tif"], tmp_path / "of")
