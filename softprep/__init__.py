@@ -23,7 +23,7 @@ _EXPORTS = {
     "parse_scale": "softprep.store",
     "scale_label": "softprep.store",
     "build_store": "softprep.build",
-    "BuildOptions": "softprep.build",
+    "BuildOptions": "softprep.options",
     "BuildError": "softprep.build",
     "BuildSummary": "softprep.build",
     "load_manifest": "softprep.manifest",

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from softprep.build import BuildOptions, level_size, strategy_kernel, strategy_masses
 from softprep.datasets import decode_label_counted, labelled_pairs, with_void_last
+from softprep.options import BuildOptions, level_size, strategy_kernel, strategy_masses
 from softprep.store import SoftStore, StoreError, scale_label
 
 SHOWN_AS = 1e4  # the paper shows D x 1e4

@@ -31,7 +31,7 @@ from softtrain.config import FitConfig
 
 app = typer.Typer(
     help="Segmentation training on softprep soft-label stores: fit, compare, eval, predict, "
-    "models, bench-loader.",
+    "export, models, bench-loader.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -430,6 +430,31 @@ def predict(
                 checkpoint, images, out_dir, fmt, overlays, device, opts, progress
             )
     out.print(f"wrote {len(written)} label PNGs ({fmt}) to {out_dir}")
+
+
+@app.command()
+def export(
+    checkpoint: str = typer.Option(..., help="A checkpoint (best.pt)."),
+    out_path: Path = typer.Option(..., "--out", help="File to write (model.pt, model.onnx)."),
+    fmt: str = typer.Option("torchscript", "--format", help="torchscript or onnx."),
+    size: str = typer.Option(
+        "1024x2048", help="HEIGHTxWIDTH of the images it is traced for (batch 1)."
+    ),
+    decode: Path = DecodeFileOpt,
+):
+    """A self-contained model: uint8 RGB (1, 3, H, W) in, uint8 train ids (1, H, W) out,
+    with the resize to the checkpoint's level, normalisation, upsampling and decode inside
+    (the resize is torch's antialiased bilinear: labels agree with 'predict' but for a few
+    pixels at class borders)."""
+    with _user_errors():
+        from softtrain.data import parse_crop
+        from softtrain.segmenter import Segmenter
+        from softtrain.segmenter import export as run_export
+
+        opts = _inference("whole", "", "", False, [], False, decode)
+        hw = parse_crop(size)
+        run_export(Segmenter.from_checkpoint(checkpoint, "cpu", opts), out_path, fmt, hw)
+    out.print(f"wrote {out_path} ({fmt}, for {hw[0]}x{hw[1]} uint8 RGB images)")
 
 
 @app.command("bench-loader")

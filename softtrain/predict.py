@@ -15,22 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from softprep.build import level_size
 from softprep.datasets import open_image
-from softprep.manifest import manifest_from_json
-from softprep.resample import Resampler
-from softprep.store import parse_scale
-from softtrain.checkpoint import load_checkpoint
-from softtrain.evaluate import (
-    InferenceOptions,
-    decode_labels,
-    model_from_checkpoint,
-    resolve_device,
-    segment_scores,
-)
+from softtrain.evaluate import InferenceOptions
+from softtrain.segmenter import Segmenter
 
 FORMATS = ("trainIds", "labelIds", "palette")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
@@ -99,7 +88,6 @@ def _encode(pred: np.ndarray, fmt: str, manifest, palette: np.ndarray) -> Image.
     return Image.fromarray(raw.astype(np.uint8), "L")
 
 
-@torch.no_grad()
 def predict(
     checkpoint: str,
     inputs: list[Path],
@@ -112,9 +100,9 @@ def predict(
 ) -> list[Path]:
     """Write one label PNG per image (and an overlay JPEG per image in ``overlays``).
 
-    Each image is down-sampled as the store was (kernel, antialias, scale of the
-    checkpoint's evaluation level and any ``opts.tta_levels``); scores are upsampled
-    bilinearly to the image's full resolution. Returns the label files written.
+    Each image is labelled by the checkpoint's ``Segmenter`` (resized as the store was,
+    scores upsampled bilinearly to the image's full resolution, decoded as ``opts`` says).
+    Returns the label files written.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format '{fmt}'; choose from {', '.join(FORMATS)}")
@@ -125,32 +113,15 @@ def predict(
             f"overlays folder {overlays} is inside --out {out_dir}: evaluators read every PNG "
             "there; give a folder outside it"
         )
-    ckpt = load_checkpoint(checkpoint)
-    opts = opts or InferenceOptions()
-    window, stride = opts.windows(ckpt["config"]["crop"])
+    segmenter = Segmenter.from_checkpoint(checkpoint, device, opts)
     pairs = find_images(list(inputs), out_dir)
-    meta = ckpt["store_meta"]
-    manifest = manifest_from_json(meta["manifest"], f"{checkpoint} (manifest)")
+    manifest = segmenter.manifest
     palette = np.zeros((256, 3), dtype=np.uint8)
     palette[: manifest.num_classes] = manifest.palette
-    scales = [parse_scale(s) for s in (ckpt["eval_level"], *opts.tta_levels)]
-    dev = resolve_device(device)
-    model = model_from_checkpoint(ckpt, dev)
     written = []
     for n, (path, target) in enumerate(pairs):
         image = open_image(path)
-        hw = (image.height, image.width)
-        levels = []
-        for scale in scales:
-            small = Resampler.make(
-                hw,
-                level_size(hw, scale, meta["short_side"]),
-                meta.get("colour_kernel") or meta["kernel"],
-                meta["antialias"],
-            ).colour(image)
-            levels.append(torch.from_numpy(small.transpose(2, 0, 1).copy())[None].to(dev))
-        scores = segment_scores(model, levels, opts, window, stride)
-        pred = decode_labels(scores, hw, opts).cpu().numpy().astype(np.uint8)
+        pred = segmenter(image)
         target.parent.mkdir(parents=True, exist_ok=True)
         _encode(pred, fmt, manifest, palette).save(target)
         written.append(target)

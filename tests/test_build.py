@@ -17,6 +17,7 @@ from softprep import build as build_module
 from softprep import store as store_module
 from softprep.build import BuildError, BuildOptions, build
 from softprep.manifest import VOID, load_manifest
+from softprep.options import choose_images_per_shard
 from softprep.resample import Resampler
 from softprep.store import SoftStore, StoreError
 from softprep.verify import verify
@@ -334,7 +335,7 @@ def test_resume_after_sigkill_subprocess(samples, tmp_path):
 
 def test_images_per_shard_from_the_image_size():
     def per_shard(hw, **kw):
-        return build_module.images_per_shard(np.array([hw] * 3), BuildOptions((0.5,), **kw))
+        return choose_images_per_shard(np.array([hw] * 3), BuildOptions((0.5,), **kw))
 
     assert per_shard((1024, 2048)) == 1 and per_shard((4000, 6000)) == 1
     assert per_shard((512, 683)) == 5  # ADE20K-size: 2048 * 1024 // (512 * 683)

@@ -262,3 +262,34 @@ def test_decodes_equal_a_dense_reference_and_a_fitted_bias_never_loses_on_its_sp
     decode_file.write_text("{}")
     r = runner.invoke(app, [*args, "--decode", str(decode_file)])
     assert r.exit_code == 2 and "not a decode written by --save-decode" in r.output
+
+
+def test_segmenter_is_what_predict_uses_and_exports_agree_with_it(
+    cityscapes_run, samples, tmp_path
+):
+    from softtrain.segmenter import Segmenter
+
+    url, ckpt = cityscapes_run
+    image = next((samples["cityscapes"] / "leftImg8bit/val").rglob("*.png"))
+    segmenter = Segmenter.from_checkpoint(ckpt, "cpu")
+    labels = segmenter(image)
+    (written,) = predict(ckpt, [image], tmp_path / "pred", device="cpu")
+    assert np.array_equal(labels, np.asarray(Image.open(written)))
+    rgb = np.asarray(Image.open(image).convert("RGB"))
+    assert np.array_equal(segmenter(rgb), labels)  # an array, a PIL image or a file
+    batch = torch.from_numpy(rgb.transpose(2, 0, 1).copy())[None]
+    for fmt, name in (("torchscript", "m.pt"), ("onnx", "m.onnx")):
+        r = runner.invoke(
+            app, ["export", "--checkpoint", ckpt, "--out", str(tmp_path / name), "--format", fmt,
+                  "--size", f"{rgb.shape[0]}x{rgb.shape[1]}"],
+        )  # fmt: skip
+        assert r.exit_code == 0, r.output
+        if fmt == "torchscript":
+            out = torch.jit.load(str(tmp_path / name))(batch)[0].numpy()
+        else:
+            ort = pytest.importorskip("onnxruntime")
+            session = ort.InferenceSession(str(tmp_path / name))
+            out = session.run(None, {"image": batch.numpy()})[0][0]
+        assert out.shape == labels.shape and out.dtype == np.uint8
+        agree = (out == labels).mean()
+        assert agree > 0.97, f"{fmt}: {agree:.4f} of pixels agree with predict"
