@@ -204,8 +204,17 @@ class RunOptions:
         0, "Also keep the last N checkpoints as iter_<step>.pt.", minimum=0, resumable=True
     )
     tensorboard: bool = option(
-        False, "TensorBoard scalars in <out>/tb (pip install 'softprep[tensorboard]').",
+        False, "TensorBoard scalars, prediction images and options in <out>/tb "
+        "(pip install 'softprep[tensorboard]').",
         resumable=True,
+    )  # fmt: skip
+    mlflow: str = option(
+        "", "MLflow tracking URI (file:./mlruns or a server; pip install 'softprep[mlflow]').",
+        shown="off", resumable=True,
+    )  # fmt: skip
+    tracker: str = option(
+        "", "Your experiment tracker, package.module:Class (a softtrain.tracking.Tracker).",
+        shown="none", resumable=True,
     )  # fmt: skip
     log_every: int = option(10, "Progress/metrics every N steps.", minimum=1, resumable=True)
 
@@ -215,6 +224,8 @@ class RunOptions:
             raise ValueError(
                 "--tensorboard needs the tensorboard package: pip install 'softprep[tensorboard]'"
             )
+        if self.mlflow and find_spec("mlflow") is None:
+            raise ValueError("--mlflow needs the mlflow package: pip install 'softprep[mlflow]'")
 
 
 @dataclass

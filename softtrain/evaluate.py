@@ -160,11 +160,14 @@ def evaluate(
     crop: str = "512x1024",
     progress=None,
     ranks: Ranks | None = None,
+    keep: list | None = None,
 ) -> Confusion:
     """Confusion matrix of ``model`` over ``dataset`` at full resolution. ``crop``: the
     training crop (default slide window); ``progress(done, total)`` after each image.
     ``ranks``: under torchrun each rank scores every ``world``-th image and the matrices
-    are summed, so every rank gets the single-process result."""
+    are summed, so every rank gets the single-process result. ``keep``: a list that gets
+    (colour (h, w, 3) uint8 at the level, truth (H, W), prediction (H, W) uint8 numpy) of
+    this rank's first two images."""
     opts = opts or InferenceOptions()
     ranks = ranks or Ranks(device=torch.device(device))
     window, stride = opts.windows(crop)
@@ -177,7 +180,11 @@ def evaluate(
         images = [x.to(device) for x in batch["images"]]
         label = batch["label"][0].to(device)
         scores = segment_scores(model, images, opts, window, stride)
-        confusion.update(decode_labels(scores, tuple(label.shape), opts), label)
+        pred = decode_labels(scores, tuple(label.shape), opts)
+        confusion.update(pred, label)
+        if keep is not None and n < 2:
+            colour = images[0][0].permute(1, 2, 0).cpu().numpy()
+            keep.append((colour, label.cpu().numpy(), pred.cpu().numpy().astype("uint8")))
         if progress:
             progress(n + 1, len(share))
     distributed.sum_(ranks, confusion.matrix)

@@ -50,6 +50,7 @@ from softtrain.optim import Stepper, poly_lr
 from softtrain.regime import Regime, RunData, make_regime
 from softtrain.runlog import RunLog, StepLog, Throughput
 from softtrain.signals import Interrupted, stop_signals
+from softtrain.tracking import picture, trackers
 
 log = logging.getLogger("softtrain")
 
@@ -64,6 +65,7 @@ class RunInputs:
     eval_level: str
     model: torch.nn.Module
     ckpt: dict | None  # the checkpoint a resume continues from
+    trackers: list  # softtrain.tracking.Tracker, rank 0 only
 
 
 def _resume_checks(cfg: FitConfig, ckpt: dict, store: SoftStore, path: Path) -> None:
@@ -125,9 +127,11 @@ def open_inputs(cfg: FitConfig, ranks: Ranks, resume: bool, overwrite: bool, cle
     if resume:
         ckpt, path = resume_checkpoint(out, store.classes)
         _resume_checks(cfg, ckpt, store, path)
+    run = cfg.run
+    chosen = trackers(out, run.tensorboard, run.mlflow, run.tracker) if ranks.main else []
     if ranks.main:
         cleanup.callback(lock_run(out).release)
-    return RunInputs(store, regime, evalset, eval_level, model, ckpt)
+    return RunInputs(store, regime, evalset, eval_level, model, ckpt, chosen)
 
 
 def fit(
@@ -159,7 +163,7 @@ def _fit(cfg: FitConfig, ranks, resume, overwrite, on_log, on_eval, on_start, cl
     if on_start and ranks.main:
         on_start(banner(cfg, inputs, ranks))
     out, regime, ckpt = Path(every.out), inputs.regime, inputs.ckpt
-    runlog = _start_run_folder(cfg, ranks, resume, ckpt)
+    runlog = _start_run_folder(cfg, ranks, resume, ckpt, inputs.trackers)
     model = _place(inputs.model, cfg, ranks)
     stepper = Stepper(model, cfg, ranks.device)
     regime.start(model)
@@ -305,7 +309,7 @@ def _log_step(runlog, on_log, step, iters, value, result, lr, meter, ranks) -> N
         on_log(entry)
 
 
-def _start_run_folder(cfg: FitConfig, ranks: Ranks, resume: bool, ckpt: dict | None):
+def _start_run_folder(cfg: FitConfig, ranks: Ranks, resume: bool, ckpt: dict | None, chosen):
     """The inputs are usable: from here on rank 0 writes the run folder. Returns its
     ``RunLog`` (None on other ranks)."""
     if not ranks.main:
@@ -314,7 +318,7 @@ def _start_run_folder(cfg: FitConfig, ranks: Ranks, resume: bool, ckpt: dict | N
     if not resume:  # --overwrite, or what a run that never saved left
         clear_run(out)
     (out / "config.toml").write_text(cfg.to_toml())
-    return RunLog(out, cfg.run.tensorboard, resume_step=ckpt["step"] if ckpt else None)
+    return RunLog(out, chosen, cfg.flat(), resume_step=ckpt["step"] if ckpt else None)
 
 
 def _place(model: torch.nn.Module, cfg: FitConfig, ranks: Ranks) -> torch.nn.Module:
@@ -389,16 +393,20 @@ def _evaluate(model, inputs: RunInputs, cfg, ranks, step, runlog, on_eval, stop)
 
     names = [c["name"] for c in inputs.store.classes]
     distributed.share_buffers(ranks, model)  # evaluate exactly the model rank 0 saves
+    kept = [] if runlog is not None and runlog.trackers else None
     confusion = evaluate(
         model, inputs.evalset, len(names), ranks.device, crop=cfg.data.crop,
-        progress=None if ranks.distributed else check, ranks=ranks,
+        progress=None if ranks.distributed else check, ranks=ranks, keep=kept,
     )  # fmt: skip
     record = eval_record(
         confusion, names, step=step, split=cfg.run.eval_split, level=inputs.eval_level,
         mode="whole",
     )  # fmt: skip
     if ranks.main:
-        runlog.eval(record)
+        palette = np.zeros((256, 3), np.uint8)
+        palette[: len(names)] = inputs.store.manifest.palette
+        shown = [(f"val/image{i}", picture(*k, palette)) for i, k in enumerate(kept or [])]
+        runlog.eval(record, shown)
         if on_eval:
             on_eval(record)
     return record["mIoU"]

@@ -87,49 +87,52 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 class RunLog:
-    """Appends records to ``<out>/metrics.jsonl`` and, with ``tensorboard``, ``<out>/tb``;
-    ``plot()`` redraws ``<out>/curves.png``. A resumed run drops records past its step."""
+    """Appends records to ``<out>/metrics.jsonl`` and reports them to the run's
+    ``trackers`` (``softtrain.tracking``); ``plot()`` redraws ``<out>/curves.png``. A resumed
+    run drops records past its step."""
 
-    def __init__(self, out: Path, tensorboard: bool = False, resume_step: int | None = None):
+    def __init__(self, out: Path, trackers=(), options=None, resume_step: int | None = None):
         self.out = Path(out)
         self.path = self.out / "metrics.jsonl"
         if resume_step is not None:  # records after the checkpoint will be written again
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self.writer = None
-        if tensorboard:  # FitConfig checked that the package is installed
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(self.out / "tb"), purge_step=resume_step)
+        self.trackers = list(trackers)
+        for tracker in self.trackers:
+            tracker.start(options or {}, resume_step)
 
     def _append(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record, allow_nan=False) + "\n")
 
+    def _scalars(self, step: int, values: dict) -> None:
+        values = {k: v for k, v in values.items() if v is not None}
+        for tracker in self.trackers:
+            tracker.scalars(step, values)
+
     def train(self, log: StepLog) -> None:
         self._append({"type": "train", "time": now()} | asdict(log))
-        if self.writer:
-            for key in ("loss", "kl", "lr", "crops_per_s", "data_wait_share"):
-                self.writer.add_scalar(f"train/{key}", getattr(log, key), log.step)
+        keys = ("loss", "kl", "lr", "crops_per_s", "data_wait_share")
+        self._scalars(log.step, {f"train/{k}": getattr(log, k) for k in keys})
 
-    def eval(self, record: dict) -> None:
+    def eval(self, record: dict, pictures=()) -> None:
+        """An evaluation record, and ``pictures``: (name, (H, W, 3) uint8) to show."""
         self._append({"type": "eval", "time": now()} | record)
-        if self.writer:
-            step = record["step"]
-            for key in ("aAcc", "mIoU", "mAcc"):
-                if record[key] is not None:
-                    self.writer.add_scalar(f"val/{key}", record[key], step)
-            for row in record["classes"]:
-                if row["iou"] is not None:
-                    self.writer.add_scalar(f"val_iou/{row['class']}", row["iou"], step)
+        step = record["step"]
+        values = {f"val/{k}": record[k] for k in ("aAcc", "mIoU", "mAcc")}
+        values |= {f"val_iou/{row['class']}": row["iou"] for row in record["classes"]}
+        self._scalars(step, values)
+        for name, image in pictures:
+            for tracker in self.trackers:
+                tracker.images(step, name, image)
 
     def plot(self) -> Path:
         """Redraw ``curves.png``: loss and KL, learning rate, mIoU against the step."""
         return plot_curves(read_metrics(self.path), self.out / "curves.png")
 
     def close(self) -> None:
-        if self.writer:
-            self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def plot_curves(records: list[dict], png: Path) -> Path:

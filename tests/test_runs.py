@@ -212,6 +212,61 @@ def test_keep_checkpoints_and_tensorboard_events(store, tmp_path):
     assert [e.value for e in events.Scalars("val/mIoU")] == pytest.approx(miou)
     assert all({"type", "time", "step"} <= set(r) for r in records)
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert {"val/image0", "val/image1"} <= set(events.Tags()["images"])
+    assert [e.step for e in events.Images("val/image0")] == [3, 6]
+    assert events.Tags()["tensors"]  # the options: hyperparameters and text
+
+
+class Recorder:
+    """A user's tracker (``--tracker tests.test_runs:Recorder``)."""
+
+    seen: list = []
+
+    def __init__(self, out):
+        self.out = out
+
+    def start(self, options, resume_step):
+        Recorder.seen.append(("start", options["lr"], resume_step))
+
+    def scalars(self, step, values):
+        Recorder.seen.append(("scalars", step, sorted(values)))
+
+    def images(self, step, name, image):
+        Recorder.seen.append(("image", step, name, image.shape))
+
+    def close(self):
+        Recorder.seen.append(("close",))
+
+
+@pytest.mark.slow
+def test_mlflow_file_store_and_a_users_tracker_get_params_metrics_and_images(
+    store, tmp_path, monkeypatch
+):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 prefers a database
+    out, uri = tmp_path / "run", (tmp_path / "mlruns").as_uri()
+    Recorder.seen = []
+    fit(tiny(store, out, iters=2, eval_every=2, mlflow=uri, tracker=f"{__name__}:Recorder"))
+    mlflow.set_tracking_uri(uri)
+    run = mlflow.get_run((out / "mlflow_run_id").read_text())
+    assert run.info.run_name == "run" and run.data.params["model"] == "deeplabv3plus_r18"
+    history = mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2] and "val_mIoU" in run.data.metrics
+    artifacts = [a.path for a in mlflow.MlflowClient(uri).list_artifacts(run.info.run_id)]
+    assert any(a.startswith("val_image0") for a in artifacts)
+    kinds = [e[0] for e in Recorder.seen]
+    assert kinds[0] == "start" and kinds[-1] == "close" and "image" in kinds
+    train_keys = [
+        "train/crops_per_s",
+        "train/data_wait_share",
+        "train/kl",
+        "train/loss",
+        "train/lr",
+    ]
+    assert ("scalars", 1, train_keys) in Recorder.seen
+    with pytest.raises(ValueError, match="--tracker nowhere:Thing: cannot import it"):
+        fit(tiny(store, tmp_path / "other", tracker="nowhere:Thing"))
+    assert not (tmp_path / "other").exists()
 
 
 def test_store_without_validation_split_trains_unevaluated(samples, tmp_path):

@@ -1,0 +1,129 @@
+"""Experiment trackers: what a run reports besides ``metrics.jsonl``.
+
+A ``Tracker`` gets the run's options once, scalars as the run goes (``train/loss``,
+``val/mIoU``, ``val_iou/<class>``, ...) and, at each evaluation, a few images (colour |
+truth | prediction). TensorBoard (``--tensorboard``) and MLflow (``--mlflow URI``) are built
+in; any other (Weights & Biases, ...) is a subclass named with ``--tracker
+package.module:Class``, constructed with the run folder::
+
+    class WandbTracker(Tracker):
+        def __init__(self, out):
+            import wandb
+            self.run = wandb.init(dir=str(out), name=out.name, resume="allow")
+        def start(self, options, resume_step):
+            self.run.config.update(options, allow_val_change=True)
+        def scalars(self, step, values):
+            self.run.log(values, step=step)
+        def images(self, step, name, image):
+            self.run.log({name: wandb.Image(image)}, step=step)
+        def close(self):
+            self.run.finish()
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from pathlib import Path
+
+import numpy as np
+
+
+class Tracker:
+    """No-op defaults; override what your tracker records."""
+
+    def start(self, options: dict, resume_step: int | None) -> None:
+        """Once: the run's options as flat keys; ``resume_step`` when resuming."""
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """Named numbers at optimiser step ``step``."""
+
+    def images(self, step: int, name: str, image: np.ndarray) -> None:
+        """An (H, W, 3) uint8 picture at ``step``."""
+
+    def close(self) -> None:
+        """The run ended (or stopped)."""
+
+
+class TensorBoardTracker(Tracker):
+    """Scalars, images and the options (as hyperparameters and as text) in ``<out>/tb``."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def start(self, options: dict, resume_step: int | None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(self.out / "tb"), purge_step=resume_step)
+        shown = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                 for k, v in options.items()}  # fmt: skip
+        self.writer.add_hparams(shown, {}, run_name=".")
+        self.writer.add_text("options", "\n".join(f"    {k} = {v!r}" for k, v in options.items()))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+
+    def images(self, step: int, name: str, image: np.ndarray) -> None:
+        self.writer.add_image(name, image, step, dataformats="HWC")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class MLflowTracker(Tracker):
+    """An MLflow run named after the run folder at tracking URI ``uri`` (``file:./mlruns``
+    or a server); the options as parameters, scalars as metrics, images as artifacts. A
+    resumed run continues the same MLflow run (its id is kept in ``<out>/mlflow_run_id``)."""
+
+    def __init__(self, out: Path, uri: str):
+        self.out, self.uri = out, uri
+
+    def start(self, options: dict, resume_step: int | None) -> None:
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment("softtrain")
+        saved = self.out / "mlflow_run_id"
+        run_id = saved.read_text().strip() if resume_step is not None and saved.exists() else None
+        self.run = mlflow.start_run(run_id=run_id, run_name=self.out.name)
+        saved.write_text(self.run.info.run_id)
+        if run_id is None:
+            mlflow.log_params({k: str(v)[:500] for k, v in options.items()})
+        self.mlflow = mlflow
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        clean = {k.replace("/", "_"): float(v) for k, v in values.items()}
+        self.mlflow.log_metrics(clean, step=step)
+
+    def images(self, step: int, name: str, image: np.ndarray) -> None:
+        self.mlflow.log_image(image, f"{name.replace('/', '_')}_step{step:07d}.png")
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+def picture(colour: np.ndarray, truth: np.ndarray, pred: np.ndarray, palette: np.ndarray):
+    """colour | truth | prediction side by side at the colour image's (level) size, (h,
+    3w, 3) uint8; ``palette`` (256, 3) uint8 (void black)."""
+    h, w = colour.shape[:2]
+    rows = (np.arange(h) * truth.shape[0]) // h
+    cols = (np.arange(w) * truth.shape[1]) // w
+    small = np.ix_(rows, cols)
+    return np.concatenate([colour, palette[truth[small]], palette[pred[small]]], axis=1)
+
+
+def trackers(out: Path, tensorboard: bool, mlflow: str, custom: str) -> list[Tracker]:
+    """The trackers a run's options ask for (``--tensorboard``, ``--mlflow``, ``--tracker``)."""
+    found: list[Tracker] = []
+    if tensorboard:
+        found.append(TensorBoardTracker(out))
+    if mlflow:
+        found.append(MLflowTracker(out, mlflow))
+    if custom:
+        module, _, name = custom.partition(":")
+        try:
+            cls = getattr(import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"--tracker {custom}: cannot import it ({e})") from None
+        found.append(cls(out))
+    return found
