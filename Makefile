@@ -22,8 +22,9 @@ demo: install
 	$(BIN)/softprep priors --store demo/cityscapes.zarr --compare nn nn-floor bilinear-noaa \
 		--split all --plot demo/priors.png --csv demo/priors.csv
 	$(BIN)/softprep show demo/cityscapes.zarr --index 12 --level 1/4 --out demo/show.png
-	$(BIN)/softprep fidelity --store demo/cityscapes.zarr --split val --plot demo/fidelity.png
-	$(BIN)/softtrain fit --store demo/cityscapes.zarr --model deeplabv3plus_r18 --crop 64x128 \
+	$(BIN)/softprep fidelity --store demo/cityscapes.zarr --split val --decode all --fit-split val \
+		--plot demo/fidelity.png
+	$(BIN)/softtrain fit --store demo/cityscapes.zarr --model deeplabv3plus_r18 --crop 32x64 \
 		--levels 1/8 1/4 --batch-size 4 --iters 60 --eval-every 30 --out demo/run --overwrite
 
 test: install
