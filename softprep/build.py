@@ -49,7 +49,7 @@ from softprep.options import (
     level_size,
     strategy_masses,
 )
-from softprep.quantize import RULE
+from softprep.planes import RULE
 from softprep.resample import Resampler, row_changes
 from softprep.weak_labels import WeakProtocol
 

@@ -30,7 +30,7 @@ from softprep.datasets import decode_label, labelled_pairs
 from softprep.decode import Decode, DecodeSample, fit_decode, iou
 from softprep.manifest import VOID
 from softprep.options import BuildOptions, level_size
-from softprep.quantize import decode_planes
+from softprep.planes import decode_planes
 from softprep.resample import Resampler, axis_weights
 from softprep.store import SoftStore, StoreError, scale_label
 

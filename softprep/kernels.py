@@ -7,7 +7,7 @@
   with proportion 1; the others sum their tap weights per label in a short list (the
   handful of labels under one window; each run of one label along a tap row is one
   entry), keep the ``k`` largest and round them to an exact uint8 sum (largest
-  remainder, ``softprep.quantize``), counting the units each label holds. Cost grows with
+  remainder, ``softprep.planes``), counting the units each label holds. Cost grows with
   pixels, never with the number of classes.
 - ``sampled_counts``: the label histogram of a nearest-neighbour grid, without building it.
 - ``map_counted``, ``row_changes``: one pass each over a full-resolution label.

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from softprep.quantize import TOTAL
+from softprep.planes import TOTAL
 
 KERNELS = ("nearest", "nearest-floor", "area", "bilinear", "bicubic")
 NEAREST_KERNELS = ("nearest", "nearest-floor")
@@ -211,10 +211,10 @@ class Resampler:
 
     def soft_planes(self, label: np.ndarray, k: int, changes: np.ndarray | None = None):
         """Store planes of the top-``k`` soft label of an (H, W) uint8 train-id map (void =
-        255 is a class): proportions renormalised and rounded to sum 255 (``quantize``).
+        255 is a class): proportions renormalised and rounded to sum 255 (``softprep.planes``).
 
         Returns ``planes`` (2k-1, Ho, Wo) uint8 (``k`` class ids by decreasing proportion,
-        slot 0 = argmax, then slots 1..k-1's proportions; ``quantize.decode_planes``),
+        slot 0 = argmax, then slots 1..k-1's proportions; ``planes.decode_planes``),
         ``mass`` (256,) float64 the sum over pixels of each id's stored proportion, and
         ``truncated`` (Ho, Wo) float32 the mass dropped by keeping only ``k`` classes.
         No dense one-hot: cost grows with pixels, not classes (``softprep.kernels``).

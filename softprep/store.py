@@ -51,7 +51,7 @@ from zarr.storage import LocalStore, MemoryStore
 
 from softprep.lockfile import LockBusy, LockFile
 from softprep.manifest import VOID, Manifest, manifest_from_json
-from softprep.quantize import decode_planes
+from softprep.planes import decode_planes
 
 NAMESPACE = "softprep"
 FORMAT = "softprep-store/2"  # 2: dimension names, per-array attributes, chunk checksums

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from softprep.manifest import VOID
-from softprep.quantize import TOTAL
+from softprep.planes import TOTAL
 from softprep.resample import KERNELS
 from softprep.store import (
     SoftStore,

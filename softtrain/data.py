@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from softprep.manifest import VOID
-from softprep.quantize import TOTAL
+from softprep.planes import TOTAL
 from softprep.store import SoftStore, StoreError, parse_scale, repair_hint, scale_label
 
 CAT_MAX_TRIES = 10

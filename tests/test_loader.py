@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from softprep.build import BuildOptions, build
 from softprep.datasets import decode_label
 from softprep.manifest import load_manifest
-from softprep.quantize import decode_planes
+from softprep.planes import decode_planes
 from softprep.store import StoreError
 from softtrain.data import CropDataset, EvalDataset, densify, multi_class_mask
 from softtrain.loader import RunSampler

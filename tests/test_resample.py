@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from softprep.manifest import VOID
-from softprep.quantize import decode_planes
+from softprep.planes import decode_planes
 from softprep.resample import KERNELS, Resampler, axis_weights, output_size
 
 SIZES = [

@@ -1,4 +1,4 @@
-"""Top-K exact-sum quantisation of soft labels to uint8.
+"""The stored soft-label planes: top-K exact-sum uint8 quantisation, and its decoder.
 
 A soft label with K kept classes per pixel is stored as K uint8 class ids and K uint8
 probabilities that sum to exactly 255. Encoding: renormalise the kept mass to 1, scale by
@@ -8,7 +8,9 @@ probability, slot order is preserved, so slot 0 stays the argmax (the hard label
 
 On disk (``softprep.store``) the K id planes are followed by the probabilities of slots
 1..K-1; slot 0's probability is 255 minus their sum. The planes are made in one pass with
-the soft label itself (``Resampler.soft_planes``, kernel ``softprep.kernels.soft_planes``).
+the soft label itself (``Resampler.soft_planes``, kernel ``softprep.kernels.soft_planes``);
+this module holds the rule's constants and ``decode_planes``, which turns planes back into
+per-class proportions.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 import numpy as np
 
 from softprep import kernels
-from softprep.quantize import TOTAL, decode_planes
+from softprep.planes import TOTAL, decode_planes
 from softprep.resample import Resampler, row_changes
 
 
