@@ -555,6 +555,7 @@ def test_predict_decodes_16_bit_inputs_and_refuses_float_ones(tmp_path, monkeypa
 
     from softprep.datasets import DatasetError
     from softtrain import predict as predict_module
+    from softtrain import segmenter as segmenter_module
 
     torch.manual_seed(0)
     model = torch.nn.Conv2d(3, 4, 1).eval()
@@ -564,8 +565,8 @@ def test_predict_decodes_16_bit_inputs_and_refuses_float_ones(tmp_path, monkeypa
         "store_meta": {"manifest": CS.to_json(), "short_side": None, "kernel": "bilinear",
                        "antialias": True},
     }  # fmt: skip
-    monkeypatch.setattr(predict_module, "load_checkpoint", lambda path: fake)
-    monkeypatch.setattr(predict_module, "model_from_checkpoint", lambda ckpt, device: model)
+    monkeypatch.setattr(segmenter_module, "load_checkpoint", lambda path: fake)
+    monkeypatch.setattr(segmenter_module, "model_from_checkpoint", lambda ckpt, device: model)
     grey = sixteen_bit((24, 40), seed=3)
     (tmp_path / "in16").mkdir()
     (tmp_path / "in8").mkdir()
