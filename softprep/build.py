@@ -29,7 +29,7 @@ import joblib
 import numpy as np
 import zarr
 
-from softprep import __version__, store
+from softprep import __version__, layout, writer
 from softprep.datasets import (
     UNLABELED_SPLIT,
     DatasetError,
@@ -51,6 +51,7 @@ from softprep.options import (
 )
 from softprep.planes import RULE
 from softprep.resample import Resampler, row_changes
+from softprep.store import SoftStore, StoreError
 from softprep.weak_labels import WeakProtocol
 
 FLUSH_EVERY = 256
@@ -92,17 +93,17 @@ def process_pair(
         rc = r
         if options.colour_kernel is not None:  # unpaired on purpose (a baseline)
             rc = Resampler.make(label.shape, out_hw, options.colour_kernel, options.antialias)
-        arrays[store.level_name(scale)] = (planes, rc.colour(image))
+        arrays[layout.level_name(scale)] = (planes, rc.colour(image))
         stats = {"truncated": np.array([truncated.sum(), truncated.max()])}
         stats |= strategy_masses(
             label, counts, out_hw, options, options.strategies, c, r, soft_mass
         )
-        result.levels[store.level_name(scale)] = stats
+        result.levels[layout.level_name(scale)] = stats
     return arrays, result, (label if keep_full else None)
 
 
 @functools.lru_cache(maxsize=4)
-def _open_for_write(url: str, build_id: str) -> store.ImageWriter:
+def _open_for_write(url: str, build_id: str) -> writer.ImageWriter:
     """The store's writer, opened once per worker process, which is set up for the build:
 
     - one zarr IO thread: parallelism comes from ``--jobs``, and one thread per job
@@ -113,7 +114,7 @@ def _open_for_write(url: str, build_id: str) -> store.ImageWriter:
     """
     zarr.config.set({"threading.max_workers": 1})
     _keep_freed_buffers()
-    return store.ImageWriter(zarr.open_group(url, mode="r+"))
+    return writer.ImageWriter(zarr.open_group(url, mode="r+"))
 
 
 def _keep_freed_buffers() -> None:
@@ -243,7 +244,7 @@ def _metadata(
     manifest: Manifest, options: BuildOptions, splits: list[str], image_only: list[str]
 ) -> dict:
     return {
-        "format": store.FORMAT,
+        "format": layout.FORMAT,
         "softprep_version": __version__,
         "build_id": uuid.uuid4().hex,
         "config": _config(manifest, options),
@@ -277,7 +278,7 @@ def _metadata(
                 ],
                 "datasets": [
                     {
-                        "path": f"levels/{store.level_name(s)}/soft",
+                        "path": f"{layout.level_path(s)}/soft",
                         "coordinateTransformations": [
                             {"type": "scale", "scale": [1, 1, 1 / s, 1 / s]},
                             {
@@ -331,9 +332,9 @@ def _open_or_create(url, manifest, options, pairs, sizes):
     names = [f"{p.split}/{p.name}" for p in pairs]
     splits = list(dict.fromkeys(p.split for p in pairs))
     try:
-        existing = store.SoftStore(url, mode="r+")
-    except store.StoreError:
-        existing = None  # store.create refuses to overwrite anything that is not a store
+        existing = SoftStore(url, mode="r+")
+    except StoreError:
+        existing = None  # layout.create refuses to overwrite anything that is not a store
     if existing is not None:
         old, new = existing.meta.get("config", {}), _config(manifest, options)
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -357,7 +358,7 @@ def _open_or_create(url, manifest, options, pairs, sizes):
         for s in options.scales
     }
     eval_mask = np.array([p.split in manifest.eval_splits for p in pairs])
-    root = store.create(
+    root = layout.create(
         url,
         meta,
         names,
@@ -390,14 +391,14 @@ class _StatsWriter:
         if not self.buffer:
             return
         idx = [r.index for r in self.buffer]
-        self.root["stats/full"].oindex[idx, :] = np.stack([r.full for r in self.buffer])
+        self.root[layout.FULL_STATS].oindex[idx, :] = np.stack([r.full for r in self.buffer])
         for name in self.buffer[0].levels:
-            g = self.root[f"levels/{name}"]
+            g = self.root[f"{layout.LEVELS}/{name}"]
             rows = [r.levels[name] for r in self.buffer]
             g["truncated"].oindex[idx, :] = np.stack([r["truncated"] for r in rows])
             for s in self.strategies:
                 g[f"stats/{s}"].oindex[idx, :] = np.stack([r[s] for r in rows])
-        self.root["images/done"].oindex[idx] = True
+        self.root[layout.DONE].oindex[idx] = True
         self.buffer, self.last = [], time.monotonic()
 
 
@@ -405,13 +406,13 @@ def _shards_to_build(zroot: zarr.Group, options: BuildOptions) -> tuple[np.ndarr
     """The images already done (N,) bool and the shards to write, each a ``range`` of
     image indices. A shard with any image not done is rewritten whole, so its images count
     as not done (the flags are cleared here) until its new statistics are written."""
-    done = zroot["images/done"][:]
-    per = zroot[f"levels/{store.level_name(options.scales[0])}/soft"].shards[0]
+    done = zroot[layout.DONE][:]
+    per = zroot[f"{layout.level_path(options.scales[0])}/soft"].shards[0]
     starts = range(0, len(done), per)
     shards = [range(a, min(a + per, len(done))) for a in starts if not done[a : a + per].all()]
     redo = [i for shard in shards for i in shard if done[i]]
     if redo:
-        zroot["images/done"].oindex[redo] = False
+        zroot[layout.DONE].oindex[redo] = False
         done[redo] = False
     return done, shards
 
@@ -422,7 +423,7 @@ def _mark_damaged(url: str, zroot: zarr.Group) -> int:
     rewrites their shards whole. Returns their number; metadata damage is refused."""
     from softprep.verify import verify
 
-    report = verify(store.SoftStore(url))
+    report = verify(SoftStore(url))
     if not report.layout:
         raise BuildError(
             f"{url}: its metadata is damaged ({report.problems[0]}); --repair rebuilds "
@@ -430,7 +431,7 @@ def _mark_damaged(url: str, zroot: zarr.Group) -> int:
         )
     damaged = sorted(report.damaged)
     if damaged:
-        zroot["images/done"].oindex[damaged] = False
+        zroot[layout.DONE].oindex[damaged] = False
     return len(damaged)
 
 
@@ -460,8 +461,8 @@ def build(
         raise ValueError("on_error must be 'fail' or 'skip'")
     if repair:
         try:
-            store.SoftStore(url)
-        except store.StoreError as e:
+            SoftStore(url)
+        except StoreError as e:
             raise BuildError(f"{e}: nothing to repair; build it without --repair") from None
     start = time.monotonic()
     warming = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(
@@ -470,7 +471,7 @@ def build(
     pairs, sizes, problems = _prepare(manifest, root, options, on_error)
     for _ in warming:
         pass
-    with store.writer_lock(url):
+    with writer.writer_lock(url):
         return _build_locked(
             manifest, url, options, jobs, on_error, progress, start, pairs, sizes, problems, repair
         )
@@ -481,13 +482,13 @@ def _build_locked(
 ):
     try:
         zroot, meta = _open_or_create(url, manifest, options, pairs, sizes)  # a store, now
-        litter = len(store.remove_litter(url))  # what a killed write left; nothing reads it
+        litter = len(writer.remove_litter(url))  # what a killed write left; nothing reads it
         repaired = _mark_damaged(url, zroot) if repair else 0
         done, shards = _shards_to_build(zroot, options)
     except OSError as e:
         raise _write_failure(url, e) from None
     eval_splits = set(manifest.eval_splits)
-    writer = _StatsWriter(zroot, options.strategies)
+    stats = _StatsWriter(zroot, options.strategies)
     skipped = list(problems)
     parent = (socket.gethostname(), os.getpid())
     tasks = (
@@ -510,7 +511,7 @@ def _build_locked(
         progress(processed, len(pairs))  # the rate counts from here, as the summary's
     try:
         for shard_results in results:
-            writer.add([r for r in shard_results if not r.error])
+            stats.add([r for r in shard_results if not r.error])
             built += sum(not r.error for r in shard_results)
             errors = [r.error for r in shard_results if r.error]
             if errors and on_error == "fail":
@@ -530,14 +531,14 @@ def _build_locked(
             warnings.filterwarnings("ignore", r".*tasks .*(cancelled|not used)", UserWarning)
             results.close()
         try:
-            writer.flush()
+            stats.flush()
         except OSError as e:
             raise _write_failure(url, e) from None
-    meta = dict(zroot.attrs[store.NAMESPACE])
+    meta = dict(zroot.attrs[layout.NAMESPACE])
     meta["skipped"] = [{"path": p.path, "error": p.message, "index": p.index} for p in skipped]
-    meta["complete"] = bool(zroot["images/done"][:].all())
+    meta["complete"] = bool(zroot[layout.DONE][:].all())
     try:
-        zroot.attrs[store.NAMESPACE] = meta
+        zroot.attrs[layout.NAMESPACE] = meta
     except OSError as e:
         raise _write_failure(url, e) from None
     now = time.monotonic()

@@ -158,7 +158,7 @@ def _normalise(mass: np.ndarray) -> np.ndarray:
 
 def from_store(store: SoftStore, compare: list[str], split: str = "train") -> PriorReport:
     """The report from a store's recorded statistics (never rereads the dataset)."""
-    if "stats/full" not in store.root:
+    if not store.has_statistics:
         raise StoreError(f"{store.url}: no statistics recorded (not built by softprep build?)")
     done = store.done()
     if split in store.image_only_splits:

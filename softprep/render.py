@@ -38,7 +38,7 @@ def render(store: SoftStore, i: int, scale, min_width: int = 384) -> Image.Image
     index, prob = store.read_soft(s, i)
     panels = [("colour", rgb), ("soft label", soft_colours(index, prob, pal))]
     split = store.split_of()[i]
-    if split in store.meta["eval_splits"] and "full/label" in store.root:
+    if split in store.meta["eval_splits"] and store.has_full_labels:
         full = store.read_full_label(i)
         nn = Resampler.make(full.shape, rgb.shape[:2], "nearest").nearest_label(full)
         panels.append(("nearest neighbour", pal[nn].astype(np.uint8)))

@@ -9,15 +9,8 @@ import numpy as np
 from softprep.manifest import VOID
 from softprep.planes import TOTAL
 from softprep.resample import KERNELS
-from softprep.store import (
-    SoftStore,
-    StoreError,
-    level_name,
-    litter,
-    remove_litter,
-    scale_label,
-    writer_lock,
-)
+from softprep.store import SoftStore, StoreError, level_name, scale_label
+from softprep.writer import litter, remove_litter, writer_lock
 
 
 @dataclass

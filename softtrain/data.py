@@ -24,7 +24,14 @@ from torch.utils.data import Dataset
 
 from softprep.manifest import VOID
 from softprep.planes import TOTAL
-from softprep.store import SoftStore, StoreError, parse_scale, repair_hint, scale_label
+from softprep.store import (
+    FULL_LABEL,
+    SoftStore,
+    StoreError,
+    parse_scale,
+    repair_hint,
+    scale_label,
+)
 
 CAT_MAX_TRIES = 10
 MEAN = torch.tensor([0.485, 0.456, 0.406]) * 255  # ImageNet statistics, 0..255 units
@@ -69,7 +76,7 @@ def open_checked(url: str, split: str | list[str]) -> tuple[SoftStore, np.ndarra
     items = np.flatnonzero(done & in_split)
     evaluated = np.isin(store.split_of(), store.meta.get("eval_splits", []))
     for path in store.image_arrays():
-        wanted = items[evaluated[items]] if path == "full/label" else items
+        wanted = items[evaluated[items]] if path == FULL_LABEL else items
         lost = store.missing_shards(path, wanted)
         if len(lost):
             raise StoreError(
@@ -243,7 +250,7 @@ class EvalDataset(Dataset):
 
     def __init__(self, url: str, levels: str | float | list, split: str = "val"):
         store, self.items = open_checked(url, split)
-        if "full/label" not in store.root:
+        if not store.has_full_labels:
             raise StoreError(f"{url}: no full-resolution labels; evaluation needs an eval split")
         levels = levels if isinstance(levels, (list, tuple)) else [levels]
         for level in levels:

@@ -14,7 +14,7 @@ import zarr
 from PIL import Image
 
 from softprep import build as build_module
-from softprep import store as store_module
+from softprep import layout as layout_module
 from softprep.build import BuildError, BuildOptions, build
 from softprep.manifest import VOID, load_manifest
 from softprep.options import choose_images_per_shard
@@ -202,7 +202,7 @@ def test_shards_written_by_softprep_are_zarrs_own_bytes(samples, tmp_path, datas
     chunk byte for byte (indexes list chunks by position), and zarr reads it back; an image
     left out of a shard reads as fill values and is found missing. ADE20K at full size:
     arrays 256 < H, W < 512, so shards pass the array's edge."""
-    from softprep.store import ImageWriter, ShardEncoder
+    from softprep.writer import ImageWriter, ShardEncoder
 
     url = str(tmp_path / "s.zarr")
     scale = float(level[1:].replace("_", "."))
@@ -242,7 +242,7 @@ def test_shards_written_by_softprep_are_zarrs_own_bytes(samples, tmp_path, datas
 
 def test_arrays_of_another_layout_are_written_by_zarr(tmp_path):
     """Stores of an older layout (other codecs) take zarr's own write path."""
-    from softprep.store import ImageWriter, ShardEncoder
+    from softprep.writer import ImageWriter, ShardEncoder
 
     root = zarr.open_group(str(tmp_path / "old.zarr"), mode="w")
     shapes = {"levels/x1/soft": (2, 3, 8, 8), "levels/x1/rgb": (2, 8, 8, 3)}
@@ -278,7 +278,7 @@ def test_resume_after_interruptions_equals_uninterrupted(samples, tmp_path, monk
     ref = str(tmp_path / "ref.zarr")
     build(m, samples["cityscapes"], ref, opts)
     url = str(tmp_path / "resumed.zarr")
-    real_write = build_module.store.ImageWriter.write
+    real_write = build_module.writer.ImageWriter.write
     calls = {"n": 0}
 
     def dying_write(writer, first, images):
@@ -289,7 +289,7 @@ def test_resume_after_interruptions_equals_uninterrupted(samples, tmp_path, monk
             raise KeyboardInterrupt
         real_write(writer, first, images)
 
-    monkeypatch.setattr(build_module.store.ImageWriter, "write", dying_write)
+    monkeypatch.setattr(build_module.writer.ImageWriter, "write", dying_write)
     monkeypatch.setattr(build_module, "FLUSH_EVERY", 1)
     with pytest.raises(KeyboardInterrupt):
         build(m, samples["cityscapes"], url, opts)
@@ -351,15 +351,15 @@ def test_metadata_chunks_stay_small_for_many_classes(tmp_path):
     META_CHUNK rows. Statistics written across chunks read back."""
     n, c = 5000, 150
     hw = np.tile([512, 683], (n, 1))
-    root = store_module.create(
+    root = layout_module.create(
         str(tmp_path / "s.zarr"), {}, [f"train/{i}" for i in range(n)], np.zeros(n, np.uint8),
         hw, {0.5: hw // 2}, c, 6, ["soft"], np.zeros(n, bool), 5,
     )  # fmt: skip
     stats = root["levels/x0.5/stats/soft"]
     rows = stats.chunks[0]
-    assert rows * (c + 1) * 8 <= store_module.META_CHUNK_BYTES and rows >= 200
-    assert root["images/done"].chunks == (store_module.META_CHUNK,)
-    assert root["levels/x0.5/truncated"].chunks == (store_module.META_CHUNK, 2)
+    assert rows * (c + 1) * 8 <= layout_module.META_CHUNK_BYTES and rows >= 200
+    assert root["images/done"].chunks == (layout_module.META_CHUNK,)
+    assert root["levels/x0.5/truncated"].chunks == (layout_module.META_CHUNK, 2)
     values = np.random.default_rng(0).random((300, c + 1))
     stats.oindex[list(range(100, 400)), :] = values  # across a chunk boundary
     np.testing.assert_array_equal(stats[100:400], values)

@@ -20,13 +20,15 @@ import pytest
 import zarr
 from PIL import Image
 
-from softprep import store as store_module
+from softprep import layout as layout_module
+from softprep import writer as writer_module
 from softprep.build import BuildError, BuildOptions, build
 from softprep.datasets import discover
 from softprep.manifest import ManifestError, load_manifest
 from softprep.sample import write_sample
-from softprep.store import SoftStore, StoreError, writer_lock
+from softprep.store import SoftStore, StoreError
 from softprep.verify import verify
+from softprep.writer import writer_lock
 from softtrain.data import CropDataset
 from tests.test_build import assert_same_store
 
@@ -213,7 +215,7 @@ def test_interrupted_store_creation_resumes(samples, tmp_path, monkeypatch):
             write.close()
         raise OSError(errno.EIO, "Input/output error")  # the disk fails while creating
 
-    monkeypatch.setattr(store_module, "_all", fail_half_way)
+    monkeypatch.setattr(layout_module, "_all", fail_half_way)  # store creation
     with pytest.raises(BuildError, match="writing failed"):
         build(CS, samples["cityscapes"], url, OPTS)
     monkeypatch.undo()
@@ -226,7 +228,7 @@ def test_interrupted_store_creation_resumes(samples, tmp_path, monkeypatch):
 
 def test_full_disk_is_one_message_and_the_build_resumes(samples, tmp_path, monkeypatch):
     url = str(tmp_path / "s.zarr")
-    real, calls = store_module.ImageWriter.write, {"n": 0}
+    real, calls = writer_module.ImageWriter.write, {"n": 0}
 
     def disk_fills(self, *args):
         calls["n"] += 1
@@ -234,11 +236,11 @@ def test_full_disk_is_one_message_and_the_build_resumes(samples, tmp_path, monke
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, *args)
 
-    monkeypatch.setattr(store_module.ImageWriter, "write", disk_fills)
+    monkeypatch.setattr(writer_module.ImageWriter, "write", disk_fills)
     with pytest.raises(BuildError, match="no space left on the device.*run the same command"):
         build(CS, samples["cityscapes"], url, OPTS)
     assert SoftStore(url).done().sum() == 4  # the 2 shards written before are kept
-    monkeypatch.setattr(store_module.ImageWriter, "write", real)
+    monkeypatch.setattr(writer_module.ImageWriter, "write", real)
     reference = str(tmp_path / "ref.zarr")
     build(CS, samples["cityscapes"], url, OPTS)
     build(CS, samples["cityscapes"], reference, OPTS)
@@ -253,7 +255,7 @@ def test_one_writer_per_store_and_a_crashed_holder_frees_it(samples, tmp_path):
             build(CS, samples["cityscapes"], url, OPTS)
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         f"from softprep.store import writer_lock\nwith writer_lock({url!r}):\n"
+         f"from softprep.writer import writer_lock\nwith writer_lock({url!r}):\n"
          "    print('locked', flush=True)\n    import time; time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import zarr
 
-from softprep import store as store_module
+from softprep import writer as writer_module
 from softprep.build import BuildError, BuildOptions, build
 from softprep.manifest import load_manifest
-from softprep.store import SoftStore, StoreError, writer_lock
+from softprep.store import SoftStore, StoreError
 from softprep.verify import verify
+from softprep.writer import writer_lock
 from softtrain.data import CropDataset, EvalDataset
 from tests.test_build import assert_same_store
 from tests.test_cli import run
@@ -230,7 +231,7 @@ def test_kill_9_between_write_and_rename_leaves_nothing_after_the_resume(samples
     url = str(tmp_path / "s.zarr")
     script = (
         "import os, signal, sys\n"
-        "from softprep import store\n"
+        "from softprep import writer\n"
         "from softprep.build import BuildOptions, build\n"
         "from softprep.manifest import load_manifest\n"
         "real, calls = os.replace, [0]\n"
@@ -239,16 +240,16 @@ def test_kill_9_between_write_and_rename_leaves_nothing_after_the_resume(samples
         "    if calls[0] == 7:  # the 3rd shard file of the 2nd shard\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    real(src, dst)\n"
-        "store.os.replace = replace\n"
+        "writer.os.replace = replace\n"
         f"build(load_manifest('cityscapes'), {str(samples['cityscapes'])!r}, {url!r}, "
         f"BuildOptions(scales={SCALES}, images_per_shard=2))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True)
     assert p.returncode == -9, p.stderr.decode()[-2000:]
-    assert store_module.litter(url), "the kill left no temporary file: nothing tested"
+    assert writer_module.litter(url), "the kill left no temporary file: nothing tested"
     summary = build(CS, samples["cityscapes"], url, options(2))
-    assert summary.litter == 1 and not store_module.litter(url)
+    assert summary.litter == 1 and not writer_module.litter(url)
     assert_same_store(url, clean[2])
     assert files_of(url) == files_of(clean[2])
 

@@ -38,7 +38,7 @@ import joblib
 import numpy as np
 from PIL import Image
 
-from softprep import store
+from softprep import layout as store
 from softprep.build import BuildOptions, ImageResult, _StatsWriter, build
 from softprep.datasets import discover
 from softprep.manifest import load_manifest
@@ -275,7 +275,7 @@ def _image_stats(rng, index: int, c: int, strategies: list[str]) -> ImageResult:
 MEMORY_CHILD = """
 import resource, sys, numpy as np
 from pathlib import Path
-from softprep import store
+from softprep import layout as store
 from softprep.build import BuildOptions, ImageResult, _StatsWriter, build
 from softprep.datasets import load_pair, discover
 from softprep.manifest import load_manifest
