@@ -106,7 +106,9 @@ def describe_run(out: Path) -> str:
     except CheckpointError:
         return "a run without a readable last.pt"
     best = ckpt.get("best_miou", -1.0)
-    return f"a run saved at step {ckpt['step']}" + (f", best mIoU {best:.4f}" if best >= 0 else "")
+    return f"a run saved at step {ckpt['step']}" + (
+        f", best mIoU {100 * best:.2f}%" if best >= 0 else ""
+    )
 
 
 def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:

@@ -70,12 +70,16 @@ def _step_text(log) -> str:
     )
 
 
+def _percent(value: float | None) -> str:
+    """A fraction as the screen shows it (files keep fractions): 0.4095 -> "40.95%"."""
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
 def _eval_text(record: dict) -> str:
-    miou = "n/a" if record["mIoU"] is None else f"{record['mIoU']:.4f}"
-    macc = "n/a" if record["mAcc"] is None else f"{record['mAcc']:.4f}"
     return (
-        f"step {record['step']} eval {record['split']} at {record['level']}: mIoU {miou} "
-        f"mAcc {macc} aAcc {record['aAcc']:.4f}"
+        f"step {record['step']} eval {record['split']} at {record['level']}: "
+        f"mIoU {_percent(record['mIoU'])} mAcc {_percent(record['mAcc'])} "
+        f"aAcc {_percent(record['aAcc'])}"
     )
 
 
@@ -230,10 +234,9 @@ def fit(
                 raise typer.Exit(128 + e.signum) from None
     if result["rank"] != 0:
         return
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     out.print(
-        f"[green]done[/green]: {result['step']} steps, last mIoU {fmt(result['last_miou'])}, "
-        f"best {fmt(result['best_miou'])}; run in {cfg.run.out}"
+        f"[green]done[/green]: {result['step']} steps, last mIoU {_percent(result['last_miou'])}"
+        f", best {_percent(result['best_miou'])}; run in {cfg.run.out}"
     )
 
 
