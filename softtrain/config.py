@@ -14,7 +14,7 @@ Light on purpose (no torch import), so ``softtrain --help`` answers at once.
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -467,7 +467,3 @@ class FitConfig:
             k for k in mine
             if not options[k].resumable and k in saved and saved[k] != mine[k]
         )  # fmt: skip
-
-    def replace(self, section: str, **changes) -> FitConfig:
-        """A copy with fields of one section changed."""
-        return replace(self, **{section: replace(getattr(self, section), **changes)})
