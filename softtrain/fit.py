@@ -164,6 +164,8 @@ def _fit(cfg: FitConfig, ranks, resume, overwrite, on_log, on_eval, on_start, cl
         on_start(banner(cfg, inputs, ranks))
     out, regime, ckpt = Path(every.out), inputs.regime, inputs.ckpt
     runlog = _start_run_folder(cfg, ranks, resume, ckpt, inputs.trackers)
+    if runlog:
+        cleanup.callback(runlog.close)  # trackers end their runs however this one ends
     model = _place(inputs.model, cfg, ranks)
     stepper = Stepper(model, cfg, ranks.device)
     regime.start(model)
@@ -230,8 +232,6 @@ def _fit(cfg: FitConfig, ranks, resume, overwrite, on_log, on_eval, on_start, cl
         if inputs.evalset is not None and step not in evaluated:
             last_miou = run_eval()
         save()
-    if runlog:
-        runlog.close()
     best_miou = best if best >= 0 else None
     return {"best_miou": best_miou, "last_miou": last_miou, "step": step, "rank": ranks.rank}
 
