@@ -344,7 +344,9 @@ def test_damaged_data_ends_the_run_and_its_workers_with_one_sentence(store, tmp_
         text = (tmp_path / "log.txt").read_text()
         assert rc == 2 and time.time() - t0 < 60, text
         assert "Traceback" not in text and "DataLoader worker" not in text, text
-        assert text.strip().startswith("error: ") and text.count("\n") == 1, text
+        errors = [line for line in text.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and text.strip().endswith(errors[0]), text  # after the banner
+        assert "softprep verify" in errors[0] and "--repair" in errors[0], text
         assert not list((tmp_path / "run").glob("*.pt"))
         assert subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True).stdout == b""
 
