@@ -122,6 +122,41 @@ def strategy_kernel(name: str, options: BuildOptions) -> tuple[str, bool]:
     return kernel, suffix != "noaa"
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's or
+    ``taskset``'s share), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def auto_jobs() -> int:
+    """``--jobs auto``: the usable cores less the load already on them (the 1-minute load
+    average, rounded), at least 1. On 2 cores with one other busy process this is 1: two
+    jobs there were slower than one (0.83x, measured), as both wait for the core the other
+    process holds while paying the worker's start-up."""
+    cores = usable_cores()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    return max(1, min(cores, int(cores - load + 0.5)))
+
+
+def parse_jobs(text: str | int) -> int:
+    """``--jobs``: a positive number of processes, or ``auto`` (``auto_jobs``)."""
+    if str(text).strip().lower() == "auto":
+        return auto_jobs()
+    try:
+        jobs = int(text)
+    except ValueError:
+        raise ValueError(f"--jobs takes a positive number or auto, not '{text}'") from None
+    if jobs < 1:
+        raise ValueError(f"--jobs takes a positive number or auto, not {jobs}")
+    return jobs
+
+
 def images_per_shard(sizes: np.ndarray, options: BuildOptions) -> int:
     """``options.images_per_shard``, or from (N, 2) full-resolution sizes: ``SHARD_PIXELS``
     over the median image's pixels, 1 to ``MAX_IMAGES_PER_SHARD``."""
@@ -514,13 +549,13 @@ def _shards_to_build(zroot: zarr.Group, options: BuildOptions) -> tuple[np.ndarr
     return done, shards
 
 
-def _mark_damaged(url: str, zroot: zarr.Group) -> int:
+def _mark_damaged(url: str, zroot: zarr.Group, jobs: int = 1) -> int:
     """For ``repair``: clear the ``done`` flag of every image ``verify`` finds damaged (data
     missing, unreadable or invalid, statistics that do not add up), so that the build
     rewrites their shards whole. Returns their number; metadata damage is refused."""
     from softprep.verify import verify
 
-    report = verify(store.SoftStore(url))
+    report = verify(store.SoftStore(url), jobs=jobs)
     if not report.layout:
         raise BuildError(
             f"{url}: its metadata is damaged ({report.problems[0]}); --repair rebuilds "
@@ -580,7 +615,7 @@ def _build_locked(
     try:
         zroot, meta = _open_or_create(url, manifest, options, pairs, sizes)  # a store, now
         litter = len(store.remove_litter(url))  # what a killed write left; nothing reads it
-        repaired = _mark_damaged(url, zroot) if repair else 0
+        repaired = _mark_damaged(url, zroot, jobs) if repair else 0
         done, shards = _shards_to_build(zroot, options)
     except OSError as e:
         raise _write_failure(url, e) from None
