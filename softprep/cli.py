@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from softprep import manifest as manifests
-from softprep.build import BuildError, BuildOptions
+from softprep.build import BuildError, BuildOptions, parse_jobs
 from softprep.build import build as run_build
 from softprep.datasets import DatasetError, detect_version
 from softprep.datasets import scan as run_scan
@@ -210,7 +210,12 @@ def build(
     out_url: str | None = typer.Option(
         None, "--out", help="Store path or fsspec URL (default: <dataset>.zarr)."
     ),
-    jobs: int = typer.Option(1, help="Parallel jobs (one shard of images per task)."),
+    jobs: str = typer.Option(
+        "auto",
+        help="Parallel jobs (one shard of images per task), or auto: the cores this process "
+        "may use less the load already on them (1-minute load average), at least 1, so a "
+        "busy machine gets no more processes than it has idle cores.",
+    ),
     images_per_shard: int | None = typer.Option(
         None,
         help="Consecutive images stored in one shard (one file per array and level) and "
@@ -259,9 +264,10 @@ def build(
             images_per_shard=images_per_shard,
         )
         url = out_url or f"{m.dataset}.zarr"
+        n_jobs = -1 if backend == "dask" and jobs == "auto" else parse_jobs(jobs)
         with _backend(backend, scheduler), progress_bar("building") as bar:
             summary = run_build(
-                m, root, url, options, jobs=jobs, on_error=on_error, progress=bar, repair=repair
+                m, root, url, options, jobs=n_jobs, on_error=on_error, progress=bar, repair=repair
             )
     if summary.litter:
         note = f"removed {summary.litter} temporary file(s) left by an interrupted write"
@@ -347,12 +353,34 @@ def info(
 
 
 @app.command()
-def verify(store: str = typer.Argument(..., help="Store path or URL.")):
+def verify(
+    store: str = typer.Argument(..., help="Store path or URL."),
+    jobs: str = typer.Option(
+        "auto",
+        help="Parallel jobs (one shard of images per task), or auto: the cores not already "
+        "busy (see 'softprep build --help').",
+    ),
+    quick: bool = typer.Option(
+        False,
+        "--quick",
+        help="Metadata, statistics sums, shard indexes and every chunk's checksum, without "
+        "decoding: finds lost, cut or flipped bytes, not planes or statistics that are "
+        "wrong but were written with valid checksums.",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
     """Check every image is complete, every pixel sums to 255 and ids are valid (exit 1 if not)."""
     with user_errors():
+        n_jobs = parse_jobs(jobs)
         s = SoftStore(store)
         with progress_bar("verifying") as bar:
-            report = run_verify(s, progress=bar)
+            report = run_verify(s, progress=bar, jobs=n_jobs, quick=quick)
+    if as_json:
+        names = s.names() if report.layout else None
+        out.print_json(json.dumps(report.to_dict(store, names)))
+        if not report.ok:
+            raise typer.Exit(1)
+        return
     for p in report.skipped:
         console.print(tagged("skipped", "yellow", p), highlight=False)
     for p in report.notes:
@@ -363,7 +391,11 @@ def verify(store: str = typer.Argument(..., help="Store path or URL.")):
         console.print(f"[red]{len(report.problems)} problem(s)[/red] in {store}")
         console.print(tagged("next step", "bold", report.advice(store)), highlight=False)
         raise typer.Exit(1)
-    out.print(f"[green]ok[/green]: {report.checked} images, {len(s.scales)} levels")
+    mode = "quick: checksums, no decoding" if quick else "full"
+    out.print(
+        f"[green]ok[/green]: {report.checked} images, {len(s.scales)} levels ({mode}, "
+        f"{report.seconds:.1f} s)"
+    )
 
 
 @app.command()

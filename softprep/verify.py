@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import functools
+import time
 from dataclasses import dataclass, field
 
+import joblib
 import numpy as np
 
 from softprep.manifest import VOID
 from softprep.planes import TOTAL
 from softprep.resample import KERNELS
-from softprep.store import SoftStore, StoreError, level_name, scale_label
+from softprep.store import (
+    ABSENT,
+    ShardDamaged,
+    ShardReader,
+    SoftStore,
+    StoreError,
+    level_name,
+    scale_label,
+)
 from softprep.writer import litter, remove_litter, writer_lock
 
 
@@ -21,6 +32,9 @@ class VerifyReport:
     damaged: set[int] = field(default_factory=set)  # finished images with bad or missing data
     layout: bool = True  # False: metadata and arrays disagree (a repair cannot fix that)
     notes: list[str] = field(default_factory=list)  # warnings that are not problems (litter)
+    quick: bool = False  # checksums and indexes only: no decoding, no recomputed statistics
+    images: int = 0  # images in the store
+    seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -36,6 +50,27 @@ class VerifyReport:
                 "them: rerun the same 'softprep build ...' command with --repair"
             )
         return f"{url}: the build did not finish; run the same 'softprep build ...' command again"
+
+    def to_dict(self, url: str, names=None) -> dict:
+        """The report as plain data (``softprep verify --json``); ``names``: the store's
+        image names, to name the damaged images."""
+        damaged = sorted(self.damaged)
+        return {
+            "store": url,
+            "ok": self.ok,
+            "mode": "quick" if self.quick else "full",
+            "images": self.images,
+            "checked": self.checked,
+            "problems": list(self.problems),
+            "damaged": [
+                {"index": i, "name": None if names is None else str(names[i])} for i in damaged
+            ],
+            "metadata_ok": self.layout,
+            "skipped": list(self.skipped),
+            "notes": list(self.notes),
+            "next_step": None if self.ok else self.advice(url),
+            "seconds": round(self.seconds, 3),
+        }
 
 
 def check_planes(planes: np.ndarray, num_classes: int) -> list[str]:
@@ -130,21 +165,170 @@ def _clean_litter(url: str, report: VerifyReport) -> None:
     )
 
 
-def verify(store: SoftStore, progress=None) -> VerifyReport:
+
+def _label_problems(label: np.ndarray, counts: np.ndarray, c: int, name: str) -> list[str]:
+    """A full-resolution label's histogram (void last) against its recorded counts."""
+    hist = np.bincount(label.ravel(), minlength=VOID + 1)
+    if hist[c:VOID].any() or not np.array_equal(np.append(hist[:c], hist[VOID]), counts):
+        return [f"{name}: full-resolution counts differ from the stored full label"]
+    return []
+
+
+class _Checker:
+    """What checking the data of a store's images needs, opened once per process: the
+    store, sizes, a ``ShardReader`` per image array (None for arrays of another layout)."""
+
+    def __init__(self, store: SoftStore):
+        self.store = store
+        self.names = store.names()
+        self.full_hw = store.root["images/hw"][:]
+        self.level_hw = {s: store.hw(s) for s in store.scales}
+        self.paths = store.image_arrays()
+        self.readers = {p: ShardReader.for_array(store.array(p)) for p in self.paths}
+        self.own_layout = all(r is not None for r in self.readers.values())
+        self.per = store.images_per_shard
+        self.c = store.num_classes
+
+
+@functools.lru_cache(maxsize=2)
+def _checker_for(url: str) -> _Checker:
+    return _Checker(SoftStore(url))
+
+
+def _check_shard(checker, images, evaluated, counts, quick) -> list[tuple]:
+    """The data problems of the finished ``images`` (one shard's) of a store: per image
+    (index, arrays whose data is missing, full-label problems, {scale: problems}). Each
+    image array's shard is read once; ``quick``: checksums only (no decoding)."""
+    if isinstance(checker, str):  # in a worker: open the store once per process
+        checker = _checker_for(checker)
+    names, per = checker.names, checker.per
+    if not checker.own_layout:
+        return [
+            _check_image_zarr(checker, i, e, row, quick)
+            for i, e, row in zip(images, evaluated, counts)
+        ]
+    shard = images[0] // per
+    lost: dict[int, list[str]] = {i: [] for i in images}
+    found: dict[str, tuple] = {}  # path -> (blob, index) or (None, error)
+    for path in checker.paths:
+        wanted = [i for i, e in zip(images, evaluated) if e or path != "full/label"]
+        if not wanted:
+            continue
+        reader = checker.readers[path]
+        blob = reader.blob(shard)
+        if blob is None:
+            for i in wanted:
+                lost[i].append(path)
+            continue
+        try:
+            found[path] = (blob, reader.index(blob))
+        except ShardDamaged as e:
+            found[path] = (None, e)
+            continue
+        if per > 1:  # an image of a shared shard without its chunks: missing
+            for i in wanted:
+                if (found[path][1][i % per] == ABSENT).any():
+                    lost[i].append(path)
+
+    def data(path: str, i: int, decode: bool):
+        blob, index = found[path]
+        if blob is None:
+            raise index
+        reader = checker.readers[path]
+        if decode:
+            return reader.image(blob, index[i % per])
+        reader.check(blob, index[i % per])
+        return None
+
+    out = []
+    for i, e, row in zip(images, evaluated, counts):
+        full, levels = [], {}
+        if not lost[i]:
+            if e:
+                h, w = (int(v) for v in checker.full_hw[i])
+                try:
+                    label = data("full/label", i, not quick)
+                except ShardDamaged as err:
+                    full.append(f"{names[i]}: full label unreadable ({type(err).__name__}: {err})")
+                else:
+                    if not quick:
+                        full += _label_problems(label[:h, :w], row, checker.c, names[i])
+            for scale in checker.store.scales:
+                where = f"{names[i]} at {scale_label(scale)}"
+                path = f"levels/{level_name(scale)}"
+                hh, ww = (int(v) for v in checker.level_hw[scale][i])
+                try:
+                    planes = data(f"{path}/soft", i, not quick)
+                    data(f"{path}/rgb", i, not quick)
+                except ShardDamaged as err:
+                    levels[scale] = [f"{where}: unreadable ({type(err).__name__}: {err})"]
+                    continue
+                if not quick:
+                    levels[scale] = [
+                        f"{where}: {p}" for p in check_planes(planes[:, :hh, :ww], checker.c)
+                    ]
+        out.append((i, lost[i], full, levels))
+    return out
+
+
+def _check_image_zarr(checker: _Checker, i: int, evaluated: bool, row, quick: bool) -> tuple:
+    """``_check_shard``'s answer for one image of a store of another layout (older ones,
+    without checksums), read through zarr; missing data is found by the parent."""
+    store, names, c = checker.store, checker.names, checker.c
+    full, levels = [], {}
+    if evaluated:
+        h, w = (int(v) for v in checker.full_hw[i])
+        try:
+            label = store.array("full/label")[i, :h, :w]
+        except Exception as e:  # noqa: BLE001 (damaged chunks raise codec errors of any type)
+            full.append(f"{names[i]}: full label unreadable ({type(e).__name__}: {e})")
+        else:
+            full += _label_problems(label, row, c, names[i])
+    for scale in store.scales:
+        where = f"{names[i]} at {scale_label(scale)}"
+        path = store.level_path(scale)
+        hh, ww = (int(v) for v in checker.level_hw[scale][i])
+        try:
+            planes = store.array(f"{path}/soft")[i, :, :hh, :ww]
+            store.array(f"{path}/rgb")[i, :hh, :ww]
+        except Exception as e:  # noqa: BLE001
+            levels[scale] = [f"{where}: unreadable ({type(e).__name__}: {e})"]
+            continue
+        levels[scale] = [f"{where}: {p}" for p in check_planes(planes, c)]
+    return i, [], full, levels
+
+
+def _bad_rows(rows: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """Rows (N, C+1) whose sum is not their pixel count (``_row_sum_problems``'s rule)."""
+    sums = rows.sum(axis=1, dtype=np.float64)
+    return np.abs(sums - pixels) > 1e-6 * pixels + 1e-6
+
+
+def verify(store: SoftStore, progress=None, jobs: int = 1, quick: bool = False) -> VerifyReport:
     """Metadata consistent with the arrays; every image complete (or skipped on purpose,
     listed apart); every finished image's shards present and readable (CRC32C-checked in
     stores that have checksums); soft planes valid; statistics consistent with the sizes
     and, for full-resolution labels, equal to their histogram. Reads the whole store.
     ``damaged`` lists the finished images with a problem (what ``build --repair`` rebuilds);
-    temporary files of an interrupted write are removed (a note; see ``_clean_litter``)."""
-    report = VerifyReport()
+    temporary files of an interrupted write are removed (a note; see ``_clean_litter``).
+
+    ``jobs``: processes checking shards in parallel (joblib, as the build).
+    ``quick``: metadata, statistics sums, shard indexes and every chunk's checksum, without
+    decoding: finds lost, truncated and flipped bytes, not invalid planes written with valid
+    checksums or statistics that disagree with the labels. ``progress(done, total)`` is
+    called after each shard."""
+    start = time.monotonic()
+    report = VerifyReport(quick=quick)
     _clean_litter(store.url, report)
     report.problems += check_attributes(store)
     if report.problems:
         report.layout = False
+        report.seconds = time.monotonic() - start
         return report
+    checker = _Checker(store)
+    report.images = len(store)
     done = store.done()
-    names = store.names()
+    names = checker.names
     skipped = {
         s["index"]: f"{s['path']}: {s['error']}"
         for s in store.meta.get("skipped", [])
@@ -158,10 +342,37 @@ def verify(store: SoftStore, progress=None) -> VerifyReport:
     finished = np.flatnonzero(done)
     evaluated = np.isin(store.split_of(), store.meta.get("eval_splits", []))
     lost: dict[int, list[str]] = {}
-    for path in store.image_arrays():
+    for path in checker.paths:  # absent shard files: one listing per array
         wanted = finished[evaluated[finished]] if path == "full/label" else finished
-        for i in store.missing_shards(path, wanted, read_indexes=True):
+        read_indexes = not checker.own_layout  # else each task reads its shards' indexes
+        for i in store.missing_shards(path, wanted, read_indexes=read_indexes):
             lost.setdefault(int(i), []).append(path)
+    counts = store.full_counts()
+    per = checker.per
+    groups: dict[int, list[int]] = {}
+    for i in finished:
+        if int(i) not in lost:
+            groups.setdefault(int(i) // per, []).append(int(i))
+    tasks = [(g, [bool(evaluated[i]) for i in g], counts[g]) for g in groups.values()]
+    results: dict[int, tuple] = {}
+    total = len(finished)
+    if progress:
+        progress(len(lost), total)
+    if jobs == 1 or len(tasks) <= 1:
+        outputs = (_check_shard(checker, g, e, c, quick) for g, e, c in tasks)
+    else:
+        outputs = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(
+            joblib.delayed(_check_shard)(store.url, g, e, c, quick) for g, e, c in tasks
+        )
+    done_images = len(lost)
+    for shard_results in outputs:
+        for r in shard_results:
+            results[r[0]] = r
+            if r[1]:
+                lost.setdefault(r[0], []).extend(r[1])
+        done_images += len(shard_results)
+        if progress:
+            progress(done_images, total)
 
     def problem(i: int, problems: list[str]) -> None:
         report.problems.extend(problems)
@@ -169,45 +380,36 @@ def verify(store: SoftStore, progress=None) -> VerifyReport:
             report.damaged.add(int(i))
 
     for i, paths in sorted(lost.items()):
-        problem(i, [f"{names[i]}: data missing in {', '.join(paths)}"])
-    full_hw = store.root["images/hw"][:]
-    counts = store.full_counts()
-    c = store.num_classes
-    for n, i in enumerate(finished):
-        h, w = (int(v) for v in full_hw[i])
-        problem(i, _row_sum_problems(counts[i], h * w, f"{names[i]}: full-resolution counts"))
-        if evaluated[i] and i not in lost:
-            try:
-                label = store.array("full/label")[i, :h, :w]
-            except Exception as e:  # noqa: BLE001 (damaged chunks raise codec errors of any type)
-                problem(i, [f"{names[i]}: full label unreadable ({type(e).__name__}: {e})"])
-            else:
-                hist = np.bincount(np.where(label == VOID, c, label).ravel(), minlength=c + 1)
-                if not np.array_equal(hist, counts[i]):
-                    problem(
-                        i, [f"{names[i]}: full-resolution counts differ from the stored full label"]
-                    )
+        order = [p for p in checker.paths if p in paths]
+        problem(i, [f"{names[i]}: data missing in {', '.join(order)}"])
+    full_hw = checker.full_hw.astype(np.int64)
+    bad_full = _bad_rows(counts, full_hw[:, 0] * full_hw[:, 1])
+    bad_level = {}
+    for scale in store.scales:
+        hw = checker.level_hw[scale].astype(np.int64)
+        g = store.level(scale)
+        for strategy in store.meta.get("strategies", []):
+            rows = g[f"stats/{strategy}"][:]
+            bad_level[scale, strategy] = (rows, _bad_rows(rows, hw[:, 0] * hw[:, 1]))
+    for i in finished:
+        h, w = (int(v) for v in checker.full_hw[i])
+        if bad_full[i]:
+            problem(i, _row_sum_problems(counts[i], h * w, f"{names[i]}: full-resolution counts"))
+        _, _, full, levels = results.get(int(i), (i, [], [], {}))
+        problem(i, full)
         for scale in store.scales:
             where = f"{names[i]} at {scale_label(scale)}"
-            g = store.level(scale)
-            hh, ww = (int(v) for v in g["hw"][i])
+            hh, ww = (int(v) for v in checker.level_hw[scale][i])
             for strategy in store.meta.get("strategies", []):
-                problem(
-                    i,
-                    _row_sum_problems(
-                        g[f"stats/{strategy}"][i], hh * ww, f"{where}: '{strategy}' statistics"
-                    ),
-                )
-            if i in lost:
-                continue
-            try:
-                planes = g["soft"][i, :, :hh, :ww]
-                g["rgb"][i, :hh, :ww]
-            except Exception as e:  # noqa: BLE001 (damaged chunks raise codec errors of any type)
-                problem(i, [f"{where}: unreadable ({type(e).__name__}: {e})"])
-                continue
-            problem(i, [f"{where}: {p}" for p in check_planes(planes, c)])
+                rows, bad = bad_level[scale, strategy]
+                if bad[i]:
+                    problem(
+                        i,
+                        _row_sum_problems(
+                            rows[i], hh * ww, f"{where}: '{strategy}' statistics"
+                        ),
+                    )
+            problem(i, levels.get(scale, []))
         report.checked += 1
-        if progress:
-            progress(n + 1, len(finished))
+    report.seconds = time.monotonic() - start
     return report

@@ -524,3 +524,15 @@ def test_mmseg_style_store_pairs_bilinear_colour_with_nearest_labels(samples, tm
     assert stores["bilinear"].describe()["colour_kernel"] is None
     with pytest.raises(BuildError, match="colour_kernel: 'bilinear' -> 'bicubic'"):
         build(m, root, urls["mmseg"], BuildOptions((0.25,), "nearest", colour_kernel="bicubic"))
+
+
+def test_jobs_auto_leaves_busy_cores_alone(monkeypatch):
+    from softprep import build as build_module
+
+    monkeypatch.setattr(build_module, "usable_cores", lambda: 2)
+    for load, jobs in ((0.0, 2), (0.4, 2), (0.9, 1), (1.0, 1), (7.5, 1)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert build_module.parse_jobs("auto") == jobs
+    assert build_module.parse_jobs("3") == 3
+    with pytest.raises(ValueError, match="positive number or auto"):
+        build_module.parse_jobs("two")

@@ -263,3 +263,60 @@ def test_litter_is_removed_only_inside_a_store(samples, tmp_path):
     with pytest.raises(StoreError):
         build(CS, samples["cityscapes"], str(folder), options(2))
     assert mine.read_bytes() == b"a user's file"
+
+
+# verify's options (issues 28 and 30): --quick (checksums, no decoding), --jobs, --json
+
+
+@pytest.mark.parametrize("per_shard", [1, 2])
+@pytest.mark.parametrize("kind", ["deleted", "bit-flip", "truncated"])
+def test_quick_verify_finds_lost_cut_and_flipped_bytes_as_full_does(clean, tmp_path, kind, per_shard):
+    url = copy_of(clean[per_shard], tmp_path)
+    damage(url, kind)
+    quick, full = verify(SoftStore(url), quick=True), verify(SoftStore(url))
+    assert not quick.ok and quick.quick and not full.quick
+    assert quick.damaged == full.damaged and quick.problems == full.problems
+
+
+def test_quick_verify_reads_no_planes(clean, tmp_path):
+    url = copy_of(clean[2], tmp_path)
+    damage(url, "planes")  # valid checksums around invalid probabilities: only decoding sees it
+    assert verify(SoftStore(url), quick=True).ok
+    assert not verify(SoftStore(url)).ok
+    damage(url, "statistic")  # sums are metadata: quick checks them
+    assert "'soft' statistics add up to" in "\n".join(verify(SoftStore(url), quick=True).problems)
+
+
+@pytest.mark.slow  # starts worker processes
+def test_verify_with_two_jobs_reports_what_one_job_does(clean, tmp_path):
+    url = copy_of(clean[2], tmp_path)
+    found = {kind: damage(url, kind)[0] for kind in ("bit-flip", "planes", "statistic", "truncated")}
+    one, two = verify(SoftStore(url), jobs=1), verify(SoftStore(url), jobs=2)
+    assert len(one.damaged) == 5 and one.damaged == two.damaged
+    assert one.problems == two.problems and one.checked == two.checked == 6
+    quick = verify(SoftStore(url), jobs=2, quick=True)
+    assert quick.damaged == one.damaged - {found["planes"]}
+
+
+def test_cli_verify_json(clean, tmp_path):
+    import json
+
+    url = copy_of(clean[2], tmp_path)
+    r = run("verify", url, "--json", "--jobs", 1)
+    report = json.loads(r.stdout)
+    assert r.exit_code == 0 and report["ok"] and report["next_step"] is None
+    assert (report["mode"], report["images"], report["checked"], report["problems"]) == (
+        "full", 6, 6, [],
+    )
+    i, _ = damage(url, "bit-flip")
+    r = run("verify", url, "--json", "--quick")
+    report = json.loads(r.stdout)
+    assert r.exit_code == 1 and not report["ok"] and report["mode"] == "quick"
+    assert report["damaged"] == [{"index": i, "name": SoftStore(url).names()[i]}]
+    assert "unreadable" in report["problems"][0] and "--repair" in report["next_step"]
+    assert set(report) == {
+        "store", "ok", "mode", "images", "checked", "problems", "damaged", "metadata_ok",
+        "skipped", "notes", "next_step", "seconds",
+    }  # fmt: skip
+    r = run("verify", url, "--jobs", 0)
+    assert r.exit_code == 2 and "--jobs takes a positive number or auto" in r.text
