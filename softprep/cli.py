@@ -259,10 +259,28 @@ def build(
             images_per_shard=images_per_shard,
         )
         url = out_url or f"{m.dataset}.zarr"
-        with _backend(backend, scheduler), progress_bar("building") as bar:
-            summary = run_build(
-                m, root, url, options, jobs=jobs, on_error=on_error, progress=bar, repair=repair
+        seen = {"done": 0, "total": None}  # the last progress: what an interrupt leaves saved
+        try:
+            with _backend(backend, scheduler), progress_bar("building") as bar:
+
+                def progress(done: int, total: int) -> None:
+                    seen.update(done=done, total=total)
+                    bar(done, total)
+
+                summary = run_build(
+                    m, root, url, options, jobs=jobs, on_error=on_error, progress=progress,
+                    repair=repair,
+                )  # fmt: skip
+        except KeyboardInterrupt:
+            after = (
+                f"after {seen['done']} of {seen['total']} images"
+                if seen["total"] is not None
+                else "before the first image"
             )
+            console.print(
+                f"interrupted {after}; run the same command again to resume", highlight=False
+            )
+            raise typer.Exit(130) from None
     if summary.litter:
         note = f"removed {summary.litter} temporary file(s) left by an interrupted write"
         console.print(tagged("note", "yellow", note), highlight=False)

@@ -125,3 +125,52 @@ def test_image_only_splits_and_a_folder_of_images_are_built_void(tmp_path):
     r = run("build", "cityscapes", "--root", data, "--out", tmp_path / "x.zarr",
             "--unlabeled", tmp_path / "nowhere")  # fmt: skip
     assert r.exit_code == 2 and "nowhere: folder of unlabelled images not found" in r.text
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_parallel_build_says_one_line_and_resumes(tmp_path):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it, while workers
+    write shards: exit 130, one line saying how far it got and how to resume, no worker
+    tracebacks or resource-tracker warnings; the resumed store equals a clean build."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from softprep.manifest import load_manifest
+    from softprep.sample import write_sample
+    from tests.test_build import assert_same_store
+
+    data = tmp_path / "cs"
+    write_sample(load_manifest("cityscapes"), data, {"train": 22, "val": 2}, (384, 768), seed=3)
+    cmd = [sys.executable, "-m", "softprep", "build", "cityscapes", "--root", str(data),
+           "--scales", "1/8", "1/2", "--images-per-shard", "1", "--jobs", "2"]  # fmt: skip
+    ref, url = tmp_path / "ref.zarr", tmp_path / "cut.zarr"
+    subprocess.run([*cmd, "--out", str(ref)], check=True, capture_output=True)
+    shards = url / "levels" / "x0.5" / "soft"
+    interrupted = 0
+    for wanted in (1, 4, 10):  # shards written before Ctrl-C: early, then later
+        p = subprocess.Popen([*cmd, "--out", str(url)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + 60
+        while p.poll() is None and time.monotonic() < deadline:
+            if shards.is_dir() and len(list(shards.glob("c.*"))) >= wanted:
+                break
+            time.sleep(0.02)
+        os.killpg(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+        if p.returncode == 0:
+            break  # it finished first: nothing left to interrupt
+        interrupted += 1
+        assert p.returncode == 130, err
+        for junk in ("Traceback", "leaked", "TerminatedWorkerError", "Error"):
+            assert junk not in err, err
+        last = err.strip().splitlines()[-1]
+        assert re.fullmatch(
+            r"interrupted after \d+ of 24 images; run the same command again to resume", last
+        ), err
+    assert interrupted
+    subprocess.run([*cmd, "--out", str(url)], check=True, capture_output=True)
+    assert_same_store(ref, url)
