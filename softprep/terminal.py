@@ -33,8 +33,10 @@ class RateColumn(ProgressColumn):
 @contextmanager
 def progress_bar(description: str):
     """Yields a ``progress(done, total)`` callback drawing a rich bar with ETA and the rate
-    since the first call, (done - first done) / elapsed: what a summary line computes."""
-    with Progress(
+    since the first call, (done - first done) / elapsed: what a summary line computes. The
+    bar appears at the first call, so an error found before any work (a bad argument, a
+    missing split or file) is printed alone, without an empty bar above it."""
+    bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -43,18 +45,23 @@ def progress_bar(description: str):
         TextColumn("ETA"),
         TimeRemainingColumn(),
         console=console,
-    ) as bar:
-        task = bar.add_task(description, total=None, rate=None)
-        first: list = []
+    )
+    task = bar.add_task(description, total=None, rate=None)
+    first: list = []
 
-        def update(done: int, total: int) -> None:
-            now = time.monotonic()
-            if not first:
-                first[:] = [now, done]
-            rate = (done - first[1]) / (now - first[0]) if now > first[0] else None
-            bar.update(task, completed=done, total=total, rate=rate)
+    def update(done: int, total: int) -> None:
+        now = time.monotonic()
+        if not first:
+            first[:] = [now, done]
+            bar.start()
+        rate = (done - first[1]) / (now - first[0]) if now > first[0] else None
+        bar.update(task, completed=done, total=total, rate=rate)
 
+    try:
         yield update
+    finally:
+        if first:
+            bar.stop()
 
 
 def tagged(tag: str, style: str, text) -> Text:

@@ -174,3 +174,19 @@ def test_ctrl_c_during_a_parallel_build_says_one_line_and_resumes(tmp_path):
     assert interrupted
     subprocess.run([*cmd, "--out", str(url)], check=True, capture_output=True)
     assert_same_store(ref, url)
+
+
+def test_an_argument_error_comes_without_a_progress_bar(tmp_path):
+    """The bar appears with the first progress, so a bad argument is the only line."""
+    data = tmp_path / "cs"
+    run("sample", "cityscapes", data, "--train", 1, "--val", 1)
+    for args, message in [
+        (["build", "cityscapes", "--root", data, "--split", "nope"], "has no split"),
+        (["build", "cityscapes", "--root", data, "--on-error", "x"], "use fail or skip"),
+        (["build", "cityscapes", "--root", data, "--jobs", 0], "--jobs 0"),
+        (["scan", "cityscapes", "--root", data, "--split", "nope"], "has no split"),
+        (["fidelity", "cityscapes", "--root", data, "--decode", "x"], "unknown decodes"),
+    ]:
+        r = run(*args)
+        assert r.exit_code == 2 and message in r.text, r.output
+        assert r.output.strip().startswith("error:"), r.output
