@@ -76,7 +76,17 @@ LabelsOpt = typer.Option(
 
 
 def _scales(values: list[str]) -> tuple[float, ...]:
-    return tuple(parse_scale(v) for v in values)
+    """The parsed ``--scales``; a scale above 1 (up-sampling) is said once, as a note."""
+    scales = tuple(parse_scale(v) for v in values)
+    up = [v for v, s in zip(values, scales) if s > 1]
+    if up:
+        note = (
+            f"--scales {' '.join(up)}: above 1, these levels up-sample every image (a scale "
+            "of 2 stores 4x the pixels of the original); use fractions such as 1/2 to "
+            "down-sample"
+        )
+        console.print(tagged("note", "yellow", note), highlight=False)
+    return scales
 
 
 @app.command()

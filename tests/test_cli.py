@@ -72,6 +72,10 @@ def test_sample_build_info_verify_show_priors(tmp_path):
         (["build", "pascal", "--root", "."], "unknown dataset"),
         (["build", "cityscapes", "--root", ".", "--kernel", "lanczos"], "unknown kernel"),
         (["build", "cityscapes", "--root", ".", "--scales", "1/0"], "is not a scale"),
+        (
+            ["build", "cityscapes", "--root", ".", "--scales", "1/8,1/4"],
+            "separate values with spaces, e.g. --scales 1/8 1/4",
+        ),
         (["info", "/nonexistent.zarr"], "no zarr store"),
         (["priors"], "give --store"),
     ],
@@ -190,3 +194,13 @@ def test_an_argument_error_comes_without_a_progress_bar(tmp_path):
         r = run(*args)
         assert r.exit_code == 2 and message in r.text, r.output
         assert r.output.strip().startswith("error:"), r.output
+
+
+def test_an_up_sampling_scale_is_said_once(tmp_path):
+    data = tmp_path / "cs"
+    run("sample", "cityscapes", data, "--train", 1, "--val", 0, "--size", "16x32")
+    r = run("build", "cityscapes", "--root", data, "--scales", "1/2", "2", "--out", tmp_path / "s.zarr")
+    assert r.exit_code == 0, r.output
+    assert r.text.count("note: --scales 2: above 1, these levels up-sample") == 1
+    r = run("build", "cityscapes", "--root", data, "--scales", "1/2", "--out", tmp_path / "t.zarr")
+    assert r.exit_code == 0 and "up-sample" not in r.text
