@@ -25,7 +25,7 @@ from softprep.manifest import ManifestError, load_manifest
 from softprep.priors import SHOWN_AS, PriorReport, from_dataset, from_store
 from softprep.render import render
 from softprep.resample import KERNELS
-from softprep.sample import write_sample
+from softprep.sample import write_sample_folder
 from softprep.store import SoftStore, StoreError, parse_scale
 from softprep.terminal import progress_bar, run_app, show_notes, tagged, version_option
 from softprep.terminal import user_errors as _user_errors
@@ -115,11 +115,14 @@ def sample(
     ),
     seed: int = typer.Option(0, help="Random seed."),
 ):
-    """Write a small synthetic dataset in the dataset's exact official layout and encoding."""
+    """Write a small synthetic dataset in the dataset's exact official layout and encoding.
+
+    The folder must be new or empty, or hold an earlier sample, which is replaced whole.
+    """
     with user_errors():
         m = load_manifest(dataset, version)
         hw = tuple(int(v) for v in size.lower().split("x")) if size else None
-        n = write_sample(m, directory, {"train": train, "val": val}, hw, seed)
+        n = write_sample_folder(m, directory, {"train": train, "val": val}, hw, seed)
     out.print(f"wrote {n} {m.dataset} {m.version} pairs under {directory}")
 
 

@@ -204,3 +204,19 @@ def test_an_up_sampling_scale_is_said_once(tmp_path):
     assert r.text.count("note: --scales 2: above 1, these levels up-sample") == 1
     r = run("build", "cityscapes", "--root", data, "--scales", "1/2", "--out", tmp_path / "t.zarr")
     assert r.exit_code == 0 and "up-sample" not in r.text
+
+
+def test_sample_into_a_used_folder_writes_exactly_what_is_asked(tmp_path):
+    """An earlier sample is replaced whole (the count and the files agree); files sample
+    did not write are refused, never deleted."""
+    data = tmp_path / "cs"
+    assert run("sample", "cityscapes", data, "--train", 12, "--val", 4).exit_code == 0
+    r = run("sample", "cityscapes", data, "--train", 10, "--val", 2)
+    assert r.exit_code == 0 and "wrote 12 cityscapes gtFine pairs" in r.text, r.output
+    assert "held an earlier sample" in r.text
+    assert len(list((data / "leftImg8bit").rglob("*.png"))) == 12
+    assert len(list((data / "gtFine").rglob("*_labelIds.png"))) == 12
+    (data / "mine.txt").write_text("keep")
+    r = run("sample", "cityscapes", data, "--train", 1, "--val", 1)
+    assert r.exit_code == 2 and "did not write (e.g. mine.txt)" in r.text, r.output
+    assert (data / "mine.txt").read_text() == "keep"
