@@ -100,6 +100,7 @@ def detect_version(dataset: str, root: Path) -> str | None:
     """The version of a multi-version dataset (Mapillary v1.1 / v1.2 / v2.0) whose label
     folders are under ``root``, said in a note; with several, the default version if it is
     among them. None when the dataset has one version or no version's labels are there."""
+    dataset = dataset.lower()  # as load_manifest reads names
     versions = [m["version"] for m in available() if m["dataset"] == dataset]
     if len(versions) < 2:
         return None

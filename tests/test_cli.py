@@ -220,3 +220,19 @@ def test_sample_into_a_used_folder_writes_exactly_what_is_asked(tmp_path):
     r = run("sample", "cityscapes", data, "--train", 1, "--val", 1)
     assert r.exit_code == 2 and "did not write (e.g. mine.txt)" in r.text, r.output
     assert (data / "mine.txt").read_text() == "keep"
+
+
+def test_dataset_names_ignore_case_and_a_misspelling_gets_a_suggestion(tmp_path):
+    from softprep.manifest import ManifestError, load_manifest
+
+    assert load_manifest("Cityscapes") == load_manifest("cityscapes")
+    assert load_manifest("MAPILLARY", "v2.0").version == "v2.0"
+    with pytest.raises(ManifestError, match="did you mean 'cityscapes'"):
+        load_manifest("cityscape")
+    r = run("build", "citiscapes", "--root", tmp_path)
+    assert r.exit_code == 2 and "unknown dataset 'citiscapes'; did you mean 'cityscapes'?" in r.text
+    r = run("build", "pascal", "--root", tmp_path)
+    assert r.exit_code == 2 and "did you mean" not in r.text
+    data = tmp_path / "cs"
+    assert run("sample", "Cityscapes", data, "--train", 1, "--val", 0).exit_code == 0
+    assert run("scan", "Cityscapes", "--root", data).exit_code == 0
