@@ -10,7 +10,6 @@ from pathlib import Path
 import joblib
 import numpy as np
 import typer
-from rich.console import Console
 from rich.table import Column, Table
 
 from softprep import manifest as manifests
@@ -27,7 +26,14 @@ from softprep.render import render
 from softprep.resample import KERNELS
 from softprep.sample import write_sample_folder
 from softprep.store import SoftStore, StoreError, parse_scale
-from softprep.terminal import progress_bar, run_app, show_notes, tagged, version_option
+from softprep.terminal import (
+    make_console,
+    progress_bar,
+    run_app,
+    show_notes,
+    tagged,
+    version_option,
+)
 from softprep.terminal import user_errors as _user_errors
 from softprep.verify import verify as run_verify
 
@@ -37,8 +43,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-out = Console()
+console = make_console(stderr=True)
+out = make_console()
 
 MULTI_VALUE = ("--scales", "--compare", "--stats-for", "--split", "--decode")
 USER_ERRORS = (BuildError, DatasetError, ManifestError, StoreError, ValueError)
@@ -556,14 +562,18 @@ def fidelity(
 
 
 def print_priors(report: PriorReport) -> None:
-    """A table per level (classes x strategies, D x 1e4, best per class in bold green),
-    then sums and maxima of |D| and the classes nearest neighbour loses most."""
+    """A line saying what the tables hold, a table per level (classes x strategies, D x 1e4,
+    best per class in bold green, then sums and maxima of |D|), and the share of each class's
+    pixels nearest neighbour drops, largest first."""
+    out.print(
+        f"D x 1e4 = (p_original - p_d) x 1e4 per class (paper Table V), split "
+        f"{report.split}, {report.images} images; bold green: the smallest |D|"
+    )
     for level in report.levels:
         table = Table(
             "class",
             *[Column(s, justify="right") for s in report.strategies],
-            title=f"scale {level}: D x 1e4 = (p_original - p_d) x 1e4, split {report.split} "
-            f"({report.images} images)",
+            title=f"scale {level}: D x 1e4",
         )
         d = np.stack([report.discrepancy(level, s) for s in report.strategies], axis=1) * SHOWN_AS
         best = np.abs(d).argmin(axis=1)
@@ -581,9 +591,10 @@ def print_priors(report: PriorReport) -> None:
             lost = report.lost_share(level, "nn")
             worst = [c for c in lost.argsort()[::-1][:5] if lost[c] > 5e-4]  # >= 0.1% shown
             if worst:
+                shares = [f"{lost[c]:.1%} of {report.classes[c]}'s" for c in worst]
                 out.print(
-                    f"scale {level}: nearest neighbour loses most of "
-                    + ", ".join(f"{report.classes[c]} ({lost[c]:.1%} of its pixels)" for c in worst)
+                    f"scale {level}: nearest neighbour drops {shares[0]} pixels"
+                    + "".join(f", {s}" for s in shares[1:])
                 )
 
 

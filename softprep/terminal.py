@@ -5,6 +5,7 @@ so both CLIs answer ``--help`` at once."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import contextmanager
 
@@ -21,7 +22,21 @@ from rich.progress import (
 )
 from rich.text import Text
 
-console = Console(stderr=True, soft_wrap=True)  # log files get whole lines
+WIDE = 400  # columns of a console that is not a terminal: tables are never squeezed
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console for messages, summaries and tables. At a terminal it wraps at the terminal's
+    width; piped or redirected (log files, ``| tee``) every message is one whole line and
+    tables keep their natural width, instead of both being cut at 80 columns. ``COLUMNS``,
+    when set, is the width either way."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(stderr=stderr, soft_wrap=True, width=WIDE)
+    return console
+
+
+console = make_console(stderr=True)
 
 
 class RateColumn(ProgressColumn):

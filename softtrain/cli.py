@@ -15,11 +15,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from softprep.terminal import (
+    make_console,
     progress_bar,
     run_app,
     show_notes,
@@ -35,8 +35,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True, soft_wrap=True)  # log files get whole lines
-out = Console()
+console = make_console(stderr=True)
+out = make_console()
 MULTI_VALUE = ("--levels", "--level-weights", "--tta-levels", "--arm", "--seeds")
 
 

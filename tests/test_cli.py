@@ -61,7 +61,7 @@ def test_sample_build_info_verify_show_priors(tmp_path):
         "--plot",
         tmp_path / "p.png",
     )
-    assert r.exit_code == 0 and "nearest neighbour loses most" in r.text
+    assert r.exit_code == 0 and "nearest neighbour drops" in r.text
     assert (tmp_path / "p.png").exists() and (tmp_path / "p.csv").exists()
 
 
@@ -199,7 +199,9 @@ def test_an_argument_error_comes_without_a_progress_bar(tmp_path):
 def test_an_up_sampling_scale_is_said_once(tmp_path):
     data = tmp_path / "cs"
     run("sample", "cityscapes", data, "--train", 1, "--val", 0, "--size", "16x32")
-    r = run("build", "cityscapes", "--root", data, "--scales", "1/2", "2", "--out", tmp_path / "s.zarr")
+    r = run(
+        "build", "cityscapes", "--root", data, "--scales", "1/2", "2", "--out", tmp_path / "s.zarr"
+    )
     assert r.exit_code == 0, r.output
     assert r.text.count("note: --scales 2: above 1, these levels up-sample") == 1
     r = run("build", "cityscapes", "--root", data, "--scales", "1/2", "--out", tmp_path / "t.zarr")
@@ -236,3 +238,23 @@ def test_dataset_names_ignore_case_and_a_misspelling_gets_a_suggestion(tmp_path)
     data = tmp_path / "cs"
     assert run("sample", "Cityscapes", data, "--train", 1, "--val", 0).exit_code == 0
     assert run("scan", "Cityscapes", "--root", data).exit_code == 0
+
+
+@pytest.mark.slow
+def test_piped_messages_and_summaries_are_whole_lines(tmp_path):
+    """Not at a terminal (a pipe, a log file) nothing wraps at 80 columns."""
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "cs"
+    run("sample", "cityscapes", data, "--train", 1, "--val", 0, "--size", "16x32")
+    store = tmp_path / ("a-store-path-long-enough-to-pass-eighty-columns-" * 2 + ".zarr")
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    cmd = [sys.executable, "-m", "softprep", "build", "cityscapes", "--root", str(data),
+           "--scales", "1/2", "2", "--out", str(store)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("\n") == 1 and "1 built" in r.stdout, r.stdout
+    note = [line for line in r.stderr.splitlines() if line.startswith("note:")]
+    assert len(note) == 1 and note[0].endswith("to down-sample"), r.stderr
