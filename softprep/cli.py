@@ -77,7 +77,7 @@ VersionOpt = typer.Option(
 LabelsOpt = typer.Option(
     None,
     "--labels",
-    help="Label variant, e.g. 'trainIds' to read Cityscapes *_labelTrainIds.png.",
+    help="Label variant, e.g. trainIds to read the labelTrainIds files of Cityscapes.",
 )
 
 
@@ -221,9 +221,9 @@ def build(
     ),
     weak: str | None = typer.Option(
         None,
-        help="Weak labels on training splits: blocks:SHARE[:SIZE] keeps a seeded share of "
-        "SIZE px blocks (default 64); scribbles:SHARE[:WIDTH] keeps strokes along the "
-        "segments' skeletons, SHARE of their length, WIDTH px wide (default 3); void elsewhere.",
+        help="Weak labels on training splits: blocks:S[:N] keeps a seeded share S of N px "
+        "blocks (default 64); scribbles:S[:W] keeps strokes along the segments' skeletons, "
+        "a share S of their length, W px wide (default 3); void elsewhere. E.g. blocks:0.1.",
     ),
     weak_seed: int = typer.Option(0, help="Seed of the --weak thinning."),
     out_url: str | None = typer.Option(

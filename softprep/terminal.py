@@ -8,8 +8,11 @@ import logging
 import os
 import time
 from contextlib import contextmanager
+from pathlib import Path
+from typing import get_args
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -77,6 +80,47 @@ def progress_bar(description: str):
     finally:
         if first:
             bar.stop()
+
+
+VALUE_NAMES = {  # what an option's value is, where its type says too little
+    "scales": "FRACTION",
+    "levels": "FRACTION",
+    "tta_levels": "FRACTION",
+    "level": "FRACTION",
+    "eval_level": "FRACTION",
+    "level_weights": "WEIGHT",
+    "crop": "HxW",
+    "size": "HxW",
+    "window": "HxW",
+    "stride": "HxW",
+}
+_TYPE_NAMES = {int: "INTEGER", float: "FLOAT", Path: "PATH", str: "TEXT"}
+
+
+def value_name(param) -> str:
+    """The value name ``--help`` shows for an option or argument: nothing for a flag,
+    ``TEXT``, ``INTEGER``, ``FLOAT``, ``PATH`` or a ``VALUE_NAMES`` entry, with ``...`` for
+    several values (``--scales FRACTION ...``), instead of Typer's Python types
+    (``<bool>``, ``<list[str]>``)."""
+    if getattr(param, "is_flag", False):
+        return ""
+    desc = param.type_descriptor
+    annotation = get_args(desc.annotation)[0] if desc.is_list else desc.annotation
+    name = VALUE_NAMES.get(param.name or "") or _TYPE_NAMES.get(annotation, "TEXT")
+    return f"{name} ..." if desc.is_list or getattr(param, "multiple", False) else name
+
+
+def _install_value_names() -> None:
+    """Typer renders the type column of ``--help`` from ``display_type_rich`` (an option's
+    ``metavar`` replaces it; an argument's replaces its name): both CLIs show
+    ``value_name`` there, set once here, where both CLIs' shared terminal code lives."""
+    typer.core.TyperOption.display_type_rich = lambda self, ctx: (
+        self.metavar if self.metavar is not None else value_name(self)
+    )
+    typer.core.TyperArgument.display_type_rich = lambda self, ctx: value_name(self)
+
+
+_install_value_names()
 
 
 def tagged(tag: str, style: str, text) -> Text:

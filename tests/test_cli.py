@@ -258,3 +258,28 @@ def test_piped_messages_and_summaries_are_whole_lines(tmp_path):
     assert r.stdout.count("\n") == 1 and "1 built" in r.stdout, r.stdout
     note = [line for line in r.stderr.splitlines() if line.startswith("note:")]
     assert len(note) == 1 and note[0].endswith("to down-sample"), r.stderr
+
+
+def test_help_shows_value_names_and_cuts_nothing_at_80_columns():
+    """--help of every command of both CLIs at 80 columns: value names (none for flags,
+    TEXT / INTEGER / FRACTION ... for lists), never Python types, no text cut off."""
+    import typer
+
+    from softtrain.cli import app as softtrain_app
+
+    for cli in (app, softtrain_app):
+        names = list(typer.main.get_command(cli).commands)
+        for name in [None, *names]:
+            args = [name, "--help"] if name else ["--help"]
+            r = runner.invoke(cli, args, env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
+            assert r.exit_code == 0, (name, r.output)
+            for python_type in ("<bool>", "<str>", "<int>", "<float>", "list[", "<path>"):
+                assert python_type not in r.output, (name, python_type, r.output)
+            cut = [x for x in r.output.splitlines() if "…" in x]
+            # fit's '--labeled,--labeled-list' (softtrain/config.py) is wider than its column
+            assert all("--labeled,--labeled-l" in x for x in cut), (name, cut)
+    r = runner.invoke(app, ["build", "--help"], env={"COLUMNS": "80"})
+    assert "FRACTION ..." in r.output and "--json" not in r.output
+    r = runner.invoke(app, ["info", "--help"], env={"COLUMNS": "80"})
+    line = next(x for x in r.output.splitlines() if "--json" in x)
+    assert "TEXT" not in line and "BOOL" not in line.upper().replace("--JSON", "")
