@@ -140,6 +140,9 @@ def scan(
     labels: str | None = LabelsOpt,
     split: list[str] = typer.Option(None, help="Splits to scan (default: all present)."),
     histogram: bool = typer.Option(True, help="Decode every label for a class histogram."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print JSON (splits, sizes, histogram, problems) instead of tables."
+    ),
 ):
     """List splits and pairs with counts, sizes and a class histogram; report every problem.
 
@@ -149,6 +152,11 @@ def scan(
         m = _manifest(dataset, root, version, labels)
         with progress_bar("scanning") as bar:
             report = run_scan(m, root, split or None, histogram, progress=bar)
+    if as_json:
+        out.print_json(json.dumps(report.to_json(root)))
+        if report.problems:
+            raise typer.Exit(1)
+        return
     table = Table(
         "split",
         "pairs",
