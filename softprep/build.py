@@ -19,11 +19,13 @@ import errno
 import functools
 import os
 import queue
+import signal
 import socket
 import threading
 import time
 import uuid
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -198,6 +200,38 @@ def _watch_parent(parent: tuple[str, int]) -> None:
     threading.Thread(target=watch, name="softprep-parent-watch", daemon=True).start()
 
 
+@contextmanager
+def _workers_ignore_interrupts():
+    """Worker processes started within (and by the pool's manager thread, started within
+    too) inherit a blocked SIGINT: Ctrl-C, which a terminal sends to the whole process group,
+    reaches only the build process, which stops the workers itself (no worker tracebacks,
+    no workers dying mid-start). A SIGINT that arrives meanwhile is delivered on leaving."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # its start unblocks SIGINT: started first, it does not
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@functools.lru_cache(maxsize=1)
+def _blosc_thread_lock() -> None:
+    """In a worker: numcodecs guards blosc's global context with a lock it creates on first
+    use, a ``multiprocessing.Lock``, which in a loky worker is a named semaphore; a worker
+    ended by an interrupted build leaves it to Python's resource tracker, which warns
+    "leaked semaphore objects" at exit. The context is per process, so a thread lock guards
+    it equally (numcodecs 0.16: ``_MUTEX``; skipped where that changes)."""
+    import numcodecs.blosc as blosc
+
+    if getattr(blosc, "_MUTEX_IS_INIT", None) is False:
+        blosc._MUTEX, blosc._MUTEX_IS_INIT = threading.Lock(), True
+
+
 def _warm_up(options: BuildOptions) -> None:
     """A worker's start-up, paid while the build process reads the headers: imports, and
     the compiled kernels loaded from numba's cache by a tiny image through the real path."""
@@ -218,6 +252,7 @@ def _task(url, build_id, first, pairs, manifest, options, keep_full, parent) -> 
     per image; a bad file comes back as its ``error`` (plain, picklable data), never as an
     exception, and its image is left out of the shard."""
     _watch_parent(parent)
+    _blosc_thread_lock()
     results, images = [], []
     for i, (pair, full) in enumerate(zip(pairs, keep_full), start=first):
         try:
@@ -586,13 +621,14 @@ def build(
         except StoreError as e:
             raise BuildError(f"{e}: nothing to repair; build it without --repair") from None
     start = time.monotonic()
-    pool = _local_pool(jobs)
-    if pool is None:
-        warming = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(
-            joblib.delayed(_warm_up)(options) for _ in range(joblib.effective_n_jobs(jobs))
-        )  # workers start (imports, compiled kernels) while this process reads the headers
-    else:  # the same, without waiting for them: this process starts on the images meanwhile
-        warming = [pool.submit(_warm_up, options) for _ in range(pool._max_workers)]
+    with _workers_ignore_interrupts():  # workers start with SIGINT blocked
+        pool = _local_pool(jobs)
+        if pool is None:
+            warming = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(
+                joblib.delayed(_warm_up)(options) for _ in range(joblib.effective_n_jobs(jobs))
+            )  # workers start (imports, compiled kernels) while this process reads the headers
+        else:  # the same, without waiting for them: this process starts on the images meanwhile
+            warming = [pool.submit(_warm_up, options) for _ in range(pool._max_workers)]
     pairs, sizes, problems = _prepare(manifest, root, options, on_error)
     if pool is None:
         for _ in warming:
@@ -624,12 +660,13 @@ def _build_locked(
         chosen = [pairs[i] for i in shard]
         return url, meta["build_id"], shard.start, chosen, manifest, options, keep_full, parent
 
-    if pool is None:
-        results = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(
-            joblib.delayed(_task)(*arguments(shard)) for shard in shards
-        )
-    else:
-        results = _SharedTasks(pool, shards, arguments).results()
+    with _workers_ignore_interrupts():
+        if pool is None:
+            results = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(
+                joblib.delayed(_task)(*arguments(shard)) for shard in shards
+            )
+        else:
+            results = _SharedTasks(pool, shards, arguments).results()
     built, processed = 0, int(done.sum())
     loop_start = time.monotonic()
     if progress:

@@ -10,7 +10,6 @@ from pathlib import Path
 import joblib
 import numpy as np
 import typer
-from rich.console import Console
 from rich.table import Column, Table
 
 from softprep import manifest as manifests
@@ -25,9 +24,16 @@ from softprep.manifest import ManifestError, load_manifest
 from softprep.priors import SHOWN_AS, PriorReport, from_dataset, from_store
 from softprep.render import render
 from softprep.resample import KERNELS
-from softprep.sample import write_sample
+from softprep.sample import write_sample_folder
 from softprep.store import SoftStore, StoreError, parse_scale
-from softprep.terminal import progress_bar, run_app, show_notes, tagged, version_option
+from softprep.terminal import (
+    make_console,
+    progress_bar,
+    run_app,
+    show_notes,
+    tagged,
+    version_option,
+)
 from softprep.terminal import user_errors as _user_errors
 from softprep.verify import verify as run_verify
 
@@ -37,8 +43,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-out = Console()
+console = make_console(stderr=True)
+out = make_console()
 
 MULTI_VALUE = ("--scales", "--compare", "--stats-for", "--split", "--decode")
 USER_ERRORS = (BuildError, DatasetError, ManifestError, StoreError, ValueError)
@@ -71,12 +77,22 @@ VersionOpt = typer.Option(
 LabelsOpt = typer.Option(
     None,
     "--labels",
-    help="Label variant, e.g. 'trainIds' to read Cityscapes *_labelTrainIds.png.",
+    help="Label variant, e.g. trainIds to read the labelTrainIds files of Cityscapes.",
 )
 
 
 def _scales(values: list[str]) -> tuple[float, ...]:
-    return tuple(parse_scale(v) for v in values)
+    """The parsed ``--scales``; a scale above 1 (up-sampling) is said once, as a note."""
+    scales = tuple(parse_scale(v) for v in values)
+    up = [v for v, s in zip(values, scales) if s > 1]
+    if up:
+        note = (
+            f"--scales {' '.join(up)}: above 1, these levels up-sample every image (a scale "
+            "of 2 stores 4x the pixels of the original); use fractions such as 1/2 to "
+            "down-sample"
+        )
+        console.print(tagged("note", "yellow", note), highlight=False)
+    return scales
 
 
 @app.command()
@@ -105,11 +121,14 @@ def sample(
     ),
     seed: int = typer.Option(0, help="Random seed."),
 ):
-    """Write a small synthetic dataset in the dataset's exact official layout and encoding."""
+    """Write a small synthetic dataset in the dataset's exact official layout and encoding.
+
+    The folder must be new or empty, or hold an earlier sample, which is replaced whole.
+    """
     with user_errors():
         m = load_manifest(dataset, version)
         hw = tuple(int(v) for v in size.lower().split("x")) if size else None
-        n = write_sample(m, directory, {"train": train, "val": val}, hw, seed)
+        n = write_sample_folder(m, directory, {"train": train, "val": val}, hw, seed)
     out.print(f"wrote {n} {m.dataset} {m.version} pairs under {directory}")
 
 
@@ -121,6 +140,9 @@ def scan(
     labels: str | None = LabelsOpt,
     split: list[str] = typer.Option(None, help="Splits to scan (default: all present)."),
     histogram: bool = typer.Option(True, help="Decode every label for a class histogram."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print JSON (splits, sizes, histogram, problems) instead of tables."
+    ),
 ):
     """List splits and pairs with counts, sizes and a class histogram; report every problem.
 
@@ -130,6 +152,11 @@ def scan(
         m = _manifest(dataset, root, version, labels)
         with progress_bar("scanning") as bar:
             report = run_scan(m, root, split or None, histogram, progress=bar)
+    if as_json:
+        out.print_json(json.dumps(report.to_json(root)))
+        if report.problems:
+            raise typer.Exit(1)
+        return
     table = Table(
         "split",
         "pairs",
@@ -202,9 +229,9 @@ def build(
     ),
     weak: str | None = typer.Option(
         None,
-        help="Weak labels on training splits: blocks:SHARE[:SIZE] keeps a seeded share of "
-        "SIZE px blocks (default 64); scribbles:SHARE[:WIDTH] keeps strokes along the "
-        "segments' skeletons, SHARE of their length, WIDTH px wide (default 3); void elsewhere.",
+        help="Weak labels on training splits: blocks:S[:N] keeps a seeded share S of N px "
+        "blocks (default 64); scribbles:S[:W] keeps strokes along the segments' skeletons, "
+        "a share S of their length, W px wide (default 3); void elsewhere. E.g. blocks:0.1.",
     ),
     weak_seed: int = typer.Option(0, help="Seed of the --weak thinning."),
     out_url: str | None = typer.Option(
@@ -248,6 +275,10 @@ def build(
     verify' reports damage, run it again with --repair.
     """
     with user_errors():
+        if on_error not in ("fail", "skip"):
+            raise ValueError(f"--on-error {on_error}: use fail or skip")
+        if jobs == 0:
+            raise ValueError("--jobs 0: give 1 or more processes (-1: one per core)")
         m = _manifest(dataset, root, version, labels)
         options = BuildOptions(
             scales=_scales(scales),
@@ -265,10 +296,28 @@ def build(
         )
         url = out_url or f"{m.dataset}.zarr"
         n_jobs = -1 if backend == "dask" and jobs == "auto" else parse_jobs(jobs)
-        with _backend(backend, scheduler), progress_bar("building") as bar:
-            summary = run_build(
-                m, root, url, options, jobs=n_jobs, on_error=on_error, progress=bar, repair=repair
+        seen = {"done": 0, "total": None}  # the last progress: what an interrupt leaves saved
+        try:
+            with _backend(backend, scheduler), progress_bar("building") as bar:
+
+                def progress(done: int, total: int) -> None:
+                    seen.update(done=done, total=total)
+                    bar(done, total)
+
+                summary = run_build(
+                    m, root, url, options, jobs=n_jobs, on_error=on_error, progress=progress,
+                    repair=repair,
+                )  # fmt: skip
+        except KeyboardInterrupt:
+            after = (
+                f"after {seen['done']} of {seen['total']} images"
+                if seen["total"] is not None
+                else "before the first image"
             )
+            console.print(
+                f"interrupted {after}; run the same command again to resume", highlight=False
+            )
+            raise typer.Exit(130) from None
     if summary.litter:
         note = f"removed {summary.litter} temporary file(s) left by an interrupted write"
         console.print(tagged("note", "yellow", note), highlight=False)
@@ -553,14 +602,18 @@ def fidelity(
 
 
 def print_priors(report: PriorReport) -> None:
-    """A table per level (classes x strategies, D x 1e4, best per class in bold green),
-    then sums and maxima of |D| and the classes nearest neighbour loses most."""
+    """A line saying what the tables hold, a table per level (classes x strategies, D x 1e4,
+    best per class in bold green, then sums and maxima of |D|), and the share of each class's
+    pixels nearest neighbour drops, largest first."""
+    out.print(
+        f"D x 1e4 = (p_original - p_d) x 1e4 per class (paper Table V), split "
+        f"{report.split}, {report.images} images; bold green: the smallest |D|"
+    )
     for level in report.levels:
         table = Table(
             "class",
             *[Column(s, justify="right") for s in report.strategies],
-            title=f"scale {level}: D x 1e4 = (p_original - p_d) x 1e4, split {report.split} "
-            f"({report.images} images)",
+            title=f"scale {level}: D x 1e4",
         )
         d = np.stack([report.discrepancy(level, s) for s in report.strategies], axis=1) * SHOWN_AS
         best = np.abs(d).argmin(axis=1)
@@ -578,9 +631,10 @@ def print_priors(report: PriorReport) -> None:
             lost = report.lost_share(level, "nn")
             worst = [c for c in lost.argsort()[::-1][:5] if lost[c] > 5e-4]  # >= 0.1% shown
             if worst:
+                shares = [f"{lost[c]:.1%} of {report.classes[c]}'s" for c in worst]
                 out.print(
-                    f"scale {level}: nearest neighbour loses most of "
-                    + ", ".join(f"{report.classes[c]} ({lost[c]:.1%} of its pixels)" for c in worst)
+                    f"scale {level}: nearest neighbour drops {shares[0]} pixels"
+                    + "".join(f", {s}" for s in shares[1:])
                 )
 
 

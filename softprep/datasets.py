@@ -100,6 +100,7 @@ def detect_version(dataset: str, root: Path) -> str | None:
     """The version of a multi-version dataset (Mapillary v1.1 / v1.2 / v2.0) whose label
     folders are under ``root``, said in a note; with several, the default version if it is
     among them. None when the dataset has one version or no version's labels are there."""
+    dataset = dataset.lower()  # as load_manifest reads names
     versions = [m["version"] for m in available() if m["dataset"] == dataset]
     if len(versions) < 2:
         return None
@@ -484,6 +485,32 @@ class ScanReport:
     sizes: dict[str, dict[tuple[int, int], int]]  # split -> {(H, W): images}
     class_pixels: np.ndarray  # (C + 1,) int64, last entry = void
     problems: list[Problem]
+
+    def to_json(self, root: Path | str) -> dict:
+        """What ``scan --json`` prints: dataset, version, root, per split the pairs and
+        sizes (``{"HxW": images}``), the class histogram (pixels per class id, void as
+        255; empty without ``--histogram``) and every problem as ``{path, message}``."""
+        m = self.manifest
+        ids = list(range(m.num_classes)) + [VOID]
+        names = m.class_names + ["(void)"]
+        histogram = [
+            {"class_id": c, "class": n, "pixels": int(p)}
+            for c, n, p in zip(ids, names, self.class_pixels)
+        ]
+        return {
+            "dataset": m.dataset,
+            "version": m.version,
+            "root": str(root),
+            "splits": {
+                s: {
+                    "pairs": n,
+                    "sizes": {f"{h}x{w}": c for (h, w), c in self.sizes.get(s, {}).items()},
+                }
+                for s, n in self.counts.items()
+            },
+            "histogram": histogram if self.class_pixels.sum() else [],
+            "problems": [{"path": p.path, "message": p.message} for p in self.problems],
+        }
 
 
 def scan(

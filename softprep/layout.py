@@ -83,7 +83,12 @@ def parse_scale(text: str | float) -> float:
     try:
         value = float(Fraction(str(text)))
     except (ValueError, ZeroDivisionError) as e:
-        raise ValueError(f"'{text}' is not a scale (use e.g. 1/8, 0.25, 2)") from e
+        if "," in str(text):
+            shown = " ".join(v.strip() for v in str(text).split(",") if v.strip())
+            raise ValueError(
+                f"'{text}' is not a scale: separate values with spaces, e.g. --scales {shown}"
+            ) from e
+        raise ValueError(f"'{text}' is not a scale (use e.g. 1/8 or 0.25; 2 up-samples)") from e
     if value <= 0:
         raise ValueError(f"scale must be positive, got {text}")
     return value

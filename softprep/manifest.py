@@ -21,6 +21,7 @@ A manifest is a JSON file (see ``manifests/`` at the repository root). Fields:
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -266,12 +267,16 @@ def load_manifest(name: str, version: str | None = None, variant: str | None = N
         except json.JSONDecodeError as e:
             raise ManifestError(f"{path}: not valid JSON ({e})") from e
         return _parse(raw, str(path), variant)
-    candidates = [m for m in available() if m["dataset"] == name]
+    candidates = [m for m in available() if m["dataset"] == name.lower()]
     if not candidates:
         known = sorted({m["dataset"] for m in available()})
+        close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'? " if close else ""
         raise ManifestError(
-            f"unknown dataset '{name}'; known: {', '.join(known)}, or a path to a manifest .json"
+            f"unknown dataset '{name}'; {hint}known: {', '.join(known)}, or a path to a "
+            "manifest .json"
         )
+    name = name.lower()
     if version is not None:
         candidates = [m for m in candidates if m.get("version") == version]
         if not candidates:

@@ -9,12 +9,15 @@ This is the embedded default the README's demo runs on and what most tests use.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from softprep.manifest import VOID, Manifest
+
+log = logging.getLogger("softprep")
 
 ROLES = {
     "sky": ["sky"],
@@ -205,3 +208,55 @@ def write_sample(
                 labels[raw] = {"name": c.name, "color": list(c.color)}
         (out / manifest.config_json).write_text(json.dumps({"labels": labels}, indent=1))
     return n
+
+
+def write_sample_folder(
+    manifest: Manifest,
+    out: Path,
+    counts: dict[str, int] | None = None,
+    size: tuple[int, int] | None = None,
+    seed: int = 0,
+) -> int:
+    """``write_sample`` into a folder that holds exactly the sample afterwards (what
+    ``softprep sample`` does): ``out`` must be new, empty, or hold an earlier sample, which
+    is replaced whole; other files are refused, never deleted. Returns the number of images."""
+    out = Path(out)
+    _clear_previous_sample(out)
+    n = write_sample(manifest, out, counts, size, seed)
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    (out / WRITTEN).write_text(json.dumps({"dataset": manifest.dataset, "files": written}))
+    return n
+
+
+WRITTEN = ".softprep-sample.json"  # the files a sample wrote: what the next one replaces
+
+
+def _clear_previous_sample(out: Path) -> None:
+    """Make ``out`` ready for a sample: absent or empty, or holding exactly what an earlier
+    ``write_sample`` wrote (listed in ``WRITTEN``), which is removed, so that a new sample
+    holds exactly the images asked for. Any other file is refused, never deleted."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{out} is a file; give a folder for the sample")
+    listed = set()
+    if (out / WRITTEN).is_file():
+        try:
+            listed = set(json.loads((out / WRITTEN).read_text())["files"]) | {WRITTEN}
+        except (ValueError, KeyError, TypeError):
+            listed = set()
+    present = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    foreign = sorted(present - listed)
+    if foreign:
+        raise ValueError(
+            f"{out} already holds {len(foreign)} file(s) that softprep sample did not write "
+            f"(e.g. {foreign[0]}); give an empty or new folder"
+        )
+    files = len(present - {WRITTEN})
+    if files:
+        log.warning("%s held an earlier sample (%d files): replaced", out, files)
+    for name in present:
+        (out / name).unlink()
+    for d in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        if not any(d.iterdir()):
+            d.rmdir()

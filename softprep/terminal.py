@@ -5,10 +5,14 @@ so both CLIs answer ``--help`` at once."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import contextmanager
+from pathlib import Path
+from typing import get_args
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -21,7 +25,21 @@ from rich.progress import (
 )
 from rich.text import Text
 
-console = Console(stderr=True, soft_wrap=True)  # log files get whole lines
+WIDE = 400  # columns of a console that is not a terminal: tables are never squeezed
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console for messages, summaries and tables. At a terminal it wraps at the terminal's
+    width; piped or redirected (log files, ``| tee``) every message is one whole line and
+    tables keep their natural width, instead of both being cut at 80 columns. ``COLUMNS``,
+    when set, is the width either way."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(stderr=stderr, soft_wrap=True, width=WIDE)
+    return console
+
+
+console = make_console(stderr=True)
 
 
 class RateColumn(ProgressColumn):
@@ -33,8 +51,10 @@ class RateColumn(ProgressColumn):
 @contextmanager
 def progress_bar(description: str):
     """Yields a ``progress(done, total)`` callback drawing a rich bar with ETA and the rate
-    since the first call, (done - first done) / elapsed: what a summary line computes."""
-    with Progress(
+    since the first call, (done - first done) / elapsed: what a summary line computes. The
+    bar appears at the first call, so an error found before any work (a bad argument, a
+    missing split or file) is printed alone, without an empty bar above it."""
+    bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -43,18 +63,64 @@ def progress_bar(description: str):
         TextColumn("ETA"),
         TimeRemainingColumn(),
         console=console,
-    ) as bar:
-        task = bar.add_task(description, total=None, rate=None)
-        first: list = []
+    )
+    task = bar.add_task(description, total=None, rate=None)
+    first: list = []
 
-        def update(done: int, total: int) -> None:
-            now = time.monotonic()
-            if not first:
-                first[:] = [now, done]
-            rate = (done - first[1]) / (now - first[0]) if now > first[0] else None
-            bar.update(task, completed=done, total=total, rate=rate)
+    def update(done: int, total: int) -> None:
+        now = time.monotonic()
+        if not first:
+            first[:] = [now, done]
+            bar.start()
+        rate = (done - first[1]) / (now - first[0]) if now > first[0] else None
+        bar.update(task, completed=done, total=total, rate=rate)
 
+    try:
         yield update
+    finally:
+        if first:
+            bar.stop()
+
+
+VALUE_NAMES = {  # what an option's value is, where its type says too little
+    "scales": "FRACTION",
+    "levels": "FRACTION",
+    "tta_levels": "FRACTION",
+    "level": "FRACTION",
+    "eval_level": "FRACTION",
+    "level_weights": "WEIGHT",
+    "crop": "HxW",
+    "size": "HxW",
+    "window": "HxW",
+    "stride": "HxW",
+}
+_TYPE_NAMES = {int: "INTEGER", float: "FLOAT", Path: "PATH", str: "TEXT"}
+
+
+def value_name(param) -> str:
+    """The value name ``--help`` shows for an option or argument: nothing for a flag,
+    ``TEXT``, ``INTEGER``, ``FLOAT``, ``PATH`` or a ``VALUE_NAMES`` entry, with ``...`` for
+    several values (``--scales FRACTION ...``), instead of Typer's Python types
+    (``<bool>``, ``<list[str]>``)."""
+    if getattr(param, "is_flag", False):
+        return ""
+    desc = param.type_descriptor
+    annotation = get_args(desc.annotation)[0] if desc.is_list else desc.annotation
+    name = VALUE_NAMES.get(param.name or "") or _TYPE_NAMES.get(annotation, "TEXT")
+    return f"{name} ..." if desc.is_list or getattr(param, "multiple", False) else name
+
+
+def _install_value_names() -> None:
+    """Typer renders the type column of ``--help`` from ``display_type_rich`` (an option's
+    ``metavar`` replaces it; an argument's replaces its name): both CLIs show
+    ``value_name`` there, set once here, where both CLIs' shared terminal code lives."""
+    typer.core.TyperOption.display_type_rich = lambda self, ctx: (
+        self.metavar if self.metavar is not None else value_name(self)
+    )
+    typer.core.TyperArgument.display_type_rich = lambda self, ctx: value_name(self)
+
+
+_install_value_names()
 
 
 def tagged(tag: str, style: str, text) -> Text:

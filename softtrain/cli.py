@@ -15,11 +15,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from softprep.terminal import (
+    make_console,
     progress_bar,
     run_app,
     show_notes,
@@ -35,8 +35,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True, soft_wrap=True)  # log files get whole lines
-out = Console()
+console = make_console(stderr=True)
+out = make_console()
 MULTI_VALUE = ("--levels", "--level-weights", "--tta-levels", "--arm", "--seeds")
 
 
@@ -135,12 +135,13 @@ def print_eval(record: dict, title: str) -> None:
 
 
 def write_eval(record: dict, csv_path: Path | None, json_path: Path | None) -> None:
-    """The record as JSON (NaN-free) and its per-class rows as CSV (class, iou, acc)."""
+    """The record as JSON (NaN-free) and its per-class rows as CSV (class_id, class, iou,
+    acc; class_id is the train id, as in the priors and fidelity CSVs)."""
     if csv_path:
         with open(csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["class", "iou", "acc"])
+            writer = csv.DictWriter(f, fieldnames=["class_id", "class", "iou", "acc"])
             writer.writeheader()
-            writer.writerows(record["classes"])
+            writer.writerows({"class_id": c} | row for c, row in enumerate(record["classes"]))
     if json_path:
         json_path.write_text(json.dumps(record, indent=1, allow_nan=False))
 

@@ -213,7 +213,8 @@ class RunOptions:
         shown="off", resumable=True,
     )  # fmt: skip
     tracker: str = option(
-        "", "Your experiment tracker, package.module:Class (a softtrain.tracking.Tracker).",
+        "", "Your experiment tracker as package.module:Class (a Tracker, see the module "
+        "softtrain.tracking).",
         shown="none", resumable=True,
     )  # fmt: skip
     log_every: int = option(10, "Progress/metrics every N steps.", minimum=1, resumable=True)

@@ -14,8 +14,16 @@ SHARED = REPO.parent / "shared"
 FIXTURES = SHARED / "fixtures"
 FACTS = SHARED / "datasets"
 
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason="../shared/fixtures absent")
-needs_facts = pytest.mark.skipif(not FACTS.is_dir(), reason="../shared/datasets absent")
+FIXTURES_ABSENT = (
+    "../shared/fixtures absent: real-format dataset files are not in the repository; "
+    "see README (Tests that need ../shared)"
+)
+FACTS_ABSENT = (
+    "../shared/datasets absent: the class tables of the real datasets are not in the "
+    "repository; see README (Tests that need ../shared)"
+)
+needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=FIXTURES_ABSENT)
+needs_facts = pytest.mark.skipif(not FACTS.is_dir(), reason=FACTS_ABSENT)
 
 
 @pytest.fixture(scope="session")

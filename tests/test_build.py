@@ -468,10 +468,10 @@ def test_dask_backend_equals_loky(samples, tmp_path):
     ],
 )
 def test_build_on_real_fixture_files(tmp_path, name, version, folder, short_side):
-    from tests.conftest import FIXTURES
+    from tests.conftest import FIXTURES, FIXTURES_ABSENT
 
     if not FIXTURES.is_dir():
-        pytest.skip("../shared/fixtures absent")
+        pytest.skip(FIXTURES_ABSENT)
     url = str(tmp_path / "real.zarr")
     opts = BuildOptions(scales=(0.25, 0.5), short_side=short_side)
     summary = build(load_manifest(name, version), FIXTURES / folder, url, opts)

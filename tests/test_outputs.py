@@ -1,0 +1,46 @@
+"""Machine-readable outputs: the columns and fields scripts rely on."""
+
+import csv
+import json
+
+from typer.testing import CliRunner
+
+from softprep.cli import app
+from softtrain.cli import write_eval
+
+runner = CliRunner()
+
+
+def test_eval_csv_has_class_ids_like_the_priors_and_fidelity_csvs(tmp_path):
+    record = {
+        "mIoU": 0.5,
+        "classes": [
+            {"class": "road", "iou": 0.9, "acc": 0.95},
+            {"class": "pole", "iou": None, "acc": None},
+        ],
+    }
+    write_eval(record, tmp_path / "iou.csv", None)
+    rows = list(csv.DictReader(open(tmp_path / "iou.csv")))
+    assert list(rows[0]) == ["class_id", "class", "iou", "acc"]
+    assert [(r["class_id"], r["class"]) for r in rows] == [("0", "road"), ("1", "pole")]
+
+
+def test_scan_json(tmp_path):
+    from softprep.manifest import load_manifest
+    from softprep.sample import write_sample
+
+    data = tmp_path / "cs"
+    write_sample(load_manifest("cityscapes"), data, {"train": 2, "val": 1}, (32, 64))
+    r = runner.invoke(app, ["scan", "cityscapes", "--root", str(data), "--json"])
+    d = json.loads(r.stdout)
+    assert r.exit_code == 0 and d["problems"] == []
+    assert d["dataset"] == "cityscapes" and d["splits"]["train"] == {
+        "pairs": 2,
+        "sizes": {"32x64": 2},
+    }
+    assert [h["class_id"] for h in d["histogram"]] == [*range(19), 255]
+    assert sum(h["pixels"] for h in d["histogram"]) == 3 * 32 * 64
+    next((data / "gtFine/val").rglob("*_labelIds.png")).unlink()
+    r = runner.invoke(app, ["scan", "cityscapes", "--root", str(data), "--json"])
+    d = json.loads(r.stdout)
+    assert r.exit_code == 1 and len(d["problems"]) == 1 and "path" in d["problems"][0]
