@@ -44,3 +44,21 @@ def test_scan_json(tmp_path):
     r = runner.invoke(app, ["scan", "cityscapes", "--root", str(data), "--json"])
     d = json.loads(r.stdout)
     assert r.exit_code == 1 and len(d["problems"]) == 1 and "path" in d["problems"][0]
+
+
+def test_priors_plot_marks_exact_zeros_and_absent_classes(tmp_path, recwarn):
+    """A |D| of exactly 0 gets a marker on the log axis (no bar can show it), an absent
+    class a grey name; the layout holds (no matplotlib warning)."""
+    import numpy as np
+    from PIL import Image
+
+    from softprep.priors import PriorReport
+
+    original = np.array([0.5, 0.3, 0.2, 0.0])
+    report = PriorReport(
+        ["road", "pole", "sky", "rider"], "train", 3, original,
+        {"1/8": {"soft": original - [1e-9, -1e-9, 0, 0], "nn": original - [0.01, 0, -0.01, 0]}},
+    )  # fmt: skip
+    report.plot(tmp_path / "p.png")
+    assert not [w for w in recwarn if "layout" in str(w.message)]
+    assert Image.open(tmp_path / "p.png").size[0] > 800
