@@ -62,3 +62,31 @@ def test_priors_plot_marks_exact_zeros_and_absent_classes(tmp_path, recwarn):
     report.plot(tmp_path / "p.png")
     assert not [w for w in recwarn if "layout" in str(w.message)]
     assert Image.open(tmp_path / "p.png").size[0] > 800
+
+
+def test_show_by_name_with_a_title_panels_and_a_colour_key(tmp_path):
+    from PIL import Image
+
+    from softprep.build import BuildOptions, build
+    from softprep.manifest import load_manifest
+    from softprep.render import render
+    from softprep.sample import write_sample
+    from softprep.store import SoftStore
+
+    m = load_manifest("cityscapes")
+    write_sample(m, tmp_path / "cs", {"train": 1, "val": 1}, (64, 128))
+    url = str(tmp_path / "s.zarr")
+    build(m, tmp_path / "cs", url, BuildOptions(scales=(0.25,)))
+    store = SoftStore(url)
+    train, val = (str(n) for n in store.names())
+    r = runner.invoke(app, ["show", url, "--name", val, "--level", "1/4",
+                            "--out", str(tmp_path / "v.png")])  # fmt: skip
+    assert r.exit_code == 0 and val in r.stdout, r.output
+    one = 128 // 4 * 12  # panels are zoomed to >= 384 px
+    assert Image.open(tmp_path / "v.png").width == 4 * one + 3 * 10  # + nearest neighbour
+    assert render(store, 0, "1/4").width == 3 * one + 2 * 10  # training: no full label
+    short = val.rsplit("/", 1)[-1]  # the sample repeats names across splits
+    r = runner.invoke(app, ["show", url, "--name", short, "--out", str(tmp_path / "x.png")])
+    assert r.exit_code == 2 and "2 images are called" in r.output, r.output
+    r = runner.invoke(app, ["show", url, "--name", "nope", "--out", str(tmp_path / "x.png")])
+    assert r.exit_code == 2 and "no image called nope" in r.output
