@@ -81,15 +81,14 @@ def render(store: SoftStore, i: int, scale, min_width: int = 384) -> Image.Image
     zoom = max(1, -(-min_width // rgb.shape[1]))
     h, w = rgb.shape[0] * zoom, rgb.shape[1] * zoom
     gap, head, title = 10, 30, 24
-    big, small = _font(18), _font(14)
+    big = _font(18)
     names = [c["name"] for c in store.classes]
     key = [(c, names[c]) for c in sorted(present) if c < len(names)]
     if VOID in present:
         key.append((VOID, "void"))
     width = len(panels) * (w + gap) - gap
-    per_row = max(1, width // 170)
-    rows = -(-len(key) // per_row)
-    canvas = Image.new("RGB", (width, head + title + h + 8 + rows * 22), "white")
+    legend = colour_key(key, pal, width)
+    canvas = Image.new("RGB", (width, head + title + h + 8 + legend.height), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text(
         (2, 4),
@@ -102,10 +101,20 @@ def render(store: SoftStore, i: int, scale, min_width: int = 384) -> Image.Image
         im = Image.fromarray(arr).resize((w, h), Image.NEAREST)
         canvas.paste(im, (j * (w + gap), head + title))
         draw.text((j * (w + gap) + 2, head + 2), name, fill="black", font=big)
-    top = head + title + h + 8
+    canvas.paste(legend, (0, head + title + h + 8))
+    return canvas
+
+
+def colour_key(key: list[tuple[int, str]], pal: np.ndarray, width: int) -> Image.Image:
+    """A white strip ``width`` px wide: a colour swatch and the name of each (train id,
+    name) in ``key``, in rows of 170 px cells; colours from ``pal`` (256, 3)."""
+    per_row = max(1, width // 170)
+    rows = -(-len(key) // per_row)
+    strip = Image.new("RGB", (width, rows * 22), "white")
+    draw, font = ImageDraw.Draw(strip), _font(14)
     for n, (c, name) in enumerate(key):
-        x, y = (n % per_row) * 170, top + (n // per_row) * 22
+        x, y = (n % per_row) * 170, (n // per_row) * 22
         draw.rectangle((x + 2, y + 2, x + 18, y + 18), fill=tuple(int(v) for v in pal[c]),
                        outline="grey")  # fmt: skip
-        draw.text((x + 24, y + 2), name, fill="black", font=small)
-    return canvas
+        draw.text((x + 24, y + 2), name, fill="black", font=font)
+    return strip

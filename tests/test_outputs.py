@@ -90,3 +90,20 @@ def test_show_by_name_with_a_title_panels_and_a_colour_key(tmp_path):
     assert r.exit_code == 2 and "2 images are called" in r.output, r.output
     r = runner.invoke(app, ["show", url, "--name", "nope", "--out", str(tmp_path / "x.png")])
     assert r.exit_code == 2 and "no image called nope" in r.output
+
+
+def test_prediction_overlays_carry_a_colour_key():
+    import numpy as np
+
+    from softprep.manifest import load_manifest
+    from softtrain.predict import overlay
+
+    m = load_manifest("cityscapes")
+    palette = np.zeros((256, 3), np.uint8)
+    palette[: m.num_classes] = m.palette
+    pred = np.zeros((60, 400), np.uint8)
+    pred[:, 200:] = 5  # road | pole
+    im = overlay(np.full((60, 400, 3), 128, np.uint8), pred, palette, m.class_names)
+    assert im.size == (400, 60 + 4 + 22)  # one row of the key: road, pole
+    key = np.asarray(im)[64:]
+    assert (key == m.palette[0]).all(axis=-1).any() and (key == m.palette[5]).all(axis=-1).any()
