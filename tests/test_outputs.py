@@ -107,3 +107,20 @@ def test_prediction_overlays_carry_a_colour_key():
     assert im.size == (400, 60 + 4 + 22)  # one row of the key: road, pole
     key = np.asarray(im)[64:]
     assert (key == m.palette[0]).all(axis=-1).any() and (key == m.palette[5]).all(axis=-1).any()
+
+
+def test_compare_shows_no_spread_for_one_seed_and_plots_fidelity_as_bars(tmp_path, recwarn):
+    import numpy as np
+
+    from softtrain.cli import miou_cell
+    from softtrain.compare import CompareReport
+
+    assert miou_cell({"mIoU_mean": 0.471, "mIoU_std": 0.0, "seeds": 1}) == "47.1"
+    assert miou_cell({"mIoU_mean": 0.471, "mIoU_std": 0.008, "seeds": 3}) == "47.1 ± 0.8"
+    iou = [np.array([0.9, 0.1, np.nan])]
+    report = CompareReport(["road", "pole", "rider"], "1/4", ["nn", "soft"], [0],
+                           {"nn": [0.41], "soft": [0.47]}, {"nn": iou, "soft": iou},
+                           {"nn": 0.7, "soft": 0.8})  # fmt: skip
+    report.plot(tmp_path / "compare.png")
+    assert (tmp_path / "compare.png").stat().st_size > 0
+    assert not [w for w in recwarn if "layout" in str(w.message)]
