@@ -22,7 +22,7 @@ from softprep.fidelity import from_dataset as fidelity_from_dataset
 from softprep.fidelity import from_store as fidelity_from_store
 from softprep.manifest import ManifestError, load_manifest
 from softprep.priors import SHOWN_AS, PriorReport, from_dataset, from_store
-from softprep.render import render
+from softprep.render import find_image, render
 from softprep.resample import KERNELS
 from softprep.sample import write_sample_folder
 from softprep.store import SoftStore, StoreError, parse_scale
@@ -308,7 +308,9 @@ def build(
                     m, root, url, options, jobs=n_jobs, on_error=on_error, progress=progress,
                     repair=repair,
                 )  # fmt: skip
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemError) as e:
+            if not _interrupted(e):
+                raise
             after = (
                 f"after {seen['done']} of {seen['total']} images"
                 if seen["total"] is not None
@@ -451,16 +453,25 @@ def verify(
 def show(
     store: str = typer.Argument(..., help="Store path or URL."),
     index: int = typer.Option(0, help="Image index in the store."),
+    name: str | None = typer.Option(
+        None,
+        help="Image name instead of --index: as 'softprep info' stores it "
+        "(train/aachen/aachen_000000_000019) or its last part (aachen_000000_000019).",
+    ),
     level: str = typer.Option("1/8", help="Level, e.g. 1/8."),
     output: Path = typer.Option(Path("show.png"), "--out", help="PNG to write."),
 ):
-    """PNG of one image at one level: colour | soft label | nearest-neighbour label."""
+    """PNG of one image at one level: colour | soft label | argmax of the soft label |
+    nearest-neighbour label (evaluation images, whose full label is stored), with the
+    image's name and a colour key of its classes."""
     with user_errors():
         s = SoftStore(store)
+        if name is not None:
+            index = find_image(s, name)
         if not 0 <= index < len(s):
             raise StoreError(f"{store}: index {index} out of range 0..{len(s) - 1}")
         render(s, index, level).save(output)
-    out.print(f"wrote {output}")
+    out.print(f"wrote {output} ({s.names()[index]})")
 
 
 @app.command()
@@ -636,6 +647,16 @@ def print_priors(report: PriorReport) -> None:
                     f"scale {level}: nearest neighbour drops {shares[0]} pixels"
                     + "".join(f", {s}" for s in shares[1:])
                 )
+
+
+def _interrupted(e: BaseException) -> bool:
+    """Ctrl-C, or what a compiled (numba) kernel running when it came turned it into: a
+    SystemError whose context is the KeyboardInterrupt."""
+    while e is not None:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        e = e.__context__
+    return False
 
 
 def main() -> None:

@@ -186,14 +186,25 @@ class FidelityReport:
         width = 0.8 / len(self.strategies)
         x = np.arange(n)
         for ax, level in zip(axes[:, 0], self.levels):
+            absent = np.ones(n, dtype=bool)  # no IoU for any strategy: not in the split
             for j, s in enumerate(self.strategies):
                 offset = (j - (len(self.strategies) - 1) / 2) * width
                 label = f"{s} (mIoU {100 * self.miou(level, s):.1f})"
-                ax.bar(x + offset, np.nan_to_num(self.iou(level, s)) * 100, width, label=label)
-            ax.set_title(f"{level}: labels scored at full resolution ({self.split})")
+                iou = self.iou(level, s)
+                shown = ~np.isnan(iou)
+                absent &= ~shown
+                ax.bar(x[shown] + offset, iou[shown] * 100, width, label=label, color=f"C{j}")
+            for c in np.flatnonzero(absent):
+                ax.text(x[c], 2, "n/a", ha="center", va="bottom", fontsize=7, color="grey",
+                        rotation=90)  # fmt: skip
+            ax.set_title(
+                f"{level}: labels scored at full resolution ({self.split}; n/a: class absent)"
+            )
             ax.set_ylabel("IoU (%)")
             ax.set_ylim(0, 100)
             ax.set_xticks(x, self.classes, rotation=90, fontsize=7)
+            for label, a in zip(ax.get_xticklabels(), absent):
+                label.set_color("grey" if a else "black")
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         fig.tight_layout()
         fig.savefig(path, dpi=100)

@@ -1,6 +1,7 @@
 """Dataset manifests: the data-driven part of a dataset (classes, label values, file layout).
 
-A manifest is a JSON file (see ``manifests/`` at the repository root). Fields:
+A manifest is a JSON file (see ``manifests/`` at the repository root; every field is
+described in ``docs/manifests.md`` and ``manifests/schema.json``). Fields:
 
 - ``dataset``, ``version``, ``description``
 - ``classes``: ``[{"id": train_id, "name": str, "color": [r, g, b]}]``, train ids 0..C-1
@@ -33,6 +34,16 @@ VOID = 255
 
 
 REQUIRED = ("dataset", "classes", "label_values", "splits", "layout")
+FIELDS = REQUIRED + (  # every field; manifests/schema.json and docs/manifests.md say more
+    "version",
+    "default_version",
+    "description",
+    "ignore_index",
+    "eval_splits",
+    "image_only_splits",
+    "variants",
+    "config_json",
+)
 
 
 class ManifestError(ValueError):
@@ -117,9 +128,15 @@ def _inside_root(value: str) -> bool:
     return not Path(value).is_absolute() and ".." not in parts
 
 
-def _validate(raw: dict, source: str) -> None:
-    """Every problem of a raw manifest at once, as one ``ManifestError`` naming the file."""
+def _validate(raw: dict, source: str, known_fields: bool = True) -> None:
+    """Every problem of a raw manifest at once, as one ``ManifestError`` naming the file;
+    ``known_fields``: refuse a field not in ``FIELDS`` (a misspelt one) too."""
     problems = [f"missing field '{k}'" for k in REQUIRED if k not in raw]
+    for key in sorted(set(raw) - set(FIELDS) if known_fields else ()):
+        close = difflib.get_close_matches(key, FIELDS, n=1)
+        problems.append(
+            f"unknown field '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+        )
     classes = raw.get("classes", [])
     if not isinstance(classes, list):
         problems.append(
@@ -183,8 +200,8 @@ def _validate(raw: dict, source: str) -> None:
         raise ManifestError(f"{source}: " + "; ".join(problems))
 
 
-def _parse(raw: dict, source: str, variant: str | None) -> Manifest:
-    _validate(raw, source)
+def _parse(raw: dict, source: str, variant: str | None, known_fields: bool = True) -> Manifest:
+    _validate(raw, source, known_fields)
     layout = dict(raw["layout"])
     values = raw["label_values"]
     void_class = None
@@ -198,7 +215,11 @@ def _parse(raw: dict, source: str, variant: str | None) -> Manifest:
         values = override.pop("label_values", values)
         void_class = override.pop("void_class", None)
         layout.update(override)
-        _validate(raw | {"layout": layout, "label_values": values}, f"{source} (variant {variant})")
+        _validate(
+            raw | {"layout": layout, "label_values": values},
+            f"{source} (variant {variant})",
+            known_fields,
+        )
     classes = tuple(
         ClassInfo(int(c["id"]), str(c["name"]), tuple(int(v) for v in c["color"]))
         for c in raw["classes"]
@@ -243,7 +264,7 @@ def manifest_from_json(raw: dict, source: str) -> Manifest:
     """A manifest from ``Manifest.to_json()`` output (as a store or checkpoint records it)."""
     raw = dict(raw)
     variant = raw.pop("variant", None)
-    return _parse(raw, source, variant)
+    return _parse(raw, source, variant, known_fields=False)  # stores keep what they recorded
 
 
 def available() -> list[dict]:
@@ -251,7 +272,9 @@ def available() -> list[dict]:
     found = []
     for d in manifest_dirs():
         for p in sorted(d.glob("*.json")):
-            found.append(json.loads(p.read_text()) | {"path": str(p)})
+            raw = json.loads(p.read_text())
+            if "dataset" in raw:  # schema.json documents the fields
+                found.append(raw | {"path": str(p)})
     return found
 
 

@@ -113,39 +113,51 @@ class PriorReport:
         )
 
     def plot(self, path: Path) -> None:
-        """Per-class |D| on a log scale, one panel per level, one bar colour per strategy."""
+        """Per-class |D| x 1e4 on a log scale, one panel per level, one bar colour per
+        strategy. A |D| of exactly 0 (which a log axis cannot show) is a triangle on the
+        axis in the strategy's colour; classes absent from the split are marked (absent)."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
 
-        n = len(self.classes)
+        n, k = len(self.classes), len(self.strategies)
         fig, axes = plt.subplots(
-            len(self.levels),
-            1,
-            figsize=(
-                max(8, 0.28 * n * len(self.strategies) / 2),
-                3.2 * len(self.levels),
-            ),
-            squeeze=False,
-        )
-        width = 0.8 / len(self.strategies)
+            len(self.levels), 1, figsize=(max(8, 0.28 * n * k / 2) + 1.5, 3.6 * len(self.levels)),
+            squeeze=False, layout="constrained",
+        )  # fmt: skip
+        width = 0.8 / k
         x = np.arange(n)
+        present = self.original > 0
+        every = np.abs([self.discrepancy(lv, s) for lv in self.levels for s in self.strategies])
+        smallest = every[every > 0].min() * SHOWN_AS if (every > 0).any() else 1.0
+        bottom = 10.0 ** np.floor(np.log10(smallest))  # every non-zero |D| has a bar
         for ax, level in zip(axes[:, 0], self.levels):
+            handles = []
             for j, s in enumerate(self.strategies):
                 d = np.abs(self.discrepancy(level, s)) * SHOWN_AS
-                ax.bar(
-                    x + (j - (len(self.strategies) - 1) / 2) * width,
-                    np.maximum(d, 1e-6),
-                    width,
-                    label=s,
-                )
+                at = x + (j - (k - 1) / 2) * width
+                colour = f"C{j}"
+                ax.bar(at[d > 0], d[d > 0], width, color=colour)
+                zero = (d == 0) & present
+                if zero.any():
+                    ax.plot(at[zero], np.full(zero.sum(), bottom), "v", color=colour, ms=5,
+                            clip_on=False)  # fmt: skip
+                handles.append(Line2D([], [], color=colour, lw=6, label=s))
+            handles.append(Line2D([], [], color="grey", marker="v", lw=0, label="exactly 0"))
             ax.set_yscale("log")
-            ax.set_ylim(bottom=1e-4)
-            ax.set_title(f"scale {level}: |D| x 1e4 per class (lower is better)")
+            ax.set_ylim(bottom=bottom)
+            ax.set_ylabel("|D| x 1e4 (log)")
+            ax.set_title(
+                f"scale {level}: |D| x 1e4 per class, split {self.split} (lower is better;"
+                " grey: class absent)",
+                fontsize=10,
+            )
             ax.set_xticks(x, self.classes, rotation=90, fontsize=7)
-            ax.legend(fontsize=7, ncols=len(self.strategies))
-        fig.tight_layout()
+            for label, p in zip(ax.get_xticklabels(), present):
+                label.set_color("black" if p else "grey")
+            ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         fig.savefig(path, dpi=110)
         plt.close(fig)
 

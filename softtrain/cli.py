@@ -134,6 +134,13 @@ def print_eval(record: dict, title: str) -> None:
     out.print(table)
 
 
+def miou_cell(row: dict) -> str:
+    """A compare row's mIoU in %: ``47.1 ± 0.8`` over several seeds, ``47.1`` for one (no
+    spread to show)."""
+    mean = f"{100 * row['mIoU_mean']:.1f}"
+    return f"{mean} ± {100 * row['mIoU_std']:.1f}" if row["seeds"] > 1 else mean
+
+
 def write_eval(record: dict, csv_path: Path | None, json_path: Path | None) -> None:
     """The record as JSON (NaN-free) and its per-class rows as CSV (class_id, class, iou,
     acc; class_id is the train id, as in the priors and fidelity CSVs)."""
@@ -283,8 +290,7 @@ def compare(
     rows = report.rows()
     summary = Table("arm", "seeds", "mIoU (%)", "label fidelity (%)", title=f"at {report.level}")
     for r in rows:
-        spread = f"{fmt(r['mIoU_mean'])} ± {fmt(r['mIoU_std'])}"
-        summary.add_row(r["arm"], str(r["seeds"]), spread, fmt(r["fidelity_mIoU"]))
+        summary.add_row(r["arm"], str(r["seeds"]), miou_cell(r), fmt(r["fidelity_mIoU"]))
     out.print(summary)
     per_class = Table("class", *report.arms, title="IoU (%), mean over seeds")
     for c in report.classes:

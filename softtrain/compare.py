@@ -88,7 +88,10 @@ class CompareReport:
         Path(path).write_text(json.dumps(doc, indent=1, allow_nan=False))
 
     def plot(self, path: Path) -> None:
-        """mIoU per arm (mean, spread over seeds, fidelity) and per-class IoU per arm."""
+        """mIoU per arm (bars: mean over seeds, with the standard deviation as an error bar
+        when there are several seeds) beside its store's label fidelity (hatched bars: what
+        the labels themselves score, an upper bound), and per-class IoU per arm (classes
+        without an IoU, absent from the split, are left out)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -96,26 +99,38 @@ class CompareReport:
 
         rows = self.rows()
         fig, (left, right) = plt.subplots(
-            1, 2, figsize=(6 + 0.3 * len(self.classes) * len(self.arms) / 2, 4),
-            gridspec_kw={"width_ratios": [1, 3]},
+            1, 2, figsize=(7 + 0.3 * len(self.classes) * len(self.arms) / 2, 4.5),
+            gridspec_kw={"width_ratios": [1, 3]}, layout="constrained",
         )  # fmt: skip
         x = np.arange(len(rows))
-        left.bar(x, [100 * r["mIoU_mean"] for r in rows], yerr=[100 * r["mIoU_std"] for r in rows])
-        left.plot(
-            x, [100 * r["fidelity_mIoU"] for r in rows], "k_", markersize=20, label="label fidelity"
-        )
+        several = [r["seeds"] > 1 for r in rows]
+        spread = [100 * r["mIoU_std"] if s else np.nan for r, s in zip(rows, several)]
+        left.bar(
+            x - 0.2, [100 * r["mIoU_mean"] for r in rows], 0.4, label="model mIoU",
+            yerr=spread if any(several) else None, error_kw={"elinewidth": 1, "capsize": 3},
+        )  # fmt: skip
+        left.bar(
+            x + 0.2, [100 * r["fidelity_mIoU"] for r in rows], 0.4, color="white",
+            edgecolor="grey", hatch="//", label="label fidelity",
+        )  # fmt: skip
         left.set_xticks(x, [r["arm"] for r in rows], rotation=30, ha="right", fontsize=8)
-        left.set_ylabel(f"mIoU (%) at {self.level}, mean ± std over seeds")
-        left.legend(fontsize=7)
+        seeds = sorted({r["seeds"] for r in rows})
+        over = "one seed" if seeds == [1] else f"mean ± std over {'/'.join(map(str, seeds))} seeds"
+        left.set_ylabel(f"mIoU (%) at {self.level}, {over}")
+        left.set_ylim(0, 100)
+        left.legend(fontsize=7, loc="upper left")
         width = 0.8 / len(rows)
         cx = np.arange(len(self.classes))
         for j, r in enumerate(rows):
-            values = [100 * (r[f"IoU {c}"] or 0) for c in self.classes]
-            right.bar(cx + (j - (len(rows) - 1) / 2) * width, values, width, label=r["arm"])
+            values = np.array([np.nan if r[f"IoU {c}"] is None else 100 * r[f"IoU {c}"]
+                               for c in self.classes])  # fmt: skip
+            shown = ~np.isnan(values)
+            at = cx + (j - (len(rows) - 1) / 2) * width
+            right.bar(at[shown], values[shown], width, label=r["arm"], color=f"C{j}")
         right.set_xticks(cx, self.classes, rotation=90, fontsize=7)
-        right.set_ylabel("IoU (%)")
-        right.legend(fontsize=7)
-        fig.tight_layout()
+        right.set_ylabel("IoU (%)" + ("" if seeds == [1] else ", mean over seeds"))
+        right.set_ylim(0, 100)
+        right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         fig.savefig(path, dpi=100)
         plt.close(fig)
 

@@ -126,10 +126,23 @@ def predict(
         _encode(pred, fmt, manifest, palette).save(target)
         written.append(target)
         if overlays is not None:
-            mix = (0.5 * np.asarray(image) + 0.5 * palette[pred]).astype(np.uint8)
             dest = overlays / target.relative_to(out_dir).with_suffix(".jpg")
             dest.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(mix).save(dest, quality=90)
+            overlay(np.asarray(image), pred, palette, manifest.class_names).save(dest, quality=90)
         if progress:
             progress(n + 1, len(pairs))
     return written
+
+
+def overlay(rgb: np.ndarray, pred: np.ndarray, palette: np.ndarray, names: list[str]):
+    """The image blended half and half with its predicted class colours, above a colour
+    key of the classes predicted (``palette``: (256, 3) uint8 by train id)."""
+    from softprep.render import colour_key
+
+    mix = Image.fromarray((0.5 * rgb + 0.5 * palette[pred]).astype(np.uint8))
+    ids = [int(c) for c in np.unique(pred) if c < len(names)]
+    key = colour_key([(c, names[c]) for c in ids], palette.astype(np.float32), mix.width)
+    out = Image.new("RGB", (mix.width, mix.height + key.height + 4), "white")
+    out.paste(mix, (0, 0))
+    out.paste(key, (0, mix.height + 4))
+    return out
