@@ -13,7 +13,7 @@ trainannot/, val/, ..., test/; never in the project or its tests).
 Pedestrian, Bicyclist), each as a difference from ``nn`` measured in the same run.
 
 Training (DeepLabV3+ R18 from scratch; train on train, decodes fitted on val, test scored
-once with the final weights; every run's numbers in ``<out>/camvid_<what>.json``; a run
+once with the final weights; every run's numbers in ``<out>/camvid_<what><tag>.json``; a run
 folder that already holds a result is read back):
 
 ``--what train``: soft labels (antialiased bilinear, colour and labels paired) vs the
@@ -424,6 +424,7 @@ def main() -> None:
     ap.add_argument("--labeled", default="1/8")
     ap.add_argument("--semi-ema", type=float, default=0.99)
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--tag", default="", help="suffix of the JSON names (camvid_train<TAG>.json)")
     args = ap.parse_args()
     args.iters = parse_iters(args.iters)
     import torch
@@ -460,12 +461,13 @@ def main() -> None:
             result = parts[what]()
             result["wall_s"] = time.perf_counter() - t
             result["args"] = {k: str(v) for k, v in vars(args).items()}
-            (out / f"camvid_{what}.json").write_text(json.dumps(result, indent=1))
+            name = f"camvid_{what}{args.tag}.json"
+            (out / name).write_text(json.dumps(result, indent=1))
             if what == "train":
                 print_train(result, args.seeds)
             else:
                 print_compare(f"{what} ({args.weak if what == 'weak' else args.labeled})", result)
-            print(f"{what}: {result['wall_s'] / 60:.1f} min; numbers in {out}/camvid_{what}.json")
+            print(f"{what}: {result['wall_s'] / 60:.1f} min; numbers in {out / name}")
 
 
 if __name__ == "__main__":
