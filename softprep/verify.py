@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import joblib
 import numpy as np
 
+from softprep.build import SharedTasks, local_pool
 from softprep.manifest import VOID
 from softprep.quantize import TOTAL
 from softprep.resample import KERNELS
@@ -360,9 +361,14 @@ def verify(store: SoftStore, progress=None, jobs: int = 1, quick: bool = False) 
     total = len(finished)
     if progress:
         progress(len(lost), total)
+    pool = local_pool(jobs) if len(tasks) > 1 else None
     if jobs == 1 or len(tasks) <= 1:
         outputs = (_check_shard(checker, g, e, c, quick) for g, e, c in tasks)
-    else:
+    elif pool is not None:  # jobs - 1 workers and this process, as the build
+        outputs = SharedTasks(
+            pool, tasks, lambda t: (store.url, *t, quick), _check_shard
+        ).results()
+    else:  # another joblib backend (Dask)
         outputs = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(
             joblib.delayed(_check_shard)(store.url, g, e, c, quick) for g, e, c in tasks
         )
