@@ -168,7 +168,6 @@ def _clean_litter(url: str, report: VerifyReport) -> None:
     )
 
 
-
 def _label_problems(label: np.ndarray, counts: np.ndarray, c: int, name: str) -> list[str]:
     """A full-resolution label's histogram (void last) against its recorded counts."""
     hist = np.bincount(label.ravel(), minlength=VOID + 1)
@@ -365,9 +364,7 @@ def verify(store: SoftStore, progress=None, jobs: int = 1, quick: bool = False) 
     if jobs == 1 or len(tasks) <= 1:
         outputs = (_check_shard(checker, g, e, c, quick) for g, e, c in tasks)
     elif pool is not None:  # jobs - 1 workers and this process, as the build
-        outputs = SharedTasks(
-            pool, tasks, lambda t: (store.url, *t, quick), _check_shard
-        ).results()
+        outputs = SharedTasks(pool, tasks, lambda t: (store.url, *t, quick), _check_shard).results()
     else:  # another joblib backend (Dask)
         outputs = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(
             joblib.delayed(_check_shard)(store.url, g, e, c, quick) for g, e, c in tasks
@@ -413,9 +410,7 @@ def verify(store: SoftStore, progress=None, jobs: int = 1, quick: bool = False) 
                 if bad[i]:
                     problem(
                         i,
-                        _row_sum_problems(
-                            rows[i], hh * ww, f"{where}: '{strategy}' statistics"
-                        ),
+                        _row_sum_problems(rows[i], hh * ww, f"{where}: '{strategy}' statistics"),
                     )
             problem(i, levels.get(scale, []))
         report.checked += 1

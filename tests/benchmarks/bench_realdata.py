@@ -104,7 +104,7 @@ def bench_jobs(datasets: dict, tmp: Path, rounds: int) -> dict:
     """--jobs 2 vs --jobs 1 on each dataset, arms interleaved; returns the one-job seconds
     per image of each (for the comparison of generated and real)."""
     arms = {}
-    for name, (manifest, root, n) in datasets.items():
+    for name, (manifest, root, _) in datasets.items():
         for jobs in (1, 2):
             out = tmp / f"jobs-{name}-{jobs}.zarr"
             arms[name, jobs] = lambda m=manifest, r=root, o=out, j=jobs: build_cli(m, r, o, j)
@@ -172,7 +172,9 @@ def bench_costs(root: Path, tmp: Path, rounds: int) -> None:
     for _ in range(rounds):
         shutil.rmtree(out, ignore_errors=True)
         own.clear()
-        build_module._task = counted  # only the build process's own shards (workers unpickle theirs)
+        build_module._task = (
+            counted  # only the build process's own shards (workers unpickle theirs)
+        )
         try:
             c = time.process_time()
             build_module.build(manifest, root, str(out), options, jobs=2)
@@ -204,9 +206,9 @@ def bench_verify(datasets: dict, tmp: Path, rounds: int) -> None:
         build_cli(manifest, root, out, 2)
         arms = {}
         for jobs in (2, 1):
-            arms["build", jobs] = lambda j=jobs: build_cli(manifest, root, out, j)
-            arms["verify", jobs] = lambda j=jobs: cli("verify", out, "--jobs", j)
-            arms["quick", jobs] = lambda j=jobs: cli("verify", out, "--jobs", j, "--quick")
+            arms["build", jobs] = lambda j=jobs, m=manifest, r=root, o=out: build_cli(m, r, o, j)
+            arms["verify", jobs] = lambda j=jobs, o=out: cli("verify", o, "--jobs", j)
+            arms["quick", jobs] = lambda j=jobs, o=out: cli("verify", o, "--jobs", j, "--quick")
         times = interleaved(arms, rounds)
         for jobs in (2, 1):
             b = best(times["build", jobs])[0]
@@ -265,7 +267,8 @@ def bench_jobs16(datasets: dict, tmp: Path) -> None:
     runs = dict(datasets) | {"cityscapes-size generated": ("cityscapes", city, 128)}
     for name, (manifest, root, n) in runs.items():
         out = tmp / f"j16-{name}.zarr"
-        times = interleaved({j: lambda j=j: build_cli(manifest, root, out, j) for j in (1, 16)}, 2)
+        arms = {j: lambda j=j, m=manifest, r=root, o=out: build_cli(m, r, o, j) for j in (1, 16)}
+        times = interleaved(arms, 2)
         w1, w16 = best(times[1])[0], best(times[16])[0]
         print(
             f"jobs16, {name} ({n} images): --jobs 16 {w16:.2f} s vs --jobs 1 {w1:.2f} s -> "
