@@ -193,7 +193,9 @@ class _Checker:
 
 
 @functools.lru_cache(maxsize=2)
-def _checker_for(url: str) -> _Checker:
+def _checker_for(url: str, build_id: str | None) -> _Checker:
+    """A worker's ``_Checker``, kept while it verifies the same store: ``build_id`` changes
+    when a store is created again at the same place (workers outlive one verify)."""
     return _Checker(SoftStore(url))
 
 
@@ -201,8 +203,8 @@ def _check_shard(checker, images, evaluated, counts, quick) -> list[tuple]:
     """The data problems of the finished ``images`` (one shard's) of a store: per image
     (index, arrays whose data is missing, full-label problems, {scale: problems}). Each
     image array's shard is read once; ``quick``: checksums only (no decoding)."""
-    if isinstance(checker, str):  # in a worker: open the store once per process
-        checker = _checker_for(checker)
+    if isinstance(checker, tuple):  # (url, build id) in a worker: opened once per process
+        checker = _checker_for(*checker)
     names, per = checker.names, checker.per
     if not checker.own_layout:
         return [
@@ -361,13 +363,14 @@ def verify(store: SoftStore, progress=None, jobs: int = 1, quick: bool = False) 
     if progress:
         progress(len(lost), total)
     pool = local_pool(jobs) if len(tasks) > 1 else None
+    key = (store.url, store.meta.get("build_id"))
     if jobs == 1 or len(tasks) <= 1:
         outputs = (_check_shard(checker, g, e, c, quick) for g, e, c in tasks)
     elif pool is not None:  # jobs - 1 workers and this process, as the build
-        outputs = SharedTasks(pool, tasks, lambda t: (store.url, *t, quick), _check_shard).results()
+        outputs = SharedTasks(pool, tasks, lambda t: (key, *t, quick), _check_shard).results()
     else:  # another joblib backend (Dask)
         outputs = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(
-            joblib.delayed(_check_shard)(store.url, g, e, c, quick) for g, e, c in tasks
+            joblib.delayed(_check_shard)(key, g, e, c, quick) for g, e, c in tasks
         )
     done_images = len(lost)
     for shard_results in outputs:

@@ -299,6 +299,9 @@ def test_verify_with_two_jobs_reports_what_one_job_does(clean, tmp_path):
     assert one.problems == two.problems and one.checked == two.checked == 6
     quick = verify(SoftStore(url), jobs=2, quick=True)
     assert quick.damaged == one.damaged - {found["planes"]}
+    shutil.rmtree(url)  # another store at the same place: the workers, still up, see it
+    shutil.copytree(clean[1], url)
+    assert verify(SoftStore(url), jobs=2).ok
 
 
 def test_cli_verify_json(clean, tmp_path):
