@@ -1,8 +1,9 @@
 """``softprep build``: read a dataset once, write paired soft-label pyramids to a store.
 
 The parent discovers pairs, reads their sizes from file headers, creates every array, then
-runs one joblib task per shard (``G`` consecutive images: one for 2048x1024 images, more
-for small ones). A task decodes its pairs, computes every level (soft label, colour,
+runs one task per shard (``G`` consecutive images: one for 2048x1024 images, more for small
+ones); with ``jobs`` N on the local (loky) backend, N - 1 worker processes and the parent
+itself take shards from one queue (``SharedTasks``), elsewhere (Dask) joblib runs them. A task decodes its pairs, computes every level (soft label, colour,
 statistics) and writes the whole shards; it returns only the small per-image statistics,
 which the parent writes in batches followed by the ``done`` flags. Killing the build at any
 point loses at most the unflushed batch; running the same command again removes the
@@ -270,9 +271,9 @@ def _task(url, build_id, first, pairs, manifest, options, keep_full, parent) -> 
     return results
 
 
-def _local_pool(jobs: int):
+def local_pool(jobs: int):
     """For ``jobs`` > 1 on the default (loky) backend: loky's reusable executor with
-    ``jobs - 1`` worker processes, as this process builds shards too (``_SharedTasks``);
+    ``jobs - 1`` worker processes, as this process builds shards too (``SharedTasks``);
     None for one job or another joblib backend (Dask), which run through ``joblib.Parallel``.
 
     Why the build process works: a worker's start-up (a fresh interpreter, imports, the
@@ -295,14 +296,17 @@ def _local_pool(jobs: int):
     )
 
 
-class _SharedTasks:
-    """Shards built by a pool of workers and by this process from one queue: each worker
-    gets its next shard the moment it returns one (a callback), this process takes the
-    next whenever it has handled what came back. Results in completion order."""
+class SharedTasks:
+    """Tasks run by a pool of workers and by this process from one queue: each worker gets
+    its next item the moment it returns one (a callback), this process takes the next
+    whenever it has handled what came back. ``results()`` yields ``function(*arguments(item))``
+    in completion order; closing it early sends no more items. (The build's shards and
+    verify's.)"""
 
-    def __init__(self, pool, shards: list[range], arguments):
+    def __init__(self, pool, items: list, arguments, function=None):
         self.pool, self.arguments = pool, arguments
-        self.todo = collections.deque(shards)
+        self.function = function or _task
+        self.todo = collections.deque(items)
         self.lock = threading.RLock()
         self.done: queue.Queue = queue.Queue()
         self.running, self.stopped = 0, False
@@ -313,7 +317,7 @@ class _SharedTasks:
                 return
             shard = self.todo.popleft()
             self.running += 1
-        future = self.pool.submit(_task, *self.arguments(shard))
+        future = self.pool.submit(self.function, *self.arguments(shard))
         future.add_done_callback(self._returned)
 
     def _returned(self, future) -> None:
@@ -339,7 +343,7 @@ class _SharedTasks:
                 except queue.Empty:
                     shard = self._here()
                     if shard is not None:
-                        yield _task(*self.arguments(shard))
+                        yield self.function(*self.arguments(shard))
                         continue
                     with self.lock:
                         if self.running == 0 and self.done.empty():
@@ -622,7 +626,7 @@ def build(
             raise BuildError(f"{e}: nothing to repair; build it without --repair") from None
     start = time.monotonic()
     with _workers_ignore_interrupts():  # workers start with SIGINT blocked
-        pool = _local_pool(jobs)
+        pool = local_pool(jobs)
         if pool is None:
             warming = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(
                 joblib.delayed(_warm_up)(options) for _ in range(joblib.effective_n_jobs(jobs))
@@ -666,7 +670,7 @@ def _build_locked(
                 joblib.delayed(_task)(*arguments(shard)) for shard in shards
             )
         else:
-            results = _SharedTasks(pool, shards, arguments).results()
+            results = SharedTasks(pool, shards, arguments).results()
     built, processed = 0, int(done.sum())
     loop_start = time.monotonic()
     if progress:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import joblib
 import numpy as np
 
+from softprep.build import SharedTasks, local_pool
 from softprep.manifest import VOID
 from softprep.planes import TOTAL
 from softprep.resample import KERNELS
@@ -165,7 +166,6 @@ def _clean_litter(url: str, report: VerifyReport) -> None:
     )
 
 
-
 def _label_problems(label: np.ndarray, counts: np.ndarray, c: int, name: str) -> list[str]:
     """A full-resolution label's histogram (void last) against its recorded counts."""
     hist = np.bincount(label.ravel(), minlength=VOID + 1)
@@ -191,7 +191,9 @@ class _Checker:
 
 
 @functools.lru_cache(maxsize=2)
-def _checker_for(url: str) -> _Checker:
+def _checker_for(url: str, build_id: str | None) -> _Checker:
+    """A worker's ``_Checker``, kept while it verifies the same store: ``build_id`` changes
+    when a store is created again at the same place (workers outlive one verify)."""
     return _Checker(SoftStore(url))
 
 
@@ -199,8 +201,8 @@ def _check_shard(checker, images, evaluated, counts, quick) -> list[tuple]:
     """The data problems of the finished ``images`` (one shard's) of a store: per image
     (index, arrays whose data is missing, full-label problems, {scale: problems}). Each
     image array's shard is read once; ``quick``: checksums only (no decoding)."""
-    if isinstance(checker, str):  # in a worker: open the store once per process
-        checker = _checker_for(checker)
+    if isinstance(checker, tuple):  # (url, build id) in a worker: opened once per process
+        checker = _checker_for(*checker)
     names, per = checker.names, checker.per
     if not checker.own_layout:
         return [
@@ -358,11 +360,15 @@ def verify(store: SoftStore, progress=None, jobs: int = 1, quick: bool = False) 
     total = len(finished)
     if progress:
         progress(len(lost), total)
+    pool = local_pool(jobs) if len(tasks) > 1 else None
+    key = (store.url, store.meta.get("build_id"))
     if jobs == 1 or len(tasks) <= 1:
         outputs = (_check_shard(checker, g, e, c, quick) for g, e, c in tasks)
-    else:
+    elif pool is not None:  # jobs - 1 workers and this process, as the build
+        outputs = SharedTasks(pool, tasks, lambda t: (key, *t, quick), _check_shard).results()
+    else:  # another joblib backend (Dask)
         outputs = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(
-            joblib.delayed(_check_shard)(store.url, g, e, c, quick) for g, e, c in tasks
+            joblib.delayed(_check_shard)(key, g, e, c, quick) for g, e, c in tasks
         )
     done_images = len(lost)
     for shard_results in outputs:
@@ -405,9 +411,7 @@ def verify(store: SoftStore, progress=None, jobs: int = 1, quick: bool = False) 
                 if bad[i]:
                     problem(
                         i,
-                        _row_sum_problems(
-                            rows[i], hh * ww, f"{where}: '{strategy}' statistics"
-                        ),
+                        _row_sum_problems(rows[i], hh * ww, f"{where}: '{strategy}' statistics"),
                     )
             problem(i, levels.get(scale, []))
         report.checked += 1

@@ -270,7 +270,9 @@ def test_litter_is_removed_only_inside_a_store(samples, tmp_path):
 
 @pytest.mark.parametrize("per_shard", [1, 2])
 @pytest.mark.parametrize("kind", ["deleted", "bit-flip", "truncated"])
-def test_quick_verify_finds_lost_cut_and_flipped_bytes_as_full_does(clean, tmp_path, kind, per_shard):
+def test_quick_verify_finds_lost_cut_and_flipped_bytes_as_full_does(
+    clean, tmp_path, kind, per_shard
+):
     url = copy_of(clean[per_shard], tmp_path)
     damage(url, kind)
     quick, full = verify(SoftStore(url), quick=True), verify(SoftStore(url))
@@ -290,12 +292,17 @@ def test_quick_verify_reads_no_planes(clean, tmp_path):
 @pytest.mark.slow  # starts worker processes
 def test_verify_with_two_jobs_reports_what_one_job_does(clean, tmp_path):
     url = copy_of(clean[2], tmp_path)
-    found = {kind: damage(url, kind)[0] for kind in ("bit-flip", "planes", "statistic", "truncated")}
+    found = {
+        kind: damage(url, kind)[0] for kind in ("bit-flip", "planes", "statistic", "truncated")
+    }
     one, two = verify(SoftStore(url), jobs=1), verify(SoftStore(url), jobs=2)
     assert len(one.damaged) == 5 and one.damaged == two.damaged
     assert one.problems == two.problems and one.checked == two.checked == 6
     quick = verify(SoftStore(url), jobs=2, quick=True)
     assert quick.damaged == one.damaged - {found["planes"]}
+    shutil.rmtree(url)  # another store at the same place: the workers, still up, see it
+    shutil.copytree(clean[1], url)
+    assert verify(SoftStore(url), jobs=2).ok
 
 
 def test_cli_verify_json(clean, tmp_path):
@@ -306,7 +313,10 @@ def test_cli_verify_json(clean, tmp_path):
     report = json.loads(r.stdout)
     assert r.exit_code == 0 and report["ok"] and report["next_step"] is None
     assert (report["mode"], report["images"], report["checked"], report["problems"]) == (
-        "full", 6, 6, [],
+        "full",
+        6,
+        6,
+        [],
     )
     i, _ = damage(url, "bit-flip")
     r = run("verify", url, "--json", "--quick")

