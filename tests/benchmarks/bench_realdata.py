@@ -13,6 +13,8 @@ background load; raw times are printed beside each ratio.
 - per-mp: one-job image time per megapixel of CamVid, the generated data and the
   ``../shared/fixtures`` ADE20K photos when present (three, 683x512..400x300; a build of
   three images has its per-build costs in this figure), against real CamVid's.
+  Beside them, in the same rounds, this machine's own scaling: ``bench_build``'s baseline
+  work (decode + PIL resize, no serial part, warm processes) over 2 processes vs 1.
 - costs: where ``--jobs 2`` loses against twice ``--jobs 1``: a worker's start-up (wall
   and CPU, fresh pool), the round trip of one task's arguments and results, and the build
   process's own CPU beyond the shards it builds (statistics writes, dispatch), per image;
@@ -108,8 +110,18 @@ def bench_jobs(datasets: dict, tmp: Path, rounds: int) -> dict:
         for jobs in (1, 2):
             out = tmp / f"jobs-{name}-{jobs}.zarr"
             arms[name, jobs] = lambda m=manifest, r=root, o=out, j=jobs: build_cli(m, r, o, j)
-    build_cli(*next(iter(datasets.values()))[:2], tmp / "warm.zarr", 2)  # caches, pool
+    first = next(iter(datasets.values()))
+    for jobs in (1, 2):  # this machine's own scaling of decode + resize, in the same rounds
+        arms["machine", jobs] = lambda j=jobs, m=first[0], r=first[1]: _machine(m, r, j)
+    build_cli(*first[:2], tmp / "warm.zarr", 2)  # caches, pool
     times = interleaved(arms, rounds)
+    (m1, _), (m2, _) = best(times["machine", 1]), best(times["machine", 2])
+    print(
+        f"jobs, this machine's own scaling in the same rounds: decode + PIL resize of "
+        f"{first[2]} {first[1].name} pairs over 2 warm processes {m2:.2f} s vs 1 {m1:.2f} s -> "
+        f"{m1 / m2:.2f}x (what 2 processes can gain here now; raw {raw(times['machine', 1])} "
+        f"/ {raw(times['machine', 2])} s)"
+    )
     per_image = {}
     for name, (_, _, n) in datasets.items():
         (w1, c1), (w2, c2) = best(times[name, 1]), best(times[name, 2])
@@ -121,6 +133,15 @@ def bench_jobs(datasets: dict, tmp: Path, rounds: int) -> dict:
             f"--jobs 2 {raw(times[name, 2])} s"
         )
     return per_image
+
+
+def _machine(dataset: str, root: Path, jobs: int) -> tuple[float, float]:
+    """bench_build's baseline work (decode the pair, PIL-resize the colour to each scale)
+    split over ``jobs`` warm processes: work with no serial part and no start-up."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_build import baseline_seconds
+
+    return baseline_seconds(root, dataset, jobs), 0.0
 
 
 def bench_costs(root: Path, tmp: Path, rounds: int) -> None:
