@@ -187,7 +187,10 @@ def test_an_argument_error_comes_without_a_progress_bar(tmp_path):
     for args, message in [
         (["build", "cityscapes", "--root", data, "--split", "nope"], "has no split"),
         (["build", "cityscapes", "--root", data, "--on-error", "x"], "use fail or skip"),
-        (["build", "cityscapes", "--root", data, "--jobs", 0], "--jobs takes a positive number or auto, not 0"),
+        (
+            ["build", "cityscapes", "--root", data, "--jobs", 0],
+            "--jobs takes a positive number or auto, not 0",
+        ),
         (["scan", "cityscapes", "--root", data, "--split", "nope"], "has no split"),
         (["fidelity", "cityscapes", "--root", data, "--decode", "x"], "unknown decodes"),
     ]:

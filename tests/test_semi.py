@@ -142,7 +142,9 @@ def test_image_only_splits_join_the_unlabelled_images(tmp_path):
     assert list(train.items) == list(np.flatnonzero(s.split_of() == "train"))
     assert list(unlabeled.items) == list(extra)  # every train image labelled, the rest extra
     with ExitStack() as cleanup:
-        regime = open_inputs(semi_config(url, tmp_path / "r"), Ranks(), False, False, cleanup).regime
+        regime = open_inputs(
+            semi_config(url, tmp_path / "r"), Ranks(), False, False, cleanup
+        ).regime
     train, unlabeled = regime.labelled, regime.unlabelled
     assert len(train) == 1 and set(extra) < set(unlabeled.items) and len(unlabeled) == 4
     assert fit(semi_config(url, tmp_path / "run", labeled="1", iters=2))["step"] == 2
