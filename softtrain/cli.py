@@ -458,9 +458,10 @@ def export(
     pixels at class borders)."""
     with _user_errors():
         from softtrain.data import parse_crop
-        from softtrain.segmenter import Segmenter
+        from softtrain.segmenter import Segmenter, check_export_target
         from softtrain.segmenter import export as run_export
 
+        check_export_target(out_path, fmt, [Path(checkpoint), *([decode] if decode else [])])
         opts = _inference("whole", "", "", False, [], False, decode)
         hw = parse_crop(size)
         run_export(Segmenter.from_checkpoint(checkpoint, "cpu", opts), out_path, fmt, hw)

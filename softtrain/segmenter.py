@@ -121,10 +121,27 @@ class Exported(torch.nn.Module):
         return (up + self.bias).argmax(1).to(torch.uint8)
 
 
+FORMATS = ("torchscript", "onnx")
+
+
+def check_export_target(out: Path, fmt: str, inputs: list[Path]) -> None:
+    """Refuse, before any work, an export format we do not write, an ``out`` that is a
+    folder, or one that is an input (the checkpoint, the decode file)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format '{fmt}'; choose {' or '.join(FORMATS)}")
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name such as {out / 'model.pt'}")
+    for given in inputs:
+        if out.resolve() == Path(given).resolve():
+            raise ValueError(f"--out {out} is the input {given}; give another file name")
+
+
 def export(segmenter: Segmenter, out: Path, fmt: str, example_hw: tuple[int, int]) -> Path:
     """Write the segmenter as ``torchscript`` (traced) or ``onnx`` (``torch.onnx.export``'s
     dynamo exporter, which handles the antialiased resize) for (1, 3, H, W) uint8 images of
     ``example_hw`` = (H, W)."""
+    check_export_target(out, fmt, [])
     if segmenter.meta.get("short_side"):
         raise ValueError("export: the store scales images by their short side; not exported yet")
     module = Exported(segmenter, parse_scale(segmenter.eval_level)).to("cpu").eval()
@@ -133,11 +150,9 @@ def export(segmenter: Segmenter, out: Path, fmt: str, example_hw: tuple[int, int
     if fmt == "torchscript":
         with torch.no_grad():
             torch.jit.trace(module, example, check_trace=False).save(str(out))
-    elif fmt == "onnx":
+    else:
         torch.onnx.export(
             module, (example,), str(out), input_names=["image"], output_names=["labels"],
             dynamo=True,
         )  # fmt: skip
-    else:
-        raise ValueError(f"unknown export format '{fmt}'; choose torchscript or onnx")
     return out

@@ -293,3 +293,16 @@ def test_segmenter_is_what_predict_uses_and_exports_agree_with_it(
         assert out.shape == labels.shape and out.dtype == np.uint8
         agree = (out == labels).mean()
         assert agree > 0.97, f"{fmt}: {agree:.4f} of pixels agree with predict"
+
+
+def test_export_refuses_a_folder_its_own_checkpoint_and_unknown_formats(cityscapes_run, tmp_path):
+    _, ckpt = cityscapes_run
+    before = Path(ckpt).read_bytes()
+    for out, fmt, why in [
+        (tmp_path, "torchscript", "is a folder"),
+        (Path(ckpt), "torchscript", "is the input"),
+        (tmp_path / "m.tfl", "tflite", "unknown export format 'tflite'"),
+    ]:
+        r = runner.invoke(app, ["export", "--checkpoint", ckpt, "--out", str(out), "--format", fmt])
+        assert r.exit_code == 2 and why in r.output and "Traceback" not in r.output, r.output
+    assert Path(ckpt).read_bytes() == before and not (tmp_path / "m.tfl").exists()
