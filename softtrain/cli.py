@@ -381,6 +381,11 @@ def evaluate(
         from softtrain.evaluate import eval_checkpoint
         from softtrain.metrics import eval_record
 
+        if save_decode and save_decode.resolve() in (
+            Path(checkpoint).resolve(),
+            Path(store).resolve(),
+        ):
+            raise ValueError(f"--save-decode {save_decode} is an input; give another file name")
         kind = decode if decode in KINDS else None
         opts = _inference(mode, window, stride, flip, tta_levels, bf16, None if kind else decode)
         if kind == "argmax":

@@ -296,7 +296,7 @@ def test_segmenter_is_what_predict_uses_and_exports_agree_with_it(
 
 
 def test_export_refuses_a_folder_its_own_checkpoint_and_unknown_formats(cityscapes_run, tmp_path):
-    _, ckpt = cityscapes_run
+    url, ckpt = cityscapes_run
     before = Path(ckpt).read_bytes()
     for out, fmt, why in [
         (tmp_path, "torchscript", "is a folder"),
@@ -305,4 +305,7 @@ def test_export_refuses_a_folder_its_own_checkpoint_and_unknown_formats(cityscap
     ]:
         r = runner.invoke(app, ["export", "--checkpoint", ckpt, "--out", str(out), "--format", fmt])
         assert r.exit_code == 2 and why in r.output and "Traceback" not in r.output, r.output
+    r = runner.invoke(app, ["eval", "--store", url, "--checkpoint", ckpt, "--decode", "prior",
+                            "--save-decode", ckpt])  # fmt: skip
+    assert r.exit_code == 2 and "is an input" in r.output, r.output
     assert Path(ckpt).read_bytes() == before and not (tmp_path / "m.tfl").exists()
