@@ -55,6 +55,7 @@ def cityscapes_run(samples, tmp_path_factory):
     return trained(samples, tmp_path_factory, "cityscapes")
 
 
+@pytest.mark.slow  # 2-6 s: keeps the fast tier under a minute
 def test_accuracy_metrics_match_torchmetrics():
     tm = pytest.importorskip("torchmetrics")
     rng = np.random.default_rng(3)
@@ -203,6 +204,7 @@ def test_official_cityscapes_evaluator_agrees_with_softtrain_eval(
     assert gt_label.shape == np.asarray(Image.open(ev.getPrediction(ev.args, gt[0]))).shape
 
 
+@pytest.mark.slow  # 2-6 s: keeps the fast tier under a minute
 def test_decodes_equal_a_dense_reference_and_a_fitted_bias_never_loses_on_its_split(
     cityscapes_run, samples
 ):
@@ -264,6 +266,7 @@ def test_decodes_equal_a_dense_reference_and_a_fitted_bias_never_loses_on_its_sp
     assert r.exit_code == 2 and "not a decode written by --save-decode" in r.output
 
 
+@pytest.mark.slow  # 2-6 s: keeps the fast tier under a minute
 def test_segmenter_is_what_predict_uses_and_exports_agree_with_it(
     cityscapes_run, samples, tmp_path
 ):

@@ -119,6 +119,7 @@ def test_cli_tables_and_files(store, tmp_path):
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # 2-6 s: keeps the fast tier under a minute
 def test_cli_decodes_fitted_on_val_scored_on_camvid_test(camvid_store, tmp_path):
     args = ["fidelity", "--store", camvid_store, "--compare", "nn", "--decode", "all",
             "--fit-split", "val", "--split", "test", "--json", str(tmp_path / "f.json"),

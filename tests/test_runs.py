@@ -140,6 +140,7 @@ def test_resume_without_checkpoint_says_so(store, tmp_path):
         fit(tiny(store, tmp_path / "run"), resume=True)
 
 
+@pytest.mark.slow  # trains for seconds: keeps the fast tier under a minute
 def test_resume_refuses_changed_model_without_writing(store, tmp_path):
     out = tmp_path / "run"
     fit(tiny(store, out, iters=2))
@@ -435,6 +436,7 @@ def test_resume_with_a_damaged_last_pt_continues_from_the_newest_intact_save(
     assert steps == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow  # 2-6 s: keeps the fast tier under a minute
 def test_a_stop_during_evaluation_saves_and_the_resume_redoes_it(store, tmp_path, monkeypatch):
     import softtrain.fit as fit_module
 

@@ -147,6 +147,7 @@ def test_checkpoint_for_other_classes_is_refused(store, tmp_path, samples):
         eval_checkpoint(str(tmp_path / "run/last.pt"), other)
 
 
+@pytest.mark.slow  # trains for seconds: keeps the fast tier under a minute
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(store, tmp_path, monkeypatch):
     real = weak_module.soft_label_loss
     calls = {"n": 0}

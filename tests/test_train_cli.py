@@ -146,6 +146,7 @@ def test_device_eval_split_and_version_are_one_line_before_anything_is_written(t
         assert r.returncode == 0 and r.stdout.strip() == f"{prog} 0.1.0"
 
 
+@pytest.mark.slow  # trains for seconds: keeps the fast tier under a minute
 def test_the_banner_says_what_a_run_uses_and_best_pt_has_no_optimiser(tmp_path, samples):
     from softtrain.checkpoint import load_checkpoint
     from softtrain.config import FitConfig
