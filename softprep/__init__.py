@@ -16,6 +16,7 @@ The public API (imported on first use, so ``import softprep`` stays light)::
 from importlib import import_module
 
 __version__ = "0.1.0"
+OWN_PROCESS = "SOFTPREP_OWN_PROCESS"  # set to 1 by the CLI (softprep.kernels); workers inherit it
 
 _EXPORTS = {
     "SoftStore": "softprep.store",

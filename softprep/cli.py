@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import typer
 from rich.table import Column, Table
 
+from softprep import OWN_PROCESS
 from softprep import manifest as manifests
 from softprep.build import BuildError, BuildOptions, parse_jobs
 from softprep.build import build as run_build
@@ -306,7 +308,7 @@ def build(
 
                 summary = run_build(
                     m, root, url, options, jobs=n_jobs, on_error=on_error, progress=progress,
-                    repair=repair,
+                    repair=repair, keep_workers=False,
                 )  # fmt: skip
         except (KeyboardInterrupt, SystemError) as e:
             if not _interrupted(e):
@@ -427,7 +429,7 @@ def verify(
         n_jobs = 1 if quick and jobs == "auto" else parse_jobs(jobs)
         s = SoftStore(store)
         with progress_bar("verifying") as bar:
-            report = run_verify(s, progress=bar, jobs=n_jobs, quick=quick)
+            report = run_verify(s, progress=bar, jobs=n_jobs, quick=quick, keep_workers=False)
     if as_json:
         names = s.names() if report.layout else None
         out.print_json(json.dumps(report.to_dict(store, names)))
@@ -662,4 +664,5 @@ def _interrupted(e: BaseException) -> bool:
 
 
 def main() -> None:
+    os.environ[OWN_PROCESS] = "1"  # this process and its build workers (softprep.kernels)
     run_app(app, sys.argv[1:], MULTI_VALUE, "softprep")

@@ -21,8 +21,32 @@ keeping numba's import time out of commands that do not need it.
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
+
+from softprep import OWN_PROCESS
+
+
+def _skip_blas_probe() -> None:
+    """In softprep's own processes only (the CLI and its workers, ``OWN_PROCESS`` set): tell
+    numba there is no BLAS. Its first kernel load in a process imports ``numba.np.arraymath``,
+    which probes for BLAS by importing ``scipy.linalg`` (0.2 s where scipy is installed,
+    measured: a third of a build worker's start-up); these kernels use no BLAS. numba then
+    behaves as without scipy (compiled ``np.dot``/``np.linalg`` unavailable), which is why a
+    process that merely imports softprep (a user's) is left alone."""
+    if os.environ.get(OWN_PROCESS) != "1":
+        return
+    import numba.np.linalg
+
+    def no_blas() -> None:
+        raise ImportError("softprep's compiled kernels use no BLAS")
+
+    numba.np.linalg.ensure_blas = no_blas  # what numba.np.arraymath binds when it loads
+
+
+_skip_blas_probe()
 
 
 @numba.njit(cache=True, nogil=True)

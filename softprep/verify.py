@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import joblib
 import numpy as np
 
-from softprep.build import SharedTasks, local_pool
+from softprep.build import SharedTasks, end_workers, local_pool
 from softprep.manifest import VOID
 from softprep.planes import TOTAL
 from softprep.resample import KERNELS
@@ -306,7 +306,9 @@ def _bad_rows(rows: np.ndarray, pixels: np.ndarray) -> np.ndarray:
     return np.abs(sums - pixels) > 1e-6 * pixels + 1e-6
 
 
-def verify(store: SoftStore, progress=None, jobs: int = 1, quick: bool = False) -> VerifyReport:
+def verify(
+    store: SoftStore, progress=None, jobs: int = 1, quick: bool = False, keep_workers: bool = True
+) -> VerifyReport:
     """Metadata consistent with the arrays; every image complete (or skipped on purpose,
     listed apart); every finished image's shards present and readable (CRC32C-checked in
     stores that have checksums); soft planes valid; statistics consistent with the sizes
@@ -318,7 +320,7 @@ def verify(store: SoftStore, progress=None, jobs: int = 1, quick: bool = False) 
     ``quick``: metadata, statistics sums, shard indexes and every chunk's checksum, without
     decoding: finds lost, truncated and flipped bytes, not invalid planes written with valid
     checksums or statistics that disagree with the labels. ``progress(done, total)`` is
-    called after each shard."""
+    called after each shard. ``keep_workers``: see ``softprep.build.end_workers``."""
     start = time.monotonic()
     report = VerifyReport(quick=quick)
     _clean_litter(store.url, report)
@@ -371,14 +373,18 @@ def verify(store: SoftStore, progress=None, jobs: int = 1, quick: bool = False) 
             joblib.delayed(_check_shard)(key, g, e, c, quick) for g, e, c in tasks
         )
     done_images = len(lost)
-    for shard_results in outputs:
-        for r in shard_results:
-            results[r[0]] = r
-            if r[1]:
-                lost.setdefault(r[0], []).extend(r[1])
-        done_images += len(shard_results)
-        if progress:
-            progress(done_images, total)
+    try:
+        for shard_results in outputs:
+            for r in shard_results:
+                results[r[0]] = r
+                if r[1]:
+                    lost.setdefault(r[0], []).extend(r[1])
+            done_images += len(shard_results)
+            if progress:
+                progress(done_images, total)
+    finally:
+        if not keep_workers:
+            end_workers(pool)
 
     def problem(i: int, problems: list[str]) -> None:
         report.problems.extend(problems)

@@ -536,3 +536,61 @@ def test_jobs_auto_leaves_busy_cores_alone(monkeypatch):
     assert build_module.parse_jobs("3") == 3
     with pytest.raises(ValueError, match="positive number or auto"):
         build_module.parse_jobs("two")
+
+
+def test_workers_are_forked_only_in_the_clis_own_thread_free_process(monkeypatch):
+    """A user's process (no OWN_PROCESS) or one running another thread gets loky's fresh
+    interpreters; the CLI's process, single-threaded, forks."""
+    import threading
+
+    from softprep import OWN_PROCESS
+    from softprep.build import _may_fork
+
+    monkeypatch.delenv(OWN_PROCESS, raising=False)
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
+    assert not _may_fork()
+    monkeypatch.setenv(OWN_PROCESS, "1")
+    assert _may_fork() == sys.platform.startswith("linux")
+    monkeypatch.setattr(threading, "active_count", lambda: 2)
+    assert not _may_fork()
+
+
+@pytest.mark.slow
+def test_the_clis_forked_workers_build_what_one_job_builds(samples, tmp_path):
+    """``softprep build --jobs 2`` (its own process: forked workers) equals ``build(...,
+    jobs=1)`` byte for byte, shards of several images included, and ends its workers."""
+    import subprocess
+
+    m = load_manifest("ade20k")
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    build(m, samples["ade20k"], str(a), BuildOptions(scales=(0.5, 0.25), short_side=128,
+                                                     images_per_shard=4))  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "softprep",
+            "build",
+            "ade20k",
+            "--root",
+            str(samples["ade20k"]),
+            "--out",
+            str(b),
+            "--scales",
+            "1/2",
+            "1/4",
+            "--short-side",
+            "128",
+            "--images-per-shard",
+            "4",
+            "--jobs",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip  (returns once no process holds its pipes: the workers ended too)
+    assert r.returncode == 0, r.stderr
+    assert_same_store(a, b)
+    for shard in sorted(p.relative_to(a) for p in a.glob("levels/*/*/c.*")):
+        assert (a / shard).read_bytes() == (b / shard).read_bytes(), shard

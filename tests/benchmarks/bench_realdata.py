@@ -44,6 +44,7 @@ from softprep import build as build_module
 from softprep.build import BuildOptions, usable_cores
 from softprep.datasets import discover
 from softprep.manifest import load_manifest
+from softprep.options import choose_images_per_shard
 from softprep.sample import write_sample
 
 SCALES = ("1/8", "1/4", "1/2")
@@ -164,7 +165,7 @@ def bench_costs(root: Path, tmp: Path, rounds: int) -> None:
     )
     manifest = load_manifest("camvid")
     pairs, _ = discover(manifest, root)
-    per = build_module.images_per_shard(np.array([[360, 480]]), options)
+    per = choose_images_per_shard(np.array([[360, 480]]), options)
     args = ("url", "id", 0, pairs[:per], manifest, options, [False] * per, ("host", 1))
     result = [build_module.ImageResult(i, np.zeros(13, np.int64)) for i in range(per)]
     trips = []
