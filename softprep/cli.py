@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -665,4 +666,7 @@ def _interrupted(e: BaseException) -> bool:
 
 def main() -> None:
     os.environ[OWN_PROCESS] = "1"  # this process and its build workers (softprep.kernels)
-    run_app(app, sys.argv[1:], MULTI_VALUE, "softprep")
+    try:
+        run_app(app, sys.argv[1:], MULTI_VALUE, "softprep")
+    finally:  # the command has ended and said so: a Ctrl-C while the interpreter exits
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # (~0.2 s) would kill it silently

@@ -286,3 +286,20 @@ def test_help_shows_value_names_and_cuts_nothing_at_80_columns():
     r = runner.invoke(app, ["info", "--help"], env={"COLUMNS": "80"})
     line = next(x for x in r.output.splitlines() if "--json" in x)
     assert "TEXT" not in line and "BOOL" not in line.upper().replace("--JSON", "")
+
+
+def test_a_ctrl_c_while_the_interpreter_exits_is_ignored():
+    """After the command has ended (and said so), SIGINT is ignored: a Ctrl-C during the
+    interpreter's exit (~0.2 s) used to end a finished build with -SIGINT and no message."""
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit, signal, sys\n"
+        "from softprep.cli import main\n"
+        "atexit.register(lambda: print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN))\n"
+        "sys.argv = ['softprep', '--version']\n"
+        "main()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.split()[-1] == "True", r.stdout + r.stderr
