@@ -179,3 +179,18 @@ def test_output_size_rounds_half_up_and_nearest_phases():
     centre = axis_weights(16, 2, "nearest").index[:, 0]
     floor = axis_weights(16, 2, "nearest-floor").index[:, 0]
     assert list(centre) == [4, 12] and list(floor) == [0, 8]  # shifted by (f - 1) / 2 ~ 4 px
+
+
+@pytest.mark.parametrize("width", [1, 3, 4, 7, 33])
+def test_map_counted_equals_numpy_for_every_width(width):
+    """The four-histogram kernel against ``lut[raw]`` and ``np.bincount``: widths below,
+    at and off a multiple of four, runs of one value and every value present."""
+    from softprep import kernels
+
+    rng = np.random.default_rng(width)
+    raw = rng.integers(0, 256, (5, width), dtype=np.uint8)
+    raw[1] = 7  # a run of one value
+    lut = rng.permutation(256).astype(np.uint8)
+    label, counts = kernels.map_counted(raw, lut)
+    np.testing.assert_array_equal(label, lut[raw])
+    np.testing.assert_array_equal(counts, np.bincount(raw.ravel(), minlength=256))
