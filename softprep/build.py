@@ -303,9 +303,10 @@ def local_pool(jobs: int):
 
 
 def _may_fork() -> bool:
-    """Whether ``local_pool`` forks its workers: each is then ready in milliseconds, with
-    this process's imports, where a loky worker starts a fresh interpreter (~0.6 s of CPU,
-    measured; with 2 jobs on 701 CamVid images that was 1.68x against 1.80x forked). Only in
+    """Whether ``local_pool`` forks its workers: each then starts with this process's
+    imports and is ready once it has loaded the compiled kernels (0.31 s, measured), where a
+    loky worker starts a fresh interpreter (0.65 s, 0.85 s of CPU; with 2 jobs on 701 CamVid
+    images 1.68x against 1.77x forked). Only in
     softprep's own CLI process (``OWN_PROCESS``), on Linux, while it runs no other thread:
     there fork is safe. A user's process may hold threads and their locks, and keeps
     loky's workers warm between calls."""
