@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -191,8 +191,9 @@ def _exit_if_orphaned(parent: tuple[str, int]) -> None:
 
 @functools.lru_cache(maxsize=1)
 def _watch_parent(parent: tuple[str, int]) -> None:
-    """In a local worker: a daemon thread checks every second that the build process is
-    alive, so idle workers end too."""
+    """In a local loky worker that has taken a shard: a daemon thread checks every second
+    that the build process is alive, so it ends when idle too (loky's idle workers also
+    time out after 300 s; forked workers: ``_die_with_parent``)."""
     if not _local_worker(parent):
         return
 
@@ -293,7 +294,9 @@ def local_pool(jobs: int):
     if workers < 1:
         return None
     if _may_fork():
-        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+        return ProcessPoolExecutor(
+            workers, multiprocessing.get_context("fork"), _die_with_parent, (os.getpid(),)
+        )
     from joblib.executor import get_memmapping_executor
 
     # the executor joblib.Parallel itself shares (loky's reusable one), set up as joblib does
@@ -307,14 +310,27 @@ def _may_fork() -> bool:
     imports and is ready once it has loaded the compiled kernels (0.31 s, measured), where a
     loky worker starts a fresh interpreter (0.65 s, 0.85 s of CPU; with 2 jobs on 701 CamVid
     images 1.68x against 1.77x forked). Only in
-    softprep's own CLI process (``OWN_PROCESS``), on Linux, while it runs no other thread:
-    there fork is safe. A user's process may hold threads and their locks, and keeps
-    loky's workers warm between calls."""
+    softprep's own CLI process (``OWN_PROCESS``), on Linux, while it runs no other Python
+    thread: the build forks before it has used zarr or Blosc (no zarr I/O thread yet), and
+    numpy's BLAS threads handle fork themselves. Python 3.10.0-3.10.4 forked such workers
+    later, on demand, from a process with threads (gh-90622). A user's process may hold
+    threads and their locks, and keeps loky's workers warm between calls."""
     return (
         os.environ.get(OWN_PROCESS) == "1"
         and sys.platform == "linux"
+        and sys.version_info >= (3, 10, 5)
         and threading.active_count() == 1
     )
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """A forked worker's first act: ask the kernel to kill it (SIGKILL) when the build
+    process dies, however it dies and whether or not the worker ever took a shard (Linux
+    ``PR_SET_PDEATHSIG``; loky's workers time out and have ``_watch_parent``)."""
+    pr_set_pdeathsig = 1  # <sys/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # it died before the call
+        os._exit(1)
 
 
 def end_workers(pool) -> None:
@@ -354,7 +370,12 @@ class SharedTasks:
                 return
             shard = self.todo.popleft()
             self.running += 1
-        future = self.pool.submit(self.function, *self.arguments(shard))
+        try:
+            future = self.pool.submit(self.function, *self.arguments(shard))
+        except BaseException:
+            with self.lock:
+                self.running -= 1
+            raise
         future.add_done_callback(self._returned)
 
     def _returned(self, future) -> None:
@@ -364,7 +385,10 @@ class SharedTasks:
             self.done.put(e)
         with self.lock:
             self.running -= 1
-        self._submit()
+        try:
+            self._submit()
+        except Exception as e:  # noqa: BLE001 (the pool broke: the loop raises it)
+            self.done.put(e)
 
     def _here(self) -> range | None:
         with self.lock:
@@ -663,26 +687,30 @@ def build(
             SoftStore(url)
         except StoreError as e:
             raise BuildError(f"{e}: nothing to repair; build it without --repair") from None
-    start = time.monotonic()
-    with _workers_ignore_interrupts():  # workers start with SIGINT blocked
-        pool = local_pool(jobs)
-        if pool is None:
-            warming = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(
-                joblib.delayed(_warm_up)(options) for _ in range(joblib.effective_n_jobs(jobs))
-            )  # workers start (imports, compiled kernels) while this process reads the headers
-        else:  # the same, without waiting for them: this process starts on the images meanwhile
-            warming = [pool.submit(_warm_up, options) for _ in range(pool._max_workers)]
+    start, pool = time.monotonic(), None
     try:
+        with _workers_ignore_interrupts():  # workers start with SIGINT blocked
+            pool = local_pool(jobs)
+            if pool is None:  # workers start (imports, kernels) while this reads the headers
+                warming = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(
+                    joblib.delayed(_warm_up)(options) for _ in range(joblib.effective_n_jobs(jobs))
+                )
+            else:  # the same, without waiting: this process starts on the images meanwhile
+                warming = [pool.submit(_warm_up, options) for _ in range(pool._max_workers)]
         pairs, sizes, problems = _prepare(manifest, root, options, on_error)
         if pool is None:
             for _ in warming:
                 pass
         with writer.writer_lock(url):
-            return _build_locked(
-                manifest, url, options, jobs, on_error, progress, start, pairs, sizes,
-                problems, repair, pool,
-            )  # fmt: skip
-    finally:
+            try:
+                return _build_locked(
+                    manifest, url, options, jobs, on_error, progress, start, pairs, sizes,
+                    problems, repair, pool,
+                )  # fmt: skip
+            finally:  # while the lock is held: nothing of this build writes after it goes
+                if not keep_workers:
+                    end_workers(pool)
+    finally:  # and where it failed before the lock
         if not keep_workers:
             end_workers(pool)
 
@@ -735,6 +763,11 @@ def _build_locked(
                 progress(processed, len(pairs))
     except OSError as e:
         raise _write_failure(url, e) from None
+    except BrokenExecutor:
+        raise BuildError(
+            f"a worker process was killed (out of memory? use fewer --jobs); {built} image(s) "
+            "finished in this run are saved: run the same command to resume"
+        ) from None
     finally:
         with warnings.catch_warnings():  # stopping early cancels the queued tasks: intended
             warnings.filterwarnings("ignore", r".*tasks .*(cancelled|not used)", UserWarning)

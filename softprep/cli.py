@@ -670,3 +670,4 @@ def main() -> None:
         run_app(app, sys.argv[1:], MULTI_VALUE, "softprep")
     finally:  # the command has ended and said so: a Ctrl-C while the interpreter exits
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # (~0.2 s) would kill it silently
+        os.environ.pop(OWN_PROCESS, None)  # a caller running main() in-process stays as it was

@@ -383,6 +383,7 @@ def verify(
             if progress:
                 progress(done_images, total)
     finally:
+        outputs.close()  # no more shards sent, before the workers go
         if not keep_workers:
             end_workers(pool)
 

@@ -13,12 +13,14 @@ import pytest
 import zarr
 from PIL import Image
 
+from softprep import OWN_PROCESS
 from softprep import build as build_module
 from softprep import layout as layout_module
 from softprep.build import BuildError, BuildOptions, build
 from softprep.manifest import VOID, load_manifest
 from softprep.options import choose_images_per_shard
 from softprep.resample import Resampler
+from softprep.sample import write_sample
 from softprep.store import SoftStore, StoreError
 from softprep.verify import verify
 
@@ -555,42 +557,134 @@ def test_workers_are_forked_only_in_the_clis_own_thread_free_process(monkeypatch
     assert not _may_fork()
 
 
+def _cli_build(*args, record=None) -> subprocess.Popen:
+    """``softprep build ARGS`` as its own process (the console script's ``main``); with
+    ``record``, the type of each pool ``local_pool`` returns is appended to that file."""
+    code = (
+        "import sys\n"
+        "import softprep.build as b\n"
+        "real = b.local_pool\n"
+        "def local_pool(jobs):\n"
+        "    pool = real(jobs)\n"
+        f"    open({str(record)!r}, 'a').write(type(pool).__name__ + '\\n')\n"
+        "    return pool\n"
+        "if len(sys.argv) > 1 and sys.argv[1] == '--record': b.local_pool = local_pool\n"
+        "from softprep.cli import main\n"
+        "sys.argv = ['softprep', *sys.argv[2:]]\n"
+        "main()\n"
+    )
+    flag = "--record" if record else "--plain"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, flag, "build", *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def _forked_children(pid: int) -> list[int]:
+    """The children of ``pid`` that run its own command line (forked workers, not the
+    resource tracker it also starts)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        own = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    forked = []
+    for c in children:
+        try:
+            if Path(f"/proc/{c}/cmdline").read_bytes() == own:
+                forked.append(int(c))
+        except OSError:
+            pass
+    return forked
+
+
 @pytest.mark.slow
 def test_the_clis_forked_workers_build_what_one_job_builds(samples, tmp_path):
-    """``softprep build --jobs 2`` (its own process: forked workers) equals ``build(...,
-    jobs=1)`` byte for byte, shards of several images included, and ends its workers."""
-    import subprocess
-
+    """``softprep build --jobs 2`` (its own process: forked workers, checked) equals
+    ``build(..., jobs=1)`` byte for byte, shards of several images included."""
     m = load_manifest("ade20k")
-    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    a, b, record = tmp_path / "a.zarr", tmp_path / "b.zarr", tmp_path / "pools"
     build(m, samples["ade20k"], str(a), BuildOptions(scales=(0.5, 0.25), short_side=128,
                                                      images_per_shard=4))  # fmt: skip
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "softprep",
-            "build",
-            "ade20k",
-            "--root",
-            str(samples["ade20k"]),
-            "--out",
-            str(b),
-            "--scales",
-            "1/2",
-            "1/4",
-            "--short-side",
-            "128",
-            "--images-per-shard",
-            "4",
-            "--jobs",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )  # fmt: skip  (returns once no process holds its pipes: the workers ended too)
-    assert r.returncode == 0, r.stderr
+    p = _cli_build("ade20k", "--root", samples["ade20k"], "--out", b, "--scales", "1/2",
+                   "1/4", "--short-side", 128, "--images-per-shard", 4, "--jobs", 2,
+                   record=record)  # fmt: skip
+    _, err = p.communicate(timeout=120)  # returns once no process holds its pipes
+    assert p.returncode == 0, err
+    assert record.read_text().split() == ["ProcessPoolExecutor"]
     assert_same_store(a, b)
     for shard in sorted(p.relative_to(a) for p in a.glob("levels/*/*/c.*")):
         assert (a / shard).read_bytes() == (b / shard).read_bytes(), shard
+
+
+def _cityscapes_build(tmp_path, n=40):
+    data = tmp_path / "cs"
+    write_sample(load_manifest("cityscapes"), data, {"train": n}, (512, 1024), seed=4)
+    return data, ["cityscapes", "--root", data, "--scales", "1/2", "--images-per-shard", 1,
+                  "--jobs", 3]  # fmt: skip
+
+
+def _wait_for_workers(p, count: int) -> list[int]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and p.poll() is None:
+        if len(children := _forked_children(p.pid)) >= count:
+            return children
+        time.sleep(0.02)
+    raise AssertionError(f"no {count} workers: {p.communicate()}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forks only on Linux")
+def test_forked_workers_die_with_the_build_process(tmp_path):
+    """kill -9 of the build process while its forked workers are idle (started, never
+    given a shard): they end too, at once, instead of living on holding its pipes."""
+    pids = tmp_path / "pids"
+    code = (
+        "import os, signal, sys\n"
+        f"os.environ[{OWN_PROCESS!r}] = '1'\n"
+        "import softprep.build as b\n"
+        "pool = b.local_pool(3)\n"
+        "assert type(pool).__name__ == 'ProcessPoolExecutor', pool\n"
+        "pool.submit(b._warm_up, b.BuildOptions(scales=(0.5,))).result()\n"
+        f"open({str(pids)!r}, 'w').write(' '.join(map(str, pool._processes)))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    with open(tmp_path / "out", "w") as out:  # a pipe would wait for the workers too
+        r = subprocess.run([sys.executable, "-c", code], stdout=out, stderr=out, timeout=60)
+    assert r.returncode == -signal.SIGKILL, (tmp_path / "out").read_text()
+    workers = [int(w) for w in pids.read_text().split()]
+    assert len(workers) == 2
+    deadline = time.monotonic() + 5
+
+    def alive(w: int) -> bool:
+        try:  # gone, or a zombie awaiting its reaper
+            return Path(f"/proc/{w}/stat").read_text().split(") ")[1][0] != "Z"
+        except OSError:
+            return False
+
+    while any(map(alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(alive, workers)), workers
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_one_sentence_and_the_build_resumes(tmp_path):
+    """A worker killed mid-build (as the OOM killer does): exit 2 with one sentence that
+    names the cause and the way on, no traceback; the same command then finishes."""
+
+    data, args = _cityscapes_build(tmp_path)
+    out = tmp_path / "s.zarr"
+    p = _cli_build(*args, "--out", out)
+    workers = _wait_for_workers(p, 2)
+    time.sleep(0.3)
+    os.kill(workers[0], signal.SIGKILL)
+    _, err = p.communicate(timeout=60)
+    if p.returncode == 0:
+        pytest.skip("the build finished before the kill")
+    assert p.returncode == 2 and "Traceback" not in err, err
+    said = " ".join(err.split("error: ")[-1].split())  # unwrapped (80 columns when piped)
+    assert said.startswith("a worker process was killed (out of memory?"), err
+    assert said.endswith("run the same command to resume"), err
+    p = _cli_build(*args, "--out", out)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
