@@ -7,6 +7,7 @@ answers at once.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import sys
 import time
@@ -172,24 +173,40 @@ def config_options(keys=None):
 
     from softtrain.config import declared
 
-    params = []
+    params, aliases = [], {}  # alias parameter -> the option's key
     for d in declared().values():
         if keys is not None and d.key not in keys:
             continue
-        names = [f"{d.flag}/--no-{d.flag[2:]}"] if d.type is bool else [d.flag, *d.aliases]
+        names = [f"{d.flag}/--no-{d.flag[2:]}"] if d.type is bool else [d.flag]
+        also = f" (also {', '.join(d.aliases)})" if d.aliases else ""
         opt = typer.Option(
-            None, *names, help=f"{d.help} \\[default: {_shown(d)}]", rich_help_panel=d.panel,
-            show_default=False,
+            None, *names, help=f"{d.help}{also} \\[default: {_shown(d)}]",
+            rich_help_panel=d.panel, show_default=False,
         )  # fmt: skip
         params.append(
             inspect.Parameter(d.key, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=d.type)
         )
+        for alias in d.aliases:  # hidden: one flag per row keeps --help whole at 80 columns
+            name = "alias_" + alias.lstrip("-").replace("-", "_")
+            aliases[name] = d.key
+            hidden = typer.Option(None, alias, hidden=True)
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                                            default=hidden, annotation=d.type))  # fmt: skip
 
     def decorate(fn):
         sig = inspect.signature(fn)
         fixed = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
-        fn.__signature__ = sig.replace(parameters=[*fixed, *params])
-        return fn
+
+        @functools.wraps(fn)
+        def command(*args, **options):
+            for name, key in aliases.items():
+                value = options.pop(name, None)
+                if value is not None and options.get(key) is None:
+                    options[key] = value
+            return fn(*args, **options)
+
+        command.__signature__ = sig.replace(parameters=[*fixed, *params])
+        return command
 
     return decorate
 
