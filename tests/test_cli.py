@@ -287,6 +287,7 @@ def test_help_shows_value_names_and_cuts_nothing_at_80_columns():
     assert "TEXT" not in line and "BOOL" not in line.upper().replace("--JSON", "")
 
 
+@pytest.mark.slow
 def test_a_ctrl_c_while_the_interpreter_exits_is_ignored():
     """After the command has ended (and said so), SIGINT is ignored: a Ctrl-C during the
     interpreter's exit (~0.2 s) used to end a finished build with -SIGINT and no message."""
