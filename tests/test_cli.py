@@ -303,3 +303,26 @@ def test_a_ctrl_c_while_the_interpreter_exits_is_ignored():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.split()[-1] == "True", r.stdout + r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pkg", ["softprep", "softtrain"])
+def test_a_ctrl_c_while_the_cli_imports_is_one_line(pkg):
+    """The console scripts' entry (``pkg.__main__:main``): an interrupt while the CLI module
+    is still being imported is one line and exit 130, never a traceback."""
+    import subprocess
+    import sys
+
+    code = (
+        "import builtins\n"
+        "real = builtins.__import__\n"
+        "def interrupted(name, *args, **kwargs):\n"
+        f"    if name == '{pkg}.cli':\n"
+        "        raise KeyboardInterrupt\n"
+        "    return real(name, *args, **kwargs)\n"
+        "builtins.__import__ = interrupted\n"
+        f"from {pkg}.__main__ import main\n"
+        "main()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 130 and r.stderr == "interrupted before the command started\n", r
