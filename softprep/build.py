@@ -310,10 +310,11 @@ def _may_fork() -> bool:
     imports and is ready once it has loaded the compiled kernels (0.29-0.31 s, measured),
     where a loky worker starts a fresh interpreter (0.65 s, 0.85 s of CPU; with 2 jobs on
     701 CamVid images 1.68x against 1.77-1.80x forked). Only in softprep's own CLI process
-    (``OWN_PROCESS``), on Linux, while it runs no other Python thread: the build forks before it has used zarr or Blosc (no zarr I/O thread yet), and
-    numpy's BLAS threads handle fork themselves. Python 3.10.0-3.10.4 forked such workers
-    later, on demand, from a process with threads (gh-90622). A user's process may hold
-    threads and their locks, and keeps loky's workers warm between calls."""
+    (``OWN_PROCESS``), on Linux, while it runs no other Python thread: the build forks
+    before it has used zarr or Blosc (no zarr I/O thread yet), and numpy's BLAS threads
+    handle fork themselves. Python 3.10.0-3.10.4 forked such workers later, on demand, from
+    a process with threads (gh-90622). A user's process may hold threads and their locks,
+    and keeps loky's workers warm between calls."""
     return (
         os.environ.get(OWN_PROCESS) == "1"
         and sys.platform == "linux"
