@@ -13,6 +13,8 @@ The public API (imported on first use, so ``import softprep`` stays light)::
 - ``verify_store(SoftStore(url))``: a ``VerifyReport`` of every problem.
 """
 
+import os
+import sys
 from importlib import import_module
 
 __version__ = "0.1.0"
@@ -44,3 +46,20 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(import_module(_EXPORTS[name]), _RENAMED.get(name, name))
     raise AttributeError(f"module 'softprep' has no attribute '{name}'")
+
+
+def run_console(package: str) -> None:
+    """A console script (``softprep``, ``softtrain``): import ``package.cli`` and run its
+    ``main``. A Ctrl-C while the CLI is still being imported (its first ~0.3 s) or parsing
+    arguments is one line and exit 130, like one during the command."""
+    try:
+        run = import_module(f"{package}.cli").main
+    except KeyboardInterrupt:
+        print("interrupted before the command started", file=sys.stderr, flush=True)
+        os._exit(130)  # not SystemExit: CPython 3.11 may still exit by SIGINT if the
+        # interrupt came through exec()'d code (dataclasses), with no message
+    try:
+        run()
+    except KeyboardInterrupt:  # outside a command's own handling (argument parsing, ...)
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -314,13 +314,12 @@ def test_a_ctrl_c_while_the_cli_imports_is_one_line(pkg):
     import sys
 
     code = (
-        "import builtins\n"
-        "real = builtins.__import__\n"
-        "def interrupted(name, *args, **kwargs):\n"
-        f"    if name == '{pkg}.cli':\n"
-        "        raise KeyboardInterrupt\n"
-        "    return real(name, *args, **kwargs)\n"
-        "builtins.__import__ = interrupted\n"
+        "import sys\n"
+        "class Interrupted:  # the import of the CLI module is where Ctrl-C lands\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name == '{pkg}.cli':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupted())\n"
         f"from {pkg}.__main__ import main\n"
         "main()\n"
     )
