@@ -630,7 +630,7 @@ def _wait_for_workers(p, count: int) -> list[int]:
         if len(children := _forked_children(p.pid)) >= count:
             return children
         time.sleep(0.02)
-    raise AssertionError(f"no {count} workers: {p.communicate()}")
+    raise AssertionError(f"no {count} workers: {p.communicate(timeout=60)}")
 
 
 @pytest.mark.slow
