@@ -194,3 +194,18 @@ def test_map_counted_equals_numpy_for_every_width(width):
     label, counts = kernels.map_counted(raw, lut)
     np.testing.assert_array_equal(label, lut[raw])
     np.testing.assert_array_equal(counts, np.bincount(raw.ravel(), minlength=256))
+
+
+@pytest.mark.parametrize("width", [1, 3, 4, 7, 33])
+def test_sampled_counts_equals_numpy_for_every_width(width):
+    """The four-histogram nearest-grid count against ``np.bincount(label[yi][:, xi])``,
+    with repeated and unordered indices."""
+    from softprep import kernels
+
+    rng = np.random.default_rng(width)
+    label = rng.integers(0, 256, (9, 40), dtype=np.uint8)
+    label[2] = 3  # a run of one value
+    yi = rng.integers(0, 9, 6)
+    xi = rng.integers(0, 40, width)
+    expected = np.bincount(label[yi][:, xi].ravel(), minlength=256)
+    np.testing.assert_array_equal(kernels.sampled_counts(label, yi, xi), expected)
