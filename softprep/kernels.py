@@ -2,13 +2,13 @@
 
 - ``soft_planes``: the store planes of the top-K soft label of every output pixel, in
   one pass over the output, with no dense one-hot, no per-class planes and no float
-  intermediate volume. An output pixel whose taps all hold one label
-  (``_uniform_windows``: O(1) per pixel from running label-change counts) gets that label
-  with proportion 1; the others sum their tap weights per label in a short list (the
-  handful of labels under one window; each run of one label along a tap row is one
-  entry), keep the ``k`` largest and round them to an exact uint8 sum (largest
-  remainder, ``softprep.planes``), counting the units each label holds. Cost grows with
-  pixels, never with the number of classes.
+  intermediate volume. An output pixel whose taps all hold one label (found from running
+  label-change counts: two reads per tap row) gets that label with proportion 1; the
+  others sum their tap weights per label in a short list (the handful of labels under
+  one window; each run of one label along a tap row is one entry), keep the ``k``
+  largest and round them to an exact uint8 sum (largest remainder, ``softprep.planes``),
+  counting the units each label holds. Cost grows with pixels, never with the number of
+  classes.
 - ``sampled_counts``: the label histogram of a nearest-neighbour grid, without building it.
 - ``map_counted``, ``row_changes``: one pass each over a full-resolution label.
 - ``bilinear_argmax``: the argmax of a bilinearly up-sampled top-K soft label
@@ -77,14 +77,23 @@ def soft_planes(label, changes, yi, yw, xi, xw, k, total):  # pragma: no cover -
     x_lo, x_hi = np.empty(wo, np.int64), np.empty(wo, np.int64)
     for ox in range(wo):
         x_lo[ox], x_hi[ox] = xi[ox].min(), xi[ox].max()
-    uniform, value = _uniform_windows(label, changes, yi, x_lo, x_hi)
-    planes[0] = value
     labels, mass = np.empty(ty * tx, np.uint8), np.empty(ty * tx, np.float64)
     top, q, rest = np.empty(k, np.float64), np.empty(k, np.int64), np.empty(k, np.float64)
+    run, run_length = 0, 0  # uniform pixels of one label in a row: counted once per run
     for oy in range(ho):
+        c, d = yi[oy].min(), yi[oy].max()
         for ox in range(wo):
-            if uniform[oy, ox]:
-                units[value[oy, ox]] += total
+            a, b = x_lo[ox], x_hi[ox]
+            v = label[c, a]
+            planes[0, oy, ox] = v
+            y = c  # the window is uniform iff no row has a change and all start with v
+            while y <= d and changes[y, b] == changes[y, a] and label[y, a] == v:
+                y += 1
+            if y > d:
+                if v != run:
+                    units[run] += run_length * total
+                    run, run_length = v, 0
+                run_length += 1
                 continue
             n = _window_masses(
                 label, changes, yi, yw, oy, xi, xw, ox, x_lo[ox], x_hi[ox], labels, mass
@@ -115,6 +124,7 @@ def soft_planes(label, changes, yi, yw, xi, xw, k, total):  # pragma: no cover -
                 units[planes[j, oy, ox]] += q[j]
                 if j > 0:
                     planes[k + j - 1, oy, ox] = q[j]
+    units[run] += run_length * total
     return planes, units, truncated
 
 
@@ -193,40 +203,6 @@ def _accumulate(labels, mass, n, c, w):  # pragma: no cover - compiled
         n += 1
     mass[j] += w
     return n
-
-
-@numba.njit(cache=True, nogil=True)
-def _uniform_windows(label, changes, yi, a, b):  # pragma: no cover - compiled
-    """Which output pixels have one label under all their taps: ((Ho, Wo) bool, (Ho, Wo)
-    uint8 that label, else the label at the window's top-left tap).
-
-    ``a``/``b``: (Wo,) first and last column tap of each output column. First along
-    rows: window ``[a, b]`` of input row ``y`` is uniform iff no change lies
-    inside it; ``breaks[y]`` counts rows up to ``y`` that are not uniform or differ from
-    the row above. Then a window of rows ``[c, d]`` is uniform iff ``breaks`` is equal at
-    ``c`` and ``d`` and row ``c`` is uniform: O(1) per output pixel after O(H Wo).
-    """
-    h = label.shape[0]
-    ho, wo = yi.shape[0], a.shape[0]
-    row_uniform = np.empty((h, wo), np.bool_)
-    breaks = np.empty((h, wo), np.int32)
-    for y in range(h):
-        for ox in range(wo):
-            u = changes[y, b[ox]] == changes[y, a[ox]]
-            row_uniform[y, ox] = u
-            if y == 0:
-                breaks[y, ox] = 0
-            else:
-                same = label[y, a[ox]] == label[y - 1, a[ox]] and row_uniform[y - 1, ox]
-                breaks[y, ox] = breaks[y - 1, ox] + (0 if u and same else 1)
-    uniform = np.empty((ho, wo), np.bool_)
-    value = np.empty((ho, wo), np.uint8)
-    for oy in range(ho):
-        c, d = yi[oy].min(), yi[oy].max()
-        for ox in range(wo):
-            uniform[oy, ox] = row_uniform[c, ox] and breaks[d, ox] == breaks[c, ox]
-            value[oy, ox] = label[c, a[ox]]
-    return uniform, value
 
 
 @numba.njit(cache=True, nogil=True)
