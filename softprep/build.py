@@ -58,7 +58,7 @@ from softprep.options import (
     strategy_masses,
 )
 from softprep.planes import RULE
-from softprep.resample import Resampler, row_changes
+from softprep.resample import Resampler, change_counts
 from softprep.store import SoftStore, StoreError
 from softprep.weak_labels import WeakProtocol
 
@@ -128,7 +128,7 @@ def process_pair(
     c = manifest.num_classes
     result = ImageResult(index=-1, full=with_void_last(counts, c))
     arrays = {}
-    changes = row_changes(label)
+    changes = change_counts(label)
     for scale in options.scales:
         out_hw = level_size(label.shape, scale, options.short_side)
         r = Resampler.make(label.shape, out_hw, options.kernel, options.antialias)
@@ -247,7 +247,7 @@ def _warm_up(options: BuildOptions) -> None:
     raw = np.asarray(Image.new("L", (64, 64)))  # read-only, like a decoded label
     label, counts = kernels.map_counted(raw, np.zeros(256, np.uint8))
     r = Resampler.make(label.shape, (8, 8), options.kernel, options.antialias)
-    r.soft_planes(label, options.k, row_changes(label))
+    r.soft_planes(label, options.k, change_counts(label))
     strategy_masses(label, counts, (8, 8), options, options.strategies, 1, r)
 
 

@@ -2,15 +2,15 @@
 
 - ``soft_planes``: the store planes of the top-K soft label of every output pixel, in
   one pass over the output, with no dense one-hot, no per-class planes and no float
-  intermediate volume. An output pixel whose taps all hold one label (found from running
-  label-change counts: two reads per tap row) gets that label with proportion 1; the
+  intermediate volume. An output pixel whose taps all hold one label (found in O(1) from
+  running 2-D label-change counts, ``change_counts``) gets that label with proportion 1; the
   others sum their tap weights per label in a short list (the handful of labels under
   one window; each run of one label along a tap row is one entry), keep the ``k``
   largest and round them to an exact uint8 sum (largest remainder, ``softprep.planes``),
   counting the units each label holds. Cost grows with pixels, never with the number of
   classes.
 - ``sampled_counts``: the label histogram of a nearest-neighbour grid, without building it.
-- ``map_counted``, ``row_changes``: one pass each over a full-resolution label.
+- ``map_counted``, ``change_counts``: one pass each over a full-resolution label.
 - ``bilinear_argmax``: the argmax of a bilinearly up-sampled top-K soft label
   (``softprep.fidelity``), pixels x K, never a dense class volume.
 
@@ -50,13 +50,13 @@ _skip_blas_probe()
 
 
 @numba.njit(cache=True, nogil=True)
-def soft_planes(label, changes, yi, yw, xi, xw, k, total):  # pragma: no cover - compiled
+def soft_planes(label, across, down, yi, yw, xi, xw, k, total):  # pragma: no cover - compiled
     """Store planes of the top-``k`` soft label of an (H, W) uint8 label map under
     separable weights, in one pass over the output.
 
-    ``changes``: (H, W) int32 label changes left of each pixel in its row; ``yi``/``yw``:
-    (Ho, Ty) int64 row taps and float64 weights; ``xi``/``xw``: (Wo, Tx) column taps and
-    weights (rows sum to 1, tap windows contiguous). Returns:
+    ``across``/``down``: the label's (H+1, W) running change counts (``change_counts``);
+    ``yi``/``yw``: (Ho, Ty) int64 row taps and float64 weights; ``xi``/``xw``: (Wo, Tx)
+    column taps and weights (rows sum to 1). Returns:
 
     - ``planes`` (2k-1, Ho, Wo) uint8: the ``k`` label values by decreasing proportion
       (ties: lower label first; unused slots 0), then slots 1..k-1's proportions in units
@@ -86,18 +86,16 @@ def soft_planes(label, changes, yi, yw, xi, xw, k, total):  # pragma: no cover -
             a, b = x_lo[ox], x_hi[ox]
             v = label[c, a]
             planes[0, oy, ox] = v
-            y = c  # the window is uniform iff no row has a change and all start with v
-            while y <= d and changes[y, b] == changes[y, a] and label[y, a] == v:
-                y += 1
-            if y > d:
+            # the window [c, d] x [a, b] holds one label iff none of its rows changes label
+            # inside it and column a does not change between its rows
+            inside = (across[d + 1, b] - across[c, b]) - (across[d + 1, a] - across[c, a])
+            if inside == 0 and down[d + 1, a] == down[c + 1, a]:
                 if v != run:
                     units[run] += run_length * total
                     run, run_length = v, 0
                 run_length += 1
                 continue
-            n = _window_masses(
-                label, changes, yi, yw, oy, xi, xw, ox, x_lo[ox], x_hi[ox], labels, mass
-            )
+            n = _window_masses(label, across, yi, yw, oy, xi, xw, ox, a, b, labels, mass)
             whole, kept, m = 0.0, 0.0, 0
             for j in range(n):
                 mass[j] = max(mass[j], 0.0)
@@ -129,7 +127,7 @@ def soft_planes(label, changes, yi, yw, xi, xw, k, total):  # pragma: no cover -
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _window_masses(label, changes, yi, yw, oy, xi, xw, ox, a, b, labels, mass):  # pragma: no cover
+def _window_masses(label, across, yi, yw, oy, xi, xw, ox, a, b, labels, mass):  # pragma: no cover
     """Sum the tap weights of output pixel (``oy``, ``ox``) per label into the short list
     ``labels``/``mass`` (``a``/``b`` its first and last column); returns the list's length.
     Each run of one label along a tap row is one entry, a whole row of one label (no change
@@ -141,7 +139,7 @@ def _window_masses(label, changes, yi, yw, oy, xi, xw, ox, a, b, labels, mass): 
         y, wy = yi[oy, t], yw[oy, t]
         if wy == 0.0:
             continue
-        one = changes[y, b] == changes[y, a]
+        one = across[y + 1, b] - across[y, b] == across[y + 1, a] - across[y, a]
         s = 0
         while s < tx:  # one run of label c per turn
             c, w = label[y, xi[ox, s]], 0.0
@@ -252,17 +250,21 @@ def map_counted(raw, lut):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def row_changes(label):  # pragma: no cover - compiled
-    """(H, W) int32: how many label changes lie left of each pixel in its row."""
+def change_counts(label, across, down):  # pragma: no cover - compiled
+    """Fill the running 2-D change counts of an (H, W) label, (H+1, W) each, row 0 zero:
+    ``across[y + 1, x]``: over rows 0..y, the label changes left of column x in the row
+    (a summed-area table of them); ``down[y + 1, x]``: rows 1..y of column x whose label
+    differs from the row above. Any window's change count is then four reads."""
     h, w = label.shape
-    changes = np.empty((h, w), np.int32)
+    across[0] = 0
+    down[0] = 0
     for y in range(h):
         n = 0
-        changes[y, 0] = 0
-        for x in range(1, w):
-            n += label[y, x] != label[y, x - 1]
-            changes[y, x] = n
-    return changes
+        for x in range(w):
+            if x > 0:
+                n += label[y, x] != label[y, x - 1]
+            across[y + 1, x] = across[y, x] + n
+            down[y + 1, x] = down[y, x] + (y > 0 and label[y, x] != label[y - 1, x])
 
 
 @numba.njit(cache=True, nogil=True)

@@ -209,7 +209,7 @@ class Resampler:
             counts = np.bincount(label.ravel(), minlength=256)
         return separable_mass(label, self.y.column_sums(), self.x.column_sums(), counts)
 
-    def soft_planes(self, label: np.ndarray, k: int, changes: np.ndarray | None = None):
+    def soft_planes(self, label: np.ndarray, k: int, changes: tuple | None = None):
         """Store planes of the top-``k`` soft label of an (H, W) uint8 train-id map (void =
         255 is a class): proportions renormalised and rounded to sum 255 (``softprep.planes``).
 
@@ -218,23 +218,27 @@ class Resampler:
         ``mass`` (256,) float64 the sum over pixels of each id's stored proportion, and
         ``truncated`` (Ho, Wo) float32 the mass dropped by keeping only ``k`` classes.
         No dense one-hot: cost grows with pixels, not classes (``softprep.kernels``).
-        ``changes``: ``row_changes(label)`` if already computed (shareable between levels).
+        ``changes``: ``change_counts(label)`` if already computed (shareable between levels).
         """
         from softprep import kernels  # compiled: numba is imported only when needed
 
-        if changes is None:
-            changes = row_changes(label)
+        across, down = change_counts(label) if changes is None else changes
         planes, units, truncated = kernels.soft_planes(
-            label, changes, self.y.index, self.y.weight, self.x.index, self.x.weight, k, TOTAL
+            label, across, down, self.y.index, self.y.weight, self.x.index, self.x.weight, k, TOTAL
         )
         return planes, units / TOTAL, truncated
 
 
-def row_changes(label: np.ndarray) -> np.ndarray:
-    """(H, W) int32: how many label changes lie left of each pixel in its row."""
+def change_counts(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(across, down): an (H, W) label's running 2-D change counts, (H+1, W) int32 each
+    (int64 from 2**31 pixels, where int32 could overflow); ``kernels.change_counts``."""
     from softprep import kernels  # compiled: numba is imported only when needed
 
-    return kernels.row_changes(label)
+    dtype = np.int32 if label.size < 2**31 else np.int64
+    across = np.empty((label.shape[0] + 1, label.shape[1]), dtype)
+    down = np.empty_like(across)
+    kernels.change_counts(label, across, down)
+    return across, down
 
 
 def _split_common(c: np.ndarray) -> tuple[float, np.ndarray]:

@@ -4,7 +4,7 @@ import numpy as np
 
 from softprep import kernels
 from softprep.planes import TOTAL, decode_planes
-from softprep.resample import Resampler, row_changes
+from softprep.resample import Resampler, change_counts
 
 
 def quantize_probs(p, k=None):
@@ -15,7 +15,7 @@ def quantize_probs(p, k=None):
     label = np.tile(np.arange(m, dtype=np.uint8), n)[None]  # (1, M*N)
     yi, yw = np.zeros((1, 1), np.int64), np.ones((1, 1))
     xi, xw = np.arange(m * n).reshape(n, m), np.ascontiguousarray(p.T, np.float64)
-    planes, _, _ = kernels.soft_planes(label, row_changes(label), yi, yw, xi, xw, k or m, TOTAL)
+    planes, _, _ = kernels.soft_planes(label, *change_counts(label), yi, yw, xi, xw, k or m, TOTAL)
     index, q = decode_planes(planes)
     return index[:, 0], q[:, 0]
 

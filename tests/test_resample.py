@@ -209,3 +209,20 @@ def test_sampled_counts_equals_numpy_for_every_width(width):
     xi = rng.integers(0, 40, width)
     expected = np.bincount(label[yi][:, xi].ravel(), minlength=256)
     np.testing.assert_array_equal(kernels.sampled_counts(label, yi, xi), expected)
+
+
+def test_change_counts_equal_numpy_cumulative_sums():
+    """The running 2-D change counts against numpy: a summed-area table of the row changes
+    left of each pixel, and running counts of each column's changes from the row above."""
+    from softprep.resample import change_counts
+
+    rng = np.random.default_rng(4)
+    label = rng.integers(0, 3, (7, 9), dtype=np.uint8)
+    label[2] = 5  # a row of one label
+    left = np.zeros(label.shape, np.int64)
+    left[:, 1:] = np.cumsum(label[:, 1:] != label[:, :-1], axis=1)
+    above = np.zeros(label.shape, np.int64)
+    above[1:] = label[1:] != label[:-1]
+    across, down = change_counts(label)
+    np.testing.assert_array_equal(across, np.vstack([np.zeros((1, 9)), np.cumsum(left, axis=0)]))
+    np.testing.assert_array_equal(down, np.vstack([np.zeros((1, 9)), np.cumsum(above, axis=0)]))
