@@ -230,12 +230,11 @@ class Resampler:
 
 
 def change_counts(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(across, down): an (H, W) label's running 2-D change counts, (H+1, W) int32 each
-    (int64 from 2**31 pixels, where int32 could overflow); ``kernels.change_counts``."""
+    """(across, down): an (H, W) label's running 2-D change counts, (H+1, W) uint16 each,
+    modulo 2**16 (``kernels.change_counts``)."""
     from softprep import kernels  # compiled: numba is imported only when needed
 
-    dtype = np.int32 if label.size < 2**31 else np.int64
-    across = np.empty((label.shape[0] + 1, label.shape[1]), dtype)
+    across = np.empty((label.shape[0] + 1, label.shape[1]), np.uint16)
     down = np.empty_like(across)
     kernels.change_counts(label, across, down)
     return across, down

@@ -224,5 +224,33 @@ def test_change_counts_equal_numpy_cumulative_sums():
     above = np.zeros(label.shape, np.int64)
     above[1:] = label[1:] != label[:-1]
     across, down = change_counts(label)
-    np.testing.assert_array_equal(across, np.vstack([np.zeros((1, 9)), np.cumsum(left, axis=0)]))
-    np.testing.assert_array_equal(down, np.vstack([np.zeros((1, 9)), np.cumsum(above, axis=0)]))
+    zero = np.zeros((1, 9), np.int64)
+    np.testing.assert_array_equal(across, np.vstack([zero, np.cumsum(left, axis=0)]) % 2**16)
+    np.testing.assert_array_equal(down, np.vstack([zero, np.cumsum(above, axis=0)]) % 2**16)
+
+
+def assert_matches_dense(label, out_hw, classes):
+    """Stored soft labels (bilinear, antialiased) within one unit of the dense reference."""
+    r = Resampler.make(label.shape, out_hw, "bilinear", True)
+    ours = stored_proportions(r.soft_planes(label, k=4)[0])[..., classes]
+    dense = reference((label[..., None] == classes).astype(np.float64), out_hw, "bilinear", True)
+    assert np.abs(ours - dense / dense.sum(-1, keepdims=True)).max() < 1.001 / 255
+
+
+def test_soft_labels_exact_where_change_counts_wrap():
+    """The change counts are kept modulo 2**16: a label with more changes than that (its
+    noisy top rows) above one-label regions, against the dense reference."""
+    rng = np.random.default_rng(5)
+    label = random_label((160, 1024), np.array([0, 3, 7]), rng)
+    label[:140] = rng.choice(np.array([0, 3], np.uint8), (140, 1024))  # ~71,500 changes
+    assert_matches_dense(label, (40, 256), np.array([0, 3, 7, VOID]))
+
+
+def test_soft_labels_exact_in_a_window_of_2_to_the_16_changes():
+    """A window of more than 2**16 pixels holding exactly 2**16 changes (256 identical rows
+    of 256 changes each) reads as zero changes modulo 2**16: such windows must not be
+    decided by the counts."""
+    row = np.zeros(300, np.uint8)
+    row[1:257:2] = 3  # 256 changes
+    label = np.tile(row, (256, 1))
+    assert_matches_dense(label, (1, 1), np.array([0, 3]))
