@@ -7,7 +7,7 @@ as a ratio against a baseline measured in the same run.
 - throughput: build (1 job, scales 1/8 1/4 1/2, bilinear antialiased) vs decoding the same
   image + label files and resizing the colour image to the same scales with PIL (target <= 2x)
 - marginal: the same, one job, per additional image (start-up cancels), Cityscapes-size
-  (target <= 1.5x) and ADE20K-size with 150 classes (target <= 2x); start-up reported apart;
+  (target <= 1.3x) and ADE20K-size with 150 classes (target <= 2x); start-up reported apart;
   the store on this disk and on a RAM disk (/dev/shm), where creating files costs ~nothing
 - jobs: images/s with --jobs 2 vs --jobs 1 (target >= 1.7x on 2 cores)
 - scaling: --jobs N vs --jobs 1 for every N up to the cores, Cityscapes-size and
