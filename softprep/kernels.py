@@ -56,7 +56,7 @@ def soft_planes(label, across, down, yi, yw, xi, xw, k, total):  # pragma: no co
 
     ``across``/``down``: the label's (H+1, W) uint16 running change counts, kept modulo
     2**16 (``change_counts``): exact for any window of fewer than 2**16 pixels; larger
-    windows (a down-sampling of over ~127x) walk their taps instead;
+    windows (down-sampling by over ~127x bilinear, ~63x bicubic) walk their taps instead;
     ``yi``/``yw``: (Ho, Ty) int64 row taps and float64 weights; ``xi``/``xw``: (Wo, Tx)
     column taps and weights (rows sum to 1). Returns:
 
