@@ -63,11 +63,13 @@ META_CHUNK_BYTES = 256 * 1024  # ... and at most this many bytes. The build's pa
 # larger; colour with zstd level 1 and bit-shuffle is as small as zstd 3 without it (0.74
 # vs 0.75 of raw on the Cityscapes fixture) and encodes ~5x faster; one Blosc block per
 # inner chunk (not Blosc's default of several) encodes colour 8-30% faster and up to 1% smaller
-# (measured on 2048x1024 levels and the ADE20K fixture photos).
+# (measured on 2048x1024 levels and the ADE20K fixture photos). lz4 at level 9 rather than 5
+# (Blosc's larger blocks): label planes of real CamVid images encode 1.5x and decode 1.4x
+# faster and are 5% smaller; full-resolution labels the same or better on every count.
 # Every inner chunk ends with a CRC32C of its compressed bytes (zarr v3's crc32c codec), so
 # a flipped bit raises on read instead of decoding to wrong labels; shard indexes carry one
 # too (zarr's default).
-LABEL_CODECS = (BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle"), Crc32cCodec())
+LABEL_CODECS = (BloscCodec(cname="lz4", clevel=9, shuffle="noshuffle"), Crc32cCodec())
 COLOUR_CODECS = (
     BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", blocksize=CHUNK * CHUNK * 3),
     Crc32cCodec(),
