@@ -31,7 +31,7 @@ from softprep.decode import Decode, DecodeSample, fit_decode, iou
 from softprep.manifest import VOID
 from softprep.options import BuildOptions, level_size
 from softprep.planes import decode_planes
-from softprep.resample import Resampler, axis_weights
+from softprep.resample import Resampler, axis_weights, change_counts
 from softprep.store import SoftStore, StoreError, scale_label
 
 SOFT = ("soft", "soft-argmax")
@@ -235,11 +235,12 @@ def _dataset_images(manifest, root, options: BuildOptions, split: str):
     def images():
         for pair in pairs:
             truth = decode_label(pair.label, manifest)
-            levels = []
+            changes, levels = change_counts(truth), []  # shared by the levels
             for scale in options.scales:
                 size = level_size(truth.shape, scale, options.short_side)
                 r = Resampler.make(truth.shape, size, options.kernel, options.antialias)
-                levels.append((scale, *decode_planes(r.soft_planes(truth, options.k)[0])))
+                planes = r.soft_planes(truth, options.k, changes)[0]
+                levels.append((scale, *decode_planes(planes)))
             yield truth, levels
 
     return len(pairs), images()
