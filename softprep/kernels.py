@@ -3,12 +3,12 @@
 - ``soft_planes``: the store planes of the top-K soft label of every output pixel, in
   one pass over the output, with no dense one-hot, no per-class planes and no float
   intermediate volume. An output pixel whose taps all hold one label (found in O(1) from
-  running 2-D label-change counts, ``change_counts``) gets that label with proportion 1; the
-  others sum their tap weights per label in a short list (the handful of labels under
-  one window; each run of one label along a tap row is one entry), keep the ``k``
-  largest and round them to an exact uint8 sum (largest remainder, ``softprep.planes``),
-  counting the units each label holds. Cost grows with pixels, never with the number of
-  classes.
+  running 2-D label-change counts, ``change_counts``, in windows of under 2**16 taps) gets
+  that label with proportion 1; the others sum their tap weights per label in a short
+  list (the handful of labels under one window; each run of one label along a tap row is
+  one entry), keep the ``k`` largest and round them to an exact uint8 sum (largest
+  remainder, ``softprep.planes``), counting the units each label holds. Cost grows with
+  pixels, never with the number of classes.
 - ``sampled_counts``: the label histogram of a nearest-neighbour grid, without building it.
 - ``map_counted``, ``change_counts``: one pass each over a full-resolution label.
 - ``bilinear_argmax``: the argmax of a bilinearly up-sampled top-K soft label
@@ -55,8 +55,9 @@ def soft_planes(label, across, down, yi, yw, xi, xw, k, total):  # pragma: no co
     separable weights, in one pass over the output.
 
     ``across``/``down``: the label's (H+1, W) uint16 running change counts, kept modulo
-    2**16 (``change_counts``): exact for any window of fewer than 2**16 pixels; larger
-    windows (down-sampling by over ~127x bilinear, ~63x bicubic) walk their taps instead;
+    2**16 (``change_counts``): exact for any window of fewer than 2**16 taps; larger ones
+    (down-sampling by 128x per axis with bilinear, 64x bicubic, 256x area) are never taken
+    as one label whole, each tap row still is;
     ``yi``/``yw``: (Ho, Ty) int64 row taps and float64 weights; ``xi``/``xw``: (Wo, Tx)
     column taps and weights (rows sum to 1). Returns:
 
@@ -98,7 +99,7 @@ def soft_planes(label, across, down, yi, yw, xi, xw, k, total):  # pragma: no co
                     run, run_length = v, 0
                 run_length += 1
                 continue
-            n = _window_masses(label, across, counted, yi, yw, oy, xi, xw, ox, a, b, labels, mass)
+            n = _window_masses(label, across, yi, yw, oy, xi, xw, ox, a, b, labels, mass)
             whole, kept, m = 0.0, 0.0, 0
             for j in range(n):
                 mass[j] = max(mass[j], 0.0)
@@ -130,9 +131,7 @@ def soft_planes(label, across, down, yi, yw, xi, xw, k, total):  # pragma: no co
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _window_masses(
-    label, across, counted, yi, yw, oy, xi, xw, ox, a, b, labels, mass
-):  # pragma: no cover - compiled
+def _window_masses(label, across, yi, yw, oy, xi, xw, ox, a, b, labels, mass):  # pragma: no cover
     """Sum the tap weights of output pixel (``oy``, ``ox``) per label into the short list
     ``labels``/``mass`` (``a``/``b`` its first and last column); returns the list's length.
     Each run of one label along a tap row is one entry, a whole row of one label (no change
@@ -146,7 +145,7 @@ def _window_masses(
         if wy == 0.0:
             continue
         inside = (across[y + 1, b] - across[y, b]) - (across[y + 1, a] - across[y, a])
-        one = counted and inside & 0xFFFF == 0
+        one = b - a < 1 << 16 and inside & 0xFFFF == 0  # a row holds at most b - a changes
         s = 0
         while s < tx:  # one run of label c per turn
             c, w = label[y, xi[ox, s]], 0.0
