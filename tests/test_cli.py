@@ -325,3 +325,30 @@ def test_a_ctrl_c_while_the_cli_imports_is_one_line(pkg):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 130 and r.stderr == "interrupted before the command started\n", r
+
+
+@pytest.mark.slow
+def test_an_interrupt_handled_inside_exec_code_ends_with_the_commands_exit_code(tmp_path):
+    """CPython 3.11 marks a process to die by SIGINT once a KeyboardInterrupt passed through
+    code run by ``exec`` of a string (dataclasses, numba do that), even if the command then
+    handled it: the console entry clears that mark, so the command's own 130 stands."""
+    import subprocess
+    import sys
+
+    (tmp_path / "fakecli").mkdir()
+    (tmp_path / "fakecli" / "__init__.py").write_text("")
+    (tmp_path / "fakecli" / "cli.py").write_text(
+        "def main():\n"
+        "    try:\n"
+        "        exec('raise KeyboardInterrupt')  # a Ctrl-C landing in exec'd code\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('interrupted after 3 of 9 images', flush=True)\n"
+        "        raise SystemExit(130)\n"
+    )
+    (tmp_path / "fakecli" / "__main__.py").write_text(
+        "from softprep import run_console\nrun_console('fakecli')\n"
+    )
+    # ``python -m``, as the console scripts run: there CPython checks the mark after exit()
+    r = subprocess.run([sys.executable, "-m", "fakecli"], capture_output=True, text=True,
+                       timeout=60, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 130 and r.stdout == "interrupted after 3 of 9 images\n", r
