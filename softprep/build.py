@@ -367,6 +367,10 @@ def end_workers(pool) -> None:
         return
     if isinstance(pool, ProcessPoolExecutor):
         processes = list((pool._processes or {}).values())  # Python 3.14: kill_workers()
+        # tasks still queued for them are dropped, not flushed into a pipe nobody reads
+        # (which could hold the pool's manager thread, and the interpreter's exit, forever)
+        if pool._call_queue is not None:  # None once shut down (a second call)
+            pool._call_queue.cancel_join_thread()
         pool.shutdown(wait=False, cancel_futures=True)
         for process in processes:
             process.kill()
