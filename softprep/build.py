@@ -37,7 +37,7 @@ import joblib
 import numpy as np
 import zarr
 
-from softprep import OWN_PROCESS, __version__, layout, writer
+from softprep import OWN_PROCESS, __version__, gc_paused, layout, writer
 from softprep.datasets import (
     UNLABELED_SPLIT,
     DatasetError,
@@ -265,7 +265,7 @@ def _warm_up(options: BuildOptions) -> None:
     shard."""
     from PIL import Image
 
-    with _interrupts_held():
+    with _interrupts_held(), gc_paused():
         from softprep import kernels
 
         raw = np.asarray(Image.new("L", (64, 64)))  # read-only, like a decoded label

@@ -355,3 +355,21 @@ def test_an_interrupt_handled_inside_exec_code_ends_with_the_commands_exit_code(
     r = subprocess.run([sys.executable, "-m", "fakecli"], capture_output=True, text=True,
                        timeout=60, cwd=tmp_path)  # fmt: skip
     assert r.returncode == 130 and r.stdout == "interrupted after 3 of 9 images\n", r
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_gc_paused_pauses_the_collector_and_restores_its_state(enabled):
+    """Imports and the kernels' load run with the collector off; afterwards it is as before,
+    also when the block raises."""
+    import gc
+
+    from softprep import gc_paused
+
+    (gc.enable if enabled else gc.disable)()
+    try:
+        with pytest.raises(RuntimeError), gc_paused():
+            assert not gc.isenabled()
+            raise RuntimeError
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable()
