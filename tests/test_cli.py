@@ -373,3 +373,24 @@ def test_gc_paused_pauses_the_collector_and_restores_its_state(enabled):
         assert gc.isenabled() is enabled
     finally:
         gc.enable()
+
+
+def test_the_console_entry_spares_the_exit_a_garbage_collection(tmp_path):
+    """Once the command is done, what it built is frozen (``gc.freeze``): the interpreter's
+    exit then skips walking it for cycles (0.13-0.19 s once numba has loaded, measured)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "fakecli").mkdir()
+    (tmp_path / "fakecli" / "__init__.py").write_text("")
+    (tmp_path / "fakecli" / "cli.py").write_text(
+        "import atexit, gc\n"
+        "def main():\n"
+        "    atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0))\n"
+    )
+    (tmp_path / "fakecli" / "__main__.py").write_text(
+        "from softprep import run_console\nrun_console('fakecli')\n"
+    )
+    r = subprocess.run([sys.executable, "-m", "fakecli"], capture_output=True, text=True,
+                       timeout=60, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0 and r.stdout == "frozen True\n", r
