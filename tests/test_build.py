@@ -691,3 +691,16 @@ def test_a_killed_worker_is_one_sentence_and_the_build_resumes(tmp_path):
     p = _cli_build(*args, "--out", out)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
+
+
+def test_the_kernels_load_with_the_collector_paused(monkeypatch):
+    """``_warm_up`` (each worker's first ~0.3 s) runs with garbage collection off, and leaves
+    it on."""
+    import gc
+
+    import softprep.build as b
+
+    seen = []
+    monkeypatch.setattr(b, "strategy_masses", lambda *args: seen.append(gc.isenabled()))
+    b._warm_up(b.BuildOptions(scales=(0.5,)))
+    assert seen == [False] and gc.isenabled()

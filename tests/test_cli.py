@@ -382,7 +382,8 @@ def _fake_cli(root, exit_code):
     (root / "fakecli").mkdir()
     (root / "fakecli" / "__init__.py").write_text("")
     (root / "fakecli" / "cli.py").write_text(
-        "import weakref\n"
+        "import gc, weakref\n"
+        "collector_during_import = gc.isenabled()\n"
         "class Node:\n"
         "    pass\n"
         "def main():\n"
@@ -415,8 +416,9 @@ def test_the_console_entry_spares_the_exit_a_garbage_collection(tmp_path, exit_c
 
 
 def test_the_console_entry_called_in_process_freezes_nothing(tmp_path, monkeypatch):
-    """A notebook or test that calls the entry in-process keeps a working collector: the
-    command's garbage cycle is collected, and nothing is frozen until the interpreter exits."""
+    """A notebook or test that calls the entry in-process keeps a working collector: it is
+    paused only while the CLI is imported, the command's garbage cycle is collected, and
+    nothing is frozen until the interpreter exits."""
     import atexit
     import gc
     import sys
@@ -429,6 +431,8 @@ def test_the_console_entry_called_in_process_freezes_nothing(tmp_path, monkeypat
     try:
         with pytest.raises(SystemExit):
             run_console("fakecli")
+        assert sys.modules["fakecli.cli"].collector_during_import is False  # gc_paused
+        assert gc.isenabled()
         gc.collect()
         assert gc.get_freeze_count() == 0
         assert sys.modules["fakecli.cli"].ref() is None  # the cycle main() left is freed
