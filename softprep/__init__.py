@@ -60,9 +60,10 @@ def run_console(package: str) -> None:
     frozen (``gc.freeze``): the exit then skips searching all the command built (numba, torch)
     for garbage cycles: 0.08 s of a 0.5 s ``softprep verify``, up to 0.19 s once numba has
     compiled (measured). The cost: cyclic garbage still uncollected at that moment is not
-    finalised, which Python never promises at exit, and none of our commands leaves any.
+    finalised (a ``NamedTemporaryFile`` in a reference cycle stays on disk), which Python
+    never promises at exit; none of our commands leaves any (checked: build, verify, fit).
     Called in-process (a notebook, a test), nothing is frozen while the caller lives, only
-    at its exit, as above."""
+    at its exit, with the same cost to the caller's own cycles."""
     atexit.unregister(gc.freeze)  # one entry, however often it is called
     atexit.register(gc.freeze)  # first registered, so it runs last
     try:

@@ -377,20 +377,25 @@ def test_gc_paused_pauses_the_collector_and_restores_its_state(enabled):
 
 def _fake_cli(root, exit_code):
     """A package ``fakecli`` under ``root`` whose ``cli.main`` leaves a garbage cycle (``ref``
-    points weakly to it) and exits with ``exit_code``; ``python -m fakecli`` reports at its very end (its exit handler
-    is registered before ``run_console``'s, so it runs after) whether the objects are frozen."""
+    points weakly to it), registers an exit handler (as multiprocessing, zarr and torch do)
+    and exits with ``exit_code``. Under ``python -m fakecli`` each exit handler prints whether
+    the objects are frozen: the command's runs before ``run_console``'s freeze, the one
+    registered before ``run_console`` after it."""
     (root / "fakecli").mkdir()
     (root / "fakecli" / "__init__.py").write_text("")
     (root / "fakecli" / "cli.py").write_text(
-        "import gc, weakref\n"
+        "import atexit, gc, weakref\n"
         "collector_during_import = gc.isenabled()\n"
         "class Node:\n"
         "    pass\n"
+        "def report():\n"
+        "    print('frozen', gc.get_freeze_count() > 0)\n"
         "def main():\n"
         "    global ref\n"
         "    node = Node()\n"
         "    node.self = node\n"
         "    ref = weakref.ref(node)\n"
+        "    atexit.register(report)\n"
         f"    raise SystemExit({exit_code})\n"
     )
     (root / "fakecli" / "__main__.py").write_text(
@@ -412,7 +417,7 @@ def test_the_console_entry_spares_the_exit_a_garbage_collection(tmp_path, exit_c
     _fake_cli(tmp_path, exit_code)
     r = subprocess.run([sys.executable, "-m", "fakecli"], capture_output=True, text=True,
                        timeout=60, cwd=tmp_path)  # fmt: skip
-    assert r.returncode == exit_code and r.stdout == "frozen True\n", r
+    assert r.returncode == exit_code and r.stdout == "frozen False\nfrozen True\n", r
 
 
 def test_the_console_entry_called_in_process_freezes_nothing(tmp_path, monkeypatch):
@@ -437,6 +442,9 @@ def test_the_console_entry_called_in_process_freezes_nothing(tmp_path, monkeypat
         assert gc.get_freeze_count() == 0
         assert sys.modules["fakecli.cli"].ref() is None  # the cycle main() left is freed
     finally:
+        gc.unfreeze()  # had it failed so, the rest of the session's objects stay collectable
         atexit.unregister(gc.freeze)
-        sys.modules.pop("fakecli.cli", None)
+        cli = sys.modules.pop("fakecli.cli", None)
+        if cli is not None:
+            atexit.unregister(cli.report)
         sys.modules.pop("fakecli", None)
