@@ -330,6 +330,17 @@ def test_a_ctrl_c_while_the_cli_imports_is_one_line(pkg):
     assert r.returncode == 130 and r.stderr == "interrupted before the command started\n", r
 
 
+def _fake_package(root, cli: str, before: str = "") -> None:
+    """A package ``fakecli`` under ``root``: ``cli.py`` is ``cli``; ``python -m fakecli``
+    runs ``before``, then ``run_console('fakecli')`` as the console scripts do."""
+    (root / "fakecli").mkdir()
+    (root / "fakecli" / "__init__.py").write_text("")
+    (root / "fakecli" / "cli.py").write_text(cli)
+    (root / "fakecli" / "__main__.py").write_text(
+        before + "from softprep import run_console\nrun_console('fakecli')\n"
+    )
+
+
 @pytest.mark.slow
 def test_an_interrupt_handled_inside_exec_code_ends_with_the_commands_exit_code(tmp_path):
     """CPython 3.11 marks a process to die by SIGINT once a KeyboardInterrupt passed through
@@ -338,18 +349,14 @@ def test_an_interrupt_handled_inside_exec_code_ends_with_the_commands_exit_code(
     import subprocess
     import sys
 
-    (tmp_path / "fakecli").mkdir()
-    (tmp_path / "fakecli" / "__init__.py").write_text("")
-    (tmp_path / "fakecli" / "cli.py").write_text(
+    _fake_package(
+        tmp_path,
         "def main():\n"
         "    try:\n"
         "        exec('raise KeyboardInterrupt')  # a Ctrl-C landing in exec'd code\n"
         "    except KeyboardInterrupt:\n"
         "        print('interrupted after 3 of 9 images', flush=True)\n"
-        "        raise SystemExit(130)\n"
-    )
-    (tmp_path / "fakecli" / "__main__.py").write_text(
-        "from softprep import run_console\nrun_console('fakecli')\n"
+        "        raise SystemExit(130)\n",
     )
     # ``python -m``, as the console scripts run: there CPython checks the mark after exit()
     r = subprocess.run([sys.executable, "-m", "fakecli"], capture_output=True, text=True,
@@ -381,9 +388,8 @@ def _fake_cli(root, exit_code):
     and exits with ``exit_code``. Under ``python -m fakecli`` each exit handler prints whether
     the objects are frozen: the command's runs before ``run_console``'s freeze, the one
     registered before ``run_console`` after it."""
-    (root / "fakecli").mkdir()
-    (root / "fakecli" / "__init__.py").write_text("")
-    (root / "fakecli" / "cli.py").write_text(
+    _fake_package(
+        root,
         "import atexit, gc, weakref\n"
         "collector_during_import = gc.isenabled()\n"
         "class Node:\n"
@@ -396,13 +402,8 @@ def _fake_cli(root, exit_code):
         "    node.self = node\n"
         "    ref = weakref.ref(node)\n"
         "    atexit.register(report)\n"
-        f"    raise SystemExit({exit_code})\n"
-    )
-    (root / "fakecli" / "__main__.py").write_text(
-        "import atexit, gc\n"
-        "atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0))\n"
-        "from softprep import run_console\n"
-        "run_console('fakecli')\n"
+        f"    raise SystemExit({exit_code})\n",
+        "import atexit, gc\natexit.register(lambda: print('frozen', gc.get_freeze_count() > 0))\n",
     )
 
 
