@@ -82,6 +82,11 @@ LabelsOpt = typer.Option(
     "--labels",
     help="Label variant, e.g. trainIds to read the labelTrainIds files of Cityscapes.",
 )
+# how the reports (priors, fidelity) compute their levels from a dataset, without a store
+ReportScalesOpt = typer.Option(["1/8", "1/4", "1/2"], help="Without a store: levels to compute.")
+ReportKernelOpt = typer.Option("bilinear", help="Without a store: the soft-label kernel.")
+ReportAntialiasOpt = typer.Option(True, help="Without a store: antialiased kernel.")
+ReportShortSideOpt = typer.Option(None, help="Without a store: reference short side.")
 
 
 def _scales(values: list[str]) -> tuple[float, ...]:
@@ -493,12 +498,10 @@ def priors(
         help="Strategies to compare with the soft labels: nn, nn-floor, and what the build recorded (--stats-for).",
     ),
     split: str = typer.Option("train", help="A split name, or 'all'."),
-    scales: list[str] = typer.Option(
-        ["1/8", "1/4", "1/2"], help="Without a store: levels to compute."
-    ),
-    kernel: str = typer.Option("bilinear", help="Without a store: the soft-label kernel."),
-    antialias: bool = typer.Option(True, help="Without a store: antialiased kernel."),
-    short_side: int | None = typer.Option(None, help="Without a store: reference short side."),
+    scales: list[str] = ReportScalesOpt,
+    kernel: str = ReportKernelOpt,
+    antialias: bool = ReportAntialiasOpt,
+    short_side: int | None = ReportShortSideOpt,
     csv_path: Path | None = typer.Option(None, "--csv", help="Write all rows as CSV."),
     json_path: Path | None = typer.Option(None, "--json", help="Write rows and summary as JSON."),
     plot: Path | None = typer.Option(
@@ -553,12 +556,10 @@ def fidelity(
         "bias (per-class, for mIoU), or all; prior and bias are fitted on --fit-split.",
     ),
     fit_split: str = typer.Option("val", help="The split the decodes are fitted on."),
-    scales: list[str] = typer.Option(
-        ["1/8", "1/4", "1/2"], help="Without a store: levels to compute."
-    ),
-    kernel: str = typer.Option("bilinear", help="Without a store: the soft-label kernel."),
-    antialias: bool = typer.Option(True, help="Without a store: antialiased kernel."),
-    short_side: int | None = typer.Option(None, help="Without a store: reference short side."),
+    scales: list[str] = ReportScalesOpt,
+    kernel: str = ReportKernelOpt,
+    antialias: bool = ReportAntialiasOpt,
+    short_side: int | None = ReportShortSideOpt,
     csv_path: Path | None = typer.Option(None, "--csv", help="Write per-class IoU as CSV."),
     json_path: Path | None = typer.Option(None, "--json", help="Write mIoU and per-class IoU."),
     plot: Path | None = typer.Option(None, help="Write a PNG: per-class IoU per strategy."),

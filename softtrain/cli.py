@@ -335,6 +335,8 @@ WindowOpt = typer.Option("", help="Slide window HxW at the level. (default: the 
 StrideOpt = typer.Option("", help="Slide stride HxW. (default: 2/3 of the window)")
 FlipOpt = typer.Option(False, "--flip", help="Test-time augmentation: add the flipped image.")
 TtaOpt = typer.Option(None, help="Test-time augmentation: more stored levels, e.g. 1/4 1/2.")
+DeviceOpt = typer.Option("auto", help="cuda, cpu or auto.")
+Bf16Opt = typer.Option(False, help="bf16 autocast.")
 
 
 DecodeFileOpt = typer.Option(
@@ -374,8 +376,8 @@ def evaluate(
     stride: str = StrideOpt,
     flip: bool = FlipOpt,
     tta_levels: list[str] = TtaOpt,
-    device: str = typer.Option("auto", help="cuda, cpu or auto."),
-    bf16: bool = typer.Option(False, help="bf16 autocast."),
+    device: str = DeviceOpt,
+    bf16: bool = Bf16Opt,
     csv_path: Path = typer.Option(None, "--csv", help="Write per-class IoU and Acc as CSV."),
     json_path: Path = typer.Option(None, "--json", help="Write the metrics record as JSON."),
     decode: str = typer.Option(
@@ -448,8 +450,8 @@ def predict(
     stride: str = StrideOpt,
     flip: bool = FlipOpt,
     tta_levels: list[str] = TtaOpt,
-    device: str = typer.Option("auto", help="cuda, cpu or auto."),
-    bf16: bool = typer.Option(False, help="bf16 autocast."),
+    device: str = DeviceOpt,
+    bf16: bool = Bf16Opt,
     decode: Path = DecodeFileOpt,
 ):
     """One label PNG per image (same name, .png), at the image's full resolution."""
