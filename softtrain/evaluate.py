@@ -240,11 +240,13 @@ def fit_model_decode(
 
 
 def model_from_checkpoint(ckpt: dict, device) -> torch.nn.Module:
-    """The checkpoint's model, weights loaded, in eval mode on ``device``: the teacher of a
-    semi-supervised run unless it was set to evaluate the student."""
+    """The checkpoint's model, weights loaded, in eval mode on ``device``: the one its run
+    evaluated (and chose ``best.pt`` by): the teacher of a semi-supervised run unless it
+    was set to evaluate the student, the weight EMA of a run with ``--ema``, else the model."""
     model = build_model(ckpt["config"]["model"], len(ckpt["classes"]))
     use_teacher = "teacher" in ckpt and ckpt["config"].get("semi_eval", "teacher") == "teacher"
-    model.load_state_dict(ckpt["teacher"] if use_teacher else ckpt["model"])
+    weights = ckpt["teacher"] if use_teacher else ckpt.get("ema", ckpt["model"])
+    model.load_state_dict(weights)
     return model.to(device).eval()
 
 

@@ -14,6 +14,7 @@ from softprep.manifest import load_manifest
 from softtrain.augment import hsv_to_rgb, photometric, rgb_to_hsv
 from softtrain.checkpoint import load_checkpoint
 from softtrain.config import FitConfig
+from softtrain.evaluate import eval_checkpoint, model_from_checkpoint
 from softtrain.fit import fit
 from softtrain.losses import class_weights, soft_label_loss
 from softtrain.models import build_model
@@ -99,7 +100,6 @@ def lraspp(num_classes):
 
 @pytest.mark.slow
 def test_a_torchvision_model_trains_evaluates_and_predicts_and_options_resume(samples, tmp_path):
-    from softtrain.evaluate import eval_checkpoint
     from softtrain.predict import predict
 
     url = str(tmp_path / "cs.zarr")
@@ -133,3 +133,21 @@ def test_a_torchvision_model_trains_evaluates_and_predicts_and_options_resume(sa
     assert "ema" in load_checkpoint(straight / "best.pt")
     with pytest.raises(Exception, match="cannot change optimizer"):
         fit(FitConfig.of(out=str(broken), iters=6, **(recipe | {"optimizer": "sgd"})), resume=True)
+
+
+def test_an_ema_run_is_evaluated_and_predicted_with_the_weights_it_chose_best_by(samples, tmp_path):
+    """best.pt is chosen by the EMA's mIoU: eval (and predict, export, which load the same
+    way) must score those weights, not the raw model's."""
+    url = str(tmp_path / "cs.zarr")
+    build(load_manifest("cityscapes"), samples["cityscapes"], url, BuildOptions(scales=(0.25,)))
+    cfg = FitConfig.of(out=str(tmp_path / "run"), model=f"{__name__}:lraspp", store=url,
+                       crop="48x96", batch_size=2, workers=0, device="cpu", lr=0.05, iters=3,
+                       eval_every=3, ema=0.5)  # fmt: skip
+    assert fit(cfg)["step"] == 3
+    ckpt = load_checkpoint(tmp_path / "run/best.pt")
+    raw = ckpt["model"]
+    assert any(not torch.equal(raw[k], ckpt["ema"][k]) for k in raw)  # they differ
+    loaded = model_from_checkpoint(ckpt, "cpu").state_dict()
+    assert all(torch.equal(loaded[k], ckpt["ema"][k]) for k in ckpt["ema"])
+    confusion, _ = eval_checkpoint(str(tmp_path / "run/best.pt"), url, split="val", device="cpu")
+    assert confusion.miou() == pytest.approx(ckpt["best_miou"], abs=1e-6)
