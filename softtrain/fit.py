@@ -117,6 +117,8 @@ def open_inputs(cfg: FitConfig, ranks: Ranks, resume: bool, overwrite: bool, cle
     try:
         evalset = eval_dataset(cfg.data.store, eval_level, split)
     except StoreError as e:
+        if evaluable:  # a level or split asked for that the store cannot evaluate at
+            raise TrainingError(f"--eval-level/--eval-split: {e}") from None
         evalset = None
         if ranks.main:
             log.warning("evaluation skipped, best.pt not written: %s", e)

@@ -147,6 +147,13 @@ def test_checkpoint_for_other_classes_is_refused(store, tmp_path, samples):
         eval_checkpoint(str(tmp_path / "run/last.pt"), other)
 
 
+def test_an_eval_level_the_store_lacks_is_refused_before_training(store, tmp_path):
+    """A typo in --eval-level must not train a whole run unevaluated, without best.pt."""
+    with pytest.raises(fit_module.TrainingError, match="--eval-level.*no level 1/2"):
+        fit(tiny_config(store, tmp_path / "run", iters=1, eval_level="1/2"))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow  # trains for seconds: keeps the fast tier under a minute
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(store, tmp_path, monkeypatch):
     real = weak_module.soft_label_loss
