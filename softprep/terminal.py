@@ -158,11 +158,12 @@ def show_notes(logger: str) -> None:
 
 @contextmanager
 def user_errors(errors: tuple):
-    """Known bad-input errors become one red message and exit code 2, no traceback."""
+    """Known bad-input errors become one red message and exit code 2, no traceback; never
+    wrapped by rich (a log keeps it on one line, a terminal wraps it itself)."""
     try:
         yield
     except errors as e:
-        console.print(tagged("error", "red", e), highlight=False)
+        console.print(tagged("error", "red", e), highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -172,7 +173,7 @@ def run_app(app: typer.Typer, argv: list[str], options, prog_name: str) -> None:
     try:
         args = expand_multi_value(argv, options, app)
     except ValueError as e:
-        console.print(tagged("error", "red", e), highlight=False)
+        console.print(tagged("error", "red", e), highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
     app(args=args, prog_name=prog_name)
 
