@@ -199,6 +199,7 @@ def _fit(cfg: FitConfig, ranks, resume, overwrite, on_log, on_eval, on_start, cl
 
     model.train()
     batches = regime.batches(micro, cleanup)
+    step_loss, step_kl = 0.0, 0.0
     with stop_signals() as stop:
         if ckpt and ckpt.get("pending_eval") and inputs.evalset is not None:
             last_miou = run_eval()  # the evaluation a stop signal cut short
@@ -213,6 +214,8 @@ def _fit(cfg: FitConfig, ranks, resume, overwrite, on_log, on_eval, on_start, cl
             result, value = _backward(regime, forward, stepper, batch, step, micro, cfg, ranks)
             micro += 1
             meter.saw(batch["image"].shape[0] * ranks.world)
+            step_loss += value / optim.accum  # the step's loss: its micro-batches' mean
+            step_kl += result.kl.detach() / optim.accum
             if micro % optim.accum:
                 continue
             stepper.step()
@@ -221,8 +224,9 @@ def _fit(cfg: FitConfig, ranks, resume, overwrite, on_log, on_eval, on_start, cl
             saves.stepped()  # a save records the RNG state of the last optimiser step
             if ranks.main and (step % every.log_every == 0 or step == optim.iters):
                 _log_step(
-                    runlog, on_log, step, optim.iters, value, result, stepper.lr, meter, ranks
+                    runlog, on_log, step, optim.iters, step_loss, step_kl, stepper.lr, meter, ranks
                 )
+            step_loss, step_kl = 0.0, 0.0
             if step == optim.iters:
                 break
             with meter.paused():  # rates count training time only
@@ -301,9 +305,11 @@ def _backward(regime: Regime, forward, stepper, batch: dict, step: int, micro: i
     return result, value
 
 
-def _log_step(runlog, on_log, step, iters, value, result, lr, meter, ranks) -> None:
+def _log_step(runlog, on_log, step, iters, loss, kl, lr, meter, ranks) -> None:
+    """Log optimiser step ``step``: ``loss`` (float, averaged over ranks) and ``kl``
+    (scalar tensor, this rank's) are the means over the step's micro-batches."""
     entry = StepLog(
-        step=step, iters=iters, loss=value, kl=result.kl.item(), lr=lr,
+        step=step, iters=iters, loss=loss, kl=float(kl), lr=lr,
         **meter.report(step, ranks.device),
     )  # fmt: skip
     runlog.train(entry)

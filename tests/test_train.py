@@ -154,6 +154,25 @@ def test_an_eval_level_the_store_lacks_is_refused_before_training(store, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+def test_an_accumulated_step_logs_the_mean_of_its_micro_batches(store, tmp_path, monkeypatch):
+    """With --accum 2 the logged loss and KL are the step's, not its last micro-batch's."""
+    real, seen = weak_module.soft_label_loss, []
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append((out.loss.item(), out.kl.item()))
+        return out
+
+    monkeypatch.setattr(weak_module, "soft_label_loss", recording)  # what fit calls
+    logs = []
+    fit(tiny_config(store, tmp_path / "run", iters=2, accum=2), on_log=logs.append)
+    assert len(seen) == 4 and len(logs) == 2
+    for log, pair in zip(logs, (seen[:2], seen[2:])):
+        assert pair[0][0] != pytest.approx(pair[1][0])  # the two micro-batches differ
+        assert log.loss == pytest.approx(np.mean([loss for loss, _ in pair]), rel=1e-6)
+        assert log.kl == pytest.approx(np.mean([kl for _, kl in pair]), rel=1e-6)
+
+
 @pytest.mark.slow  # trains for seconds: keeps the fast tier under a minute
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(store, tmp_path, monkeypatch):
     real = weak_module.soft_label_loss
