@@ -17,9 +17,16 @@ from softtrain.weak_losses import training_loss
 class Supervised(Regime):
     def __init__(self, cfg, data):
         super().__init__(cfg, data)
-        counts = data.store.full_counts()[data.train.items].sum(0)  # (C + 1,) pixels
-        weights = class_weights(cfg.optim.class_weights, counts, data.store.num_classes)
-        self.criterion = training_loss(cfg, weights)
+        self.train_on_labels(data.train.items)
+
+    def train_on_labels(self, items) -> None:
+        """The criterion for the labels of store images ``items`` (int array): its
+        ``--class-weights`` (``self.class_weights``, (C,) float32 or None) count their pixels."""
+        store = self.data.store
+        counts = store.full_counts()[items].sum(0)  # (C + 1,) pixels
+        self.class_weights = class_weights(self.cfg.optim.class_weights, counts,
+                                           store.num_classes)  # fmt: skip
+        self.criterion = training_loss(self.cfg, self.class_weights)
 
     def loss(self, forward: Forward, batch: dict, step: int, micro: int) -> LossOutput:
         index = batch["index"]

@@ -150,6 +150,28 @@ def test_image_only_splits_join_the_unlabelled_images(tmp_path):
     assert fit(semi_config(url, tmp_path / "run", labeled="1", iters=2))["step"] == 2
 
 
+def test_inverse_sqrt_class_weights_count_the_labelled_share_only(store, tmp_path):
+    """The unlabelled images' labels are never seen: not even through the class weights."""
+    cfg = semi_config(store, tmp_path / "r", class_weights="inverse-sqrt")
+    with ExitStack() as cleanup:
+        regime = open_inputs(cfg, Ranks(), False, False, cleanup).regime
+    s = SoftStore(store)
+    counts = s.full_counts()[:, : s.num_classes].astype(np.float64)
+
+    def inverse_sqrt(items):  # by hand: 1 / sqrt(pixel share), mean 1 over present classes
+        share = counts[items].sum(0) / counts[items].sum()
+        w = np.where(share > 0, 1 / np.sqrt(np.maximum(share, 1e-300)), 0)
+        return w / w[share > 0].mean()
+
+    labelled, everything = (
+        regime.labelled.items,
+        np.union1d(regime.labelled.items, regime.unlabelled.items),
+    )
+    assert 0 < len(labelled) < len(everything)
+    assert not np.allclose(inverse_sqrt(labelled), inverse_sqrt(everything), rtol=1e-3)
+    np.testing.assert_allclose(regime.class_weights.numpy(), inverse_sqrt(labelled), rtol=1e-5)
+
+
 def test_labeled_list_names_the_partition_file_on_the_command_line(store, tmp_path):
     from typer.testing import CliRunner
 
