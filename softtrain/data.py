@@ -110,8 +110,9 @@ class CropDataset(Dataset):
     Item ``i`` (one image per index; an epoch visits each image once) is a dict:
     ``image`` (3, h, w) uint8, ``index`` (K, h, w) uint8 class ids (255 = void),
     ``prob`` (K, h, w) uint8 summing to 255, ``scale`` float, and where it came from:
-    ``item`` (image number in the store), ``origin`` (y0, x0) in the level, ``flipped``.
-    Crops smaller than the level are padded at the bottom/right with void and black.
+    ``item`` (image number in the store), ``origin`` (y0, x0) in the level, ``flipped``,
+    ``size`` (h', w') of the image inside the crop. Crops larger than the level are padded
+    at the bottom/right (left once flipped) with void and black: ``valid_mask``.
 
     Randomness (level, crop position, flip):
     - ``seed=None`` (default, for any sampler, e.g. ``DataLoader(shuffle=True)``): drawn
@@ -236,7 +237,20 @@ class CropDataset(Dataset):
             "item": i,  # image number in the store
             "origin": torch.tensor(window[:2]),  # (y0, x0) of the crop in the level
             "flipped": flipped,
+            "size": torch.tensor(window[2:]),  # (h', w') of the image in the crop
         }
+
+
+def valid_mask(batch: dict) -> torch.Tensor:
+    """(B, h, w) bool on the batch's device: True on image pixels, False on the padding of
+    crops larger than their image (from ``size`` and ``flipped`` of a ``CropDataset`` batch)."""
+    image, size = batch["image"], batch["size"].to(batch["image"].device)
+    h, w = image.shape[-2:]
+    rows = torch.arange(h, device=image.device)[None, :, None] < size[:, 0, None, None]
+    cols = torch.arange(w, device=image.device)[None, None, :] < size[:, 1, None, None]
+    flipped = torch.as_tensor(batch["flipped"], device=image.device)[:, None, None]
+    cols = torch.where(flipped, cols.flip(-1), cols)
+    return rows & cols
 
 
 class EvalDataset(Dataset):

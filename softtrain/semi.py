@@ -12,9 +12,10 @@ unlabelled images, teacher-student with soft pseudo-labels.
   flip: the weak view); the student a strong view computed on the device (colour jitter,
   random grayscale, Gaussian blur, CutMix between the batch's images), seeded by
   (seed, micro-batch) so a resumed run draws the same views.
-- Unsupervised losses on the strong view, summed:
+- Unsupervised losses on the strong view, summed, on image pixels only (never on the
+  padding of crops larger than their image, nor where CutMix pasted such padding):
   hard pseudo-labels where the teacher's confidence reaches ``threshold`` (CE, averaged over
-  all unlabelled pixels); ESL's dynamic soft labels on the pixels below it (Ma et al., ICCV
+  all unlabelled image pixels); ESL's dynamic soft labels on the pixels below it (Ma et al., ICCV
   2023: the smallest set of top teacher classes whose probability reaches a curriculum
   threshold tau, renormalised, soft CE, weight ``esl_weight``; tau rises linearly from 0.5
   to ``threshold`` over the run); IPixMatch's inter-pixel loss (Wu, Li and Xiao: on
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from softtrain.config import FitConfig
-from softtrain.data import normalise
+from softtrain.data import normalise, valid_mask
 from softtrain.loader import batches, run_loader
 from softtrain.losses import LossOutput
 from softtrain.regime import Forward, RunData, ema_update
@@ -216,7 +217,8 @@ class TeacherStudent(Supervised):
         self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
 
     def batches(self, start: int, cleanup):
-        """Labelled micro-batches with the unlabelled crops as ``unlabeled`` (B', 3, h, w)."""
+        """Labelled micro-batches with the unlabelled crops as ``unlabeled`` (B', 3, h, w)
+        uint8 and their image pixels as ``unlabeled_valid`` (B', h, w) bool."""
         labelled = super().batches(start, cleanup)
         cfg, ranks = self.cfg, self.data.ranks
         loader = run_loader(
@@ -225,13 +227,15 @@ class TeacherStudent(Supervised):
         )  # fmt: skip
         unlabelled = cleanup.enter_context(batches(loader))
         for batch in labelled:
-            yield batch | {"unlabeled": next(unlabelled)["image"]}
+            crops = next(unlabelled)
+            yield batch | {"unlabeled": crops["image"], "unlabeled_valid": valid_mask(crops)}
 
     def loss(self, forward: Forward, batch: dict, step: int, micro: int) -> LossOutput:
         """One forward of the student over the labelled crops and the strong view of the
         unlabelled ones together (one pass, as DDP wants); the supervised loss plus the
         unsupervised loss against the teacher's weak view."""
         image, unlabeled, index = batch["image"], batch["unlabeled"], batch["index"]
+        valid = batch["unlabeled_valid"]
         size = tuple(unlabeled.shape[-2:])
         g = torch.Generator().manual_seed(self.cfg.optim.seed * 1_000_003 + micro)
         with torch.no_grad():
@@ -241,10 +245,11 @@ class TeacherStudent(Supervised):
             box = cutmix_boxes(unlabeled.shape[0], size, g).to(unlabeled.device)[:, None]
             strong = torch.where(box, strong.roll(1, dims=0), strong)  # pasted from the next
             probs = torch.where(box, probs.roll(1, dims=0), probs)
+            valid = torch.where(box[:, 0], valid.roll(1, dims=0), valid)
         both = forward(torch.cat([image, normalise(strong).to(image.dtype)]))
         labelled_logits, strong_logits = both[: len(image)], both[len(image) :]
         unsupervised = self.unsupervised(upsample(strong_logits, size).log_softmax(1), probs,
-                                         step, g)  # fmt: skip
+                                         valid, step, g)  # fmt: skip
         logits = upsample(labelled_logits, index.shape[-2:])
         out = self.criterion(logits, index, batch["prob"], batch["colour"], step)
         return LossOutput(out.loss + unsupervised, out.kl, out.kept)
@@ -265,16 +270,19 @@ class TeacherStudent(Supervised):
     def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return self.teacher if self.opts.eval == "teacher" else model
 
-    def unsupervised(self, logp: torch.Tensor, probs: torch.Tensor, step: int, g) -> torch.Tensor:
+    def unsupervised(self, logp, probs, valid, step: int, g) -> torch.Tensor:
         """Unsupervised loss of student log-probabilities ``logp`` against teacher ``probs``
-        (both (B, C, H, W)): hard pseudo-labels, dynamic soft labels, inter-pixel."""
+        (both (B, C, H, W) float32) on the image pixels ``valid`` (B, H, W) bool: hard
+        pseudo-labels, dynamic soft labels, inter-pixel."""
         conf, hard = probs.max(1)
-        confident = conf >= self.opts.threshold
-        loss = (F.nll_loss(logp, hard, reduction="none") * confident).mean()
-        if self.opts.esl and (~confident).any():
+        confident = (conf >= self.opts.threshold) & valid
+        nll = F.nll_loss(logp, hard, reduction="none")
+        loss = (nll * confident).sum() / valid.sum().clamp_min(1)
+        unsure = valid & ~confident
+        if self.opts.esl and unsure.any():
             tau = 0.5 + (self.opts.threshold - 0.5) * min(1.0, step / max(1, self.cfg.optim.iters))
             ce = -(dynamic_soft_labels(probs, tau) * logp).sum(1)
-            loss = loss + self.opts.esl_weight * ce[~confident].mean()
+            loss = loss + self.opts.esl_weight * ce[unsure].mean()
         if self.opts.ipix != "none" and confident.sum() > 1:
             where = confident.flatten().nonzero()[:, 0]
             pick = where[

@@ -15,7 +15,7 @@ from softtrain.checkpoint import load_checkpoint
 from softtrain.config import FitConfig
 from softtrain.distributed import Ranks
 from softtrain.evaluate import model_from_checkpoint
-from softtrain.fit import fit, open_inputs
+from softtrain.fit import _prepare, fit, open_inputs
 from softtrain.semi import dynamic_soft_labels, ema_update, partition, relation_loss
 
 
@@ -95,8 +95,8 @@ def test_inter_pixel_loss(kind):
 
 def semi_config(store, out, **kw):
     return FitConfig.of(
-        store=store, out=str(out), model="deeplabv3plus_r18", crop="32x64", batch_size=1,
-        unlabeled_batch=2, iters=kw.pop("iters", 4), lr=0.02, workers=0, device="cpu",
+        store=store, out=str(out), model="deeplabv3plus_r18", crop=kw.pop("crop", "32x64"),
+        batch_size=1, unlabeled_batch=kw.pop("unlabeled_batch", 2), iters=kw.pop("iters", 4), lr=0.02, workers=0, device="cpu",
         log_every=1, labeled=kw.pop("labeled", "1/2"), semi_esl=True, semi_ipix="corr", semi_threshold=0.3,
         semi_ema=0.9, **kw,
     )  # fmt: skip
@@ -206,3 +206,77 @@ def test_partition_lists_match_whole_names_never_prefixes(tmp_path):
 def test_labeled_fractions_outside_the_unit_interval_are_sentences(bad):
     with pytest.raises(ValueError, match=r"not a fraction in \(0, 1\]"):
         partition(np.array(["a", "b"]), np.arange(2), bad, 0)
+
+
+@pytest.fixture(scope="module")
+def padded_store(tmp_path_factory):
+    """Images with no black pixel (RGB >= 1), so black in a crop is padding: an oracle."""
+    from PIL import Image
+
+    data = tmp_path_factory.mktemp("padded")
+    m = load_manifest("cityscapes")
+    write_sample(m, data / "cs", {"train": 4, "val": 1}, size=(64, 128))
+    for png in (data / "cs/leftImg8bit").rglob("*.png"):
+        Image.fromarray(np.maximum(np.asarray(Image.open(png).convert("RGB")), 1)).save(png)
+    url = str(data / "cs.zarr")
+    build(m, data / "cs", url, BuildOptions(scales=(0.5,)))
+    return url  # 32x64 images at 1/2, against 48x96 crops
+
+
+def test_unlabelled_padding_is_marked_and_cutmix_carries_it(padded_store, tmp_path, monkeypatch):
+    """The unsupervised losses see which pixels of an unlabelled crop are image, through
+    CutMix too: a crop larger than its image is padded with black, never trained on."""
+    from softtrain import semi
+    from softtrain.models import build_model
+
+    cfg = semi_config(padded_store, tmp_path / "r", crop="48x96", unlabeled_batch=3, labeled="1/4")
+    boxes, seen = [], []
+    real_boxes = semi.cutmix_boxes
+    monkeypatch.setattr(semi, "cutmix_boxes", lambda *a: boxes.append(real_boxes(*a)) or boxes[-1])
+    with ExitStack() as cleanup:
+        regime = open_inputs(cfg, Ranks(), False, False, cleanup).regime
+        model = build_model("deeplabv3plus_r18", 19).eval()
+        regime.start(model)
+        monkeypatch.setattr(regime, "unsupervised", lambda *a: seen.append(a[2]) or a[0].sum() * 0)
+        flips = set()
+        for micro, batch in zip(range(4), regime.batches(0, cleanup)):
+            image, valid = batch["unlabeled"], batch["unlabeled_valid"]
+            assert valid.shape == (3, 48, 96) and not valid.all()
+            assert torch.equal(valid, image.amax(1) > 0)  # black only on padding
+            prepared = _prepare(batch, micro, cfg, torch.device("cpu"))
+            regime.loss(lambda x, module=None: (module or model)(x), prepared, 0, micro)
+            box = boxes[-1]
+            assert torch.equal(seen[-1], torch.where(box, valid.roll(1, dims=0), valid))
+            flips |= {bool(valid[i, 0, 0]) for i in range(3)}
+    assert flips == {True, False}  # padding on the right and, flipped, on the left
+
+
+def test_unsupervised_losses_ignore_padding():
+    """Whatever the teacher and student say on padding, the loss is the same; and it is
+    the loss of the image pixels alone."""
+    from types import SimpleNamespace
+
+    from softtrain.config import FitConfig
+    from softtrain.semi import TeacherStudent
+
+    torch.manual_seed(0)
+    cfg = FitConfig.of(store="x", semi_esl=True, semi_ipix="corr", semi_threshold=0.5)
+    regime = SimpleNamespace(opts=cfg.semi, cfg=cfg)
+    logp = torch.randn(2, 5, 12, 16).log_softmax(1)
+    probs = (3 * torch.randn(2, 5, 12, 16)).softmax(1)
+    valid = torch.zeros(2, 12, 16, dtype=torch.bool)
+    valid[:, :8, :10] = True
+
+    def loss(lp, p, v, ipix="corr"):
+        regime.opts = cfg.semi.__class__(**{**vars(cfg.semi), "ipix": ipix})
+        return TeacherStudent.unsupervised(regime, lp, p, v, 3, torch.Generator().manual_seed(1))
+
+    noise_lp = torch.randn_like(logp).log_softmax(1)
+    noise_p = (5 * torch.randn_like(probs)).softmax(1)
+    pad = ~valid[:, None]
+    torch.testing.assert_close(
+        loss(logp, probs, valid),
+        loss(torch.where(pad, noise_lp, logp), torch.where(pad, noise_p, probs), valid),
+    )
+    inside = (logp[..., :8, :10], probs[..., :8, :10], valid[:, :8, :10])
+    torch.testing.assert_close(loss(logp, probs, valid, "none"), loss(*inside, "none"))
