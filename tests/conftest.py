@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,13 @@ FACTS_ABSENT = (
     "../shared/datasets absent: the class tables of the real datasets are not in the "
     "repository; see README (Tests that need ../shared)"
 )
+# pytest imports readline at start-up, and GNU readline exports the terminal's size
+# (COLUMNS=80, LINES) into the process's C environment, unseen by os.environ: every CLI the
+# tests spawn inherited it and wrapped its messages at 80 columns, which no user's log does.
+for _name in ("COLUMNS", "LINES"):
+    if _name not in os.environ:
+        os.unsetenv(_name)
+
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=FIXTURES_ABSENT)
 needs_facts = pytest.mark.skipif(not FACTS.is_dir(), reason=FACTS_ABSENT)
 
