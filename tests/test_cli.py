@@ -266,6 +266,22 @@ def test_piped_messages_and_summaries_are_whole_lines(tmp_path):
     assert len(note) == 1 and note[0].endswith("to down-sample"), r.stderr
 
 
+@pytest.mark.slow
+def test_an_error_is_one_line_even_where_columns_is_narrow(tmp_path):
+    """A path in an error must stay whole to be copied or grepped: never wrapped by rich,
+    whatever COLUMNS says (a terminal wraps it for display itself)."""
+    import os
+    import subprocess
+    import sys
+
+    store = tmp_path / ("a-missing-store-path-longer-than-forty-columns-" * 2 + ".zarr")
+    env = os.environ | {"COLUMNS": "40"}
+    cmd = [sys.executable, "-m", "softprep", "info", str(store)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr
+    assert r.stderr.count("\n") == 1 and str(store) in r.stderr, r.stderr
+
+
 def test_help_shows_value_names_and_cuts_nothing_at_80_columns():
     """--help of every command of both CLIs at 80 columns: value names (none for flags,
     TEXT / INTEGER / FRACTION ... for lists), never Python types, no text cut off."""
