@@ -222,10 +222,12 @@ def _fit(cfg: FitConfig, ranks, resume, overwrite, on_log, on_eval, on_start, cl
             regime.after_step(model, step)
             step += 1
             saves.stepped()  # a save records the RNG state of the last optimiser step
-            if ranks.main and (step % every.log_every == 0 or step == optim.iters):
-                _log_step(
-                    runlog, on_log, step, optim.iters, step_loss, step_kl, stepper.lr, meter, ranks
-                )
+            if step % every.log_every == 0 or step == optim.iters:
+                kl = distributed.mean(ranks, step_kl)  # every rank takes part, as for the loss
+                if ranks.main:
+                    _log_step(
+                        runlog, on_log, step, optim.iters, step_loss, kl, stepper.lr, meter, ranks
+                    )
             step_loss, step_kl = 0.0, 0.0
             if step == optim.iters:
                 break
@@ -306,8 +308,8 @@ def _backward(regime: Regime, forward, stepper, batch: dict, step: int, micro: i
 
 
 def _log_step(runlog, on_log, step, iters, loss, kl, lr, meter, ranks) -> None:
-    """Log optimiser step ``step``: ``loss`` (float, averaged over ranks) and ``kl``
-    (scalar tensor, this rank's) are the means over the step's micro-batches."""
+    """Log optimiser step ``step``: ``loss`` (float) and ``kl`` (scalar tensor) are the
+    means over the step's micro-batches and the ranks."""
     entry = StepLog(
         step=step, iters=iters, loss=loss, kl=float(kl), lr=lr,
         **meter.report(step, ranks.device),

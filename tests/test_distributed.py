@@ -86,6 +86,20 @@ def test_ddp_trains_evaluates_like_one_process_and_hands_over_checkpoints(store,
 
 
 @pytest.mark.slow
+def test_the_logged_loss_and_kl_are_both_means_over_ranks_and_micro_batches(store, tmp_path):
+    """Hard targets: KL equals the loss on every micro-batch of every rank, so the two logged
+    means agree only if both cover the same micro-batches and ranks."""
+    out = tmp_path / "run"
+    r = torchrun("--store", store, "--out", out, "--batch-size", 2, "--accum", 2, "--iters", 2,
+                 "--loss", "ce-hard", *COMMON)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    train = [x for x in read_metrics(out / "metrics.jsonl") if x["type"] == "train"]
+    assert len(train) == 2
+    for x in train:
+        assert x["kl"] == pytest.approx(x["loss"], rel=1e-5), x
+
+
+@pytest.mark.slow
 def test_more_ranks_than_a_batch_of_images_is_refused(store, tmp_path):
     r = torchrun("--store", store, "--out", tmp_path / "run", "--batch-size", 4, "--iters", 2,
                  *COMMON)  # fmt: skip
