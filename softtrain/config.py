@@ -150,8 +150,8 @@ class OptimOptions:
     mc: str = option("include", "Multi-class pixels in the loss.", choices=MC_MODES)
     class_weights: str = option(
         "",
-        "Per-class loss weights: inverse-sqrt (of the training pixels' class shares) or one "
-        "number per class, comma-separated.",
+        "Per-class loss weights: inverse-sqrt (of the training pixels' class shares; "
+        "teacher-student: of the labelled share's) or one number per class, comma-separated.",
         shown="none",
     )
     ohem_thresh: float = option(

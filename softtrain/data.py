@@ -241,14 +241,14 @@ class CropDataset(Dataset):
         }
 
 
-def valid_mask(batch: dict) -> torch.Tensor:
-    """(B, h, w) bool on the batch's device: True on image pixels, False on the padding of
-    crops larger than their image (from ``size`` and ``flipped`` of a ``CropDataset`` batch)."""
-    image, size = batch["image"], batch["size"].to(batch["image"].device)
-    h, w = image.shape[-2:]
-    rows = torch.arange(h, device=image.device)[None, :, None] < size[:, 0, None, None]
-    cols = torch.arange(w, device=image.device)[None, None, :] < size[:, 1, None, None]
-    flipped = torch.as_tensor(batch["flipped"], device=image.device)[:, None, None]
+def valid_mask(size: torch.Tensor, flipped: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """(B, h, w) bool on ``size``'s device: True on image pixels, False on the padding of
+    crops larger than their image. ``size`` (B, 2) and ``flipped`` (B,) bool are a
+    ``CropDataset`` batch's; ``hw`` is its crop (h, w)."""
+    h, w = hw
+    rows = torch.arange(h, device=size.device)[None, :, None] < size[:, 0, None, None]
+    cols = torch.arange(w, device=size.device)[None, None, :] < size[:, 1, None, None]
+    flipped = torch.as_tensor(flipped, device=size.device)[:, None, None]
     cols = torch.where(flipped, cols.flip(-1), cols)
     return rows & cols
 

@@ -167,7 +167,7 @@ def _blur(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 def cutmix_boxes(b: int, hw: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
     """(B, H, W) bool: a random box per image (half the area on average), pasted from the
-    next image of the batch."""
+    previous image of the batch (``roll(1, 0)``)."""
     h, w = hw
     mask = torch.zeros(b, h, w, dtype=torch.bool)
     for i in range(b):
@@ -218,7 +218,7 @@ class TeacherStudent(Supervised):
 
     def batches(self, start: int, cleanup):
         """Labelled micro-batches with the unlabelled crops as ``unlabeled`` (B', 3, h, w)
-        uint8 and their image pixels as ``unlabeled_valid`` (B', h, w) bool."""
+        uint8, with their ``unlabeled_size`` and ``unlabeled_flipped`` (``valid_mask``)."""
         labelled = super().batches(start, cleanup)
         cfg, ranks = self.cfg, self.data.ranks
         loader = run_loader(
@@ -228,22 +228,26 @@ class TeacherStudent(Supervised):
         unlabelled = cleanup.enter_context(batches(loader))
         for batch in labelled:
             crops = next(unlabelled)
-            yield batch | {"unlabeled": crops["image"], "unlabeled_valid": valid_mask(crops)}
+            yield batch | {
+                "unlabeled": crops["image"],
+                "unlabeled_size": crops["size"],
+                "unlabeled_flipped": crops["flipped"],
+            }
 
     def loss(self, forward: Forward, batch: dict, step: int, micro: int) -> LossOutput:
         """One forward of the student over the labelled crops and the strong view of the
         unlabelled ones together (one pass, as DDP wants); the supervised loss plus the
         unsupervised loss against the teacher's weak view."""
         image, unlabeled, index = batch["image"], batch["unlabeled"], batch["index"]
-        valid = batch["unlabeled_valid"]
         size = tuple(unlabeled.shape[-2:])
+        valid = valid_mask(batch["unlabeled_size"], batch["unlabeled_flipped"], size)
         g = torch.Generator().manual_seed(self.cfg.optim.seed * 1_000_003 + micro)
         with torch.no_grad():
             probs = upsample(forward(normalise(unlabeled), self.teacher), size).softmax(1)
         strong = strong_view(unlabeled, g)
         if self.opts.cutmix and unlabeled.shape[0] > 1:
             box = cutmix_boxes(unlabeled.shape[0], size, g).to(unlabeled.device)[:, None]
-            strong = torch.where(box, strong.roll(1, dims=0), strong)  # pasted from the next
+            strong = torch.where(box, strong.roll(1, dims=0), strong)  # pasted from the previous
             probs = torch.where(box, probs.roll(1, dims=0), probs)
             valid = torch.where(box[:, 0], valid.roll(1, dims=0), valid)
         both = forward(torch.cat([image, normalise(strong).to(image.dtype)]))

@@ -13,6 +13,7 @@ from softprep.sample import write_sample
 from softprep.store import SoftStore
 from softtrain.checkpoint import load_checkpoint
 from softtrain.config import FitConfig
+from softtrain.data import valid_mask
 from softtrain.distributed import Ranks
 from softtrain.evaluate import model_from_checkpoint
 from softtrain.fit import _prepare, fit, open_inputs
@@ -240,7 +241,8 @@ def test_unlabelled_padding_is_marked_and_cutmix_carries_it(padded_store, tmp_pa
         monkeypatch.setattr(regime, "unsupervised", lambda *a: seen.append(a[2]) or a[0].sum() * 0)
         flips = set()
         for micro, batch in zip(range(4), regime.batches(0, cleanup)):
-            image, valid = batch["unlabeled"], batch["unlabeled_valid"]
+            image = batch["unlabeled"]
+            valid = valid_mask(batch["unlabeled_size"], batch["unlabeled_flipped"], (48, 96))
             assert valid.shape == (3, 48, 96) and not valid.all()
             assert torch.equal(valid, image.amax(1) > 0)  # black only on padding
             prepared = _prepare(batch, micro, cfg, torch.device("cpu"))
