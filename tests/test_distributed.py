@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from softprep.build import BuildOptions, build
 from softprep.manifest import load_manifest
@@ -97,6 +98,25 @@ def test_the_logged_loss_and_kl_are_both_means_over_ranks_and_micro_batches(stor
     assert len(train) == 2
     for x in train:
         assert x["kl"] == pytest.approx(x["loss"], rel=1e-5), x
+
+
+@pytest.mark.slow
+def test_teacher_student_with_accumulation_trains_under_ddp(store, tmp_path):
+    """Two forwards per micro-batch (teacher, student), gradients synchronised on the last of
+    two micro-batches, crops larger than the images (32x64 at 1/8): the run ends with a
+    teacher unlike the student, and resuming it in one process continues it."""
+    out = tmp_path / "run"
+    r = torchrun("--store", store, "--out", out, "--batch-size", 1, "--accum", 2, "--iters", 2,
+                 "--labeled", "1/2", "--unlabeled-batch", 1, "--semi-esl", "--semi-ipix", "corr",
+                 *[a if a != "32x64" else "48x96" for a in COMMON])  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "of each crop is void padding" in r.stdout + r.stderr  # the banner's note
+    train = [x for x in read_metrics(out / "metrics.jsonl") if x["type"] == "train"]
+    assert [x["step"] for x in train] == [1, 2] and all(np.isfinite(x["loss"]) for x in train)
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["world_size"] == 2 and "teacher" in ckpt
+    assert any(not torch.equal(ckpt["model"][k], ckpt["teacher"][k]) for k in ckpt["model"])
+    assert fit(FitConfig.from_toml(out / "config.toml", iters=3), resume=True)["step"] == 3
 
 
 @pytest.mark.slow
