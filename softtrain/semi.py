@@ -128,10 +128,11 @@ def relation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> to
     return (1 - corr).mean()
 
 
-def strong_view(image: torch.Tensor, generator: torch.Generator):
-    """(B, 3, H, W) uint8 -> float 0..255 strong view: colour jitter (brightness, contrast,
-    saturation in [0.6, 1.4]), grayscale with p 0.2, 5x5 Gaussian blur (sigma 0.1..2) with
-    p 0.5; ``generator`` (CPU) draws every choice."""
+def strong_view(image: torch.Tensor, generator: torch.Generator, valid: torch.Tensor):
+    """(B, 3, H, W) uint8 -> float 0..255 strong view: colour jitter (brightness, contrast
+    about the mean of the image pixels ``valid`` (B, H, W) bool, saturation; each in
+    [0.6, 1.4]), grayscale with p 0.2, 5x5 Gaussian blur (sigma 0.1..2) with p 0.5;
+    ``generator`` (CPU) draws every choice."""
     b = image.shape[0]
     x = image.float()
 
@@ -142,7 +143,9 @@ def strong_view(image: torch.Tensor, generator: torch.Generator):
         1, keepdim=True
     )
     x = x * (0.6 + 0.8 * draw(b, 1, 1, 1))  # brightness
-    mean = x.mean((1, 2, 3), keepdim=True)
+    inside = valid[:, None].float()  # (B, 1, H, W)
+    pixels = 3 * inside.sum((2, 3), keepdim=True).clamp_min(1)
+    mean = (x * inside).sum((1, 2, 3), keepdim=True) / pixels  # the image's, not the padding's
     x = mean + (x - mean) * (0.6 + 0.8 * draw(b, 1, 1, 1))  # contrast
     x = gray + (x - gray) * (0.6 + 0.8 * draw(b, 1, 1, 1))  # saturation
     x = torch.where(draw(b, 1, 1, 1) < 0.2, x.mean(1, keepdim=True).expand_as(x), x)
@@ -244,7 +247,7 @@ class TeacherStudent(Supervised):
         g = torch.Generator().manual_seed(self.cfg.optim.seed * 1_000_003 + micro)
         with torch.no_grad():
             probs = upsample(forward(normalise(unlabeled), self.teacher), size).softmax(1)
-        strong = strong_view(unlabeled, g)
+        strong = strong_view(unlabeled, g, valid)
         if self.opts.cutmix and unlabeled.shape[0] > 1:
             box = cutmix_boxes(unlabeled.shape[0], size, g).to(unlabeled.device)[:, None]
             strong = torch.where(box, strong.roll(1, dims=0), strong)  # pasted from the previous

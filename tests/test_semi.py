@@ -282,3 +282,19 @@ def test_unsupervised_losses_ignore_padding():
     )
     inside = (logp[..., :8, :10], probs[..., :8, :10], valid[:, :8, :10])
     torch.testing.assert_close(loss(logp, probs, valid, "none"), loss(*inside, "none"))
+
+
+def test_the_strong_view_of_a_padded_crop_is_that_of_its_image():
+    """Colour jitter about the image's own mean: padding changes nothing inside the image
+    (away from the blur's 2-pixel reach into the padding)."""
+    from softtrain.semi import strong_view
+
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (4, 3, 20, 30), dtype=torch.uint8)
+    padded = torch.zeros(4, 3, 32, 48, dtype=torch.uint8)
+    padded[..., :20, :30] = image
+    valid = torch.zeros(4, 32, 48, dtype=torch.bool)
+    valid[:, :20, :30] = True
+    alone = strong_view(image, torch.Generator().manual_seed(3), torch.ones(4, 20, 30).bool())
+    inside = strong_view(padded, torch.Generator().manual_seed(3), valid)[..., :20, :30]
+    torch.testing.assert_close(inside[..., :18, :28], alone[..., :18, :28], rtol=0, atol=1e-3)
