@@ -109,8 +109,8 @@ class CropDataset(Dataset):
 
     Item ``i`` (one image per index; an epoch visits each image once) is a dict:
     ``image`` (3, h, w) uint8, ``index`` (K, h, w) uint8 class ids (255 = void),
-    ``prob`` (K, h, w) uint8 summing to 255, ``scale`` float, and where it came from:
-    ``item`` (image number in the store), ``origin`` (y0, x0) in the level, ``flipped``,
+    ``prob`` (K, h, w) uint8 summing to 255 (neither in a ``subset(labels=False)``),
+    ``scale`` float, and where it came from: ``item`` (image number in the store), ``origin`` (y0, x0) in the level, ``flipped``,
     ``size`` (h', w') of the image inside the crop. Crops larger than the level are padded
     at the bottom/right (left once flipped) with void and black: ``valid_mask``.
 
@@ -162,6 +162,7 @@ class CropDataset(Dataset):
                 )
         self.flip, self.cat_max_ratio, self.seed = flip, cat_max_ratio, seed
         self.k = store.k
+        self.labels = True  # items carry index/prob (``subset(..., labels=False)``: not)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -177,11 +178,15 @@ class CropDataset(Dataset):
             shares[s] = float(1 - inside.mean()) if len(hw) else 0.0
         return shares
 
-    def subset(self, items: np.ndarray, seed: int | None) -> CropDataset:
+    def subset(self, items: np.ndarray, seed: int | None, labels: bool = True) -> CropDataset:
         """The same crops restricted to store images ``items`` (e.g. the labelled share),
-        with their own ``seed``; the store is not checked again."""
+        with their own ``seed``; the store is not checked again. ``labels=False`` (the
+        unlabelled share): items hold no ``index``/``prob``, and no label is read, not even
+        to place the crop (``cat_max_ratio`` is off)."""
         other = copy.copy(self)
         other.items, other.seed = np.intersect1d(self.items, items), seed
+        if not labels:
+            other.labels, other.cat_max_ratio = False, 1.0
         return other
 
     def _window(self, rng, hw):
@@ -209,36 +214,40 @@ class CropDataset(Dataset):
         scale = self.scales[rng.choice(len(self.scales), p=self.weights)]
         store = self.lazy.store
         hw = self.hw[scale][i]
-        for _ in range(CAT_MAX_TRIES):
-            window = self._window(rng, hw)
+        window = self._window(rng, hw)
+        if self.labels:
             index, prob = store.read_soft(scale, i, window)
-            if self._balanced(index):
-                break
+            for _ in range(CAT_MAX_TRIES - 1):
+                if self._balanced(index):
+                    break
+                window = self._window(rng, hw)
+                index, prob = store.read_soft(scale, i, window)
         image = store.read_rgb(scale, i, window)
         ch, cw = self.crop
-        out_index = np.zeros((self.k, ch, cw), dtype=np.uint8)
-        out_prob = np.zeros((self.k, ch, cw), dtype=np.uint8)
-        out_image = np.zeros((ch, cw, 3), dtype=np.uint8)
-        out_index[0], out_prob[0] = VOID, TOTAL  # padding is void
-        h, w = window[2:]
-        out_index[:, :h, :w], out_prob[:, :h, :w], out_image[:h, :w] = index, prob, image
         flipped = bool(self.flip and rng.random() < 0.5)
-        if flipped:
-            out_index, out_prob, out_image = (
-                out_index[..., ::-1],
-                out_prob[..., ::-1],
-                out_image[:, ::-1],
-            )
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(out_image.transpose(2, 0, 1))),
-            "index": torch.from_numpy(np.ascontiguousarray(out_index)),
-            "prob": torch.from_numpy(np.ascontiguousarray(out_prob)),
+        out = {
+            "image": _padded(image.transpose(2, 0, 1), (ch, cw), 0, flipped),
             "scale": scale,
             "item": i,  # image number in the store
             "origin": torch.tensor(window[:2]),  # (y0, x0) of the crop in the level
             "flipped": flipped,
             "size": torch.tensor(window[2:]),  # (h', w') of the image in the crop
         }
+        if not self.labels:
+            return out
+        # padding is void: slot 0 holds VOID with all the mass
+        out["index"] = _padded(index, (ch, cw), VOID, flipped)
+        out["prob"] = _padded(prob, (ch, cw), TOTAL, flipped)
+        return out
+
+
+def _padded(a: np.ndarray, crop: tuple[int, int], first: int, flipped: bool) -> torch.Tensor:
+    """(C, h, w) uint8 -> (C, *crop) uint8 tensor: ``a`` at the top left, zeros elsewhere
+    (``first`` in channel 0), mirrored left-right if ``flipped``."""
+    out = np.zeros((a.shape[0], *crop), dtype=np.uint8)
+    out[0] = first
+    out[:, : a.shape[1], : a.shape[2]] = a
+    return torch.from_numpy(np.ascontiguousarray(out[..., ::-1] if flipped else out))
 
 
 def valid_mask(size: torch.Tensor, flipped: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:

@@ -201,7 +201,7 @@ class TeacherStudent(Supervised):
         rest = np.union1d(rest, train.items[~in_train])
         self.train_on_labels(labelled)  # class weights count the labelled share only
         self.labelled = train.subset(labelled, cfg.optim.seed)
-        self.unlabelled = train.subset(rest, cfg.optim.seed + 1)
+        self.unlabelled = train.subset(rest, cfg.optim.seed + 1, labels=False)  # never read
         self.per_rank = cfg.semi.unlabeled_batch or cfg.optim.batch_size
         if len(self.unlabelled) < self.per_rank * ranks.world:
             raise ValueError(

@@ -298,3 +298,17 @@ def test_the_strong_view_of_a_padded_crop_is_that_of_its_image():
     alone = strong_view(image, torch.Generator().manual_seed(3), torch.ones(4, 20, 30).bool())
     inside = strong_view(padded, torch.Generator().manual_seed(3), valid)[..., :20, :30]
     torch.testing.assert_close(inside[..., :18, :28], alone[..., :18, :28], rtol=0, atol=1e-3)
+
+
+def test_the_unlabelled_share_never_reads_a_label(store, tmp_path, monkeypatch):
+    """Not to place a crop either: --cat-max-ratio moved unlabelled crops by their labels."""
+    read = []
+    real = SoftStore.read_soft
+    monkeypatch.setattr(SoftStore, "read_soft", lambda s, *a: read.append(a[1]) or real(s, *a))
+    cfg = semi_config(store, tmp_path / "r", cat_max_ratio=0.3, labeled="1/4")
+    with ExitStack() as cleanup:
+        regime = open_inputs(cfg, Ranks(), False, False, cleanup).regime
+        for _, batch in zip(range(4), regime.batches(0, cleanup)):
+            assert batch["unlabeled"].shape[0] == 2
+    assert read and set(read) <= set(regime.labelled.items)
+    assert not set(read) & set(regime.unlabelled.items)
