@@ -25,7 +25,7 @@ import torch
 from softprep.store import SoftStore
 from softtrain.config import REGIMES, FitConfig
 from softtrain.data import CropDataset
-from softtrain.distributed import Ranks
+from softtrain.distributed import Ranks, share_buffers
 from softtrain.loader import batches, run_loader
 from softtrain.losses import LossOutput
 
@@ -77,7 +77,9 @@ class Regime:
         """After optimiser step ``step`` (0-based): the EMA follows, with momentum warmed up
         as min(m, 1 - 1 / (step + 1))."""
         if self.ema is not None:
-            ema_update(self.ema, model, min(self.cfg.optim.ema, 1 - 1 / (step + 1)))
+            ema_follow(
+                self.ema, model, min(self.cfg.optim.ema, 1 - 1 / (step + 1)), self.data.ranks
+            )
 
     def state(self) -> dict:
         """Saved in every checkpoint, next to the model (top-level keys)."""
@@ -103,6 +105,14 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, momentum: flo
             t.mul_(momentum).add_(s, alpha=1 - momentum)
         else:
             t.copy_(s)
+
+
+def ema_follow(teacher, student, momentum: float, ranks: Ranks) -> None:
+    """``ema_update``, then rank 0's teacher buffers on every rank: under DDP each rank's
+    student keeps BatchNorm statistics of its own crops, and checkpoints (and so a resume)
+    hold rank 0's teacher alone."""
+    ema_update(teacher, student, momentum)
+    share_buffers(ranks, teacher)
 
 
 def make_regime(cfg: FitConfig, data: RunData) -> Regime:

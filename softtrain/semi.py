@@ -37,7 +37,7 @@ from softtrain.config import FitConfig
 from softtrain.data import normalise, valid_mask
 from softtrain.loader import batches, run_loader
 from softtrain.losses import LossOutput
-from softtrain.regime import Forward, RunData, ema_update
+from softtrain.regime import Forward, RunData, ema_follow
 from softtrain.supervised import Supervised, upsample
 
 EPS = 1e-8
@@ -265,7 +265,7 @@ class TeacherStudent(Supervised):
         """The EMA with momentum min(ema, 1 - 1 / (step + 1)), so the teacher does not keep
         the random initial weights (and BatchNorm statistics) for the first ~1 / (1 - ema)
         steps."""
-        ema_update(self.teacher, model, min(self.opts.ema, 1 - 1 / (step + 1)))
+        ema_follow(self.teacher, model, min(self.opts.ema, 1 - 1 / (step + 1)), self.data.ranks)
 
     def state(self) -> dict:
         return {"teacher": self.teacher.state_dict()}

@@ -17,7 +17,8 @@ from softtrain.data import valid_mask
 from softtrain.distributed import Ranks
 from softtrain.evaluate import model_from_checkpoint
 from softtrain.fit import _prepare, fit, open_inputs
-from softtrain.semi import dynamic_soft_labels, ema_update, partition, relation_loss
+from softtrain.regime import ema_update
+from softtrain.semi import dynamic_soft_labels, partition, relation_loss
 
 
 @pytest.fixture(scope="module")
