@@ -2,13 +2,25 @@
 per image, each with probability 1/2, brightness + U(-32, 32); contrast x U(0.5, 1.5)
 (before or after the colour steps, with probability 1/2 each); saturation x U(0.5, 1.5)
 and hue + U{-18..18} of 180 (in HSV), every step clipped to 0..255. Drawn from a CPU
-``generator`` (seeded per micro-batch by ``fit``, so a resumed run draws the same), applied
-on the device to the whole batch.
+``generator`` (``draws``: seeded per purpose, rank and micro-batch, so a resumed run draws
+the same), applied on the device to the whole batch.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+PHOTOMETRIC, STRONG_VIEW = 1, 2  # the purposes ``draws`` seeds apart
+
+
+def draws(seed: int, purpose: int, rank: int, micro: int) -> torch.Generator:
+    """A CPU generator for one micro-batch's random augmentation: independent streams for
+    every (``--seed``, purpose, rank, micro-batch), so ranks (which hold other images) and
+    purposes (the labelled crops' distortion, the unlabelled crops' strong view) never
+    share their draws."""
+    state = np.random.SeedSequence([seed, purpose, rank, micro]).generate_state(1, np.uint64)
+    return torch.Generator().manual_seed(int(state[0]))
 
 
 def photometric(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -165,7 +165,7 @@ class OptimOptions:
         0.0, "Weight EMA of the model, evaluated and saved as best.pt (e.g. 0.9999; 0: off).",
         minimum=0.0,
     )  # fmt: skip
-    seed: int = option(0, "Random seed.")
+    seed: int = option(0, "Random seed.", minimum=0)
 
     def __post_init__(self):
         _check(self)

@@ -27,7 +27,7 @@ import torch
 
 from softprep.store import SoftStore, StoreError, scale_label
 from softtrain import distributed
-from softtrain.augment import photometric
+from softtrain.augment import PHOTOMETRIC, draws, photometric
 from softtrain.checkpoint import (
     CheckpointError,
     RunCheckpoints,
@@ -210,7 +210,7 @@ def _fit(cfg: FitConfig, ranks, resume, overwrite, on_log, on_eval, on_start, cl
             if distributed.any_rank(ranks, stop["signum"] is not None):
                 save()
                 raise Interrupted(stop["signum"] or signal.SIGTERM, step, out)
-            batch = _prepare(batch, micro, cfg, ranks.device)
+            batch = _prepare(batch, micro, cfg, ranks.device, ranks.rank)
             result, value = _backward(regime, forward, stepper, batch, step, micro, cfg, ranks)
             micro += 1
             meter.saw(batch["image"].shape[0] * ranks.world)
@@ -375,13 +375,13 @@ def _next(batches, stop: dict) -> dict | None:
         return None
 
 
-def _prepare(batch: dict, micro: int, cfg: FitConfig, device: torch.device) -> dict:
+def _prepare(batch: dict, micro: int, cfg: FitConfig, device: torch.device, rank: int) -> dict:
     """Tensors on ``device``: ``colour`` (B, 3, h, w) uint8 as loaded, ``image`` float32
-    normalised (after the photometric distortion, seeded by the micro-batch, if asked)."""
+    normalised (after the photometric distortion, seeded by rank and micro-batch, if asked)."""
     moved = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
     moved["colour"] = image = moved["image"]
     if cfg.data.photometric:
-        image = photometric(image, torch.Generator().manual_seed(cfg.optim.seed * 7_919 + micro))
+        image = photometric(image, draws(cfg.optim.seed, PHOTOMETRIC, rank, micro))
     moved["image"] = normalise(image)
     if cfg.speed.channels_last:
         moved["image"] = moved["image"].contiguous(memory_format=torch.channels_last)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from softtrain.augment import STRONG_VIEW, draws
 from softtrain.config import FitConfig
 from softtrain.data import normalise, valid_mask
 from softtrain.loader import batches, run_loader
@@ -244,7 +245,7 @@ class TeacherStudent(Supervised):
         image, unlabeled, index = batch["image"], batch["unlabeled"], batch["index"]
         size = tuple(unlabeled.shape[-2:])
         valid = valid_mask(batch["unlabeled_size"], batch["unlabeled_flipped"], size)
-        g = torch.Generator().manual_seed(self.cfg.optim.seed * 1_000_003 + micro)
+        g = draws(self.cfg.optim.seed, STRONG_VIEW, self.data.ranks.rank, micro)
         with torch.no_grad():
             probs = upsample(forward(normalise(unlabeled), self.teacher), size).softmax(1)
         strong = strong_view(unlabeled, g, valid)

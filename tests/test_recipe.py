@@ -91,6 +91,28 @@ def test_photometric_distortion_is_seeded_and_its_hsv_is_colorsys():
     assert a.min() >= 0 and a.max() <= 255 and a.shape == image.shape
 
 
+def test_augmentation_draws_differ_by_seed_purpose_rank_and_micro_batch():
+    """Ranks hold other images: their distortions must differ too; the labelled crops'
+    distortion and the unlabelled crops' strong view must not share draws (with --seed 0
+    both were seeded by the micro-batch number alone)."""
+    from softtrain.augment import PHOTOMETRIC, STRONG_VIEW, draws
+    from softtrain.config import FitConfig
+    from softtrain.fit import _prepare
+
+    def first(*key):
+        return torch.rand(8, generator=draws(*key))
+
+    base = first(0, PHOTOMETRIC, 0, 5)
+    assert torch.equal(base, first(0, PHOTOMETRIC, 0, 5))  # a resume draws the same
+    for other in [(1, PHOTOMETRIC, 0, 5), (0, STRONG_VIEW, 0, 5), (0, PHOTOMETRIC, 1, 5),
+                  (0, PHOTOMETRIC, 0, 6)]:  # fmt: skip
+        assert not torch.equal(base, first(*other)), other
+    cfg = FitConfig.of(store="x", photometric=True)
+    batch = {"image": torch.full((4, 3, 8, 8), 128, dtype=torch.uint8)}
+    ranks = [_prepare(dict(batch), 0, cfg, torch.device("cpu"), r)["image"] for r in (0, 1, 0)]
+    assert torch.equal(ranks[0], ranks[2]) and not torch.equal(ranks[0], ranks[1])
+
+
 def lraspp(num_classes):
     """A user's model: torchvision's LR-ASPP (returns a dict, logits at stride 8)."""
     from torchvision.models.segmentation import lraspp_mobilenet_v3_large

@@ -246,7 +246,7 @@ def test_unlabelled_padding_is_marked_and_cutmix_carries_it(padded_store, tmp_pa
             valid = valid_mask(batch["unlabeled_size"], batch["unlabeled_flipped"], (48, 96))
             assert valid.shape == (3, 48, 96) and not valid.all()
             assert torch.equal(valid, image.amax(1) > 0)  # black only on padding
-            prepared = _prepare(batch, micro, cfg, torch.device("cpu"))
+            prepared = _prepare(batch, micro, cfg, torch.device("cpu"), 0)
             regime.loss(lambda x, module=None: (module or model)(x), prepared, 0, micro)
             box = boxes[-1]
             assert torch.equal(seen[-1], torch.where(box, valid.roll(1, dims=0), valid))
