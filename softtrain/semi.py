@@ -130,26 +130,31 @@ def relation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> to
 
 
 def strong_view(image: torch.Tensor, generator: torch.Generator, valid: torch.Tensor):
-    """(B, 3, H, W) uint8 -> float 0..255 strong view: colour jitter (brightness, contrast
-    about the mean of the image pixels ``valid`` (B, H, W) bool, saturation; each in
-    [0.6, 1.4]), grayscale with p 0.2, 5x5 Gaussian blur (sigma 0.1..2) with p 0.5;
-    ``generator`` (CPU) draws every choice."""
+    """(B, 3, H, W) uint8 -> float 0..255 strong view: colour jitter as torchvision's
+    (brightness; contrast about the mean grey of the image pixels ``valid`` (B, H, W) bool;
+    saturation against the current grey; each factor in [0.6, 1.4], clamped after each),
+    grayscale (luma) with p 0.2, 5x5 Gaussian blur (sigma 0.1..2) with p 0.5; ``generator``
+    (CPU) draws every choice."""
     b = image.shape[0]
     x = image.float()
 
     def draw(*shape):
         return torch.rand(*shape, generator=generator).to(image.device)
 
-    gray = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(
-        1, keepdim=True
-    )
-    x = x * (0.6 + 0.8 * draw(b, 1, 1, 1))  # brightness
+    weights = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
+
+    def luma(x):  # (B, 1, H, W): the grey of the image as it is now
+        return (x * weights).sum(1, keepdim=True)
+
+    x = (x * (0.6 + 0.8 * draw(b, 1, 1, 1))).clamp(0, 255)  # brightness
     inside = valid[:, None].float()  # (B, 1, H, W)
-    pixels = 3 * inside.sum((2, 3), keepdim=True).clamp_min(1)
-    mean = (x * inside).sum((1, 2, 3), keepdim=True) / pixels  # the image's, not the padding's
-    x = mean + (x - mean) * (0.6 + 0.8 * draw(b, 1, 1, 1))  # contrast
-    x = gray + (x - gray) * (0.6 + 0.8 * draw(b, 1, 1, 1))  # saturation
-    x = torch.where(draw(b, 1, 1, 1) < 0.2, x.mean(1, keepdim=True).expand_as(x), x)
+    mean = (luma(x) * inside).sum((2, 3), keepdim=True) / inside.sum(
+        (2, 3), keepdim=True
+    ).clamp_min(1)
+    x = (mean + (x - mean) * (0.6 + 0.8 * draw(b, 1, 1, 1))).clamp(0, 255)  # contrast
+    grey = luma(x)
+    x = (grey + (x - grey) * (0.6 + 0.8 * draw(b, 1, 1, 1))).clamp(0, 255)  # saturation
+    x = torch.where(draw(b, 1, 1, 1) < 0.2, luma(x).expand_as(x), x)  # grayscale
     sigma = 0.1 + 1.9 * draw(b)
     taps = torch.arange(-2, 3, device=x.device).float()
     kernel = torch.exp(-(taps[None] ** 2) / (2 * sigma[:, None] ** 2))

@@ -313,3 +313,28 @@ def test_the_unlabelled_share_never_reads_a_label(store, tmp_path, monkeypatch):
             assert batch["unlabeled"].shape[0] == 2
     assert read and set(read) <= set(regime.labelled.items)
     assert not set(read) & set(regime.unlabelled.items)
+
+
+def test_the_strong_views_colour_jitter_is_torchvisions():
+    """Brightness, contrast, saturation against torchvision's functional ops (the oracle),
+    with the factors the generator drew (seeds where grayscale and blur are not drawn)."""
+    tvf = pytest.importorskip("torchvision.transforms.v2.functional")
+    from softtrain.semi import strong_view
+
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (1, 3, 16, 20), dtype=torch.uint8)
+    checked = 0
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        r = [float(torch.rand(1, 1, 1, 1, generator=g)) for _ in range(4)]
+        sigma_and_blur = torch.rand(1, generator=g), float(torch.rand(1, 1, 1, 1, generator=g))
+        if r[3] < 0.2 or sigma_and_blur[1] < 0.5:
+            continue  # grayscale or blur drawn
+        ours = strong_view(image, torch.Generator().manual_seed(seed), torch.ones(1, 16, 20).bool())
+        x = image.float() / 255
+        x = tvf.adjust_brightness(x, 0.6 + 0.8 * r[0])
+        x = tvf.adjust_contrast(x, 0.6 + 0.8 * r[1])
+        x = tvf.adjust_saturation(x, 0.6 + 0.8 * r[2])
+        torch.testing.assert_close(ours / 255, x, rtol=0, atol=2e-3)
+        checked += 1
+    assert checked >= 5
