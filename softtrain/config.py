@@ -298,11 +298,13 @@ class SemiOptions:
         0, "Unlabelled crops per step and GPU (0: --batch-size).", key="unlabeled_batch",
         minimum=0,
     )  # fmt: skip
-    threshold: float = option(0.95, "Teacher confidence for hard pseudo-labels.")
+    threshold: float = option(
+        0.95, "Teacher confidence for hard pseudo-labels, in [0, 1].", minimum=0.0
+    )
     esl: bool = option(False, "ESL dynamic soft labels below the threshold.")
-    esl_weight: float = option(0.2, "Weight of the ESL term.")
+    esl_weight: float = option(0.2, "Weight of the ESL term.", minimum=0.0)
     ipix: str = option("none", "IPixMatch inter-pixel loss.", choices=IPIX)
-    ipix_weight: float = option(1.0, "Weight of the inter-pixel loss.")
+    ipix_weight: float = option(1.0, "Weight of the inter-pixel loss.", minimum=0.0)
     ipix_pixels: int = option(256, "Pixels sampled for it.", minimum=1)
     ema: float = option(0.999, "Teacher EMA momentum, in [0, 1).", minimum=0.0)
     cutmix: bool = option(True, "CutMix in the strong view.")
@@ -315,6 +317,8 @@ class SemiOptions:
         _check(self)
         if not self.ema < 1:
             raise ValueError("--semi-ema must be in [0, 1)")
+        if self.threshold > 1:  # no pixel would ever be confident
+            raise ValueError(f"--semi-threshold must be in [0, 1], got {self.threshold}")
 
 
 SECTIONS = {

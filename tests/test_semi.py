@@ -338,3 +338,13 @@ def test_the_strong_views_colour_jitter_is_torchvisions():
         torch.testing.assert_close(ours / 255, x, rtol=0, atol=2e-3)
         checked += 1
     assert checked >= 5
+
+
+@pytest.mark.parametrize(
+    "option, value, why",
+    [("semi_threshold", 1.5, "must be in \\[0, 1\\]"), ("semi_esl_weight", -1.0, "must be at least 0"),
+     ("semi_ipix_weight", -3.0, "must be at least 0")],
+)  # fmt: skip
+def test_semi_options_that_would_do_nothing_or_ascend_the_loss_are_refused(option, value, why):
+    with pytest.raises(ValueError, match=f"--{option.replace('_', '-')} {why}"):
+        FitConfig.of(store="x", **{option: value})
