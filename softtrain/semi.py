@@ -87,6 +87,8 @@ def partition(
         if len(found) > 1:
             ambiguous.append(f"line {number} '{base}'")
         (wanted if found else missing).extend(found or [f"line {number} '{base}'"])
+    if not wanted and not missing:
+        raise ValueError(f"{path}: a partition list file that names no image")
     if missing:
         raise ValueError(
             f"{path}: {len(missing)} name(s) match no training image, e.g. "
@@ -198,6 +200,11 @@ class TeacherStudent(Supervised):
     def __init__(self, cfg: FitConfig, data: RunData):
         super().__init__(cfg, data)
         self.opts = cfg.semi
+        if not cfg.semi.labeled:
+            raise ValueError(
+                "--regime teacher-student needs --labeled: the labelled share, a fraction "
+                "(1/8) or a partition list file"
+            )
         train, ranks, store = data.train, data.ranks, data.store
         in_train = store.split_of()[train.items] == "train"
         labelled, rest = partition(

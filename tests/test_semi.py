@@ -198,6 +198,7 @@ def test_partition_lists_match_whole_names_never_prefixes(tmp_path):
         ("100.jpg\n", "match no training image"),  # "10" is a prefix of it: no match
         ("1\n3.jpg\n", "match no training image"),
         ("7.png\n", "several training images"),  # c/7 and d/7
+        ("\n\n", "names no image"),  # an empty list: blamed on the file, not the store
     ]:
         listing.write_text(text)
         with pytest.raises(ValueError, match=why):
@@ -208,6 +209,12 @@ def test_partition_lists_match_whole_names_never_prefixes(tmp_path):
 def test_labeled_fractions_outside_the_unit_interval_are_sentences(bad):
     with pytest.raises(ValueError, match=r"not a fraction in \(0, 1\]"):
         partition(np.array(["a", "b"]), np.arange(2), bad, 0)
+
+
+def test_teacher_student_without_labeled_names_the_option(store, tmp_path):
+    cfg = semi_config(store, tmp_path / "r", labeled="", regime="teacher-student")
+    with ExitStack() as cleanup, pytest.raises(ValueError, match="needs --labeled"):
+        open_inputs(cfg, Ranks(), False, False, cleanup)
 
 
 @pytest.fixture(scope="module")
