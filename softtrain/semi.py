@@ -39,7 +39,7 @@ from softtrain.data import normalise, valid_mask
 from softtrain.loader import batches, run_loader
 from softtrain.losses import LossOutput
 from softtrain.regime import Forward, RunData, ema_follow
-from softtrain.supervised import Supervised, upsample
+from softtrain.supervised import Supervised, image_pixels, upsample
 
 EPS = 1e-8
 
@@ -271,7 +271,9 @@ class TeacherStudent(Supervised):
         unsupervised = self.unsupervised(upsample(strong_logits, size).log_softmax(1), probs,
                                          valid, step, g)  # fmt: skip
         logits = upsample(labelled_logits, index.shape[-2:])
-        out = self.criterion(logits, index, batch["prob"], batch["colour"], step)
+        out = self.criterion(
+            logits, index, batch["prob"], batch["colour"], step, image_pixels(batch)
+        )
         return LossOutput(out.loss + unsupervised, out.kl, out.kept)
 
     def after_step(self, model: torch.nn.Module, step: int) -> None:

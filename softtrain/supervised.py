@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from softtrain.data import valid_mask
 from softtrain.losses import LossOutput, class_weights
 from softtrain.regime import Forward, Regime
 from softtrain.weak_losses import training_loss
@@ -31,7 +32,15 @@ class Supervised(Regime):
     def loss(self, forward: Forward, batch: dict, step: int, micro: int) -> LossOutput:
         index = batch["index"]
         logits = upsample(forward(batch["image"]), index.shape[-2:])
-        return self.criterion(logits, index, batch["prob"], batch["colour"], step)
+        return self.criterion(
+            logits, index, batch["prob"], batch["colour"], step, image_pixels(batch)
+        )
+
+
+def image_pixels(batch: dict):
+    """(B, h, w) bool: the labelled crops' image pixels (``valid_mask``), which the weak
+    losses keep to (their padding is void, that is "unlabelled", to them)."""
+    return valid_mask(batch["size"], batch["flipped"], tuple(batch["index"].shape[-2:]))
 
 
 def upsample(logits, size):

@@ -21,7 +21,9 @@ w_pq = exp(-||I_p - I_q||^2 / (2 sigma^2)) on 0..255 colour:
   eta * H(y, s) + lambda * sum w P(y).
 
 Pair terms are averaged per pixel (the paper sums them), so lambda does not depend on the
-crop size. Everything here runs in float32 on the training device, batched.
+crop size. ``valid`` (B, H, W) bool marks image pixels (``softtrain.data.valid_mask``; None:
+all): the padding of a crop larger than its image is in no pair, no H term and no average.
+Everything here runs in float32 on the training device, batched.
 """
 
 from __future__ import annotations
@@ -49,14 +51,33 @@ def _pair(x: torch.Tensor, dy: int, dx: int) -> tuple[torch.Tensor, torch.Tensor
     return p, q
 
 
-def affinities(image: torch.Tensor, sigma: float, neighbours: int = 4) -> list[torch.Tensor]:
-    """w_pq per neighbour direction: list of (B, H', W') float32 from (B, 3, H, W) colour."""
+def affinities(
+    image: torch.Tensor, sigma: float, neighbours: int = 4, valid: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """w_pq per neighbour direction: list of (B, H', W') float32 from (B, 3, H, W) colour;
+    0 for a pair with a pixel outside ``valid``."""
     image = image.float()
     out = []
     for dy, dx in _shifts(neighbours):
         p, q = _pair(image, dy, dx)
-        out.append(torch.exp(-((p - q) ** 2).sum(1) / (2 * sigma**2)))
+        w = torch.exp(-((p - q) ** 2).sum(1) / (2 * sigma**2))
+        if valid is not None:
+            vp, vq = _pair(valid, dy, dx)
+            w = w * (vp & vq)
+        out.append(w)
     return out
+
+
+def _pixels(valid: torch.Tensor | None, like: torch.Tensor):
+    """The pixels averaged over: ``valid``'s count, else every pixel of ``like`` (B, C, H, W)."""
+    if valid is None:
+        return like.shape[0] * like.shape[-2] * like.shape[-1]
+    return valid.sum().clamp_min(1)
+
+
+def _mean(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """(B, H, W) -> their mean over ``valid`` (all if None)."""
+    return values.mean() if valid is None else (values * valid).sum() / valid.sum().clamp_min(1)
 
 
 def potts_pairs(kind: str, yp: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
@@ -79,13 +100,15 @@ def potts_pairs(kind: str, yp: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown Potts relaxation '{kind}'")
 
 
-def potts(y: torch.Tensor, weights: list[torch.Tensor], kind: str, neighbours: int = 4):
-    """sum over neighbour pairs of w_pq P(y_p, y_q), per pixel of the batch (a scalar)."""
+def potts(y: torch.Tensor, weights: list[torch.Tensor], kind: str, neighbours: int = 4,
+          valid: torch.Tensor | None = None):  # fmt: skip
+    """sum over neighbour pairs of w_pq P(y_p, y_q), per pixel of the batch (a scalar; per
+    ``valid`` pixel, whose ``weights`` leave the padding out)."""
     total = y.new_zeros(())
     for (dy, dx), w in zip(_shifts(neighbours), weights):
         p, q = _pair(y, dy, dx)
         total = total + (w * potts_pairs(kind, p, q)).sum()
-    return total / (y.shape[0] * y.shape[-2] * y.shape[-1])
+    return total / _pixels(valid, y)
 
 
 def xent(y: torch.Tensor, s: torch.Tensor, kind: str) -> torch.Tensor:
@@ -99,7 +122,7 @@ def xent(y: torch.Tensor, s: torch.Tensor, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown cross-entropy '{kind}'")
 
 
-def solve_pseudo_labels(logits, target, labelled, weights, opts: WeakOptions) -> torch.Tensor:
+def solve_pseudo_labels(logits, target, labelled, weights, opts: WeakOptions, valid=None):
     """Soft pseudo-labels y (B, C, H, W) for a fixed network: gradient descent on z with
     y = softmax(z), from z = logits, minimising eta * mean H(y, s) + lam * Potts(y); pixels
     where ``labelled`` (B, H, W) keep ``target`` (B, C, H, W) throughout. Detached.
@@ -112,15 +135,15 @@ def solve_pseudo_labels(logits, target, labelled, weights, opts: WeakOptions) ->
     s = logits.detach().float().softmax(1)
     z = logits.detach().float().clone()
     keep = labelled.unsqueeze(1)
-    pixels = labelled.numel()  # the objective is a sum over pixels, as in the paper
+    pixels = _pixels(valid, z)  # the objective is a sum over pixels, as in the paper
     step = torch.tensor(opts.step_lr, device=z.device)
     best = (torch.tensor(math.inf, device=z.device), z, torch.zeros_like(z))
     for _ in range(opts.steps):
         with torch.enable_grad():
             z.requires_grad_(True)
             y = torch.where(keep, target, z.softmax(1))
-            objective = opts.eta * xent(y, s, opts.xent).mean() + opts.lam * potts(
-                y, weights, opts.potts, opts.neighbours
+            objective = opts.eta * _mean(xent(y, s, opts.xent), valid) + opts.lam * potts(
+                y, weights, opts.potts, opts.neighbours, valid
             )
             (grad,) = torch.autograd.grad(objective * pixels, z)
         with torch.no_grad():
@@ -139,39 +162,41 @@ def weak_loss(
     opts: WeakOptions,
     mc: str = "include",
     kind: str = "soft",
+    valid: torch.Tensor | None = None,
     **labelled,
 ) -> LossOutput:
     """The weak-supervision loss of a batch. ``logits`` (B, C, H, W) at the label size;
     ``index``/``prob`` (B, K, H, W) uint8 soft labels (void where unlabelled); ``image``
     (B, 3, H, W) uint8 colour at the same size; ``kind``: the labelled pixels' loss
     (``soft`` or ``ce-hard``), ``labelled``: its class weights and OHEM
-    (``soft_label_loss``). ``kl`` reports the labelled pixels' KL."""
+    (``soft_label_loss``); ``valid`` (B, H, W) bool the image pixels (None: all). ``kl``
+    reports the labelled pixels' KL."""
     labelled_part = soft_label_loss(logits, index, prob, kind, mc, **labelled)
     if opts.loss == "none":
         return labelled_part
     s = logits.float().softmax(1)
     if opts.loss == "potts":
-        weights = affinities(image, opts.sigma, opts.neighbours)
-        extra = opts.lam * potts(s, weights, opts.potts, opts.neighbours)
+        weights = affinities(image, opts.sigma, opts.neighbours, valid)
+        extra = opts.lam * potts(s, weights, opts.potts, opts.neighbours, valid)
     else:
-        y, _ = pseudo_labels(logits, index, prob, image, opts)
-        extra = opts.eta * xent(y, s, opts.xent).mean()
+        y, _ = pseudo_labels(logits, index, prob, image, opts, valid)
+        extra = opts.eta * _mean(xent(y, s, opts.xent), valid)
     return LossOutput(labelled_part.loss + extra, labelled_part.kl, labelled_part.kept)
 
 
-def pseudo_labels(logits, index, prob, image, opts: WeakOptions):
+def pseudo_labels(logits, index, prob, image, opts: WeakOptions, valid=None):
     """A batch's soft pseudo-labels for the fixed network (``solve_pseudo_labels``):
     (B, C, H, W) float32, and (B, H, W) bool the labelled pixels (more than half of their
     mass non-void), where they are the label. Arguments as for ``weak_loss``."""
     q, void = densify(index, prob, logits.shape[1])
     labelled = void <= 0.5
     target = q / (1 - void).clamp_min(EPS).unsqueeze(1)
-    weights = affinities(image, opts.sigma, opts.neighbours)
-    return solve_pseudo_labels(logits, target, labelled, weights, opts), labelled
+    weights = affinities(image, opts.sigma, opts.neighbours, valid)
+    return solve_pseudo_labels(logits, target, labelled, weights, opts, valid), labelled
 
 
 def training_loss(cfg: FitConfig, class_weights: torch.Tensor | None = None):
-    """The supervised loss: ``loss(logits, index, prob, image, step) -> LossOutput``;
+    """The supervised loss: ``loss(logits, index, prob, image, step, valid) -> LossOutput``;
     a weak regime adds its term from step ``--weak-start`` on (CE on the labelled pixels
     before, as the paper initialises the network). ``--loss``, ``class_weights`` (C,) and
     OHEM apply throughout."""
@@ -179,9 +204,9 @@ def training_loss(cfg: FitConfig, class_weights: torch.Tensor | None = None):
     ohem = (cfg.optim.ohem_thresh, cfg.optim.ohem_min_kept) if cfg.optim.ohem_thresh else None
     labelled = dict(class_weights=class_weights, ohem=ohem)
 
-    def loss(logits, index, prob, image, step: int) -> LossOutput:
+    def loss(logits, index, prob, image, step: int, valid=None) -> LossOutput:
         if weak.loss == "none" or step < weak.start:
             return soft_label_loss(logits, index, prob, kind, mc, **labelled)
-        return weak_loss(logits, index, prob, image, weak, mc, kind, **labelled)
+        return weak_loss(logits, index, prob, image, weak, mc, kind, valid, **labelled)
 
     return loss

@@ -308,3 +308,28 @@ def test_blocks_and_strokes_equal_their_dense_definitions():
         full = dilation(lines, footprint_rectangle((width, width)))
         separable = dilation(lines, footprint_rectangle((width, width), decomposition="separable"))
         assert np.array_equal(full, separable), width
+
+
+@pytest.mark.parametrize("kind", ["potts", "self-label"])
+def test_weak_losses_leave_the_padding_of_a_crop_out(kind):
+    """A crop larger than its image: the weak loss of the padded crop (padding void, black,
+    any logits) equals the loss of the image alone, pairs, H term and averages included."""
+    torch.manual_seed(0)
+    b, c, h, w, ph, pw = 2, 4, 12, 14, 18, 20
+    image = torch.randint(1, 256, (b, 3, h, w), dtype=torch.uint8)
+    index = torch.full((b, 1, h, w), VOID, dtype=torch.uint8)
+    index[:, 0, 3:5, 2:9] = 1  # a scribble of class 1, one of class 2
+    index[:, 0, 8, 4:12] = 2
+    prob = torch.full_like(index, 255)
+    logits = torch.randn(b, c, h, w)
+    padded = [torch.zeros(b, 3, ph, pw, dtype=torch.uint8), torch.full((b, 1, ph, pw), VOID,
+              dtype=torch.uint8), torch.full((b, 1, ph, pw), 255, dtype=torch.uint8),
+              3 * torch.randn(b, c, ph, pw)]  # fmt: skip
+    for big, small in zip(padded, (image, index, prob, logits)):
+        big[..., :h, :w] = small
+    valid = torch.zeros(b, ph, pw, dtype=torch.bool)
+    valid[:, :h, :w] = True
+    opts = WeakOptions(kind, steps=20)
+    alone = weak_loss(logits, index, prob, image, opts)
+    inside = weak_loss(padded[3], padded[1], padded[2], padded[0], opts, valid=valid)
+    torch.testing.assert_close(inside.loss, alone.loss, rtol=1e-4, atol=1e-6)
