@@ -396,6 +396,15 @@ class FitConfig:
     def __post_init__(self):
         if not self.data.store:
             raise ValueError("give --store STORE (or --config run/config.toml)")
+        if self.regime != "teacher-student":  # its options would be ignored, silently
+            given = [f"--{key_of(SemiOptions, f).replace('_', '-')}" for f in fields(SemiOptions)
+                     if getattr(self.semi, f.name) != f.default]  # fmt: skip
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)}: options of the teacher-student regime, which a "
+                    f"{self.regime} run ignores; drop them, or train teacher-student (--labeled "
+                    "with --regime auto or teacher-student)"
+                )
 
     @classmethod
     def of(cls, **flat) -> FitConfig:

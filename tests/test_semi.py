@@ -270,7 +270,8 @@ def test_unsupervised_losses_ignore_padding():
     from softtrain.semi import TeacherStudent
 
     torch.manual_seed(0)
-    cfg = FitConfig.of(store="x", semi_esl=True, semi_ipix="corr", semi_threshold=0.5)
+    cfg = FitConfig.of(store="x", labeled="1/2", semi_esl=True, semi_ipix="corr",
+                       semi_threshold=0.5)  # fmt: skip
     regime = SimpleNamespace(opts=cfg.semi, cfg=cfg)
     logp = torch.randn(2, 5, 12, 16).log_softmax(1)
     probs = (3 * torch.randn(2, 5, 12, 16)).softmax(1)
@@ -354,4 +355,12 @@ def test_the_strong_views_colour_jitter_is_torchvisions():
 )  # fmt: skip
 def test_semi_options_that_would_do_nothing_or_ascend_the_loss_are_refused(option, value, why):
     with pytest.raises(ValueError, match=f"--{option.replace('_', '-')} {why}"):
-        FitConfig.of(store="x", **{option: value})
+        FitConfig.of(store="x", labeled="1/2", **{option: value})
+
+
+def test_teacher_student_options_of_a_supervised_run_are_refused_not_ignored():
+    for flat in [dict(semi_esl=True), dict(regime="supervised", labeled="1/8"),
+                 dict(unlabeled_batch=4, semi_ipix="kl")]:  # fmt: skip
+        with pytest.raises(ValueError, match="options of the teacher-student regime"):
+            FitConfig.of(store="x", **flat)
+    assert FitConfig.of(store="x", labeled="1/8", semi_esl=True).regime == "teacher-student"

@@ -65,17 +65,15 @@ def main() -> None:
         build(cityscapes, labelled_only(root, full, args.labeled, 0, tmp / "few"), few, opts)
         common = dict(
             model="deeplabv3plus_r18", crop="64x128", batch_size=4, iters=args.steps, lr=0.02,
-            workers=2, device=args.device, semi_ema=0.99, semi_threshold=0.9,
+            workers=2, device=args.device,
         )  # fmt: skip
+        semi = dict(store=full, labeled=args.labeled, semi_ema=0.99, semi_threshold=0.9)
         runs = [
             ("every image labelled (upper bound)", dict(store=full)),
             ("labelled share only (baseline)", dict(store=few)),
-            ("hard pseudo-labels (EMA teacher)", dict(store=full, labeled=args.labeled)),
-            ("+ dynamic soft labels (ESL)", dict(store=full, labeled=args.labeled, semi_esl=True)),
-            (
-                "+ inter-pixel loss (IPixMatch, KL)",
-                dict(store=full, labeled=args.labeled, semi_esl=True, semi_ipix="kl"),
-            ),
+            ("hard pseudo-labels (EMA teacher)", semi),
+            ("+ dynamic soft labels (ESL)", semi | dict(semi_esl=True)),
+            ("+ inter-pixel loss (IPixMatch, KL)", semi | dict(semi_esl=True, semi_ipix="kl")),
         ]
         results = {}
         for n, (title, options) in enumerate(runs):
