@@ -18,8 +18,7 @@ unlabelled images, teacher-student with soft pseudo-labels.
   all unlabelled image pixels); ESL's dynamic soft labels on the pixels below it (Ma et al., ICCV
   2023: the smallest set of top teacher classes whose probability reaches a curriculum
   threshold tau, renormalised, soft CE averaged over those below-threshold pixels, weight
-  ``esl_weight``; tau moves linearly from 0.5
-  to ``threshold`` over the run); IPixMatch's inter-pixel loss (Wu, Li and Xiao: on
+  ``esl_weight``; tau moves linearly from 0.5 to ``threshold`` over the run); IPixMatch's inter-pixel loss (Wu, Li and Xiao: on
   ``ipix_pixels`` sampled confident pixels, the row-normalised relation matrix P P^T of the
   student aligned with the teacher's by KL, or 1 - the row-wise Pearson correlation).
 """
