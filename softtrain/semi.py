@@ -161,9 +161,23 @@ def strong_view(image: torch.Tensor, generator: torch.Generator, valid: torch.Te
     taps = torch.arange(-2, 3, device=x.device).float()
     kernel = torch.exp(-(taps[None] ** 2) / (2 * sigma[:, None] ** 2))
     kernel = kernel / kernel.sum(1, keepdim=True)  # (B, 5)
-    blurred = torch.stack([_blur(x[i : i + 1], kernel[i]) for i in range(b)])[:, 0]
+    edged = _edge_filled(x, valid)  # the blur reads image edges, never black padding
+    blurred = torch.stack([_blur(edged[i : i + 1], kernel[i]) for i in range(b)])[:, 0]
     x = torch.where(draw(b, 1, 1, 1) < 0.5, blurred, x)
     return x.clamp(0, 255)
+
+
+def _edge_filled(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) with each image's pixels outside its ``valid`` rectangle (B, H, W) bool
+    replaced by the nearest image pixel (its edge row or column, repeated)."""
+    h, w = x.shape[-2:]
+    rows, cols = valid.any(2), valid.any(1)  # (B, H), (B, W)
+    top, bottom = rows.float().argmax(1), h - 1 - rows.flip(1).float().argmax(1)
+    left, right = cols.float().argmax(1), w - 1 - cols.flip(1).float().argmax(1)
+    r = torch.arange(h, device=x.device)[None].clamp(top[:, None], bottom[:, None])  # (B, H)
+    c = torch.arange(w, device=x.device)[None].clamp(left[:, None], right[:, None])  # (B, W)
+    batch = torch.arange(x.shape[0], device=x.device)[:, None, None]
+    return x.permute(0, 2, 3, 1)[batch, r[:, :, None], c[:, None, :]].permute(0, 3, 1, 2)
 
 
 def _blur(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
