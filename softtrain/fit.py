@@ -102,8 +102,10 @@ def open_inputs(cfg: FitConfig, ranks: Ranks, resume: bool, overwrite: bool, cle
     regime = make_regime(cfg, RunData(store, train, image_only, ranks))
     per_step = cfg.optim.batch_size * ranks.world
     if len(regime.labelled) < per_step:
+        what = f"labelled images (--labeled {cfg.semi.labeled})" if cfg.semi.labeled else (
+            "training images")  # fmt: skip
         raise TrainingError(
-            f"{cfg.data.store}: {len(regime.labelled)} training images, fewer than one step's "
+            f"{cfg.data.store}: {len(regime.labelled)} {what}, fewer than one step's "
             f"batch of {cfg.optim.batch_size} per process x {ranks.world} process(es)"
         )
     eval_level = cfg.run.eval_level or scale_label(max(train.scales))

@@ -16,7 +16,7 @@ from softtrain.config import FitConfig
 from softtrain.data import valid_mask
 from softtrain.distributed import Ranks
 from softtrain.evaluate import model_from_checkpoint
-from softtrain.fit import _prepare, fit, open_inputs
+from softtrain.fit import TrainingError, _prepare, fit, open_inputs
 from softtrain.regime import ema_update
 from softtrain.semi import dynamic_soft_labels, partition, relation_loss
 
@@ -98,7 +98,7 @@ def test_inter_pixel_loss(kind):
 def semi_config(store, out, **kw):
     return FitConfig.of(
         store=store, out=str(out), model="deeplabv3plus_r18", crop=kw.pop("crop", "32x64"),
-        batch_size=1, unlabeled_batch=kw.pop("unlabeled_batch", 2), iters=kw.pop("iters", 4), lr=0.02, workers=0, device="cpu",
+        batch_size=kw.pop("batch_size", 1), unlabeled_batch=kw.pop("unlabeled_batch", 2), iters=kw.pop("iters", 4), lr=0.02, workers=0, device="cpu",
         log_every=1, labeled=kw.pop("labeled", "1/2"), semi_esl=True, semi_ipix="corr", semi_threshold=0.3,
         semi_ema=0.9, **kw,
     )  # fmt: skip
@@ -364,3 +364,12 @@ def test_teacher_student_options_of_a_supervised_run_are_refused_not_ignored():
         with pytest.raises(ValueError, match="options of the teacher-student regime"):
             FitConfig.of(store="x", **flat)
     assert FitConfig.of(store="x", labeled="1/8", semi_esl=True).regime == "teacher-student"
+
+
+def test_a_labelled_share_smaller_than_a_batch_is_blamed_on_labeled(store, tmp_path):
+    cfg = semi_config(store, tmp_path / "r", labeled="1/8", batch_size=2)
+    with (
+        ExitStack() as cleanup,
+        pytest.raises(TrainingError, match=r"1 labelled images \(--labeled"),
+    ):
+        open_inputs(cfg, Ranks(), False, False, cleanup)
