@@ -110,8 +110,9 @@ class CropDataset(Dataset):
     Item ``i`` (one image per index; an epoch visits each image once) is a dict:
     ``image`` (3, h, w) uint8, ``index`` (K, h, w) uint8 class ids (255 = void),
     ``prob`` (K, h, w) uint8 summing to 255 (neither in a ``subset(labels=False)``),
-    ``scale`` float, and where it came from: ``item`` (image number in the store), ``origin`` (y0, x0) in the level, ``flipped``,
-    ``size`` (h', w') of the image inside the crop. Crops larger than the level are padded
+    ``scale`` float, and where it came from: ``item`` (image number in the store),
+    ``origin`` (y0, x0) in the level, ``flipped``, ``size`` (h', w') of the image inside
+    the crop. Crops larger than the level are padded
     at the bottom/right (left once flipped) with void and black: ``valid_mask``.
 
     Randomness (level, crop position, flip):

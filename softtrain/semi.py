@@ -7,20 +7,23 @@ unlabelled images, teacher-student with soft pseudo-labels.
   ``--unlabeled DIR``).
 - Teacher: an exponential moving average of the student (``ema``), updated after every
   optimiser step, parameters and buffers: t = m t + (1 - m) s, with m warmed up as
-  min(ema, 1 - 1 / (step + 1)) (the mean-teacher practice).
+  min(ema, 1 - 1 / (step + 1)) (the mean-teacher practice); under DDP every rank's teacher
+  then takes rank 0's buffers (``ema_follow``), the teacher checkpoints hold.
 - Views: the teacher sees the unlabelled crop as the loader gives it (random scale, crop,
   flip: the weak view); the student a strong view computed on the device (colour jitter,
   random grayscale, Gaussian blur, CutMix between the batch's images), seeded by
-  (seed, micro-batch) so a resumed run draws the same views.
+  (seed, rank, micro-batch) so a resumed run draws the same views.
 - Unsupervised losses on the strong view, summed, on image pixels only (never on the
   padding of crops larger than their image, nor where CutMix pasted such padding):
   hard pseudo-labels where the teacher's confidence reaches ``threshold`` (CE, averaged over
-  all unlabelled image pixels); ESL's dynamic soft labels on the pixels below it (Ma et al., ICCV
-  2023: the smallest set of top teacher classes whose probability reaches a curriculum
+  all unlabelled image pixels); ESL's dynamic soft labels on the pixels below it (Ma et al.,
+  ICCV 2023: the smallest set of top teacher classes whose probability reaches a curriculum
   threshold tau, renormalised, soft CE averaged over those below-threshold pixels, weight
-  ``esl_weight``; tau moves linearly from 0.5 to ``threshold`` over the run); IPixMatch's inter-pixel loss (Wu, Li and Xiao: on
-  ``ipix_pixels`` sampled confident pixels, the row-normalised relation matrix P P^T of the
-  student aligned with the teacher's by KL, or 1 - the row-wise Pearson correlation).
+  ``esl_weight``; tau moves linearly from 0.5 to ``threshold`` over the run); IPixMatch's
+  inter-pixel loss (Wu, Li and Xiao: on ``ipix_pixels`` sampled confident pixels, the
+  row-normalised relation matrix P P^T of the student aligned with the teacher's by KL, or
+  1 - the row-wise Pearson correlation).
+- The unlabelled share's labels are never read (``CropDataset.subset(labels=False)``).
 """
 
 from __future__ import annotations
