@@ -17,11 +17,11 @@ FACTS = SHARED / "datasets"
 
 FIXTURES_ABSENT = (
     "../shared/fixtures absent: real-format dataset files are not in the repository; "
-    "see README (Tests that need ../shared)"
+    "see README, section Two commands (the shared/ folder)"
 )
 FACTS_ABSENT = (
     "../shared/datasets absent: the class tables of the real datasets are not in the "
-    "repository; see README (Tests that need ../shared)"
+    "repository; see README, section Two commands (the shared/ folder)"
 )
 # pytest imports readline at start-up, and GNU readline exports the terminal's size
 # (COLUMNS=80, LINES) into the process's C environment, unseen by os.environ: every CLI the
