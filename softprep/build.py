@@ -8,8 +8,10 @@ statistics) and writes the whole shards; it returns only the small per-image sta
 which the parent writes in batches followed by the ``done`` flags. Killing the build at any
 point loses at most the unflushed batch; running the same command again removes the
 temporary files a killed write left, skips completed shards and rewrites the others whole
-(their images count as not done until then). ``repair`` also rewrites the shards of images
-that ``softprep verify`` finds damaged.
+(their images count as not done until then). An image whose files changed since it was
+built (size or modification time, recorded per image as make and rsync compare them) counts
+as not done. ``repair`` also rewrites the shards of images that ``softprep verify`` finds
+damaged.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from softprep.datasets import (
     images_without_labels,
     load_pair,
     pair_size,
+    source_stamp,
     with_void_last,
 )
 from softprep.manifest import VOID, Manifest
@@ -474,6 +477,7 @@ class BuildSummary:
     image_seconds: float  # from the first image task to the end
     repaired: int = 0  # damaged images found by ``repair`` (rebuilt with their shards)
     litter: int = 0  # temporary files of an interrupted write removed
+    changed: list[str] = field(default_factory=list)  # done images whose files changed: rebuilt
 
     @property
     def images_per_second(self) -> float:
@@ -563,14 +567,19 @@ def _prepare(manifest, root, options, on_error):
     if config_problems:
         lines = "\n".join(f"  {p}" for p in config_problems[:20])
         raise BuildError(f"the dataset's class config disagrees with the manifest:\n{lines}")
-    sizes, kept = [], []
+    sizes, stamps, kept = [], [], []
     for pair in pairs:
         try:
             hw = pair_size(pair)
+            stamp = source_stamp(pair)
         except DatasetError as e:
             problems.append(Problem(e.path, e.message))
             continue
+        except OSError as e:
+            problems.append(Problem(str(e.filename or pair.image), f"unreadable ({e.strerror})"))
+            continue
         sizes.append(hw)
+        stamps.append(stamp)
         kept.append(pair)
     if problems and on_error == "fail":
         lines = "\n".join(f"  {p}" for p in problems[:50])
@@ -581,7 +590,8 @@ def _prepare(manifest, root, options, on_error):
         )
     if not kept:
         raise BuildError(f"{root}: no usable image/label pairs")
-    return kept, np.array(sizes, dtype=np.int64).reshape(-1, 2), problems
+    sizes = np.array(sizes, dtype=np.int64).reshape(-1, 2)
+    return kept, sizes, np.array(stamps, dtype=np.int64).reshape(-1, 4), problems
 
 
 def _open_or_create(url, manifest, options, pairs, sizes):
@@ -604,6 +614,14 @@ def _open_or_create(url, manifest, options, pairs, sizes):
             raise BuildError(
                 f"{url} holds a different list of images than {len(names)} pairs found now "
                 "(dataset changed?); use another --out or delete it to rebuild"
+            )
+        (moved,) = np.nonzero((existing.root[layout.FULL_HW][:] != sizes).any(axis=1))
+        if len(moved):
+            i = int(moved[0])
+            (h, w), (h0, w0) = sizes[i], existing.root[layout.FULL_HW][i]
+            raise BuildError(
+                f"{pairs[i].image}: is {w}x{h} now, {w0}x{h0} in {url} ({len(moved)} image(s) "
+                "changed size); use another --out or delete the store to rebuild"
             )
         return existing.root, existing.meta
     image_only = list(dict.fromkeys(p.split for p in pairs if p.label is None))
@@ -630,11 +648,29 @@ def _open_or_create(url, manifest, options, pairs, sizes):
     return root, meta
 
 
-class _StatsWriter:
-    """Buffers per-image statistics in the parent and writes them, then ``done``, in batches."""
+def _mark_changed(zroot: zarr.Group, stamps: np.ndarray) -> list[int]:
+    """Clear the ``done`` flag of every image whose source files changed since it was
+    built (size or modification time differ from ``stamps`` (N, 4), ``source_stamp``'s), so
+    that the build rewrites their shards; returns their indices. Images built before
+    stamps were recorded are never flagged (a store without them gets the array here)."""
+    images = zroot["images"]
+    if "source" not in images:
+        layout.source_array(images, len(stamps))
+        return []
+    recorded = zroot[layout.SOURCE][:]
+    done = zroot[layout.DONE][:]
+    changed = np.nonzero(done & recorded.any(axis=1) & (recorded != stamps).any(axis=1))[0]
+    if len(changed):
+        zroot[layout.DONE].oindex[changed] = False
+    return [int(i) for i in changed]
 
-    def __init__(self, root: zarr.Group, strategies: list[str]):
-        self.root, self.strategies = root, strategies
+
+class _StatsWriter:
+    """Buffers per-image statistics in the parent and writes them with the images' source
+    stamps (``stamps`` (N, 4)), then ``done``, in batches."""
+
+    def __init__(self, root: zarr.Group, strategies: list[str], stamps: np.ndarray):
+        self.root, self.strategies, self.stamps = root, strategies, stamps
         self.buffer: list[ImageResult] = []
         self.last = time.monotonic()
 
@@ -654,6 +690,7 @@ class _StatsWriter:
             g["truncated"].oindex[idx, :] = np.stack([r["truncated"] for r in rows])
             for s in self.strategies:
                 g[f"stats/{s}"].oindex[idx, :] = np.stack([r[s] for r in rows])
+        self.root[layout.SOURCE].oindex[idx, :] = self.stamps[idx]
         self.root[layout.DONE].oindex[idx] = True
         self.buffer, self.last = [], time.monotonic()
 
@@ -732,7 +769,7 @@ def build(
                 )
             else:  # the same, without waiting: this process starts on the images meanwhile
                 warming = [pool.submit(_warm_up, options) for _ in range(pool._max_workers)]
-        pairs, sizes, problems = _prepare(manifest, root, options, on_error)
+        pairs, sizes, stamps, problems = _prepare(manifest, root, options, on_error)
         if pool is None:
             for _ in warming:
                 pass
@@ -740,7 +777,7 @@ def build(
             try:
                 return _build_locked(
                     manifest, url, options, jobs, on_error, progress, start, pairs, sizes,
-                    problems, repair, pool,
+                    stamps, problems, repair, pool,
                 )  # fmt: skip
             finally:  # while the lock is held: nothing of this build writes after it goes
                 if not keep_workers:
@@ -751,17 +788,19 @@ def build(
 
 
 def _build_locked(
-    manifest, url, options, jobs, on_error, progress, start, pairs, sizes, problems, repair, pool
-):
+    manifest, url, options, jobs, on_error, progress, start, pairs, sizes, stamps, problems,
+    repair, pool,
+):  # fmt: skip
     try:
         zroot, meta = _open_or_create(url, manifest, options, pairs, sizes)  # a store, now
         litter = len(writer.remove_litter(url))  # what a killed write left; nothing reads it
+        changed = _mark_changed(zroot, stamps)
         repaired = _mark_damaged(url, zroot, jobs) if repair else 0
         done, shards = _shards_to_build(zroot, options)
     except OSError as e:
         raise _write_failure(url, e) from None
     eval_splits = set(manifest.eval_splits)
-    stats = _StatsWriter(zroot, options.strategies)
+    stats = _StatsWriter(zroot, options.strategies, stamps)
     skipped = list(problems)
     parent = (socket.gethostname(), os.getpid())
 
@@ -821,5 +860,5 @@ def _build_locked(
     now = time.monotonic()
     return BuildSummary(
         url, len(pairs), built, int(done.sum()), skipped, now - start, now - loop_start,
-        repaired, litter,
+        repaired, litter, [f"{pairs[i].split}/{pairs[i].name}" for i in changed],
     )  # fmt: skip

@@ -331,6 +331,13 @@ def build(
     if summary.litter:
         note = f"removed {summary.litter} temporary file(s) left by an interrupted write"
         console.print(tagged("note", "yellow", note), highlight=False)
+    if summary.changed:
+        shown = ", ".join(summary.changed[:3]) + (", ..." if len(summary.changed) > 3 else "")
+        note = (
+            f"{len(summary.changed)} image(s) changed since they were built (file size or "
+            f"modification time), rebuilt: {shown}"
+        )
+        console.print(tagged("note", "yellow", note), highlight=False)
     repaired = f"{summary.repaired} damaged image(s) found, " if repair else ""
     out.print(
         tagged(

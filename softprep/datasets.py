@@ -288,6 +288,20 @@ def read_size(path: Path) -> tuple[int, int]:
         return im.height, im.width
 
 
+def source_stamp(pair: Pair) -> tuple[int, int, int, int]:
+    """What a build records of a pair's files to notice a later change, as make and rsync
+    do: (image bytes, image mtime ns, label bytes, label mtime ns); the label's are 0, 0 for
+    an image without one."""
+    image = os.stat(pair.image)
+    label = os.stat(pair.label) if pair.label is not None else None
+    return (
+        image.st_size,
+        image.st_mtime_ns,
+        label.st_size if label else 0,
+        label.st_mtime_ns if label else 0,
+    )
+
+
 def pair_size(pair: Pair) -> tuple[int, int]:
     """(height, width) of a pair from the file headers; ``DatasetError`` if they differ."""
     hw = read_size(pair.image)

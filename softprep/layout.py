@@ -118,6 +118,9 @@ def level_path(scale: float | str) -> str:
 
 DONE = "images/done"  # (N,) bool: the image is complete (all levels, statistics)
 FULL_HW = "images/hw"
+# (N, 4) int64: the source files when the image was built (image bytes, mtime ns, label
+# bytes, mtime ns; all 0 = not recorded: older stores get the array, empty, on a resume)
+SOURCE = "images/source"
 FULL_STATS = "stats/full"
 FULL_LABEL = "full/label"
 
@@ -160,6 +163,21 @@ def _meta_array(group, name, shape, dtype, dims, attrs, fill=0):
         fill_value=fill,
         dimension_names=dims,
         attributes=attrs,
+    )
+
+
+def source_array(images: zarr.Group, n: int) -> zarr.Array:
+    """Create ``images/source`` (see ``SOURCE``) in the ``images`` group, all 0."""
+    return _meta_array(
+        images,
+        "source",
+        (n, 4),
+        "int64",
+        ("image", "file"),
+        {
+            "description": "source files when built: image bytes, image mtime (ns), label "
+            "bytes, label mtime (ns); 0 = not recorded"
+        },
     )
 
 
@@ -267,6 +285,7 @@ def _create_arrays(
         {"description": "image complete: every level and statistic written"},
         False,
     )
+    source_array(img, n)
     _meta_array(
         root.create_group("stats"),
         "full",

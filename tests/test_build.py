@@ -302,6 +302,63 @@ def test_resume_after_interruptions_equals_uninterrupted(samples, tmp_path, monk
     assert_same_store(ref, url)
 
 
+def _flip_label(path: Path, mtime_ns: int) -> None:
+    """Rewrite a one-hot dataset's label with classes 0 and 1 swapped (another content, same
+    size on disk is not promised) and give it ``mtime_ns``."""
+    lab = np.asarray(Image.open(path))
+    Image.fromarray(np.choose(lab, [1, 0, 2]).astype(np.uint8)).save(path)
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def test_rebuild_after_a_source_changed_rebuilds_that_image(tmp_path):
+    """A file changed since its image was built (same name, new content) is rebuilt on the
+    next run, with its shard; the store then equals a fresh build of the changed dataset."""
+    m = one_hot_dataset(tmp_path / "data", n=4)
+    opts = BuildOptions(scales=(0.5,), images_per_shard=2)
+    url = str(tmp_path / "a.zarr")
+    build(m, tmp_path / "data", url, opts)
+    label = tmp_path / "data/labels/train/2.png"
+    _flip_label(label, label.stat().st_mtime_ns + 10**9)
+    summary = build(m, tmp_path / "data", url, opts)
+    assert summary.changed == ["train/2"]
+    assert (summary.built, summary.already_done) == (2, 2)  # image 2 with its shard-mate 3
+    build(m, tmp_path / "data", str(tmp_path / "fresh.zarr"), opts)
+    assert_same_store(str(tmp_path / "fresh.zarr"), url)
+    assert build(m, tmp_path / "data", url, opts).changed == []  # and now it is up to date
+
+
+def test_a_store_without_source_stamps_resumes_and_records_them(tmp_path):
+    """Stores built before the stamps existed resume without rebuilding anything, get the
+    array, and record stamps for what they build from then on."""
+    m = one_hot_dataset(tmp_path / "data", n=4)
+    opts = BuildOptions(scales=(0.5,), images_per_shard=1)
+    url = str(tmp_path / "old.zarr")
+    build(m, tmp_path / "data", url, opts)
+    store = zarr.open_group(url, mode="r+")
+    store[layout_module.DONE][3] = False  # one image left to build
+    import shutil
+
+    shutil.rmtree(Path(url) / layout_module.SOURCE)
+    label = tmp_path / "data/labels/train/0.png"
+    _flip_label(label, label.stat().st_mtime_ns + 10**9)  # unknowable for an old store
+    summary = build(m, tmp_path / "data", url, opts)
+    assert (summary.changed, summary.built) == ([], 1)
+    recorded = zarr.open_group(url, mode="r")[layout_module.SOURCE][:]
+    assert not recorded[:3].any() and recorded[3].all() and verify(SoftStore(url)).ok
+
+
+def test_a_source_that_changed_size_is_refused_by_name(tmp_path):
+    m = one_hot_dataset(tmp_path / "data", n=2)
+    url = str(tmp_path / "a.zarr")
+    build(m, tmp_path / "data", url, BuildOptions(scales=(0.5,)))
+    for folder in ("images", "labels"):
+        path = tmp_path / f"data/{folder}/train/1.png"
+        im = Image.open(path)
+        im.crop((0, 0, im.width - 4, im.height)).save(path)
+    with pytest.raises(BuildError, match=r"images/train/1\.png: is 89x67 now, 93x67 in"):
+        build(m, tmp_path / "data", url, BuildOptions(scales=(0.5,)))
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_subprocess(samples, tmp_path):
     """Kill a real build process at random moments; the rerun must equal a clean build."""

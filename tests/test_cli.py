@@ -42,6 +42,12 @@ def test_sample_build_info_verify_show_priors(tmp_path):
     assert "4 built" in r.text
     r = run(*args, "--images-per-shard", 3)
     assert "0 built, 4 already done" in r.text
+    photo = next((data / "leftImg8bit/val").rglob("*.png"))
+    photo.write_bytes(photo.read_bytes() + b"\0")  # the same name, another file
+    r = run(*args, "--images-per-shard", 3)
+    assert "note: 1 image(s) changed since they were built" in r.text, r.output
+    assert f"rebuilt: val/{photo.parent.name}/{photo.name[: -len('_leftImg8bit.png')]}" in r.text
+    assert "1 built, 3 already done" in r.text
     r = run(*args)
     assert r.exit_code == 2 and "images_per_shard: 3 -> None" in r.text
     r = run("info", store)
