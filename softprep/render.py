@@ -50,7 +50,10 @@ def find_image(store: SoftStore, name: str) -> int:
         return ends[0]
     if len(ends) > 1:
         shown = ", ".join(names[i] for i in ends[:3])
-        raise StoreError(f"{store.url}: {len(ends)} images are called {name} ({shown}); give more")
+        raise StoreError(
+            f"{store.url}: {len(ends)} images are called {name} ({shown}); give the full "
+            "name, with its split"
+        )
     close = difflib.get_close_matches(name, names, n=1) or difflib.get_close_matches(
         name, [n.rsplit("/", 1)[-1] for n in names], n=1
     )

@@ -153,14 +153,25 @@ def photo_image(label: np.ndarray, palette: np.ndarray, rng: np.random.Generator
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 
+# Each split's own cities / sequences, as in the real datasets: no name repeats across splits
+CITIES = {
+    "train": ("aachen", "bochum", "bremen"),
+    "val": ("frankfurt", "lindau", "munster"),
+    "test": ("berlin", "bielefeld", "bonn"),
+    "train_extra": ("augsburg", "bamberg", "dortmund"),
+}
+CAMVID_FRAMES = {"train": "0001TP_{:06d}", "val": "0016E5_{:05d}", "test": "Seq05VD_f{:05d}"}
+
+
 def _stem(manifest: Manifest, split: str, i: int) -> str:
+    """The ``i``-th sample name of ``split``, in the dataset's own naming."""
     if manifest.dataset == "cityscapes":
-        city = ["aachen", "bochum", "frankfurt"][i % 3]
+        city = CITIES[split][i % 3]
         return f"{city}/{city}_{i:06d}_000019"
     if manifest.dataset == "ade20k":
         return f"ADE_{'train' if split == 'train' else 'val'}_{i + 1:08d}"
     if manifest.dataset == "camvid":
-        return f"0001TP_{6690 + 30 * i:06d}"
+        return CAMVID_FRAMES[split].format(6690 + 30 * i)
     return f"sample_{split}_{i:05d}"
 
 

@@ -129,7 +129,7 @@ def test_sample_camvid_layout_is_segnets(tmp_path):
     assert report.problems == []
     assert report.counts == {"train": 2, "val": 1, "test": 1}
     assert np.count_nonzero(report.class_pixels[:-1]) == m.num_classes
-    raw = np.asarray(Image.open(tmp_path / "testannot/0001TP_006690.png"))
+    raw = np.asarray(Image.open(tmp_path / "testannot/Seq05VD_f06690.png"))
     assert raw.shape == (360, 480) and set(np.unique(raw)) <= set(range(12)) and 11 in raw
     pair = labelled_pairs(m, tmp_path, "test")[0]
     np.testing.assert_array_equal(decode_label(pair.label, m), np.where(raw == 11, VOID, raw))

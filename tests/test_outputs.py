@@ -85,9 +85,18 @@ def test_show_by_name_with_a_title_panels_and_a_colour_key(tmp_path):
     one = 128 // 4 * 12  # panels are zoomed to >= 384 px
     assert Image.open(tmp_path / "v.png").width == 4 * one + 3 * 10  # + nearest neighbour
     assert render(store, 0, "1/4").width == 3 * one + 2 * 10  # training: no full label
-    short = val.rsplit("/", 1)[-1]  # the sample repeats names across splits
-    r = runner.invoke(app, ["show", url, "--name", short, "--out", str(tmp_path / "x.png")])
+    short = val.rsplit("/", 1)[-1]
+    r = runner.invoke(app, ["show", url, "--name", short, "--level", "1/4",
+                            "--out", str(tmp_path / "x.png")])  # fmt: skip
+    assert r.exit_code == 0 and val in r.stdout, r.output  # unique: the last part will do
+    for path in sorted((tmp_path / "cs").rglob("val/frankfurt/*")):  # a name in both splits
+        path.parent.with_name("aachen").mkdir(exist_ok=True)
+        path.rename(path.parent.with_name("aachen") / path.name.replace("frankfurt", "aachen"))
+    build(m, tmp_path / "cs", str(tmp_path / "twice.zarr"), BuildOptions(scales=(0.25,)))
+    r = runner.invoke(app, ["show", str(tmp_path / "twice.zarr"), "--name", short.replace(
+        "frankfurt", "aachen"), "--out", str(tmp_path / "x.png")])  # fmt: skip
     assert r.exit_code == 2 and "2 images are called" in r.output, r.output
+    assert "give the full name, with its split" in " ".join(r.output.split())
     r = runner.invoke(app, ["show", url, "--name", "nope", "--out", str(tmp_path / "x.png")])
     assert r.exit_code == 2 and "no image called nope" in r.output
 
