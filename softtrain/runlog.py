@@ -137,6 +137,19 @@ class RunLog:
 
 def plot_curves(records: list[dict], png: Path) -> Path:
     """Training curves of a run's records as a PNG (written atomically)."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(records)
+    tmp = png.with_name(png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(png)
+    return png
+
+
+def curves_figure(records: list[dict]):
+    """The figure of ``plot_curves``: loss and KL, learning rate, and mIoU in percent
+    (records hold it as a fraction) against the step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,15 +165,11 @@ def plot_curves(records: list[dict], png: Path) -> Path:
     axes[0].legend()
     axes[1].plot(steps, [r["lr"] for r in train])
     axes[1].set_title("learning rate")
-    axes[2].plot([r["step"] for r in evals], [r["mIoU"] for r in evals], "o-")
-    axes[2].set_title("validation mIoU")
-    axes[2].set_ylim(0, 1)
+    axes[2].plot([r["step"] for r in evals], [100 * r["mIoU"] for r in evals], "o-")
+    axes[2].set_title("validation mIoU (%)")
+    axes[2].set_ylim(0, 100)
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = png.with_name(png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(png)
-    return png
+    return fig

@@ -18,7 +18,7 @@ from softprep.manifest import load_manifest
 from softtrain.checkpoint import CheckpointError, load_checkpoint
 from softtrain.config import FitConfig
 from softtrain.fit import TrainingError, fit
-from softtrain.runlog import read_metrics
+from softtrain.runlog import curves_figure, read_metrics
 
 runner = CliRunner()
 
@@ -213,6 +213,9 @@ def test_keep_checkpoints_and_tensorboard_events(store, tmp_path):
     assert [e.value for e in events.Scalars("val/mIoU")] == pytest.approx(miou)
     assert all({"type", "time", "step"} <= set(r) for r in records)
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    shown = curves_figure(records).axes[2]  # in percent, as every figure the tools print
+    assert list(shown.lines[0].get_ydata()) == pytest.approx([100 * m for m in miou])
+    assert shown.get_title() == "validation mIoU (%)" and shown.get_ylim() == (0, 100)
     assert {"val/image0", "val/image1"} <= set(events.Tags()["images"])
     assert [e.step for e in events.Images("val/image0")] == [3, 6]
     assert events.Tags()["tensors"]  # the options: hyperparameters and text
