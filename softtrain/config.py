@@ -205,11 +205,11 @@ class RunOptions:
     )
     tensorboard: bool = option(
         False, "TensorBoard scalars, prediction images and options in <out>/tb "
-        "(pip install 'softprep[tensorboard]').",
+        "(needs the tensorboard package).",
         resumable=True,
     )  # fmt: skip
     mlflow: str = option(
-        "", "MLflow tracking URI (file:./mlruns or a server; pip install 'softprep[mlflow]').",
+        "", "MLflow tracking URI (file:./mlruns or a server; needs the mlflow package).",
         shown="off", resumable=True,
     )  # fmt: skip
     tracker: str = option(
