@@ -13,6 +13,7 @@ upsampling and decode inside.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -148,11 +149,14 @@ def export(segmenter: Segmenter, out: Path, fmt: str, example_hw: tuple[int, int
     example = torch.zeros(1, 3, *example_hw, dtype=torch.uint8)
     out = Path(out)
     if fmt == "torchscript":
-        with torch.no_grad():
+        # PyTorch deprecates TorchScript for its own future, not for the runtimes that load
+        # it (libtorch, Triton): its FutureWarning says nothing to a user of the export
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r".*torch\.jit\.\w+` is deprecated", FutureWarning)
             torch.jit.trace(module, example, check_trace=False).save(str(out))
-    else:
+    else:  # weights inside the one file (no model.onnx.data beside it): models here < 2 GB
         torch.onnx.export(
             module, (example,), str(out), input_names=["image"], output_names=["labels"],
-            dynamo=True,
+            dynamo=True, external_data=False,
         )  # fmt: skip
     return out

@@ -3,6 +3,7 @@ upsampling, label-less splits refused, prediction formats through the manifest, 
 official Cityscapes evaluator scoring our predictions exactly as ``softtrain eval`` does."""
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -282,16 +283,23 @@ def test_segmenter_is_what_predict_uses_and_exports_agree_with_it(
     assert np.array_equal(segmenter(rgb), labels)  # an array, a PIL image or a file
     batch = torch.from_numpy(rgb.transpose(2, 0, 1).copy())[None]
     for fmt, name in (("torchscript", "m.pt"), ("onnx", "m.onnx")):
-        r = runner.invoke(
-            app, ["export", "--checkpoint", ckpt, "--out", str(tmp_path / name), "--format", fmt,
-                  "--size", f"{rgb.shape[0]}x{rgb.shape[1]}"],
-        )  # fmt: skip
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            r = runner.invoke(
+                app, ["export", "--checkpoint", ckpt, "--out", str(tmp_path / name), "--format",
+                      fmt, "--size", f"{rgb.shape[0]}x{rgb.shape[1]}"],
+            )  # fmt: skip
         assert r.exit_code == 0, r.output
+        assert not [w for w in said if "deprecated" in str(w.message)], fmt
+        assert [p.name for p in tmp_path.glob("m.*")] == [name]  # one file, self-contained:
+        moved = tmp_path / fmt / name  # it works away from where it was written
+        moved.parent.mkdir()
+        (tmp_path / name).rename(moved)
         if fmt == "torchscript":
-            out = torch.jit.load(str(tmp_path / name))(batch)[0].numpy()
+            out = torch.jit.load(str(moved))(batch)[0].numpy()
         else:
             ort = pytest.importorskip("onnxruntime")
-            session = ort.InferenceSession(str(tmp_path / name))
+            session = ort.InferenceSession(str(moved))
             out = session.run(None, {"image": batch.numpy()})[0][0]
         assert out.shape == labels.shape and out.dtype == np.uint8
         agree = (out == labels).mean()
