@@ -122,17 +122,18 @@ def fit_reporter(iters: int):
 
 
 def print_eval(record: dict, title: str) -> None:
+    """``title`` (paths whole, on one line), the per-class table, then the headline (in %)
+    as the last line, where a log's tail shows it."""
     fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
-    table = Table(
-        "class",
-        "IoU",
-        "Acc",
-        title=f"{title}\naAcc {fmt(record['aAcc'])}  mIoU {fmt(record['mIoU'])}  "
-        f"mAcc {fmt(record['mAcc'])}",
-    )
+    table = Table("class", "IoU", "Acc")
     for row in record["classes"]:
         table.add_row(row["class"], fmt(row["iou"]), fmt(row["acc"]))
+    out.print(title, soft_wrap=True, highlight=False, markup=False)
     out.print(table)
+    out.print(
+        f"mIoU {fmt(record['mIoU'])}  aAcc {fmt(record['aAcc'])}  mAcc {fmt(record['mAcc'])}",
+        highlight=False,
+    )
 
 
 def miou_cell(row: dict) -> str:

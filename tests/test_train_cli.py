@@ -78,8 +78,11 @@ def test_fit_eval_predict_with_nearest_store_and_config_replay(samples, tmp_path
         "--json",
         tmp_path / "iou.json",
     )
-    assert r.exit_code == 0 and "mIoU" in r.text
-    assert len(json.loads((tmp_path / "iou.json").read_text())["classes"]) == 19
+    assert r.exit_code == 0, r.output
+    record = json.loads((tmp_path / "iou.json").read_text())
+    assert len(record["classes"]) == 19
+    assert str(out / "best.pt") in r.output  # the title's paths whole, not wrapped
+    assert r.output.splitlines()[-1].startswith(f"mIoU {100 * record['mIoU']:.2f}  aAcc")
     image = next((samples["cityscapes"] / "leftImg8bit/val").rglob("*.png"))
     r = run(
         "predict",
