@@ -162,7 +162,7 @@ def test_resume_applies_new_lr_and_iters(store, tmp_path):
     assert ckpt["scheduler"]["base_lrs"] == [0.5]
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "not a checkpoint"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not a checkpoint", "another file"])
 def test_damaged_checkpoint_is_named(store, tmp_path, damage):
     out = tmp_path / "run"
     fit(tiny(store, out, iters=1))
@@ -172,9 +172,14 @@ def test_damaged_checkpoint_is_named(store, tmp_path, damage):
         path.write_bytes(data[: len(data) // 2])
     elif damage == "empty":
         path.write_bytes(b"")
+    elif damage == "another file":  # a PNG given where a checkpoint goes
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + data[8:])
     else:
         torch.save({"weights": 1}, path)
-    expected = "not a softtrain checkpoint" if damage == "not a checkpoint" else "damaged"
+    expected = {
+        "not a checkpoint": "not a softtrain checkpoint",
+        "another file": r"not a checkpoint \(torch.save did not write this file\)",
+    }.get(damage, "damaged")
     with pytest.raises(CheckpointError, match=f"last.pt: {expected}"):
         fit(tiny(store, out, iters=2), resume=True)
 
