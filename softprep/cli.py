@@ -71,7 +71,7 @@ def _manifest(dataset: str, root: Path, version: str | None, labels: str | None)
 
 DatasetArg = typer.Argument(
     ...,
-    help="cityscapes, mapillary, ade20k, or the path of your own manifest .json (the "
+    help="cityscapes, mapillary, ade20k, camvid, or the path of your own manifest .json (the "
     "'folder' dataset; see manifests/folder-example.json).",
 )
 VersionOpt = typer.Option(
@@ -165,12 +165,8 @@ def scan(
         if report.problems:
             raise typer.Exit(1)
         return
-    table = Table(
-        "split",
-        "pairs",
-        "sizes (HxW: images)",
-        title=f"{m.dataset} {m.version} at {root}",
-    )
+    out.print(f"{m.dataset} {m.version} at {root}", soft_wrap=True, highlight=False, markup=False)
+    table = Table("split", "pairs", "sizes (HxW: images)")
     for s, n in report.counts.items():
         sizes = sorted(report.sizes[s].items(), key=lambda kv: -kv[1])
         shown = ", ".join(f"{h}x{w}: {c}" for (h, w), c in sizes[:4])

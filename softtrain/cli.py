@@ -464,7 +464,8 @@ def predict(
             written = run_predict(
                 checkpoint, images, out_dir, fmt, overlays, device, opts, progress
             )
-    out.print(f"wrote {len(written)} label PNGs ({fmt}) to {out_dir}")
+    pngs = "label PNG" if len(written) == 1 else "label PNGs"
+    out.print(f"wrote {len(written)} {pngs} ({fmt}) to {out_dir}", highlight=False)
 
 
 @app.command()

@@ -259,19 +259,19 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(
-            f"--device {name}: not a device name; use cpu, cuda, cuda:N or auto"
+            f"device {name!r}: not a device name; use cpu, cuda, cuda:N or auto"
         ) from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             raise ValueError(
-                f"--device {name}: PyTorch sees no CUDA GPU on this machine "
-                f"(torch {torch.__version__}); use --device cpu or auto"
+                f"device {name!r}: PyTorch sees no CUDA GPU on this machine "
+                f"(torch {torch.__version__}); use cpu or auto"
             )
         if device.index is not None and device.index >= count:
-            raise ValueError(f"--device {name}: this machine has {count} CUDA GPU(s)")
+            raise ValueError(f"device {name!r}: this machine has {count} CUDA GPU(s)")
     elif device.type != "cpu":
-        raise ValueError(f"--device {name}: softtrain runs on cpu or cuda")
+        raise ValueError(f"device {name!r}: softtrain runs on cpu or cuda")
     return device
 
 

@@ -4,6 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from softprep.cli import MULTI_VALUE, app
+from softprep.manifest import load_manifest
 from softprep.terminal import expand_multi_value
 
 runner = CliRunner()
@@ -36,6 +37,7 @@ def test_sample_build_info_verify_show_priors(tmp_path):
     assert run("sample", "cityscapes", data, "--train", 3, "--val", 1).exit_code == 0
     r = run("scan", "cityscapes", "--root", data)
     assert r.exit_code == 0 and "class histogram" in r.text
+    assert f"cityscapes {load_manifest('cityscapes').version} at {data}\n" in r.output  # whole
     args = ["build", "cityscapes", "--root", data, "--scales", "1/8", "1/4", "--out", store]
     r = run(*args, "--jobs", 2, "--images-per-shard", 3)
     assert r.exit_code == 0, r.output

@@ -95,6 +95,7 @@ def test_fit_eval_predict_with_nearest_store_and_config_replay(samples, tmp_path
         "cpu",
     )
     assert r.exit_code == 0 and len(list((tmp_path / "pred").glob("*.png"))) == 1
+    assert f"wrote 1 label PNG (trainIds) to {tmp_path / 'pred'}" in r.output
 
 
 def test_bad_input_messages(tmp_path):
@@ -124,8 +125,8 @@ def test_device_eval_split_and_version_are_one_line_before_anything_is_written(t
         "2",
     ]
     for extra, why in [
-        (["--device", "cuda:7"], "--device cuda:7: "),
-        (["--device", "gpu"], "--device gpu: not a device name"),
+        (["--device", "cuda:7"], "device 'cuda:7': "),
+        (["--device", "gpu"], "device 'gpu': not a device name"),
         (
             ["--eval-split", "vall"],
             "--eval-split vall: .* has no such split; its evaluation split\\(s\\): val",
