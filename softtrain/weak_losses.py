@@ -15,7 +15,8 @@ w_pq = exp(-||I_p - I_q||^2 / (2 sigma^2)) on 0..255 colour:
   collision -ln sum s y.
 - ``--weak-loss`` choices (``softtrain.config.WEAK_LOSSES``): ``none``: CE on the labelled pixels only;
   ``potts``: that + lambda * the Potts relaxation of the predictions themselves (dense
-  Potts, the baseline); ``self-label``: that + eta * H(y, s), with y solved, for the fixed
+  Potts, the baseline); ``self-label``: that + eta * H(y, s) averaged over the unlabelled
+  pixels, with y solved, for the fixed
   network, by ``steps`` gradient-descent steps on y = softmax(z) (z initialised from the
   logits, labelled pixels reset to their label every step) minimising
   eta * H(y, s) + lambda * sum w P(y).
@@ -178,9 +179,10 @@ def weak_loss(
     if opts.loss == "potts":
         weights = affinities(image, opts.sigma, opts.neighbours, valid)
         extra = opts.lam * potts(s, weights, opts.potts, opts.neighbours, valid)
-    else:
-        y, _ = pseudo_labels(logits, index, prob, image, opts, valid)
-        extra = opts.eta * _mean(xent(y, s, opts.xent), valid)
+    else:  # the paper's eq. (8): H(y, s) at the unlabelled points only (the labelled have CE)
+        y, labelled = pseudo_labels(logits, index, prob, image, opts, valid)
+        unlabelled = ~labelled if valid is None else valid & ~labelled
+        extra = opts.eta * _mean(xent(y, s, opts.xent), unlabelled)
     return LossOutput(labelled_part.loss + extra, labelled_part.kl, labelled_part.kept)
 
 

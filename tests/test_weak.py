@@ -310,6 +310,30 @@ def test_blocks_and_strokes_equal_their_dense_definitions():
         assert np.array_equal(full, separable), width
 
 
+def test_self_labelling_adds_nothing_on_the_labelled_pixels():
+    """Eq. (8) of the paper: H(y, s) is over the unlabelled points; the labelled ones have
+    their CE only. Logits changed at labelled pixels alone change the self-labelling loss
+    exactly as much as the labelled CE (their pseudo-labels are the labels, fixed)."""
+    torch.manual_seed(0)
+    b, c, h, w = 2, 4, 12, 14
+    image = torch.randint(0, 256, (b, 3, h, w), dtype=torch.uint8)
+    index = torch.full((b, 1, h, w), VOID, dtype=torch.uint8)
+    index[:, 0, 3:5, 2:9], index[:, 0, 8, 4:12] = 1, 2
+    prob = torch.full_like(index, 255)
+    logits = torch.randn(b, c, h, w)
+    changed = logits + 3 * torch.randn(b, c, h, w) * (index != VOID)
+    opts = WeakOptions("self-label", steps=5)
+    losses = {
+        kind: [weak_loss(z, index, prob, image, WeakOptions(kind, steps=5)).loss
+               for z in (logits, changed)]
+        for kind in ("none", "self-label")
+    }  # fmt: skip
+    assert opts.eta > 0 and not torch.isclose(*losses["none"])
+    torch.testing.assert_close(
+        losses["self-label"][1] - losses["self-label"][0], losses["none"][1] - losses["none"][0]
+    )
+
+
 @pytest.mark.parametrize("kind", ["potts", "self-label"])
 def test_weak_losses_leave_the_padding_of_a_crop_out(kind):
     """A crop larger than its image: the weak loss of the padded crop (padding void, black,
