@@ -615,14 +615,6 @@ def _open_or_create(url, manifest, options, pairs, sizes):
                 f"{url} holds a different list of images than {len(names)} pairs found now "
                 "(dataset changed?); use another --out or delete it to rebuild"
             )
-        (moved,) = np.nonzero((existing.root[layout.FULL_HW][:] != sizes).any(axis=1))
-        if len(moved):
-            i = int(moved[0])
-            (h, w), (h0, w0) = sizes[i], existing.root[layout.FULL_HW][i]
-            raise BuildError(
-                f"{pairs[i].image}: is {w}x{h} now, {w0}x{h0} in {url} ({len(moved)} image(s) "
-                "changed size); use another --out or delete the store to rebuild"
-            )
         return existing.root, existing.meta
     image_only = list(dict.fromkeys(p.split for p in pairs if p.label is None))
     meta = _metadata(manifest, options, splits, image_only)
@@ -648,11 +640,21 @@ def _open_or_create(url, manifest, options, pairs, sizes):
     return root, meta
 
 
-def _mark_changed(zroot: zarr.Group, stamps: np.ndarray) -> list[int]:
+def _mark_changed(zroot: zarr.Group, url: str, pairs, sizes, stamps: np.ndarray) -> list[int]:
     """Clear the ``done`` flag of every image whose source files changed since it was
     built (size or modification time differ from ``stamps`` (N, 4), ``source_stamp``'s), so
     that the build rewrites their shards; returns their indices. Images built before
-    stamps were recorded are never flagged (a store without them gets the array here)."""
+    stamps were recorded are never flagged (a store without them gets the array here).
+    An image whose pixel size differs from the store's (``sizes`` (N, 2)) is refused."""
+    stored = zroot[layout.FULL_HW][:]
+    (moved,) = np.nonzero((stored != sizes).any(axis=1))
+    if len(moved):
+        i = int(moved[0])
+        (h, w), (h0, w0) = sizes[i], stored[i]
+        raise BuildError(
+            f"{pairs[i].image}: is {w}x{h} now, {w0}x{h0} in {url} ({len(moved)} image(s) "
+            "changed size); use another --out or delete the store to rebuild"
+        )
     images = zroot["images"]
     if "source" not in images:
         layout.source_array(images, len(stamps))
@@ -794,9 +796,14 @@ def _build_locked(
     try:
         zroot, meta = _open_or_create(url, manifest, options, pairs, sizes)  # a store, now
         litter = len(writer.remove_litter(url))  # what a killed write left; nothing reads it
-        changed = _mark_changed(zroot, stamps)
         repaired = _mark_damaged(url, zroot, jobs) if repair else 0
+        changed = _mark_changed(zroot, url, pairs, sizes, stamps)
         done, shards = _shards_to_build(zroot, options)
+    except KeyError as e:  # zarr: an array's metadata is missing
+        raise BuildError(
+            f"{url}: its metadata is damaged (array {e.args[0]} missing or unreadable); "
+            "delete the store and build it again"
+        ) from None
     except OSError as e:
         raise _write_failure(url, e) from None
     eval_splits = set(manifest.eval_splits)

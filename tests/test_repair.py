@@ -133,6 +133,11 @@ def test_repair_refuses_what_it_cannot_repair(samples, clean, tmp_path):
     Path(url, "images/done/zarr.json").unlink()
     with pytest.raises(BuildError, match="metadata is damaged .*delete the store"):
         build(CS, samples["cityscapes"], url, options(2), repair=True)
+    for array in ("images/done", "images/hw"):  # a resume without --repair
+        Path(url, array, "zarr.json").unlink(missing_ok=True)
+        with pytest.raises(BuildError, match=f"metadata is damaged \\(array {array} missing"):
+            build(CS, samples["cityscapes"], url, options(2))
+        Path(url, array, "zarr.json").write_bytes(Path(clean[2], array, "zarr.json").read_bytes())
 
 
 def test_cli_verify_names_the_repair_and_build_repair_fixes_it(samples, clean, tmp_path):
