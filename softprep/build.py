@@ -20,6 +20,7 @@ import collections
 import ctypes
 import errno
 import functools
+import json
 import multiprocessing
 import os
 import queue
@@ -30,7 +31,7 @@ import threading
 import time
 import uuid
 import warnings
-from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
+from concurrent.futures import BrokenExecutor, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,9 +48,11 @@ from softprep.datasets import (
     Problem,
     check_config_json,
     discover,
+    file_crc,
     images_without_labels,
     load_pair,
     pair_size,
+    source_record,
     source_stamp,
     with_void_last,
 )
@@ -116,6 +119,7 @@ class ImageResult:
     full: np.ndarray | None = None  # (C+1,) int64
     levels: dict = field(default_factory=dict)  # name -> {"truncated": (2,), strategy: (C+1,)}
     error: Problem | None = None
+    source: np.ndarray | None = None  # (6,) int64, the files as read (``source_record``)
 
 
 def process_pair(
@@ -289,7 +293,9 @@ def _task(url, build_id, first, pairs, manifest, options, keep_full, parent) -> 
     results, images = [], []
     for i, (pair, full) in enumerate(zip(pairs, keep_full), start=first):
         try:
+            source = np.array(source_record(pair), dtype=np.int64)  # before the decode
             arrays, result, label = process_pair(pair, manifest, options, full, i)
+            result.source = source
         except DatasetError as e:
             result, arrays = ImageResult(index=i, error=Problem(e.path, e.message, i)), None
         except MemoryError:
@@ -478,6 +484,8 @@ class BuildSummary:
     repaired: int = 0  # damaged images found by ``repair`` (rebuilt with their shards)
     litter: int = 0  # temporary files of an interrupted write removed
     changed: list[str] = field(default_factory=list)  # done images whose files changed: rebuilt
+    retimed: int = 0  # done images whose files have new times, the same bytes: kept
+    record_replaced: bool = False  # images/source was unreadable: replaced, empty
 
     @property
     def images_per_second(self) -> float:
@@ -640,12 +648,9 @@ def _open_or_create(url, manifest, options, pairs, sizes):
     return root, meta
 
 
-def _mark_changed(zroot: zarr.Group, url: str, pairs, sizes, stamps: np.ndarray) -> list[int]:
-    """Clear the ``done`` flag of every image whose source files changed since it was
-    built (size or modification time differ from ``stamps`` (N, 4), ``source_stamp``'s), so
-    that the build rewrites their shards; returns their indices. Images built before
-    stamps were recorded are never flagged (a store without them gets the array here).
-    An image whose pixel size differs from the store's (``sizes`` (N, 2)) is refused."""
+def _refuse_resized(zroot: zarr.Group, url: str, pairs, sizes: np.ndarray) -> None:
+    """Refuse a resume where an image's pixel size (``sizes`` (N, 2)) differs from the
+    store's: its arrays and levels were sized for the old one."""
     stored = zroot[layout.FULL_HW][:]
     (moved,) = np.nonzero((stored != sizes).any(axis=1))
     if len(moved):
@@ -655,24 +660,71 @@ def _mark_changed(zroot: zarr.Group, url: str, pairs, sizes, stamps: np.ndarray)
             f"{pairs[i].image}: is {w}x{h} now, {w0}x{h0} in {url} ({len(moved)} image(s) "
             "changed size); use another --out or delete the store to rebuild"
         )
-    images = zroot["images"]
-    if "source" not in images:
-        layout.source_array(images, len(stamps))
-        return []
-    recorded = zroot[layout.SOURCE][:]
+
+
+def _source_record(images: zarr.Group, n: int) -> tuple[np.ndarray | None, bool]:
+    """The store's ``images/source`` (N, 6) and whether it had to be replaced: None when
+    the store has none (made here, empty) or it is unreadable or misshapen (replaced: it
+    holds no image data, only what is compared to notice changed files)."""
+    try:
+        if "source" not in images:
+            layout.source_array(images, n)
+            return None, False
+        record = images["source"][:]
+        if record.shape == (n, len(layout.SOURCE_FIELDS)):
+            return record, False
+    except (ValueError, RuntimeError, KeyError):  # bad JSON, codec or chunk
+        pass
+    layout.source_array(images, n, overwrite=True)
+    return None, True
+
+
+SIZES, TIMES, CRCS = [0, 3], [0, 1, 3, 4], [2, 5]  # columns of images/source
+
+
+def _mark_changed(zroot: zarr.Group, pairs, stamps: np.ndarray) -> tuple[list[int], int, bool]:
+    """Clear the ``done`` flag of every image whose source files changed since it was
+    built, so that the build rewrites their shards. ``stamps`` (N, 4): the files' sizes and
+    times now (``source_stamp``). A file whose size differs has changed; one whose time
+    alone differs (a copied dataset, ``touch``) has changed only if its CRC-32 differs too
+    (those files are read here, 4 at a time), else its new time is recorded. Images
+    without a record (older stores) are never flagged. Returns the changed images'
+    indices, the number of retimed but unchanged ones, and whether the record was replaced
+    (unreadable)."""
+    record, replaced = _source_record(zroot["images"], len(stamps))
+    if record is None:
+        return [], 0, replaced
     done = zroot[layout.DONE][:]
-    changed = np.nonzero(done & recorded.any(axis=1) & (recorded != stamps).any(axis=1))[0]
+    differ = done & (record[:, 0] > 0) & (record[:, TIMES] != stamps).any(axis=1)
+    resized = differ & (record[:, SIZES] != stamps[:, [0, 2]]).any(axis=1)
+    retimed = np.flatnonzero(differ & ~resized)
+
+    def crcs(i: int) -> list[int]:
+        pair = pairs[i]
+        try:
+            return [file_crc(pair.image), file_crc(pair.label) if pair.label else 0]
+        except OSError:
+            return [-1, -1]  # unreadable now: rebuilt, where its error is reported
+
+    with ThreadPoolExecutor(4) as pool:  # zlib releases the GIL on large blocks
+        now = np.array(list(pool.map(crcs, retimed)), dtype=np.int64).reshape(-1, 2)
+    same = (now == record[retimed][:, CRCS]).all(axis=1)
+    kept = retimed[same]
+    if len(kept):
+        record[np.ix_(kept, TIMES)] = stamps[kept]
+        zroot[layout.SOURCE].oindex[kept, :] = record[kept]
+    changed = np.union1d(np.flatnonzero(resized), retimed[~same]).astype(int)
     if len(changed):
         zroot[layout.DONE].oindex[changed] = False
-    return [int(i) for i in changed]
+    return [int(i) for i in changed], len(kept), False
 
 
 class _StatsWriter:
     """Buffers per-image statistics in the parent and writes them with the images' source
-    stamps (``stamps`` (N, 4)), then ``done``, in batches."""
+    records, then ``done``, in batches."""
 
-    def __init__(self, root: zarr.Group, strategies: list[str], stamps: np.ndarray):
-        self.root, self.strategies, self.stamps = root, strategies, stamps
+    def __init__(self, root: zarr.Group, strategies: list[str]):
+        self.root, self.strategies = root, strategies
         self.buffer: list[ImageResult] = []
         self.last = time.monotonic()
 
@@ -692,7 +744,7 @@ class _StatsWriter:
             g["truncated"].oindex[idx, :] = np.stack([r["truncated"] for r in rows])
             for s in self.strategies:
                 g[f"stats/{s}"].oindex[idx, :] = np.stack([r[s] for r in rows])
-        self.root[layout.SOURCE].oindex[idx, :] = self.stamps[idx]
+        self.root[layout.SOURCE].oindex[idx, :] = np.stack([r.source for r in self.buffer])
         self.root[layout.DONE].oindex[idx] = True
         self.buffer, self.last = [], time.monotonic()
 
@@ -796,18 +848,19 @@ def _build_locked(
     try:
         zroot, meta = _open_or_create(url, manifest, options, pairs, sizes)  # a store, now
         litter = len(writer.remove_litter(url))  # what a killed write left; nothing reads it
+        _refuse_resized(zroot, url, pairs, sizes)
         repaired = _mark_damaged(url, zroot, jobs) if repair else 0
-        changed = _mark_changed(zroot, url, pairs, sizes, stamps)
+        changed, retimed, record_replaced = _mark_changed(zroot, pairs, stamps)
         done, shards = _shards_to_build(zroot, options)
-    except KeyError as e:  # zarr: an array's metadata is missing
+    except (KeyError, json.JSONDecodeError) as e:  # zarr: an array's metadata lost or cut
+        what = f"array {e.args[0]} missing" if isinstance(e, KeyError) else f"bad JSON: {e}"
         raise BuildError(
-            f"{url}: its metadata is damaged (array {e.args[0]} missing or unreadable); "
-            "delete the store and build it again"
+            f"{url}: its metadata is damaged ({what}); delete the store and build it again"
         ) from None
     except OSError as e:
         raise _write_failure(url, e) from None
     eval_splits = set(manifest.eval_splits)
-    stats = _StatsWriter(zroot, options.strategies, stamps)
+    stats = _StatsWriter(zroot, options.strategies)
     skipped = list(problems)
     parent = (socket.gethostname(), os.getpid())
 
@@ -867,5 +920,6 @@ def _build_locked(
     now = time.monotonic()
     return BuildSummary(
         url, len(pairs), built, int(done.sum()), skipped, now - start, now - loop_start,
-        repaired, litter, [f"{pairs[i].split}/{pairs[i].name}" for i in changed],
+        repaired, litter, [f"{pairs[i].split}/{pairs[i].name}" for i in changed], retimed,
+        record_replaced,
     )  # fmt: skip

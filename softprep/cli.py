@@ -331,7 +331,19 @@ def build(
         shown = ", ".join(summary.changed[:3]) + (", ..." if len(summary.changed) > 3 else "")
         note = (
             f"{len(summary.changed)} image(s) changed since they were built (file size or "
-            f"modification time), rebuilt: {shown}"
+            f"bytes), rebuilt: {shown}"
+        )
+        console.print(tagged("note", "yellow", note), highlight=False)
+    if summary.retimed:
+        note = (
+            f"{summary.retimed} image(s) have files with new modification times but the same "
+            "bytes (a copied dataset?): kept"
+        )
+        console.print(tagged("note", "yellow", note), highlight=False)
+    if summary.record_replaced:
+        note = (
+            "the store's record of its source files (images/source) was unreadable and is "
+            "replaced: images built before are no longer checked for changed files"
         )
         console.print(tagged("note", "yellow", note), highlight=False)
     repaired = f"{summary.repaired} damaged image(s) found, " if repair else ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,9 +290,9 @@ def read_size(path: Path) -> tuple[int, int]:
 
 
 def source_stamp(pair: Pair) -> tuple[int, int, int, int]:
-    """What a build records of a pair's files to notice a later change, as make and rsync
-    do: (image bytes, image mtime ns, label bytes, label mtime ns); the label's are 0, 0 for
-    an image without one."""
+    """What a build compares to notice a changed file, as make and rsync do: (image bytes,
+    image mtime ns, label bytes, label mtime ns); the label's are 0, 0 for an image without
+    one. ``OSError`` if a file cannot be read."""
     image = os.stat(pair.image)
     label = os.stat(pair.label) if pair.label is not None else None
     return (
@@ -300,6 +301,30 @@ def source_stamp(pair: Pair) -> tuple[int, int, int, int]:
         label.st_size if label else 0,
         label.st_mtime_ns if label else 0,
     )
+
+
+def file_crc(path: Path) -> int:
+    """CRC-32 of a file's bytes (zlib's; 0.5 ms for a 2.5 MB Cityscapes photo)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def source_record(pair: Pair) -> tuple[int, int, int, int, int, int]:
+    """What a build records of a pair's files (``images/source``): ``source_stamp``'s
+    sizes and times with each file's CRC-32 after them: (image bytes, mtime ns, crc, label
+    bytes, mtime ns, crc); the label's are 0 for an image without one. The times are taken
+    first, so a file changed while it is read looks changed next time. ``DatasetError`` if
+    a file cannot be read."""
+    try:
+        isize, itime, lsize, ltime = source_stamp(pair)
+        icrc = file_crc(pair.image)
+        lcrc = file_crc(pair.label) if pair.label is not None else 0
+    except OSError as e:
+        raise DatasetError(Path(e.filename or pair.image), f"unreadable ({e.strerror})") from e
+    return isize, itime, icrc, lsize, ltime, lcrc
 
 
 def pair_size(pair: Pair) -> tuple[int, int]:

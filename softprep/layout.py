@@ -118,9 +118,17 @@ def level_path(scale: float | str) -> str:
 
 DONE = "images/done"  # (N,) bool: the image is complete (all levels, statistics)
 FULL_HW = "images/hw"
-# (N, 4) int64: the source files when the image was built (image bytes, mtime ns, label
-# bytes, mtime ns; all 0 = not recorded: older stores get the array, empty, on a resume)
+# (N, 6) int64: the source files when the image was built (``SOURCE_FIELDS``; all 0 = not
+# recorded: older stores get the array, empty, on a resume)
 SOURCE = "images/source"
+SOURCE_FIELDS = (
+    "image bytes",
+    "image mtime ns",
+    "image crc32",
+    "label bytes",
+    "label mtime ns",
+    "label crc32",
+)
 FULL_STATS = "stats/full"
 FULL_LABEL = "full/label"
 
@@ -166,18 +174,17 @@ def _meta_array(group, name, shape, dtype, dims, attrs, fill=0):
     )
 
 
-def source_array(images: zarr.Group, n: int) -> zarr.Array:
-    """Create ``images/source`` (see ``SOURCE``) in the ``images`` group, all 0."""
+def source_array(images: zarr.Group, n: int, overwrite: bool = False) -> zarr.Array:
+    """Create ``images/source`` (see ``SOURCE``) in the ``images`` group, all 0;
+    ``overwrite`` replaces a damaged one."""
+    attrs = {
+        "description": "source files when built: " + ", ".join(SOURCE_FIELDS) + "; 0 = not "
+        "recorded (label fields 0 for an image without a label)"
+    }
+    if overwrite and "source" in images:
+        del images["source"]
     return _meta_array(
-        images,
-        "source",
-        (n, 4),
-        "int64",
-        ("image", "file"),
-        {
-            "description": "source files when built: image bytes, image mtime (ns), label "
-            "bytes, label mtime (ns); 0 = not recorded"
-        },
+        images, "source", (n, len(SOURCE_FIELDS)), "int64", ("image", "field"), attrs
     )
 
 

@@ -10,6 +10,7 @@ import joblib
 import numpy as np
 
 from softprep.build import SharedTasks, end_workers, local_pool
+from softprep.layout import SOURCE, SOURCE_FIELDS
 from softprep.manifest import VOID
 from softprep.planes import TOTAL
 from softprep.resample import KERNELS
@@ -94,6 +95,26 @@ def check_planes(planes: np.ndarray, num_classes: int) -> list[str]:
             f"class ids {sorted(set(index[bad].tolist()))[:10]} outside 0..{num_classes - 1} and void"
         )
     return out
+
+
+def check_source_record(store: SoftStore) -> list[str]:
+    """A problem if ``images/source`` (the record of the source files, no image data) is
+    there but unreadable or misshapen; the next build replaces it. Older stores lack it."""
+    images = store.root["images"]
+    try:
+        if "source" not in images:
+            return []
+        shape = images["source"][:].shape
+        want = (len(store), len(SOURCE_FIELDS))
+        if shape == want:
+            return []
+        reason = f"shape {shape}, expected {want}"
+    except (ValueError, RuntimeError, KeyError) as e:
+        reason = f"unreadable ({type(e).__name__}: {e})"
+    return [
+        f"{SOURCE}: {reason}; it records the source files, not image data: the same "
+        "'softprep build ...' command replaces it"
+    ]
 
 
 def check_attributes(store: SoftStore) -> list[str]:
@@ -329,6 +350,7 @@ def verify(
         report.layout = False
         report.seconds = time.monotonic() - start
         return report
+    report.problems += check_source_record(store)
     checker = _Checker(store)
     report.images = len(store)
     done = store.done()

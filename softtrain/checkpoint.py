@@ -60,13 +60,15 @@ def load_checkpoint(path: str | Path, classes: list[dict] | None = None) -> dict
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint file here")
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if head and not head.startswith((b"PK", b"\x80")):  # torch.save: a zip, or a pickle
-        raise CheckpointError(f"{path}: not a checkpoint (torch.save did not write this file)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError) as e:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if len(head) == 2 and not head.startswith((b"PK", b"\x80")):  # a zip or a pickle
+            raise CheckpointError(
+                f"{path}: not a checkpoint (torch.save did not write this file)"
+            ) from None
         raise CheckpointError(
             f"{path}: damaged checkpoint, it cannot be read ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else 'empty or truncated'})"

@@ -330,6 +330,49 @@ def test_rebuild_after_a_source_changed_rebuilds_that_image(tmp_path):
     assert build(m, tmp_path / "data", url, opts).changed == []  # and now it is up to date
 
 
+def test_a_copied_or_touched_dataset_keeps_its_images_unless_their_bytes_changed(tmp_path):
+    """Files with new times but the same sizes are read: the same bytes (a copy without
+    kept times, ``touch``) keep their images and the new times are recorded; other bytes
+    of the same size (an uncompressed PNG edited) rebuild theirs."""
+    import shutil
+
+    m = one_hot_dataset(tmp_path / "data", n=4)
+    label = tmp_path / "data/labels/train/1.png"
+    Image.open(label).save(label, compress_level=0)  # its size no longer depends on the bytes
+    opts = BuildOptions(scales=(0.5,), images_per_shard=1)
+    url = str(tmp_path / "a.zarr")
+    build(m, tmp_path / "data", url, opts)
+    shutil.copytree(tmp_path / "data", tmp_path / "copy", copy_function=shutil.copyfile)
+    summary = build(m, tmp_path / "copy", url, opts)  # every time differs
+    assert (summary.changed, summary.retimed, summary.built) == ([], 4, 0)
+    assert build(m, tmp_path / "copy", url, opts).retimed == 0  # the new times are recorded
+    size = label.stat().st_size
+    lab = np.asarray(Image.open(tmp_path / "copy/labels/train/1.png"))
+    Image.fromarray(np.choose(lab, [1, 0, 2]).astype(np.uint8)).save(
+        tmp_path / "copy/labels/train/1.png", compress_level=0
+    )
+    assert (tmp_path / "copy/labels/train/1.png").stat().st_size == size
+    summary = build(m, tmp_path / "copy", url, opts)
+    assert (summary.changed, summary.retimed, summary.built) == (["train/1"], 0, 1)
+    build(m, tmp_path / "copy", str(tmp_path / "fresh.zarr"), opts)
+    assert_same_store(str(tmp_path / "fresh.zarr"), url)
+
+
+def test_an_unreadable_source_record_is_replaced_and_verify_names_it(tmp_path):
+    m = one_hot_dataset(tmp_path / "data", n=2)
+    url = str(tmp_path / "a.zarr")
+    build(m, tmp_path / "data", url, BuildOptions(scales=(0.5,)))
+    chunks = [p for p in Path(url, layout_module.SOURCE, "c").rglob("*") if p.is_file()]
+    for chunk in chunks:
+        chunk.write_bytes(b"garbage")
+    assert chunks
+    report = verify(SoftStore(url))
+    assert not report.ok and report.layout and not report.damaged
+    assert "images/source: unreadable" in report.problems[0]
+    summary = build(m, tmp_path / "data", url, BuildOptions(scales=(0.5,)))
+    assert summary.record_replaced and summary.built == 0 and verify(SoftStore(url)).ok
+
+
 def test_a_store_without_source_stamps_resumes_and_records_them(tmp_path):
     """Stores built before the stamps existed resume without rebuilding anything, get the
     array, and record stamps for what they build from then on."""

@@ -1,5 +1,7 @@
 """The softprep CLI end to end, as a user runs it."""
 
+import os
+
 import pytest
 from typer.testing import CliRunner
 
@@ -50,6 +52,11 @@ def test_sample_build_info_verify_show_priors(tmp_path):
     assert "note: 1 image(s) changed since they were built" in r.text, r.output
     assert f"rebuilt: val/{photo.parent.name}/{photo.name[: -len('_leftImg8bit.png')]}" in r.text
     assert "1 built, 3 already done" in r.text
+    stat = photo.stat()
+    os.utime(photo, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched, same bytes
+    r = run(*args, "--images-per-shard", 3)
+    assert "1 image(s) have files with new modification times but the same bytes" in r.text
+    assert "0 built, 4 already done" in r.text
     r = run(*args)
     assert r.exit_code == 2 and "images_per_shard: 3 -> None" in r.text
     r = run("info", store)

@@ -137,6 +137,9 @@ def test_repair_refuses_what_it_cannot_repair(samples, clean, tmp_path):
         Path(url, array, "zarr.json").unlink(missing_ok=True)
         with pytest.raises(BuildError, match=f"metadata is damaged \\(array {array} missing"):
             build(CS, samples["cityscapes"], url, options(2))
+        Path(url, array, "zarr.json").write_text('{"zarr_format": 3, "node_type": "arr')  # cut
+        with pytest.raises(BuildError, match="metadata is damaged \\(bad JSON: Unterminated"):
+            build(CS, samples["cityscapes"], url, options(2))
         Path(url, array, "zarr.json").write_bytes(Path(clean[2], array, "zarr.json").read_bytes())
 
 
