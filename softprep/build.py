@@ -164,7 +164,7 @@ def _open_for_write(url: str, build_id: str) -> writer.ImageWriter:
     """
     zarr.config.set({"threading.max_workers": 1})
     _keep_freed_buffers()
-    return writer.ImageWriter(zarr.open_group(url, mode="r+"))
+    return writer.ImageWriter(layout.open_group(url, mode="r+"))
 
 
 def _keep_freed_buffers() -> None:
@@ -648,6 +648,15 @@ def _open_or_create(url, manifest, options, pairs, sizes):
     return root, meta
 
 
+def _clear_done(zroot: zarr.Group, images) -> None:
+    """Mark ``images`` not done, the store's ``complete`` attribute false first: a run
+    stopped before its end must not leave a store called complete with images to build."""
+    meta = dict(zroot.attrs[layout.NAMESPACE])
+    if meta.get("complete"):
+        zroot.attrs[layout.NAMESPACE] = {**meta, "complete": False}
+    zroot[layout.DONE].oindex[images] = False
+
+
 def _refuse_resized(zroot: zarr.Group, url: str, pairs, sizes: np.ndarray) -> None:
     """Refuse a resume where an image's pixel size (``sizes`` (N, 2)) differs from the
     store's: its arrays and levels were sized for the old one."""
@@ -715,7 +724,7 @@ def _mark_changed(zroot: zarr.Group, pairs, stamps: np.ndarray) -> tuple[list[in
         zroot[layout.SOURCE].oindex[kept, :] = record[kept]
     changed = np.union1d(np.flatnonzero(resized), retimed[~same]).astype(int)
     if len(changed):
-        zroot[layout.DONE].oindex[changed] = False
+        _clear_done(zroot, changed)
     return [int(i) for i in changed], len(kept), False
 
 
@@ -778,7 +787,7 @@ def _mark_damaged(url: str, zroot: zarr.Group, jobs: int = 1) -> int:
         )
     damaged = sorted(report.damaged)
     if damaged:
-        zroot[layout.DONE].oindex[damaged] = False
+        _clear_done(zroot, damaged)
     return len(damaged)
 
 

@@ -197,6 +197,14 @@ def soft_planes_description(k: int) -> str:
     )
 
 
+def open_group(url: str, mode: str, **kwargs) -> zarr.Group:
+    """``zarr.open_group``; for writing to a ``file://`` URL with folders made as needed
+    (fsspec's local file system makes none unless asked, so new chunk folders failed)."""
+    if mode != "r" and str(url).startswith("file://"):
+        kwargs["storage_options"] = {"auto_mkdir": True}
+    return zarr.open_group(url, mode=mode, **kwargs)
+
+
 def holds_data(url: str) -> bool:
     """Whether ``url`` (a path or fsspec URL) exists and holds anything."""
     if "://" not in str(url):
@@ -232,9 +240,7 @@ def create(
             f"{url} exists, is not empty and is not a softprep store; refusing to overwrite it "
             "(choose another --out)"
         )
-    # fsspec's local file system makes no folders unless asked (file:// URLs)
-    local_url = {"storage_options": {"auto_mkdir": True}} if url.startswith("file://") else {}
-    root = zarr.open_group(url, mode="w", attributes={CREATING: True}, **local_url)
+    root = open_group(url, mode="w", attributes={CREATING: True})
     # Every group and array is made in memory, then its few files are written to the store
     # at once: zarr creating them there one by one took ~280 store operations (existence
     # checks, parents), ~0.1 s on a local disk and a round trip each on an object store.

@@ -29,6 +29,7 @@ from softprep.layout import (  # noqa: F401  (the names every reader imports fro
     _shard_key,
     level_name,
     level_path,
+    open_group,
     parse_scale,
     scale_label,
 )
@@ -133,7 +134,7 @@ class SoftStore:
 
     def __init__(self, url: str, mode: str = "r"):
         try:
-            self.root = zarr.open_group(url, mode=mode)
+            self.root = open_group(url, mode=mode)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
             raise StoreError(f"{url}: no zarr store here") from e
         if NAMESPACE not in self.root.attrs:

@@ -373,24 +373,41 @@ def test_an_unreadable_source_record_is_replaced_and_verify_names_it(tmp_path):
     assert summary.record_replaced and summary.built == 0 and verify(SoftStore(url)).ok
 
 
-def test_a_store_without_source_stamps_resumes_and_records_them(tmp_path):
+@pytest.mark.parametrize("scheme", ["", "file://"])
+def test_a_store_without_source_stamps_resumes_and_records_them(tmp_path, scheme):
     """Stores built before the stamps existed resume without rebuilding anything, get the
-    array, and record stamps for what they build from then on."""
+    array, and record stamps for what they build from then on (also through a file:// URL,
+    whose new folders fsspec makes only when asked)."""
     m = one_hot_dataset(tmp_path / "data", n=4)
     opts = BuildOptions(scales=(0.5,), images_per_shard=1)
-    url = str(tmp_path / "old.zarr")
+    url = scheme + str(tmp_path / "old.zarr")
     build(m, tmp_path / "data", url, opts)
     store = zarr.open_group(url, mode="r+")
     store[layout_module.DONE][3] = False  # one image left to build
     import shutil
 
-    shutil.rmtree(Path(url) / layout_module.SOURCE)
+    shutil.rmtree(tmp_path / "old.zarr" / layout_module.SOURCE)
     label = tmp_path / "data/labels/train/0.png"
     _flip_label(label, label.stat().st_mtime_ns + 10**9)  # unknowable for an old store
     summary = build(m, tmp_path / "data", url, opts)
     assert (summary.changed, summary.built) == ([], 1)
     recorded = zarr.open_group(url, mode="r")[layout_module.SOURCE][:]
     assert not recorded[:3].any() and recorded[3].all() and verify(SoftStore(url)).ok
+
+
+def test_a_stopped_rebuild_of_a_changed_image_leaves_the_store_incomplete(tmp_path):
+    """Images marked for a rebuild make the store's ``complete`` attribute false at once,
+    so a run that stops (here: the changed file is now broken) leaves no false claim."""
+    m = one_hot_dataset(tmp_path / "data", n=3)
+    url = str(tmp_path / "a.zarr")
+    build(m, tmp_path / "data", url, BuildOptions(scales=(0.5,)))
+    assert SoftStore(url).meta["complete"]
+    image = tmp_path / "data/images/train/1.png"
+    image.write_bytes(image.read_bytes()[:200])
+    with pytest.raises(BuildError, match="images/train/1.png"):
+        build(m, tmp_path / "data", url, BuildOptions(scales=(0.5,)))
+    store = SoftStore(url)
+    assert not store.meta["complete"] and not store.done()[1]
 
 
 def test_a_source_that_changed_size_is_refused_by_name(tmp_path):
