@@ -119,7 +119,12 @@ def load_trunk_weights(trunk: nn.Module, path: str | Path, name: str = "the trun
 
 
 class HRNetV2(nn.Module):
-    """HRNetV2 segmentation: all four branches fused at stride 4."""
+    """HRNetV2 segmentation: all four branches fused at stride 4. Any input size: one that
+    is not a multiple of 32 (CamVid at 1/8 is 45x60) is zero-padded (the mean colour, once
+    normalised) at its bottom and right to the next multiple, which timm's fusion layers
+    need, and the logits are cropped back to ceil(H / 4) x ceil(W / 4)."""
+
+    STRIDE = 32
 
     def __init__(self, trunk: str, num_classes: int, pretrained: str | None = None):
         super().__init__()
@@ -130,12 +135,14 @@ class HRNetV2(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        x = F.pad(x, (0, -w % self.STRIDE, 0, -h % self.STRIDE))
         feats = self.trunk(x)
         size = feats[0].shape[-2:]
         up = [feats[0]] + [
             F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats[1:]
         ]
-        return self.head(torch.cat(up, dim=1))
+        return self.head(torch.cat(up, dim=1))[..., : -(-h // 4), : -(-w // 4)]
 
 
 class ASPP(nn.Module):

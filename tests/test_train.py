@@ -216,6 +216,25 @@ def test_model_registry_sizes(name, params):
         build_model(name, 19, pretrained="/nonexistent.pth")
 
 
+def test_hrnet_takes_any_input_size():
+    """timm's HRNet fuses branches by exact 2x steps, so sizes that are not multiples of 32
+    (CamVid at 1/8: 45x60) broke it; logits are at stride 4 of the input, and padding the
+    input to a multiple of 32 changes nothing at sizes that are multiples already."""
+    torch.manual_seed(0)
+    model = build_model("hrnetv2_w18", 5).eval()
+    with torch.no_grad():
+        for h, w in [(45, 60), (32, 40), (50, 50), (33, 97)]:
+            assert model(torch.randn(1, 3, h, w)).shape == (1, 5, -(-h // 4), -(-w // 4))
+        x = torch.randn(1, 3, 64, 96)
+        plain = model.head(
+            torch.cat(
+                [f if i == 0 else torch.nn.functional.interpolate(
+                    f, size=(16, 24), mode="bilinear", align_corners=False)
+                 for i, f in enumerate(model.trunk(x))], dim=1)
+        )  # fmt: skip
+        torch.testing.assert_close(model(x), plain)
+
+
 def test_pretrained_trunk_weights_come_from_a_local_file(tmp_path):
     import timm
 
