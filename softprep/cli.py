@@ -331,7 +331,7 @@ def build(
         shown = ", ".join(summary.changed[:3]) + (", ..." if len(summary.changed) > 3 else "")
         note = (
             f"{len(summary.changed)} image(s) changed since they were built (file size or "
-            f"bytes), rebuilt: {shown}"
+            f"bytes), rebuilt with the images sharing their shards: {shown}"
         )
         console.print(tagged("note", "yellow", note), highlight=False)
     if summary.retimed:

@@ -425,7 +425,9 @@ def evaluate(
                 checkpoint, store, level, split, device, opts, progress, kind, fit_split
             )
         record = eval_record(confusion, names, **context)
-    print_eval(record, f"{checkpoint} on {store} ({split}, {record['level']}, {mode})")
+    how = [split, record["level"], mode] + ["flip"] * flip
+    how += [f"TTA levels {' '.join(tta_levels)}"] if tta_levels else []
+    print_eval(record, f"{checkpoint} on {store} ({', '.join(how)})")
     write_eval(record, csv_path, json_path)
     if save_decode and record["decode"]:
         save_decode.write_text(json.dumps(record["decode"], indent=1))

@@ -50,7 +50,10 @@ def test_sample_build_info_verify_show_priors(tmp_path):
     photo.write_bytes(photo.read_bytes() + b"\0")  # the same name, another file
     r = run(*args, "--images-per-shard", 3)
     assert "note: 1 image(s) changed since they were built" in r.text, r.output
-    assert f"rebuilt: val/{photo.parent.name}/{photo.name[: -len('_leftImg8bit.png')]}" in r.text
+    assert (
+        f"rebuilt with the images sharing their shards: val/{photo.parent.name}/{photo.name[: -len('_leftImg8bit.png')]}"
+        in r.text
+    )
     assert "1 built, 3 already done" in r.text
     stat = photo.stat()
     os.utime(photo, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched, same bytes

@@ -81,7 +81,7 @@ def test_fit_eval_predict_with_nearest_store_and_config_replay(samples, tmp_path
     assert r.exit_code == 0, r.output
     record = json.loads((tmp_path / "iou.json").read_text())
     assert len(record["classes"]) == 19
-    assert str(out / "best.pt") in r.output  # the title's paths whole, not wrapped
+    assert f"{out / 'best.pt'} on {url} (val, 1/4, whole)\n" in r.output  # whole, one line
     assert r.output.splitlines()[-1].startswith(f"mIoU {100 * record['mIoU']:.2f}  aAcc")
     image = next((samples["cityscapes"] / "leftImg8bit/val").rglob("*.png"))
     r = run(
