@@ -7,7 +7,8 @@ import time
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from softtrain.data import CropDataset, parse_crop
+from softtrain.config import parse_crop
+from softtrain.data import CropDataset
 
 
 class RepeatSampler(Sampler):

@@ -485,7 +485,7 @@ def export(
     (the resize is torch's antialiased bilinear: labels agree with 'predict' but for a few
     pixels at class borders)."""
     with _user_errors():
-        from softtrain.data import parse_crop
+        from softtrain.config import parse_crop
         from softtrain.segmenter import Segmenter, check_export_target
         from softtrain.segmenter import export as run_export
 

@@ -79,6 +79,17 @@ def _check(section) -> None:
             raise ValueError(f"{name} must be at least {meta['minimum']}, got {value}")
 
 
+def parse_crop(text: str) -> tuple[int, int]:
+    """``"256x512"`` -> (256, 512) as (height, width)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError as e:
+        raise ValueError(f"crop '{text}' must be HEIGHTxWIDTH, e.g. 256x512") from e
+    if h <= 0 or w <= 0:
+        raise ValueError(f"crop '{text}' must be positive")
+    return h, w
+
+
 @dataclass
 class DataOptions:
     """What the model sees: the store, crops and scales, the loader."""
@@ -101,6 +112,7 @@ class DataOptions:
 
     def __post_init__(self):
         _check(self)
+        parse_crop(self.crop)  # refused here, before torch loads
         self.store = absolute_store(self.store) if self.store else self.store
 
 

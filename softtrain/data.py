@@ -44,17 +44,6 @@ def normalise(image: torch.Tensor) -> torch.Tensor:
     return (image.float() - mean) / std
 
 
-def parse_crop(text: str) -> tuple[int, int]:
-    """``"256x512"`` -> (256, 512) as (height, width)."""
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError as e:
-        raise ValueError(f"crop '{text}' must be HEIGHTxWIDTH, e.g. 256x512") from e
-    if h <= 0 or w <= 0:
-        raise ValueError(f"crop '{text}' must be positive")
-    return h, w
-
-
 def open_checked(url: str, split: str | list[str]) -> tuple[SoftStore, np.ndarray]:
     """The store and the indices of its finished images of ``split`` (a name, several, or
     ``all`` for every split). Refuses an incomplete store (images neither built nor skipped

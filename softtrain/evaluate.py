@@ -30,7 +30,8 @@ from softprep.decode import Decode, DecodeSample, fit_decode
 from softprep.store import SoftStore, StoreError, parse_scale, scale_label
 from softtrain import distributed
 from softtrain.checkpoint import load_checkpoint
-from softtrain.data import EvalDataset, normalise, parse_crop
+from softtrain.config import parse_crop
+from softtrain.data import EvalDataset, normalise
 from softtrain.distributed import Ranks
 from softtrain.metrics import Confusion
 from softtrain.models import build_model

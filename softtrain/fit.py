@@ -38,8 +38,8 @@ from softtrain.checkpoint import (
     resume_checkpoint,
     rng_state,
 )
-from softtrain.config import FitConfig
-from softtrain.data import CropDataset, EvalDataset, normalise, parse_crop
+from softtrain.config import FitConfig, parse_crop
+from softtrain.data import CropDataset, EvalDataset, normalise
 from softtrain.distributed import Ranks
 from softtrain.errors import TrainingError
 from softtrain.evaluate import eval_dataset, evaluate, resolve_device

@@ -308,6 +308,19 @@ def test_softtrain_help_imports_no_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
+@pytest.mark.parametrize("option", ["--crop bad", "--crop 0x8", "--loss dice", "--lr 0"])
+def test_fit_argument_errors_answer_before_torch_loads(option, tmp_path):
+    """fit's argument errors: exit 2 with one line, torch never imported (~0.2 s)."""
+    code = (
+        "import sys, softtrain.cli\n"
+        "try:\n    softtrain.cli.main()\n"
+        "except SystemExit as e:\n    sys.exit(e.code + 10 * ('torch' in sys.modules))"
+    )
+    args = ["softtrain", "fit", "--store", str(tmp_path), *option.split()]
+    r = subprocess.run([sys.executable, "-c", code, *args[1:]], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, (r.returncode, r.stderr)
+
+
 def test_metrics_records_are_valid_json_without_nan(store, tmp_path):
     out = tmp_path / "run"
     fit(tiny(store, out, iters=1))

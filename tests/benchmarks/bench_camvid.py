@@ -293,7 +293,8 @@ def labelled_store(store: str, root: Path, out: Path, labeled: str, seed: int) -
     """A store of the labelled share of train (``softtrain.semi.partition`` with the same
     ``labeled`` and seed as ``fit --labeled``) plus val and test, built at 1/4 from a
     folder of links to the CamVid files; (its url, the labelled image names)."""
-    from softtrain.data import CropDataset, parse_crop
+    from softtrain.config import parse_crop
+    from softtrain.data import CropDataset
     from softtrain.semi import partition
 
     full = SoftStore(store)
