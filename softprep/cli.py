@@ -31,6 +31,7 @@ from softprep.sample import write_sample_folder
 from softprep.store import SoftStore, StoreError, parse_scale
 from softprep.terminal import (
     make_console,
+    note_if_scored_where_fitted,
     progress_bar,
     run_app,
     show_notes,
@@ -589,6 +590,8 @@ def fidelity(
     soft-prior / soft-bias: soft with a decode fitted per level on --fit-split.
     """
     kinds = list(DECODES) if "all" in decode else decode
+    if set(kinds) & set(DECODES) - {"argmax"}:  # fitted decodes
+        note_if_scored_where_fitted(fit_split, split)
     with user_errors():
         if store:
             with progress_bar("scoring labels") as bar:

@@ -129,6 +129,13 @@ def tagged(tag: str, style: str, text) -> Text:
     return Text.assemble((f"{tag}:", style), " ", str(text))
 
 
+def note_if_scored_where_fitted(fit_split: str, split: str) -> None:
+    """A note (stderr) when a decode is fitted on the split it is then scored on."""
+    if fit_split == split:
+        text = f"the decode is fitted on the split it is scored on ({split}): an optimistic figure"
+        console.print(tagged("note", "yellow", text), highlight=False)
+
+
 class _Notes(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         console.print(tagged("note", "yellow", record.getMessage()), highlight=False)

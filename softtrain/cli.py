@@ -21,6 +21,7 @@ from rich.table import Table
 
 from softprep.terminal import (
     make_console,
+    note_if_scored_where_fitted,
     progress_bar,
     run_app,
     show_notes,
@@ -410,16 +411,8 @@ def evaluate(
         opts = _inference(mode, window, stride, flip, tta_levels, bf16, None if kind else decode)
         if kind == "argmax":
             kind = None
-        if kind and fit_split == split:
-            console.print(
-                tagged(
-                    "note",
-                    "yellow",
-                    f"the decode is fitted on the split it is "
-                    f"scored on ({split}): an optimistic figure",
-                ),
-                highlight=False,
-            )
+        if kind:
+            note_if_scored_where_fitted(fit_split, split)
         with progress_bar("evaluating") as progress:
             confusion, context = eval_checkpoint(
                 checkpoint, store, level, split, device, opts, progress, kind, fit_split

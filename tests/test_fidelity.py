@@ -117,6 +117,9 @@ def test_cli_tables_and_files(store, tmp_path):
     doc = json.loads((tmp_path / "f.json").read_text())
     assert {row["strategy"] for row in doc["summary"]} == {"soft", "soft-argmax", "nn"}
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    assert "optimistic" not in r.output
+    r = CliRunner().invoke(app, ["fidelity", "--store", store, "--decode", "prior"])
+    assert r.exit_code == 0 and "fitted on the split it is scored on (val)" in r.output
 
 
 @pytest.mark.slow  # 2-6 s: keeps the fast tier under a minute
