@@ -695,7 +695,7 @@ def _mark_changed(zroot: zarr.Group, pairs, stamps: np.ndarray) -> tuple[list[in
     """Clear the ``done`` flag of every image whose source files changed since it was
     built, so that the build rewrites their shards. ``stamps`` (N, 4): the files' sizes and
     times now (``source_stamp``). A file whose size differs has changed; one whose time
-    alone differs (a copied dataset, ``touch``) has changed only if its CRC-32 differs too
+    alone differs (a copied dataset, ``touch``) has changed only if its CRC-32C differs too
     (those files are read here, 4 at a time), else its new time is recorded. Images
     without a record (older stores) are never flagged. Returns the changed images'
     indices, the number of retimed but unchanged ones, and whether the record was replaced
@@ -715,7 +715,7 @@ def _mark_changed(zroot: zarr.Group, pairs, stamps: np.ndarray) -> tuple[list[in
         except OSError:
             return [-1, -1]  # unreadable now: rebuilt, where its error is reported
 
-    with ThreadPoolExecutor(4) as pool:  # zlib releases the GIL on large blocks
+    with ThreadPoolExecutor(4) as pool:  # the reads release the GIL
         now = np.array(list(pool.map(crcs, retimed)), dtype=np.int64).reshape(-1, 2)
     same = (now == record[retimed][:, CRCS]).all(axis=1)
     kept = retimed[same]

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 from PIL import Image
 
@@ -304,17 +304,18 @@ def source_stamp(pair: Pair) -> tuple[int, int, int, int]:
 
 
 def file_crc(path: Path) -> int:
-    """CRC-32 of a file's bytes (zlib's; 0.5 ms for a 2.5 MB Cityscapes photo)."""
+    """CRC-32C of a file's bytes (hardware-accelerated; read and summed in 1 MiB blocks,
+    0.5 ms for a 4 MB photo from the page cache)."""
     crc = 0
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
-            crc = zlib.crc32(block, crc)
+            crc = google_crc32c.extend(crc, block)
     return crc
 
 
 def source_record(pair: Pair) -> tuple[int, int, int, int, int, int]:
     """What a build records of a pair's files (``images/source``): ``source_stamp``'s
-    sizes and times with each file's CRC-32 after them: (image bytes, mtime ns, crc, label
+    sizes and times with each file's CRC-32C after them: (image bytes, mtime ns, crc, label
     bytes, mtime ns, crc); the label's are 0 for an image without one. The times are taken
     first, so a file changed while it is read looks changed next time. ``DatasetError`` if
     a file cannot be read."""

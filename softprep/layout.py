@@ -124,10 +124,10 @@ SOURCE = "images/source"
 SOURCE_FIELDS = (
     "image bytes",
     "image mtime ns",
-    "image crc32",
+    "image crc32c",
     "label bytes",
     "label mtime ns",
-    "label crc32",
+    "label crc32c",
 )
 FULL_STATS = "stats/full"
 FULL_LABEL = "full/label"
