@@ -9,8 +9,8 @@ which the parent writes in batches followed by the ``done`` flags. Killing the b
 point loses at most the unflushed batch; running the same command again removes the
 temporary files a killed write left, skips completed shards and rewrites the others whole
 (their images count as not done until then). An image whose files changed since it was
-built (size or modification time, recorded per image as make and rsync compare them) counts
-as not done. ``repair`` also rewrites the shards of images that ``softprep verify`` finds
+built counts as not done: each image records its files' sizes, times and CRC-32C as its
+task read them, and a file whose time alone differs is read again to compare its bytes. ``repair`` also rewrites the shards of images that ``softprep verify`` finds
 damaged.
 """
 
