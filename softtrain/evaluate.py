@@ -276,8 +276,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def eval_dataset(url: str, level: str, split: str, tta_levels=()) -> EvalDataset:
-    """An evaluation dataset, refused with a clear message for a split without labels."""
+def eval_dataset(
+    url: str, level: str, split: str, tta_levels=(), purpose: str = "score"
+) -> EvalDataset:
+    """An evaluation dataset, refused with a clear message for a split without labels
+    (``purpose``: what the split was wanted for, said in that message)."""
     store = SoftStore(url)
     evaluable = store.meta.get("eval_splits", [])
     if split not in store.splits:
@@ -285,7 +288,7 @@ def eval_dataset(url: str, level: str, split: str, tta_levels=()) -> EvalDataset
     if split not in evaluable:
         raise StoreError(
             f"{url}: split '{split}' has no full-resolution labels (only the evaluation "
-            f"splits keep them: {', '.join(evaluable) or 'none'}); nothing to score"
+            f"splits keep them: {', '.join(evaluable) or 'none'}); nothing to {purpose}"
         )
     levels = [scale_label(parse_scale(level))] + [scale_label(parse_scale(t)) for t in tta_levels]
     return EvalDataset(url, levels, split)
@@ -315,7 +318,9 @@ def eval_checkpoint(
     model = model_from_checkpoint(ckpt, dev)
     crop, c = ckpt["config"]["crop"], len(store.classes)
     if fit_kind is not None:
-        fitset = eval_dataset(store_url, level, fit_split, opts.tta_levels)
+        fitset = eval_dataset(
+            store_url, level, fit_split, opts.tta_levels, "fit the decode on (--fit-split)"
+        )
         decode = fit_model_decode(model, fitset, c, dev, fit_kind, fit_split, opts, crop)
         opts = replace(opts, decode=decode)
     confusion = evaluate(model, dataset, c, dev, opts, crop, progress)

@@ -134,6 +134,13 @@ def test_split_without_labels_is_refused(cityscapes_run, tmp_path):
     )  # fmt: skip
     assert r.exit_code == 2 and "no full-resolution labels" in " ".join(r.output.split())
     assert not (tmp_path / "m.json").exists()
+    r = runner.invoke(
+        app,
+        ["eval", "--store", url, "--checkpoint", ckpt, "--device", "cpu", "--decode", "bias",
+         "--fit-split", "train"],
+    )  # fmt: skip
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2 and "nothing to fit the decode on (--fit-split)" in said, said
 
 
 @pytest.mark.slow
