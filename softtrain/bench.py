@@ -59,5 +59,7 @@ def time_loader(dataset, workers: int, batch_size: int, batches: int) -> dict:
 
 
 def bench_loader(url: str, crop: str, workers: int, batch_size: int = 8, batches: int = 30) -> dict:
-    """``time_loader`` on the training crops of a store."""
-    return time_loader(CropDataset(url, parse_crop(crop), "train"), workers, batch_size, batches)
+    """``time_loader`` on the training crops of a store, with ``note``: the dataset's
+    ``padding_note`` (None when crops are mostly image)."""
+    crops = CropDataset(url, parse_crop(crop), "train")
+    return time_loader(crops, workers, batch_size, batches) | {"note": crops.padding_note()}

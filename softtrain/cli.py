@@ -502,6 +502,8 @@ def bench_loader(
         from softtrain.bench import bench_loader as run_bench_loader
 
         r = run_bench_loader(store, crop, workers, batch_size, batches)
+    if r["note"]:
+        console.print(tagged("note", "yellow", r["note"]), highlight=False)
     out.print(
         f"{r['crops_per_s']:.1f} crops/s ({r['crops_per_s_per_worker']:.1f} per worker), "
         f"{r['mb_per_s']:.1f} MB/s at {crop} with {workers} workers"

@@ -168,6 +168,19 @@ class CropDataset(Dataset):
             shares[s] = float(1 - inside.mean()) if len(hw) else 0.0
         return shares
 
+    def padding_note(self, above: float = 0.05) -> str | None:
+        """A sentence naming the levels where more than ``above`` of a crop is padding, or
+        None (``softtrain fit`` and ``bench-loader`` print it)."""
+        padded = {s: v for s, v in self.padding_share().items() if v > above}
+        if not padded:
+            return None
+        return (
+            "the crop is larger than the images at "
+            + ", ".join(f"{scale_label(s)} ({v:.0%} of each crop is void padding)"
+                        for s, v in padded.items())
+            + "; a smaller --crop trains faster on the same pixels"
+        )  # fmt: skip
+
     def subset(self, items: np.ndarray, seed: int | None, labels: bool = True) -> CropDataset:
         """The same crops restricted to store images ``items`` (e.g. the labelled share),
         with their own ``seed``; the store is not checked again. ``labels=False`` (the

@@ -266,14 +266,9 @@ def banner(cfg: FitConfig, inputs: RunInputs, ranks: Ranks) -> list[str]:
         if inputs.evalset is not None
         else "evaluation: none (no evaluation split)",
     ]
-    padded = {s: v for s, v in train.padding_share().items() if v > 0.05}
-    if padded:
-        lines.append(
-            "note: the crop is larger than the images at "
-            + ", ".join(f"{scale_label(s)} ({v:.0%} of each crop is void padding)"
-                        for s, v in padded.items())
-            + "; a smaller --crop trains faster on the same pixels"
-        )  # fmt: skip
+    padding = train.padding_note()
+    if padding:
+        lines.append(f"note: {padding}")
     if cfg.speed.bf16 and ranks.device.type == "cpu":
         lines.append("note: --bf16 on the CPU is slow and less precise; it is meant for GPUs")
     return lines

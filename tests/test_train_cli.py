@@ -179,3 +179,15 @@ def test_the_banner_says_what_a_run_uses_and_best_pt_has_no_optimiser(tmp_path, 
     assert "optimizer" not in best and "optimizer" in last
     records = [r for r in read_metrics(tmp_path / "run/metrics.jsonl") if r["type"] == "train"]
     assert records and all(r["peak_memory_gib"] is None for r in records)  # CPU: no figure
+
+
+def test_bench_loader_says_when_crops_are_mostly_padding(samples, tmp_path):
+    """As fit's banner does: the sample's 1/8 level is 32x64, so 64x128 crops are 75% void."""
+    url = str(tmp_path / "cs.zarr")
+    build(load_manifest("cityscapes"), samples["cityscapes"], url, BuildOptions(scales=(0.125,)))
+    common = ["--store", url, "--workers", 0, "--batch-size", 2, "--batches", 2]
+    r = run("bench-loader", *common, "--crop", "64x128")
+    assert r.exit_code == 0 and "crops/s" in r.text, r.output
+    assert "note: the crop is larger than the images at 1/8 (75% of each crop is void" in r.text
+    r = run("bench-loader", *common, "--crop", "32x64")
+    assert r.exit_code == 0 and "note:" not in r.text, r.output
