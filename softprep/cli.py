@@ -125,6 +125,7 @@ def sample(
     version: str | None = VersionOpt,
     train: int = typer.Option(6, help="Training images."),
     val: int = typer.Option(2, help="Validation images."),
+    test: int = typer.Option(0, help="Test images (datasets with a test split)."),
     size: str | None = typer.Option(
         None, help="HxW of every image, e.g. 1024x2048 (default: dataset-like, small)."
     ),
@@ -136,8 +137,11 @@ def sample(
     """
     with user_errors():
         m = load_manifest(dataset, version)
+        if test and "test" not in m.splits:
+            raise ValueError(f"--test {test}: {m.dataset} has no test split")
         hw = tuple(int(v) for v in size.lower().split("x")) if size else None
-        n = write_sample_folder(m, directory, {"train": train, "val": val}, hw, seed)
+        counts = {"train": train, "val": val} | ({"test": test} if test else {})
+        n = write_sample_folder(m, directory, counts, hw, seed)
     out.print(f"wrote {n} {m.dataset} {m.version} pairs under {directory}")
 
 

@@ -104,6 +104,14 @@ def test_bad_input_exit_code_2_and_message(args, message):
     assert message in r.text
 
 
+def test_sample_writes_a_test_split_where_the_dataset_has_one(tmp_path):
+    r = run("sample", "camvid", tmp_path / "cv", "--train", 1, "--val", 1, "--test", 2)
+    assert r.exit_code == 0 and "wrote 4 camvid" in r.text, r.output
+    assert len(list((tmp_path / "cv/testannot").glob("*.png"))) == 2
+    r = run("sample", "ade20k", tmp_path / "ade", "--test", 1)
+    assert r.exit_code == 2 and "--test 1: ade20k has no test split" in r.text, r.output
+
+
 def test_verify_exit_code_on_damage(tmp_path):
     import zarr
 
