@@ -137,9 +137,9 @@ class RunLog:
 
 def plot_curves(records: list[dict], png: Path) -> Path:
     """Training curves of a run's records as a PNG (written atomically)."""
+    fig = curves_figure(records)  # selects the Agg backend before pyplot is imported here
     import matplotlib.pyplot as plt
 
-    fig = curves_figure(records)
     tmp = png.with_name(png.stem + ".tmp.png")
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
