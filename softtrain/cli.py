@@ -469,14 +469,15 @@ def export(
     out_path: Path = typer.Option(..., "--out", help="File to write (model.pt, model.onnx)."),
     fmt: str = typer.Option("torchscript", "--format", help="torchscript or onnx."),
     size: str = typer.Option(
-        "1024x2048", help="HEIGHTxWIDTH of the images it is traced for (batch 1)."
+        "1024x2048",
+        help="HEIGHTxWIDTH of the example image it is traced with; the model takes any size.",
     ),
     decode: Path = DecodeFileOpt,
 ):
-    """A self-contained model: uint8 RGB (1, 3, H, W) in, uint8 train ids (1, H, W) out,
-    with the resize to the checkpoint's level, normalisation, upsampling and decode inside
-    (the resize is torch's antialiased bilinear: labels agree with 'predict' but for a few
-    pixels at class borders)."""
+    """A self-contained model: uint8 RGB (1, 3, H, W) in, of any H and W, uint8 train ids
+    (1, H, W) out, with the resize to the checkpoint's level, normalisation, upsampling and
+    decode inside (the resize is torch's antialiased bilinear: labels agree with 'predict'
+    but for a few pixels at class borders)."""
     with _user_errors():
         from softtrain.config import parse_crop
         from softtrain.segmenter import Segmenter, check_export_target
@@ -486,7 +487,7 @@ def export(
         opts = _inference("whole", "", "", False, [], False, decode)
         hw = parse_crop(size)
         run_export(Segmenter.from_checkpoint(checkpoint, "cpu", opts), out_path, fmt, hw)
-    out.print(f"wrote {out_path} ({fmt}, for {hw[0]}x{hw[1]} uint8 RGB images)")
+    out.print(f"wrote {out_path} ({fmt}, uint8 RGB images of any size; traced at {hw[0]}x{hw[1]})")
 
 
 @app.command("bench-loader")

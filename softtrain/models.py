@@ -136,13 +136,16 @@ class HRNetV2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        x = F.pad(x, (0, -w % self.STRIDE, 0, -h % self.STRIDE))
+        # (S - w % S) % S, not -w % S: an ONNX export with dynamic sizes turns Python's
+        # modulo of a negative number into C's, a negative pad that crops the image
+        s = self.STRIDE
+        x = F.pad(x, (0, (s - w % s) % s, 0, (s - h % s) % s))
         feats = self.trunk(x)
         size = feats[0].shape[-2:]
         up = [feats[0]] + [
             F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats[1:]
         ]
-        return self.head(torch.cat(up, dim=1))[..., : -(-h // 4), : -(-w // 4)]
+        return self.head(torch.cat(up, dim=1))[..., : (h + 3) // 4, : (w + 3) // 4]
 
 
 class ASPP(nn.Module):

@@ -141,7 +141,7 @@ def check_export_target(out: Path, fmt: str, inputs: list[Path]) -> None:
 def export(segmenter: Segmenter, out: Path, fmt: str, example_hw: tuple[int, int]) -> Path:
     """Write the segmenter as ``torchscript`` (traced) or ``onnx`` (``torch.onnx.export``'s
     dynamo exporter, which handles the antialiased resize) for (1, 3, H, W) uint8 images of
-    ``example_hw`` = (H, W)."""
+    any H and W; it is traced with a zero image of ``example_hw`` = (H, W)."""
     check_export_target(out, fmt, [])
     if segmenter.meta.get("short_side"):
         raise ValueError("export: the store scales images by their short side; not exported yet")
@@ -154,9 +154,11 @@ def export(segmenter: Segmenter, out: Path, fmt: str, example_hw: tuple[int, int
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", r".*torch\.jit\.\w+` is deprecated", FutureWarning)
             torch.jit.trace(module, example, check_trace=False).save(str(out))
-    else:  # weights inside the one file (no model.onnx.data beside it): models here < 2 GB
+    else:  # weights inside the one file (no model.onnx.data beside it): models here < 2 GB;
+        # height and width symbolic, as the traced TorchScript's are
         torch.onnx.export(
             module, (example,), str(out), input_names=["image"], output_names=["labels"],
-            dynamo=True, external_data=False,
+            dynamo=True, external_data=False, verbose=False,
+            dynamic_shapes=({2: torch.export.Dim("height"), 3: torch.export.Dim("width")},),
         )  # fmt: skip
     return out

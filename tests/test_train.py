@@ -235,6 +235,31 @@ def test_hrnet_takes_any_input_size():
         torch.testing.assert_close(model(x), plain)
 
 
+@pytest.mark.slow  # 14 s: the ONNX exporter
+def test_hrnet_exported_to_onnx_takes_any_input_size(tmp_path):
+    """The export's sizes are symbolic; the pad to a multiple of 32 once read -w % 32, which
+    ONNX computes as C's remainder: a negative pad that cropped the image (11 rows, not 12,
+    at 45x60). Against eager PyTorch at sizes other than the traced one."""
+    ort = pytest.importorskip("onnxruntime")
+    from softtrain.models import HRNetV2
+
+    torch.manual_seed(0)
+    model, path = HRNetV2("hrnet_w18_small", 5).eval(), tmp_path / "hrnet.onnx"
+    dims = {2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
+    torch.onnx.export(
+        model, (torch.randn(1, 3, 64, 96),), str(path), input_names=["x"], dynamo=True,
+        external_data=False, verbose=False, dynamic_shapes=(dims,),
+    )  # fmt: skip
+    session = ort.InferenceSession(str(path))
+    for h, w in [(45, 60), (33, 97), (64, 96)]:
+        x = torch.randn(1, 3, h, w)
+        with torch.no_grad():
+            eager = model(x).numpy()
+        out = session.run(None, {"x": x.numpy()})[0]
+        assert out.shape == eager.shape == (1, 5, -(-h // 4), -(-w // 4))
+        assert np.abs(out - eager).max() < 1e-5 * np.abs(eager).max()
+
+
 def test_pretrained_trunk_weights_come_from_a_local_file(tmp_path):
     import timm
 
