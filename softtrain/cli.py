@@ -324,11 +324,11 @@ def compare(
 @app.command()
 def models():
     """List the model names 'fit --model' accepts."""
-    from softtrain.models import MODELS
+    from softtrain.config import MODELS
 
     table = Table("model", "trunk (timm)", "head")
-    for name, (cls, trunk) in MODELS.items():
-        table.add_row(name, trunk, cls.__name__)
+    for name, (head, trunk) in MODELS.items():
+        table.add_row(name, trunk, head)
     out.print(table)
 
 

@@ -37,11 +37,30 @@ POTTS = (
 )
 XENT = ("standard", "reverse", "collision")
 IPIX = ("none", "kl", "corr")
+# Model names fit accepts (softtrain.models builds them): name -> (head class, timm trunk).
+MODELS = {
+    "hrnetv2_w18": ("HRNetV2", "hrnet_w18"),
+    "hrnetv2_w32": ("HRNetV2", "hrnet_w32"),
+    "hrnetv2_w48": ("HRNetV2", "hrnet_w48"),
+    "deeplabv3plus_r18": ("DeepLabV3Plus", "resnet18"),
+    "deeplabv3plus_r50": ("DeepLabV3Plus", "resnet50"),
+    "deeplabv3plus_r101": ("DeepLabV3Plus", "resnet101"),
+}
 # Training methods behind the one loop (softtrain.regime): name -> "module:class".
 REGIMES = {
     "supervised": "softtrain.supervised:Supervised",
     "teacher-student": "softtrain.semi:TeacherStudent",
 }
+
+
+def check_model(name: str) -> None:
+    """Refuse a ``--model`` that is neither a name in ``MODELS`` nor a factory
+    ``package.module:function`` (imported only when the model is built)."""
+    if ":" not in name and name not in MODELS:
+        raise ValueError(
+            f"unknown model '{name}'; choose from {', '.join(MODELS)}, or give a factory "
+            "as package.module:function"
+        )
 
 
 def option(
@@ -181,6 +200,7 @@ class OptimOptions:
 
     def __post_init__(self):
         _check(self)
+        check_model(self.model)  # refused here, before torch loads
         if self.lr <= 0:
             raise ValueError("--lr must be positive")
         if not self.ema < 1:

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from softtrain import config
+
 
 def conv_bn_relu(cin: int, cout: int, k: int = 1, dilation: int = 1) -> nn.Sequential:
     pad = dilation * (k // 2)
@@ -187,14 +189,9 @@ class DeepLabV3Plus(nn.Module):
         return self.decoder(torch.cat([up, self.low(low)], dim=1))
 
 
-MODELS = {
-    "hrnetv2_w18": (HRNetV2, "hrnet_w18"),
-    "hrnetv2_w32": (HRNetV2, "hrnet_w32"),
-    "hrnetv2_w48": (HRNetV2, "hrnet_w48"),
-    "deeplabv3plus_r18": (DeepLabV3Plus, "resnet18"),
-    "deeplabv3plus_r50": (DeepLabV3Plus, "resnet50"),
-    "deeplabv3plus_r101": (DeepLabV3Plus, "resnet101"),
-}
+# the registry's names, declared in softtrain.config (checked there before torch loads)
+HEADS = {cls.__name__: cls for cls in (HRNetV2, DeepLabV3Plus)}
+MODELS = {name: (HEADS[head], trunk) for name, (head, trunk) in config.MODELS.items()}
 
 
 class FactoryModel(nn.Module):
@@ -242,10 +239,6 @@ def build_model(name: str, num_classes: int, pretrained: str | None = None) -> n
             target = getattr(model.net, "backbone", model.net)
             log.warning(load_trunk_weights(target, pretrained, f"{name}'s backbone"))
         return model
-    if name not in MODELS:
-        raise ValueError(
-            f"unknown model '{name}'; choose from {', '.join(MODELS)}, or give a factory "
-            "as package.module:function"
-        )
+    config.check_model(name)
     cls, trunk = MODELS[name]
     return cls(trunk, num_classes, pretrained)

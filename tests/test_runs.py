@@ -308,7 +308,9 @@ def test_softtrain_help_imports_no_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-@pytest.mark.parametrize("option", ["--crop bad", "--crop 0x8", "--loss dice", "--lr 0"])
+@pytest.mark.parametrize(
+    "option", ["--crop bad", "--crop 0x8", "--loss dice", "--lr 0", "--model resnet50"]
+)
 def test_fit_argument_errors_answer_before_torch_loads(option, tmp_path):
     """fit's argument errors: exit 2 with one line, torch never imported (~0.2 s)."""
     code = (
