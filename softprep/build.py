@@ -891,15 +891,16 @@ def _build_locked(
         progress(processed, len(pairs))  # the rate counts from here, as the summary's
     try:
         for shard_results in results:
-            stats.add([r for r in shard_results if not r.error])
-            built += sum(not r.error for r in shard_results)
             errors = [r.error for r in shard_results if r.error]
-            if errors and on_error == "fail":
+            if errors and on_error == "fail":  # the shard's other images are not marked done:
+                # a resume rewrites the shard whole, so they are not counted as saved
                 raise BuildError(
                     f"{errors[0]}\n(stopped; {built} image(s) finished in this run are "
                     "saved; fix the file or use --on-error skip, then run the same command "
                     "to resume)"
                 )
+            stats.add([r for r in shard_results if not r.error])
+            built += sum(not r.error for r in shard_results)
             skipped += errors
             processed += len(shard_results)
             if progress:

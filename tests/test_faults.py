@@ -6,6 +6,7 @@ and refused by softtrain."""
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -121,6 +122,21 @@ def test_a_skipped_image_fixed_later_rewrites_its_shard(samples, tmp_path):
     build(CS, samples["cityscapes"], reference, OPTS)
     assert_same_store(url, reference)
     assert verify(SoftStore(url)).ok
+
+
+def test_a_stopped_build_counts_as_saved_only_what_the_resume_keeps(samples, tmp_path):
+    """On a bad file the build stops; the images it says are saved are those the resume
+    does not build again (not the bad image's shard-mate, rewritten with its shard)."""
+    root, bad = damage(samples, tmp_path, ("truncated",))
+    url = str(tmp_path / "s.zarr")
+    with pytest.raises(BuildError, match=r"stopped; (\d+) image\(s\) finished") as failed:
+        build(CS, root, url, OPTS)
+    saved = int(re.search(r"stopped; (\d+) image", str(failed.value)).group(1))
+    assert saved == SoftStore(url).done().sum()
+    broken = Path(next(iter(bad)))
+    shutil.copy(samples["cityscapes"] / broken.relative_to(root), broken)
+    summary = build(CS, root, url, OPTS)
+    assert (summary.built, summary.already_done) == (6 - saved, saved)
 
 
 def test_oversized_header_is_refused_by_name(samples, tmp_path):
