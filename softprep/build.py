@@ -691,7 +691,9 @@ def _source_record(images: zarr.Group, n: int) -> tuple[np.ndarray | None, bool]
 SIZES, TIMES, CRCS = [0, 3], [0, 1, 3, 4], [2, 5]  # columns of images/source
 
 
-def _mark_changed(zroot: zarr.Group, pairs, stamps: np.ndarray) -> tuple[list[int], int, bool]:
+def _mark_changed(
+    zroot: zarr.Group, pairs, stamps: np.ndarray, checking=None
+) -> tuple[list[int], int, bool]:
     """Clear the ``done`` flag of every image whose source files changed since it was
     built, so that the build rewrites their shards. ``stamps`` (N, 4): the files' sizes and
     times now (``source_stamp``). A file whose size differs has changed; one whose time
@@ -699,7 +701,7 @@ def _mark_changed(zroot: zarr.Group, pairs, stamps: np.ndarray) -> tuple[list[in
     (those files are read here, 4 at a time), else its new time is recorded. Images
     without a record (older stores) are never flagged. Returns the changed images'
     indices, the number of retimed but unchanged ones, and whether the record was replaced
-    (unreadable)."""
+    (unreadable). ``checking``: see ``build``."""
     record, replaced = _source_record(zroot["images"], len(stamps))
     if record is None:
         return [], 0, replaced
@@ -715,8 +717,13 @@ def _mark_changed(zroot: zarr.Group, pairs, stamps: np.ndarray) -> tuple[list[in
         except OSError:
             return [-1, -1]  # unreadable now: rebuilt, where its error is reported
 
+    read = []
     with ThreadPoolExecutor(4) as pool:  # the reads release the GIL
-        now = np.array(list(pool.map(crcs, retimed)), dtype=np.int64).reshape(-1, 2)
+        for crc in pool.map(crcs, retimed):
+            read.append(crc)
+            if checking:
+                checking("checking changed files", len(read), len(retimed))
+    now = np.array(read, dtype=np.int64).reshape(-1, 2)
     same = (now == record[retimed][:, CRCS]).all(axis=1)
     kept = retimed[same]
     if len(kept):
@@ -773,13 +780,17 @@ def _shards_to_build(zroot: zarr.Group, options: BuildOptions) -> tuple[np.ndarr
     return done, shards
 
 
-def _mark_damaged(url: str, zroot: zarr.Group, jobs: int = 1) -> int:
+def _mark_damaged(url: str, zroot: zarr.Group, jobs: int = 1, checking=None) -> int:
     """For ``repair``: clear the ``done`` flag of every image ``verify`` finds damaged (data
     missing, unreadable or invalid, statistics that do not add up), so that the build
-    rewrites their shards whole. Returns their number; metadata damage is refused."""
+    rewrites their shards whole. Returns their number; metadata damage is refused.
+    ``checking``: see ``build``."""
     from softprep.verify import verify
 
-    report = verify(SoftStore(url), jobs=jobs)
+    progress = (
+        (lambda done, total: checking("checking the store", done, total)) if checking else None
+    )
+    report = verify(SoftStore(url), jobs=jobs, progress=progress)
     if not report.layout:
         raise BuildError(
             f"{url}: its metadata is damaged ({report.problems[0]}); --repair rebuilds "
@@ -801,6 +812,7 @@ def build(
     progress=None,
     repair: bool = False,
     keep_workers: bool = True,
+    checking=None,
 ) -> BuildSummary:
     """Build (or resume) the store at ``url`` from the dataset at ``root``.
 
@@ -812,8 +824,10 @@ def build(
     ``skip`` records it in the store's ``skipped`` list and goes on. Tasks run on the active
     joblib backend (default loky processes; wrap the call in
     ``joblib.parallel_config(backend="dask")`` with a dask Client to use a cluster).
-    ``progress(done, total)`` is called after each image. ``keep_workers``: see
-    ``end_workers``.
+    ``progress(done, total)`` is called after each image; ``checking(what, done, total)``
+    during the reads before them: "checking the store" (``repair``) and "checking changed
+    files" (files whose times changed since they were built, compared by CRC-32C: all of
+    them once a dataset is copied without its times). ``keep_workers``: see ``end_workers``.
     """
     if on_error not in ("fail", "skip"):
         raise ValueError("on_error must be 'fail' or 'skip'")
@@ -840,7 +854,7 @@ def build(
             try:
                 return _build_locked(
                     manifest, url, options, jobs, on_error, progress, start, pairs, sizes,
-                    stamps, problems, repair, pool,
+                    stamps, problems, repair, pool, checking,
                 )  # fmt: skip
             finally:  # while the lock is held: nothing of this build writes after it goes
                 if not keep_workers:
@@ -852,14 +866,14 @@ def build(
 
 def _build_locked(
     manifest, url, options, jobs, on_error, progress, start, pairs, sizes, stamps, problems,
-    repair, pool,
+    repair, pool, checking,
 ):  # fmt: skip
     try:
         zroot, meta = _open_or_create(url, manifest, options, pairs, sizes)  # a store, now
         litter = len(writer.remove_litter(url))  # what a killed write left; nothing reads it
         _refuse_resized(zroot, url, pairs, sizes)
-        repaired = _mark_damaged(url, zroot, jobs) if repair else 0
-        changed, retimed, record_replaced = _mark_changed(zroot, pairs, stamps)
+        repaired = _mark_damaged(url, zroot, jobs, checking) if repair else 0
+        changed, retimed, record_replaced = _mark_changed(zroot, pairs, stamps, checking)
         done, shards = _shards_to_build(zroot, options)
     except (KeyError, json.JSONDecodeError) as e:  # zarr: an array's metadata lost or cut
         what = f"array {e.args[0]} missing" if isinstance(e, KeyError) else f"bad JSON: {e}"

@@ -311,11 +311,11 @@ def build(
 
                 def progress(done: int, total: int) -> None:
                     seen.update(done=done, total=total)
-                    bar(done, total)
+                    bar(done, total, "building")
 
                 summary = run_build(
                     m, root, url, options, jobs=n_jobs, on_error=on_error, progress=progress,
-                    repair=repair, keep_workers=False,
+                    repair=repair, keep_workers=False, checking=lambda what, d, t: bar(d, t, what),
                 )  # fmt: skip
         except (KeyboardInterrupt, SystemError) as e:
             if not _interrupted(e):

@@ -50,10 +50,11 @@ class RateColumn(ProgressColumn):
 
 @contextmanager
 def progress_bar(description: str):
-    """Yields a ``progress(done, total)`` callback drawing a rich bar with ETA and the rate
-    since the first call, (done - first done) / elapsed: what a summary line computes. The
-    bar appears at the first call, so an error found before any work (a bad argument, a
-    missing split or file) is printed alone, without an empty bar above it."""
+    """Yields a ``progress(done, total, description=None)`` callback drawing a rich bar with
+    ETA and the rate since the first call, (done - first done) / elapsed: what a summary
+    line computes. The bar appears at the first call, so an error found before any work (a
+    bad argument, a missing split or file) is printed alone, without an empty bar above it.
+    A new ``description`` starts the bar and its rate afresh (a stage before the work)."""
     bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -67,8 +68,12 @@ def progress_bar(description: str):
     task = bar.add_task(description, total=None, rate=None)
     first: list = []
 
-    def update(done: int, total: int) -> None:
+    def update(done: int, total: int, description: str | None = None) -> None:
         now = time.monotonic()
+        if description and description != bar.tasks[0].description:
+            bar.reset(task, description=description, total=total, rate=None)
+            if first:
+                first[:] = [now, done]
         if not first:
             first[:] = [now, done]
             bar.start()

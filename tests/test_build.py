@@ -343,9 +343,13 @@ def test_a_copied_or_touched_dataset_keeps_its_images_unless_their_bytes_changed
     url = str(tmp_path / "a.zarr")
     build(m, tmp_path / "data", url, opts)
     shutil.copytree(tmp_path / "data", tmp_path / "copy", copy_function=shutil.copyfile)
-    summary = build(m, tmp_path / "copy", url, opts)  # every time differs
-    assert (summary.changed, summary.retimed, summary.built) == ([], 4, 0)
-    assert build(m, tmp_path / "copy", url, opts).retimed == 0  # the new times are recorded
+    calls = []
+    summary = build(m, tmp_path / "copy", url, opts, checking=lambda *c: calls.append(c))
+    assert (summary.changed, summary.retimed, summary.built) == ([], 4, 0)  # every time differs
+    assert calls == [("checking changed files", k, 4) for k in (1, 2, 3, 4)]  # the reads' bar
+    calls.clear()
+    summary = build(m, tmp_path / "copy", url, opts, checking=lambda *c: calls.append(c))
+    assert summary.retimed == 0 and not calls  # the new times are recorded
     size = label.stat().st_size
     lab = np.asarray(Image.open(tmp_path / "copy/labels/train/1.png"))
     Image.fromarray(np.choose(lab, [1, 0, 2]).astype(np.uint8)).save(

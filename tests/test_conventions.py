@@ -5,6 +5,7 @@ options, messages that keep their brackets, and priors that describe the stored 
 import csv
 import logging
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -148,6 +149,25 @@ def test_progress_rate_counts_from_the_first_image(samples, tmp_path):
     assert calls[0] == (0, 6) and calls[-1] == (6, 6)  # the first call starts the clock
     assert summary.images_per_second == pytest.approx(summary.built / summary.image_seconds)
     assert summary.image_seconds <= summary.seconds
+
+
+def test_progress_bar_names_each_stage_and_counts_its_rate_afresh(monkeypatch):
+    """A build's bar says "checking changed files" while it rereads copied files, then
+    "building"; the second stage's rate is not diluted by the first's time."""
+    import softprep.terminal as terminal
+
+    recorded = Console(record=True, force_terminal=True, width=120)
+    monkeypatch.setattr(terminal, "console", recorded)
+    clock = iter([0.0, 1.0, 100.0, 102.0])  # the bar's own clock; rich keeps its own
+    monkeypatch.setattr(terminal, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+    with terminal.progress_bar("building") as bar:
+        bar(1, 4, "checking changed files")
+        bar(4, 4, "checking changed files")
+        bar(0, 6, "building")
+        bar(6, 6, "building")
+    text = recorded.export_text()  # every render, one after the other
+    assert "checking changed files" in text
+    assert "6/6 3.00 img/s" in text[text.rindex("building") :]  # 6 images in 2 s, not in 102
 
 
 @pytest.mark.parametrize("kernel", ["bilinear", "bicubic", "area"])
