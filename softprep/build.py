@@ -492,6 +492,29 @@ class BuildSummary:
         """Images built per second of image work (as the progress bar's rate)."""
         return self.built / self.image_seconds if self.image_seconds else 0.0
 
+    def notes(self) -> list[str]:
+        """What this build did besides building, one sentence each (the CLI's notes)."""
+        notes = []
+        if self.litter:
+            notes.append(f"removed {self.litter} temporary file(s) left by an interrupted write")
+        if self.changed:
+            shown = ", ".join(self.changed[:3]) + (", ..." if len(self.changed) > 3 else "")
+            notes.append(
+                f"{len(self.changed)} image(s) changed since they were built (file size or "
+                f"bytes), rebuilt with the images sharing their shards: {shown}"
+            )
+        if self.retimed:
+            notes.append(
+                f"{self.retimed} image(s) have files with new modification times but the same "
+                "bytes (a copied dataset?): kept"
+            )
+        if self.record_replaced:
+            notes.append(
+                "the store's record of its source files (images/source) was unreadable and is "
+                "replaced: images built before are no longer checked for changed files"
+            )
+        return notes
+
 
 def _config(manifest: Manifest, options: BuildOptions) -> dict:
     cfg = asdict(options)

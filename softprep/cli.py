@@ -329,27 +329,7 @@ def build(
                 f"interrupted {after}; run the same command again to resume", highlight=False
             )
             raise typer.Exit(130) from None
-    if summary.litter:
-        note = f"removed {summary.litter} temporary file(s) left by an interrupted write"
-        console.print(tagged("note", "yellow", note), highlight=False)
-    if summary.changed:
-        shown = ", ".join(summary.changed[:3]) + (", ..." if len(summary.changed) > 3 else "")
-        note = (
-            f"{len(summary.changed)} image(s) changed since they were built (file size or "
-            f"bytes), rebuilt with the images sharing their shards: {shown}"
-        )
-        console.print(tagged("note", "yellow", note), highlight=False)
-    if summary.retimed:
-        note = (
-            f"{summary.retimed} image(s) have files with new modification times but the same "
-            "bytes (a copied dataset?): kept"
-        )
-        console.print(tagged("note", "yellow", note), highlight=False)
-    if summary.record_replaced:
-        note = (
-            "the store's record of its source files (images/source) was unreadable and is "
-            "replaced: images built before are no longer checked for changed files"
-        )
+    for note in summary.notes():
         console.print(tagged("note", "yellow", note), highlight=False)
     repaired = f"{summary.repaired} damaged image(s) found, " if repair else ""
     out.print(
