@@ -474,10 +474,10 @@ def export(
     ),
     decode: Path = DecodeFileOpt,
 ):
-    """A self-contained model: uint8 RGB (1, 3, H, W) in, of any H and W, uint8 train ids
-    (1, H, W) out, with the resize to the checkpoint's level, normalisation, upsampling and
-    decode inside (the resize is torch's antialiased bilinear: labels agree with 'predict'
-    but for a few pixels at class borders)."""
+    """A self-contained model: uint8 RGB (B, 3, H, W) in, of any batch and size, uint8
+    train ids (B, H, W) out, with the resize to the checkpoint's level, normalisation,
+    upsampling and decode inside (the resize is torch's antialiased bilinear: labels agree
+    with 'predict' but for a few pixels at class borders)."""
     with _user_errors():
         from softtrain.config import parse_crop
         from softtrain.segmenter import Segmenter, check_export_target

@@ -138,8 +138,6 @@ class HRNetV2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        # (S - w % S) % S, not -w % S: an ONNX export with dynamic sizes turns Python's
-        # modulo of a negative number into C's, a negative pad that crops the image
         s = self.STRIDE
         x = F.pad(x, (0, (s - w % s) % s, 0, (s - h % s) % s))
         feats = self.trunk(x)
@@ -147,6 +145,8 @@ class HRNetV2(nn.Module):
         up = [feats[0]] + [
             F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats[1:]
         ]
+        # ceil(h / 4) as (h + 3) // 4, not -(-h // 4): an ONNX export with symbolic sizes
+        # truncates the floor division of a negative number (11 rows, not 12, at 45x60)
         return self.head(torch.cat(up, dim=1))[..., : (h + 3) // 4, : (w + 3) // 4]
 
 

@@ -14,6 +14,7 @@ upsampling and decode inside.
 from __future__ import annotations
 
 import warnings
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -98,11 +99,14 @@ def _as_image(image) -> Image.Image:
 
 class Exported(torch.nn.Module):
     """uint8 RGB (B, 3, H, W) -> uint8 train ids (B, H, W): resize to the level (antialiased
-    bilinear), normalise, model, upsample, per-class decode offsets, argmax."""
+    bilinear) at the size the store and ``predict`` use (``output_size``: round half up),
+    normalise, model, upsample, per-class decode offsets, argmax."""
 
     def __init__(self, segmenter: Segmenter, scale: float):
         super().__init__()
-        self.model, self.scale = segmenter.model.eval(), scale
+        self.model = segmenter.model.eval()
+        f = Fraction(scale).limit_denominator(1 << 16)
+        self.num, self.den = f.numerator, f.denominator
         bias = (
             segmenter.opts.decode.bias if segmenter.opts.decode else (0.0,) * segmenter.num_classes
         )
@@ -111,10 +115,14 @@ class Exported(torch.nn.Module):
         self.register_buffer("std", STD.view(1, 3, 1, 1).clone())
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        # max(1, floor(n * scale + 0.5)) in integer arithmetic, which tracing and
+        # torch.export keep symbolic (v + 1 // (v + 1) is max(1, v) for v >= 0); a
+        # scale_factor gave floor(n * scale) rows, off by one from predict's level
+        size = [(2 * n * self.num + self.den) // (2 * self.den) for n in image.shape[-2:]]
+        size = [v + 1 // (v + 1) for v in size]
         x = F.interpolate(
-            image.float(), scale_factor=self.scale, mode="bilinear", align_corners=False,
-            antialias=True, recompute_scale_factor=False,
-        )  # fmt: skip
+            image.float(), size=size, mode="bilinear", align_corners=False, antialias=True
+        )
         logits = self.model((x.round().clamp(0, 255) - self.mean) / self.std)
         up = F.interpolate(
             logits.float(), size=image.shape[-2:], mode="bilinear", align_corners=False
@@ -140,13 +148,13 @@ def check_export_target(out: Path, fmt: str, inputs: list[Path]) -> None:
 
 def export(segmenter: Segmenter, out: Path, fmt: str, example_hw: tuple[int, int]) -> Path:
     """Write the segmenter as ``torchscript`` (traced) or ``onnx`` (``torch.onnx.export``'s
-    dynamo exporter, which handles the antialiased resize) for (1, 3, H, W) uint8 images of
-    any H and W; it is traced with a zero image of ``example_hw`` = (H, W)."""
+    dynamo exporter, which handles the antialiased resize) for (B, 3, H, W) uint8 images of
+    any B, H and W; it is traced with two zero images of ``example_hw`` = (H, W)."""
     check_export_target(out, fmt, [])
     if segmenter.meta.get("short_side"):
         raise ValueError("export: the store scales images by their short side; not exported yet")
     module = Exported(segmenter, parse_scale(segmenter.eval_level)).to("cpu").eval()
-    example = torch.zeros(1, 3, *example_hw, dtype=torch.uint8)
+    example = torch.zeros(2, 3, *example_hw, dtype=torch.uint8)  # 2: the batch stays free
     out = Path(out)
     if fmt == "torchscript":
         # PyTorch deprecates TorchScript for its own future, not for the runtimes that load
@@ -155,10 +163,11 @@ def export(segmenter: Segmenter, out: Path, fmt: str, example_hw: tuple[int, int
             warnings.filterwarnings("ignore", r".*torch\.jit\.\w+` is deprecated", FutureWarning)
             torch.jit.trace(module, example, check_trace=False).save(str(out))
     else:  # weights inside the one file (no model.onnx.data beside it): models here < 2 GB;
-        # height and width symbolic, as the traced TorchScript's are
+        # batch, height and width symbolic, as the traced TorchScript's are
+        Dim = torch.export.Dim
         torch.onnx.export(
             module, (example,), str(out), input_names=["image"], output_names=["labels"],
             dynamo=True, external_data=False, verbose=False,
-            dynamic_shapes=({2: torch.export.Dim("height"), 3: torch.export.Dim("width")},),
+            dynamic_shapes=({0: Dim("batch"), 2: Dim("height"), 3: Dim("width")},),
         )  # fmt: skip
     return out

@@ -237,9 +237,9 @@ def test_hrnet_takes_any_input_size():
 
 @pytest.mark.slow  # 14 s: the ONNX exporter
 def test_hrnet_exported_to_onnx_takes_any_input_size(tmp_path):
-    """The export's sizes are symbolic; the pad to a multiple of 32 once read -w % 32, which
-    ONNX computes as C's remainder: a negative pad that cropped the image (11 rows, not 12,
-    at 45x60). Against eager PyTorch at sizes other than the traced one."""
+    """The export's sizes are symbolic; the crop to ceil(h / 4) once read -(-h // 4), whose
+    floor division of a negative number the export truncated (11 rows, not 12, at 45x60).
+    Against eager PyTorch at sizes other than the traced one."""
     ort = pytest.importorskip("onnxruntime")
     from softtrain.models import HRNetV2
 
