@@ -31,7 +31,7 @@ _EXPORTS = {
     "LossOutput": "softtrain.losses",
     "Confusion": "softtrain.metrics",
     "eval_record": "softtrain.metrics",
-    "MODELS": "softtrain.models",
+    "MODELS": "softtrain.config",
     "build_model": "softtrain.models",
     "FitConfig": "softtrain.config",
     "RunSampler": "softtrain.loader",

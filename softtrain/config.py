@@ -37,7 +37,8 @@ POTTS = (
 )
 XENT = ("standard", "reverse", "collision")
 IPIX = ("none", "kl", "corr")
-# Model names fit accepts (softtrain.models builds them): name -> (head class, timm trunk).
+# Model names fit accepts (softtrain.models builds them): name -> (head class, timm trunk);
+# an entry added here (``softtrain.MODELS``) is a model like the others.
 MODELS = {
     "hrnetv2_w18": ("HRNetV2", "hrnet_w18"),
     "hrnetv2_w32": ("HRNetV2", "hrnet_w32"),

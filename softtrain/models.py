@@ -189,9 +189,8 @@ class DeepLabV3Plus(nn.Module):
         return self.decoder(torch.cat([up, self.low(low)], dim=1))
 
 
-# the registry's names, declared in softtrain.config (checked there before torch loads)
+# the heads softtrain.config.MODELS names (the registry, checked there before torch loads)
 HEADS = {cls.__name__: cls for cls in (HRNetV2, DeepLabV3Plus)}
-MODELS = {name: (HEADS[head], trunk) for name, (head, trunk) in config.MODELS.items()}
 
 
 class FactoryModel(nn.Module):
@@ -240,5 +239,6 @@ def build_model(name: str, num_classes: int, pretrained: str | None = None) -> n
             log.warning(load_trunk_weights(target, pretrained, f"{name}'s backbone"))
         return model
     config.check_model(name)
-    cls, trunk = MODELS[name]
+    head, trunk = config.MODELS[name]
+    cls = HEADS[head]
     return cls(trunk, num_classes, pretrained)

@@ -216,6 +216,20 @@ def test_model_registry_sizes(name, params):
         build_model(name, 19, pretrained="/nonexistent.pth")
 
 
+def test_a_model_added_to_the_registry_is_built_and_accepted_by_fit(monkeypatch):
+    import softtrain
+    from softtrain.config import OptimOptions
+
+    monkeypatch.setitem(softtrain.MODELS, "hrnetv2_w18_small", ("HRNetV2", "hrnet_w18_small"))
+    model = build_model("hrnetv2_w18_small", 5)
+    assert type(model).__name__ == "HRNetV2" and model.trunk.default_cfg["architecture"] == (
+        "hrnet_w18_small"
+    )
+    assert OptimOptions(model="hrnetv2_w18_small").model == "hrnetv2_w18_small"
+    with pytest.raises(ValueError, match="unknown model 'hrnetv2_w9'"):
+        OptimOptions(model="hrnetv2_w9")
+
+
 def test_hrnet_takes_any_input_size():
     """timm's HRNet fuses branches by exact 2x steps, so sizes that are not multiples of 32
     (CamVid at 1/8: 45x60) broke it; logits are at stride 4 of the input, and padding the
