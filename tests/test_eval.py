@@ -29,8 +29,8 @@ from softtrain.predict import predict
 runner = CliRunner()
 
 
-def trained(samples, tmp_path_factory, dataset: str, version=None) -> tuple[str, str]:
-    base = tmp_path_factory.mktemp(dataset)
+def trained(samples, base: Path, dataset: str, version=None) -> tuple[str, str]:
+    """A store of ``dataset``'s sample in ``base`` and a 6-step run on it: (url, last.pt)."""
     url = str(base / "s.zarr")
     key = dataset if version is None else f"{dataset}-{version}"
     build(load_manifest(dataset, version), samples[key], url, BuildOptions(scales=(0.125, 0.25)))
@@ -53,7 +53,7 @@ def trained(samples, tmp_path_factory, dataset: str, version=None) -> tuple[str,
 
 @pytest.fixture(scope="module")
 def cityscapes_run(samples, tmp_path_factory):
-    return trained(samples, tmp_path_factory, "cityscapes")
+    return trained(samples, tmp_path_factory.mktemp("cityscapes"), "cityscapes")
 
 
 @pytest.mark.slow  # 2-6 s: keeps the fast tier under a minute
@@ -145,8 +145,8 @@ def test_split_without_labels_is_refused(cityscapes_run, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["cityscapes", "ade20k"])
-def test_predict_formats_round_trip_through_the_manifest(samples, tmp_path_factory, dataset):
-    url, ckpt = trained(samples, tmp_path_factory, dataset)
+def test_predict_formats_round_trip_through_the_manifest(samples, tmp_path, dataset):
+    url, ckpt = trained(samples, tmp_path, dataset)  # tmp_path: removed once it passes
     manifest = load_manifest(dataset)
     folder = next(
         p
@@ -156,7 +156,7 @@ def test_predict_formats_round_trip_through_the_manifest(samples, tmp_path_facto
         and "annotations" not in str(p)
         and "gtFine" not in str(p)
     )
-    out = tmp_path_factory.mktemp("pred")
+    out = tmp_path / "pred"
     files = {
         fmt: predict(ckpt, [folder], out / fmt, fmt, overlays=out / "overlays", device="cpu")
         for fmt in ("trainIds", "labelIds", "palette")
