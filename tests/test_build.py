@@ -375,6 +375,10 @@ def test_an_unreadable_source_record_is_replaced_and_verify_names_it(tmp_path):
     assert "images/source: unreadable" in report.problems[0]
     summary = build(m, tmp_path / "data", url, BuildOptions(scales=(0.5,)))
     assert summary.record_replaced and summary.built == 0 and verify(SoftStore(url)).ok
+    assert summary.notes() == [
+        "the store's record of its source files (images/source) was unreadable and is "
+        "replaced: images built before are no longer checked for changed files"
+    ]
 
 
 @pytest.mark.parametrize("scheme", ["", "file://"])

@@ -1,6 +1,7 @@
 """The softprep CLI end to end, as a user runs it."""
 
 import os
+from contextlib import contextmanager
 
 import pytest
 from typer.testing import CliRunner
@@ -19,6 +20,20 @@ def run(*args):
     return result
 
 
+def recorded_bar(monkeypatch) -> list:
+    """The CLI's progress bars, replaced: the list of their (description, done, total)."""
+    import softprep.cli
+
+    calls = []
+
+    @contextmanager
+    def progress_bar(description):
+        yield lambda done, total, what=description: calls.append((what, done, total))
+
+    monkeypatch.setattr(softprep.cli, "progress_bar", progress_bar)
+    return calls
+
+
 def test_multi_value_options_expand():
     assert expand_multi_value(
         ["build", "x", "--scales", "1/8", "1/4", "--jobs", "2"], MULTI_VALUE
@@ -34,7 +49,7 @@ def test_multi_value_options_expand():
     ]
 
 
-def test_sample_build_info_verify_show_priors(tmp_path):
+def test_sample_build_info_verify_show_priors(tmp_path, monkeypatch):
     data, store = tmp_path / "cs", tmp_path / "cs.zarr"
     assert run("sample", "cityscapes", data, "--train", 3, "--val", 1).exit_code == 0
     r = run("scan", "cityscapes", "--root", data)
@@ -57,8 +72,10 @@ def test_sample_build_info_verify_show_priors(tmp_path):
     assert "1 built, 3 already done" in r.text
     stat = photo.stat()
     os.utime(photo, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched, same bytes
+    bar = recorded_bar(monkeypatch)
     r = run(*args, "--images-per-shard", 3)
     assert "1 image(s) have files with new modification times but the same bytes" in r.text
+    assert bar == [("checking changed files", 1, 1), ("building", 4, 4)]  # the bar's stages
     assert "0 built, 4 already done" in r.text
     r = run(*args)
     assert r.exit_code == 2 and "images_per_shard: 3 -> None" in r.text

@@ -21,7 +21,7 @@ from softprep.verify import verify
 from softprep.writer import writer_lock
 from softtrain.data import CropDataset, EvalDataset
 from tests.test_build import assert_same_store
-from tests.test_cli import run
+from tests.test_cli import recorded_bar, run
 
 CS = load_manifest("cityscapes")
 SCALES = (0.125, 0.25)
@@ -143,7 +143,9 @@ def test_repair_refuses_what_it_cannot_repair(samples, clean, tmp_path):
         Path(url, array, "zarr.json").write_bytes(Path(clean[2], array, "zarr.json").read_bytes())
 
 
-def test_cli_verify_names_the_repair_and_build_repair_fixes_it(samples, clean, tmp_path):
+def test_cli_verify_names_the_repair_and_build_repair_fixes_it(
+    samples, clean, tmp_path, monkeypatch
+):
     url = copy_of(clean[2], tmp_path)
     damage(url, "deleted")
     r = run("verify", url)
@@ -151,8 +153,12 @@ def test_cli_verify_names_the_repair_and_build_repair_fixes_it(samples, clean, t
     assert "2 image(s) have damaged or missing data" in r.text and "with --repair" in r.text
     args = ["build", "cityscapes", "--root", samples["cityscapes"], "--scales", "1/8", "1/4",
             "--images-per-shard", 2, "--out", url]  # fmt: skip
+    bar = recorded_bar(monkeypatch)
     r = run(*args, "--repair")
     assert r.exit_code == 0 and "2 damaged image(s) found, 2 built, 4 already done" in r.text
+    checks = [(done, total) for what, done, total in bar if what == "checking the store"]
+    assert checks == sorted(checks) and checks[-1] == (6, 6) and {t for _, t in checks} == {6}
+    assert bar[len(checks) :] == [("building", 4, 6), ("building", 6, 6)]  # 2 rebuilt
     assert run("verify", url).exit_code == 0
     r = run(*args[:-1], tmp_path / "none.zarr", "--repair")
     assert r.exit_code == 2 and "nothing to repair" in r.text
