@@ -59,6 +59,7 @@ from softprep.datasets import (
 from softprep.manifest import VOID, Manifest
 from softprep.options import (
     BuildOptions,
+    build_command,
     choose_images_per_shard,
     level_size,
     strategy_masses,
@@ -232,7 +233,7 @@ def _workers_ignore_interrupts():
 
 
 @functools.lru_cache(maxsize=1)
-def _blosc_thread_lock() -> None:
+def blosc_thread_lock() -> None:
     """In a worker: numcodecs guards blosc's global context with a lock it creates on first
     use, a ``multiprocessing.Lock``, which in a loky worker is a named semaphore; a worker
     ended by an interrupted build leaves it to Python's resource tracker, which warns
@@ -288,7 +289,7 @@ def _task(url, build_id, first, pairs, manifest, options, keep_full, parent) -> 
     per image; a bad file comes back as its ``error`` (plain, picklable data), never as an
     exception, and its image is left out of the shard."""
     _watch_parent(parent)
-    _blosc_thread_lock()
+    blosc_thread_lock()
     _warm_up(options)
     results, images = [], []
     for i, (pair, full) in enumerate(zip(pairs, keep_full), start=first):
@@ -625,7 +626,7 @@ def _prepare(manifest, root, options, on_error):
     return kept, sizes, np.array(stamps, dtype=np.int64).reshape(-1, 4), problems
 
 
-def _open_or_create(url, manifest, options, pairs, sizes):
+def _open_or_create(url, manifest, options, pairs, sizes, root):
     names = [f"{p.split}/{p.name}" for p in pairs]
     splits = list(dict.fromkeys(p.split for p in pairs))
     try:
@@ -638,8 +639,9 @@ def _open_or_create(url, manifest, options, pairs, sizes):
         if diff:
             changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
             raise BuildError(
-                f"{url} was built with other options ({changes}); use another --out or "
-                "delete it to rebuild"
+                f"{url} was built with other options ({changes}); to resume or repair it, "
+                f"give its options: {build_command(old, url, root)}; to build anew, use another "
+                "--out or delete it"
             )
         if list(existing.names()) != names:
             raise BuildError(
@@ -877,7 +879,7 @@ def build(
             try:
                 return _build_locked(
                     manifest, url, options, jobs, on_error, progress, start, pairs, sizes,
-                    stamps, problems, repair, pool, checking,
+                    stamps, problems, repair, pool, checking, root,
                 )  # fmt: skip
             finally:  # while the lock is held: nothing of this build writes after it goes
                 if not keep_workers:
@@ -889,10 +891,10 @@ def build(
 
 def _build_locked(
     manifest, url, options, jobs, on_error, progress, start, pairs, sizes, stamps, problems,
-    repair, pool, checking,
+    repair, pool, checking, root,
 ):  # fmt: skip
     try:
-        zroot, meta = _open_or_create(url, manifest, options, pairs, sizes)  # a store, now
+        zroot, meta = _open_or_create(url, manifest, options, pairs, sizes, root)  # a store now
         litter = len(writer.remove_litter(url))  # what a killed write left; nothing reads it
         _refuse_resized(zroot, url, pairs, sizes)
         repaired = _mark_damaged(url, zroot, jobs, checking) if repair else 0

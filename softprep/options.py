@@ -6,7 +6,9 @@ fidelity) and prediction import these, not the build orchestrator.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 
@@ -66,6 +68,34 @@ class BuildOptions:
     @property
     def strategies(self) -> list[str]:
         return list(BASE_STRATEGIES) + [s for s in self.stats_for if s not in BASE_STRATEGIES]
+
+
+def build_command(config: dict, url: str, root: str | Path) -> str:
+    """The ``softprep build`` command that resumes or repairs the store at ``url`` built with
+    ``config`` (its metadata's ``config``) from the dataset at ``root`` (not recorded in the
+    store): its scales and every option not at its default."""
+    from softprep.manifest import ManifestError, load_manifest
+
+    words = ["softprep build", config["dataset"], "--root", str(root), "--scales"]
+    words += [str(Fraction(s).limit_denominator(1 << 16)) for s in config["scales"]]
+    for f in fields(BuildOptions):
+        value = config.get(f.name, f.default)
+        if f.name == "scales" or value == f.default or value in ([], ()):
+            continue
+        flag = "--split" if f.name == "splits" else "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else flag.replace("--", "--no-", 1))
+        else:
+            words += [flag, *map(str, value if isinstance(value, list | tuple) else [value])]
+    try:
+        default_version = load_manifest(config["dataset"]).version
+    except ManifestError:
+        default_version = None
+    if config.get("version") and config["version"] != default_version:
+        words += ["--version", config["version"]]
+    if config.get("variant"):
+        words += ["--labels", config["variant"]]
+    return " ".join([*words, "--out", url])
 
 
 def strategy_kernel(name: str, options: BuildOptions) -> tuple[str, bool]:

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 import joblib
 import numpy as np
 
-from softprep.build import SharedTasks, end_workers, local_pool
+from softprep.build import SharedTasks, blosc_thread_lock, end_workers, local_pool
 from softprep.layout import SOURCE, SOURCE_FIELDS
 from softprep.manifest import VOID
+from softprep.options import build_command
 from softprep.planes import TOTAL
 from softprep.resample import KERNELS
 from softprep.store import (
@@ -37,6 +38,7 @@ class VerifyReport:
     quick: bool = False  # checksums and indexes only: no decoding, no recomputed statistics
     images: int = 0  # images in the store
     seconds: float = 0.0
+    config: dict | None = None  # the store's build options (metadata), for the advice
 
     @property
     def ok(self) -> bool:
@@ -46,12 +48,18 @@ class VerifyReport:
         """What to do about the problems: the command that fixes them."""
         if not self.layout:
             return f"{url}: its metadata is damaged; delete it and build it again"
+        repair = " --repair" if self.damaged else ""
+        command = (
+            f"{build_command(self.config, url, 'ROOT')}{repair} (ROOT: the dataset's root)"
+            if self.config
+            else f"the same 'softprep build ...' command{repair}"
+        )
         if self.damaged:
             return (
                 f"{url}: {len(self.damaged)} image(s) have damaged or missing data; rebuild "
-                "them: rerun the same 'softprep build ...' command with --repair"
+                f"them: {command}"
             )
-        return f"{url}: the build did not finish; run the same 'softprep build ...' command again"
+        return f"{url}: the build did not finish; resume it: {command}"
 
     def to_dict(self, url: str, names=None) -> dict:
         """The report as plain data (``softprep verify --json``); ``names``: the store's
@@ -223,6 +231,7 @@ def _check_shard(checker, images, evaluated, counts, quick) -> list[tuple]:
     (index, arrays whose data is missing, full-label problems, {scale: problems}). Each
     image array's shard is read once; ``quick``: checksums only (no decoding)."""
     if isinstance(checker, tuple):  # (url, build id) in a worker: opened once per process
+        blosc_thread_lock()  # as the build's workers: no semaphore left when it is killed
         checker = _checker_for(*checker)
     names, per = checker.names, checker.per
     if not checker.own_layout:
@@ -351,6 +360,7 @@ def verify(
         report.seconds = time.monotonic() - start
         return report
     report.problems += check_source_record(store)
+    report.config = store.meta.get("config")
     checker = _Checker(store)
     report.images = len(store)
     done = store.done()

@@ -226,6 +226,50 @@ def test_ctrl_c_during_a_parallel_build_says_one_line_and_resumes(tmp_path):
     assert_same_store(ref, url)
 
 
+def test_refusals_and_verify_give_the_command_with_the_store_s_options(tmp_path):
+    """A resume that leaves options out is refused with the command that has them; verify's
+    next step after damage is that command with --repair. Both run as printed."""
+    import re
+    import shlex
+
+    data, url = tmp_path / "cs", tmp_path / "cs.zarr"
+    run("sample", "cityscapes", data, "--train", 3, "--val", 1)
+    options = ["--scales", "1/8", "1/2", "--no-antialias", "--k", 4, "--stats-for",
+               "bilinear-noaa", "area", "--images-per-shard", 2, "--split", "train"]  # fmt: skip
+    assert run("build", "cityscapes", "--root", data, *options, "--out", url).exit_code == 0
+    r = run("build", "cityscapes", "--root", data, "--scales", "1/8", "1/2", "--out", url)
+    assert r.exit_code == 2 and "built with other options" in r.text
+    given = re.search(r"give its options: softprep build (.*?); to build anew", r.text).group(1)
+    r = run("build", *shlex.split(given))
+    assert r.exit_code == 0 and "0 built, 3 already done" in r.text, r.output
+    (url / "levels/x0.5/soft/c.1.0.0.0").unlink()  # the shard of the third image
+    r = run("verify", url)
+    advice = re.search(r"rebuild them: softprep build (.*?) \(ROOT: the dataset's root\)", r.text)
+    assert r.exit_code == 1 and advice and advice.group(1).endswith("--repair"), r.text
+    r = run("build", *shlex.split(advice.group(1).replace("ROOT", str(data))))
+    assert r.exit_code == 0 and "1 damaged image(s) found, 1 built" in r.text, r.output
+    assert run("verify", url).exit_code == 0
+
+
+@pytest.mark.slow
+def test_a_parallel_verify_ends_without_warnings(tmp_path):
+    """verify's workers are loky's (zarr's I/O thread rules out a fork); Blosc's lock in
+    one was a named semaphore, and ending the workers left "leaked semaphore objects"."""
+    import subprocess
+    import sys
+
+    data, url = tmp_path / "cs", tmp_path / "cs.zarr"
+    run("sample", "cityscapes", data, "--train", 6, "--val", 2)
+    build = ["build", "cityscapes", "--root", data, "--scales", "1/8", "--images-per-shard", 1]
+    assert run(*build, "--out", url, "--jobs", 1).exit_code == 0
+    r = subprocess.run(
+        [sys.executable, "-m", "softprep", "verify", str(url), "--jobs", "2"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0 and "ok: 8 images" in r.stdout, r.stdout + r.stderr
+    assert "leaked" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_an_argument_error_comes_without_a_progress_bar(tmp_path):
     """The bar appears with the first progress, so a bad argument is the only line."""
     data = tmp_path / "cs"

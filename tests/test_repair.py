@@ -150,7 +150,7 @@ def test_cli_verify_names_the_repair_and_build_repair_fixes_it(
     damage(url, "deleted")
     r = run("verify", url)
     assert r.exit_code == 1
-    assert "2 image(s) have damaged or missing data" in r.text and "with --repair" in r.text
+    assert "2 image(s) have damaged or missing data" in r.text and "--repair (ROOT" in r.text
     args = ["build", "cityscapes", "--root", samples["cityscapes"], "--scales", "1/8", "1/4",
             "--images-per-shard", 2, "--out", url]  # fmt: skip
     bar = recorded_bar(monkeypatch)
