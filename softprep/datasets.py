@@ -212,7 +212,12 @@ def discover(
             continue
         if not lab_dir.is_dir():
             hint = _version_hint(manifest, root)
-            problems.append(Problem(str(lab_dir), f"split '{split}': label folder missing{hint}"))
+            n = len(_stems(img_dir, lay["image_suffix"], []))  # the images it leaves unlabelled
+            problems.append(
+                Problem(
+                    str(lab_dir), f"split '{split}': label folder missing for its {n} images{hint}"
+                )
+            )
             continue
         images = _stems(img_dir, lay["image_suffix"], problems)
         labels = _stems(lab_dir, lay["label_suffix"], problems)
