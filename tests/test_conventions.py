@@ -75,8 +75,7 @@ def test_missing_labels_name_the_version_that_fits(samples):
     for p, folder in zip(problems, ("training", "validation")):
         n = len(list((root / folder / "images").glob("*.jpg")))  # what the split leaves out
         assert n and p.message.endswith(
-            f"label folder missing for its {n} images (the v2.0 layout is here: use --version "
-            "v2.0)"
+            f"label folder missing for its {n} images (the v2.0 layout is here: use --version v2.0)"
         )
 
 
