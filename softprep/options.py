@@ -6,6 +6,7 @@ fidelity) and prediction import these, not the build orchestrator.
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, fields
 from fractions import Fraction
 from pathlib import Path
@@ -95,7 +96,7 @@ def build_command(config: dict, url: str, root: str | Path) -> str:
         words += ["--version", config["version"]]
     if config.get("variant"):
         words += ["--labels", config["variant"]]
-    return " ".join([*words, "--out", url])
+    return " ".join([words[0], *map(shlex.quote, [*words[1:], "--out", url])])
 
 
 def strategy_kernel(name: str, options: BuildOptions) -> tuple[str, bool]:

@@ -251,6 +251,31 @@ def test_refusals_and_verify_give_the_command_with_the_store_s_options(tmp_path)
     assert run("verify", url).exit_code == 0
 
 
+def test_the_printed_build_command_uses_flags_the_cli_has():
+    """Every build option, away from its default, becomes a flag of 'softprep build'."""
+    import dataclasses
+    import shlex
+
+    import typer.main
+
+    from softprep.options import BuildOptions, build_command
+
+    config = {"dataset": "mapillary", "version": "v2.0", "variant": "unlabeled",
+              "scales": [0.125, 1.5], "kernel": "area", "colour_kernel": "bilinear",
+              "antialias": False, "k": 4, "short_side": 512, "stats_for": ["area", "bicubic"],
+              "splits": ["train"], "weak": "blocks:0.1", "weak_seed": 3, "unlabeled": "/u x",
+              "images_per_shard": 2}  # fmt: skip
+    assert set(config) >= {f.name for f in dataclasses.fields(BuildOptions)}
+    words = shlex.split(build_command(config, "s.zarr", "/r oot"))
+    command = typer.main.get_command(app).commands["build"]
+    known = {flag for p in command.params for flag in p.opts + p.secondary_opts}
+    flags = [w for w in words if w.startswith("--")]
+    assert set(flags) <= known and len(flags) == len(set(flags)) == 16  # 12 options + 4
+    assert words[:5] == ["softprep", "build", "mapillary", "--root", "/r oot"]
+    assert " ".join(words[5:]).startswith("--scales 1/8 3/2 --kernel area --no-antialias")
+    assert words[-2:] == ["--out", "s.zarr"] and "/u x" in words
+
+
 @pytest.mark.slow
 def test_a_parallel_verify_ends_without_warnings(tmp_path):
     """verify's workers are loky's (zarr's I/O thread rules out a fork); Blosc's lock in
