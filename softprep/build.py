@@ -56,7 +56,7 @@ from softprep.datasets import (
     source_stamp,
     with_void_last,
 )
-from softprep.manifest import VOID, Manifest
+from softprep.manifest import VOID, Manifest, same_labels
 from softprep.options import (
     BuildOptions,
     build_command,
@@ -626,7 +626,7 @@ def _prepare(manifest, root, options, on_error):
     return kept, sizes, np.array(stamps, dtype=np.int64).reshape(-1, 4), problems
 
 
-def _open_or_create(url, manifest, options, pairs, sizes, root):
+def _open_or_create(url, manifest, options, pairs, sizes, root, repair):
     names = [f"{p.split}/{p.name}" for p in pairs]
     splits = list(dict.fromkeys(p.split for p in pairs))
     try:
@@ -635,13 +635,22 @@ def _open_or_create(url, manifest, options, pairs, sizes, root):
         existing = None  # layout.create refuses to overwrite anything that is not a store
     if existing is not None:
         old, new = existing.meta.get("config", {}), _config(manifest, options)
+        stored = existing.meta.get("manifest")
+        same_manifest = not stored or same_labels(stored, manifest.to_json())
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
             changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+            given = manifest.source if same_manifest else None
+            command = build_command(existing.meta, url, root, repair=repair, manifest=given)
             raise BuildError(
                 f"{url} was built with other options ({changes}); to resume or repair it, "
-                f"give its options: {build_command(old, url, root)}; to build anew, use another "
-                "--out or delete it"
+                f"give its options: {command}; to build anew, use another --out or delete it"
+            )
+        if not same_manifest:  # the same name, other classes or label values
+            raise BuildError(
+                f"{url} was built with another {manifest.dataset} manifest (its classes or "
+                f"label values differ from {manifest.source}'s); give the manifest it was "
+                "built with, or use another --out"
             )
         if list(existing.names()) != names:
             raise BuildError(
@@ -894,7 +903,7 @@ def _build_locked(
     repair, pool, checking, root,
 ):  # fmt: skip
     try:
-        zroot, meta = _open_or_create(url, manifest, options, pairs, sizes, root)  # a store now
+        zroot, meta = _open_or_create(url, manifest, options, pairs, sizes, root, repair)
         litter = len(writer.remove_litter(url))  # what a killed write left; nothing reads it
         _refuse_resized(zroot, url, pairs, sizes)
         repaired = _mark_damaged(url, zroot, jobs, checking) if repair else 0

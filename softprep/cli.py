@@ -450,7 +450,9 @@ def verify(
         console.print(tagged("problem", "red", p), highlight=False)
     if not report.ok:
         console.print(f"[red]{len(report.problems)} problem(s)[/red] in {store}")
-        console.print(tagged("next step", "bold", report.advice(store)), highlight=False)
+        console.print(  # one line: a command to copy whole
+            tagged("next step", "bold", report.advice(store)), highlight=False, soft_wrap=True
+        )
         raise typer.Exit(1)
     mode = "quick: checksums, no decoding" if quick else "full"
     out.print(

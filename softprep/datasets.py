@@ -213,10 +213,9 @@ def discover(
         if not lab_dir.is_dir():
             hint = _version_hint(manifest, root)
             n = len(_stems(img_dir, lay["image_suffix"], []))  # the images it leaves unlabelled
+            images = f"its {n} image{'s' * (n != 1)}" if n else "its images (none there either)"
             problems.append(
-                Problem(
-                    str(lab_dir), f"split '{split}': label folder missing for its {n} images{hint}"
-                )
+                Problem(str(lab_dir), f"split '{split}': label folder missing for {images}{hint}")
             )
             continue
         images = _stems(img_dir, lay["image_suffix"], problems)

@@ -267,6 +267,18 @@ def manifest_from_json(raw: dict, source: str) -> Manifest:
     return _parse(raw, source, variant, known_fields=False)  # stores keep what they recorded
 
 
+def same_labels(a: dict, b: dict) -> bool:
+    """Whether two recorded manifests (``Manifest.to_json()``) read labels alike: the same
+    classes (ids and names), raw label values and void value; descriptions, colours and
+    the rest aside."""
+
+    def key(raw: dict) -> tuple:
+        m = manifest_from_json(raw, "a store's manifest")
+        return [(c.id, c.name) for c in m.classes], m.label_values, m.ignore_index
+
+    return key(a) == key(b)
+
+
 def available() -> list[dict]:
     """Every built-in manifest as its raw dict, with ``path``."""
     found = []

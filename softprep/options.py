@@ -71,14 +71,37 @@ class BuildOptions:
         return list(BASE_STRATEGIES) + [s for s in self.stats_for if s not in BASE_STRATEGIES]
 
 
-def build_command(config: dict, url: str, root: str | Path) -> str:
-    """The ``softprep build`` command that resumes or repairs the store at ``url`` built with
-    ``config`` (its metadata's ``config``) from the dataset at ``root`` (not recorded in the
-    store): its scales and every option not at its default."""
-    from softprep.manifest import ManifestError, load_manifest
+def build_command(
+    meta: dict,
+    url: str,
+    root: str | Path | None = None,
+    *,
+    repair: bool = False,
+    manifest: str | None = None,
+) -> str:
+    """The ``softprep build`` command that resumes (``repair``: repairs) the store at ``url``
+    whose metadata is ``meta``: its dataset, scales, every option not at its default, and
+    ``--on-error skip`` where it skipped files. What a store does not record reads as a
+    placeholder explained after the command: the dataset ``root`` (``ROOT``) and, where the
+    store's manifest is not the built-in one of its name, the manifest file (``manifest``
+    where the caller knows it, else ``MANIFEST.json``)."""
+    from softprep.manifest import ManifestError, available, load_manifest, same_labels
 
-    words = ["softprep build", config["dataset"], "--root", str(root), "--scales"]
-    words += [str(Fraction(s).limit_denominator(1 << 16)) for s in config["scales"]]
+    config, stored = meta["config"], meta.get("manifest")
+    try:
+        builtin = load_manifest(config["dataset"], config.get("version"), config.get("variant"))
+    except ManifestError:
+        builtin = None
+    own = builtin is not None and (stored is None or same_labels(builtin.to_json(), stored))
+    placeholders = [] if root else ["ROOT: the dataset's root"]
+    if not (own or manifest):
+        placeholders.append("MANIFEST.json: the manifest file it was built with")
+    dataset = config["dataset"] if own else manifest or "MANIFEST.json"
+    words = [dataset, "--root", str(root or "ROOT"), "--scales"]
+    words += [
+        str(f) if float(f) == s else repr(s)  # as recorded: a resume compares the floats
+        for s, f in ((s, Fraction(s).limit_denominator(1 << 16)) for s in config["scales"])
+    ]
     for f in fields(BuildOptions):
         value = config.get(f.name, f.default)
         if f.name == "scales" or value == f.default or value in ([], ()):
@@ -88,15 +111,15 @@ def build_command(config: dict, url: str, root: str | Path) -> str:
             words.append(flag if value else flag.replace("--", "--no-", 1))
         else:
             words += [flag, *map(str, value if isinstance(value, list | tuple) else [value])]
-    try:
-        default_version = load_manifest(config["dataset"]).version
-    except ManifestError:
-        default_version = None
-    if config.get("version") and config["version"] != default_version:
-        words += ["--version", config["version"]]
+    if own and sum(m["dataset"] == config["dataset"] for m in available()) > 1:
+        words += ["--version", config["version"]]  # else detected from the root
     if config.get("variant"):
         words += ["--labels", config["variant"]]
-    return " ".join([words[0], *map(shlex.quote, [*words[1:], "--out", url])])
+    if meta.get("skipped"):
+        words += ["--on-error", "skip"]  # else the files it skipped stop it
+    words += ["--out", url, *(["--repair"] if repair else [])]
+    command = " ".join(["softprep build", *map(shlex.quote, words)])
+    return f"{command} ({'; '.join(placeholders)})" if placeholders else command
 
 
 def strategy_kernel(name: str, options: BuildOptions) -> tuple[str, bool]:

@@ -38,7 +38,7 @@ class VerifyReport:
     quick: bool = False  # checksums and indexes only: no decoding, no recomputed statistics
     images: int = 0  # images in the store
     seconds: float = 0.0
-    config: dict | None = None  # the store's build options (metadata), for the advice
+    meta: dict | None = None  # the store's metadata (its build options), for the advice
 
     @property
     def ok(self) -> bool:
@@ -48,11 +48,11 @@ class VerifyReport:
         """What to do about the problems: the command that fixes them."""
         if not self.layout:
             return f"{url}: its metadata is damaged; delete it and build it again"
-        repair = " --repair" if self.damaged else ""
         command = (
-            f"{build_command(self.config, url, 'ROOT')}{repair} (ROOT: the dataset's root)"
-            if self.config
-            else f"the same 'softprep build ...' command{repair}"
+            build_command(self.meta, url, repair=bool(self.damaged))
+            if self.meta and "config" in self.meta
+            else "the same 'softprep build ...' command"
+            + (" with --repair" if self.damaged else "")
         )
         if self.damaged:
             return (
@@ -360,7 +360,7 @@ def verify(
         report.seconds = time.monotonic() - start
         return report
     report.problems += check_source_record(store)
-    report.config = store.meta.get("config")
+    report.meta = store.meta
     checker = _Checker(store)
     report.images = len(store)
     done = store.done()

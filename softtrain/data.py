@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from softprep.manifest import VOID
+from softprep.options import build_command
 from softprep.planes import TOTAL
 from softprep.store import (
     FULL_LABEL,
@@ -54,8 +55,8 @@ def open_checked(url: str, split: str | list[str]) -> tuple[SoftStore, np.ndarra
     missing = [i for i in np.flatnonzero(~done) if i not in skipped]
     if missing:
         raise StoreError(
-            f"{url}: {len(missing)} image(s) not built; finish the build (run the same "
-            "softprep build command again) and check with 'softprep verify'"
+            f"{url}: {len(missing)} image(s) not built; finish the build: "
+            f"{build_command(store.meta, url)}"
         )
     wanted = store.splits if split == "all" else [split] if isinstance(split, str) else split
     for name in wanted:

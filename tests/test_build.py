@@ -362,6 +362,27 @@ def test_a_copied_or_touched_dataset_keeps_its_images_unless_their_bytes_changed
     assert_same_store(str(tmp_path / "fresh.zarr"), url)
 
 
+def test_a_resume_with_another_manifest_of_the_same_name_is_refused(tmp_path):
+    """A store records its manifest: a resume whose classes or label values differ (the
+    user's manifest edited, or the built-in template of the same name) would rebuild images
+    with another mapping; refused, and the printed command names the manifest file."""
+    m = one_hot_dataset(tmp_path / "data", n=2)
+    url, opts = str(tmp_path / "a.zarr"), BuildOptions(scales=(0.5,), images_per_shard=1)
+    build(m, tmp_path / "data", url, opts)
+    path = tmp_path / "data/manifest.json"
+    raw = json.loads(path.read_text())
+    swapped = tmp_path / "swapped.json"
+    swapped.write_text(json.dumps(raw | {"label_values": {"0": 1, "1": 0, "2": 2}}))
+    with pytest.raises(BuildError, match="built with another folder manifest"):
+        build(load_manifest(str(swapped)), tmp_path / "data", url, opts)
+    assert build(m, tmp_path / "data", url, opts).already_done == 2  # its own: resumes
+    with pytest.raises(BuildError) as refused:  # its own, an option left out
+        build(m, tmp_path / "data", url, BuildOptions(scales=(0.5,)))
+    assert f"give its options: softprep build {path} --root {tmp_path / 'data'}" in str(
+        refused.value
+    )
+
+
 def test_an_unreadable_source_record_is_replaced_and_verify_names_it(tmp_path):
     m = one_hot_dataset(tmp_path / "data", n=2)
     url = str(tmp_path / "a.zarr")

@@ -251,29 +251,75 @@ def test_refusals_and_verify_give_the_command_with_the_store_s_options(tmp_path)
     assert run("verify", url).exit_code == 0
 
 
-def test_the_printed_build_command_uses_flags_the_cli_has():
-    """Every build option, away from its default, becomes a flag of 'softprep build'."""
+class Parsed(Exception):
+    """Raised by a stand-in for the build: what the CLI parsed from a command line."""
+
+
+@pytest.mark.parametrize(
+    "dataset,version,variant,options,skipped",
+    [
+        ("mapillary", "v2.0", None, dict(
+            scales=(0.125, 1.5, 0.123456789), kernel="area", colour_kernel="bilinear",
+            antialias=False, k=4, short_side=512, stats_for=("area", "bicubic-noaa"),
+            splits=("train",), weak="blocks:0.1", weak_seed=3, images_per_shard=2), True),
+        ("cityscapes", "gtFine", "trainIds", dict(scales=(0.25,)), False),
+    ],
+)  # fmt: skip
+def test_the_printed_build_command_parses_back_to_the_store_s_options(
+    tmp_path, monkeypatch, dataset, version, variant, options, skipped
+):
+    """The command, run through the CLI, gives the build the store's recorded options,
+    dataset, version and variant, --on-error skip where files were skipped, --repair."""
     import dataclasses
     import shlex
 
-    import typer.main
+    import softprep.cli
+    from softprep.build import BuildOptions, _config
+    from softprep.options import build_command
 
-    from softprep.options import BuildOptions, build_command
+    unlabeled = tmp_path / "un labeled"
+    unlabeled.mkdir()
+    options = BuildOptions(**options, unlabeled=str(unlabeled) if skipped else None)
+    manifest = load_manifest(dataset, version, variant)
+    meta = {"config": _config(manifest, options), "manifest": manifest.to_json(),
+            "skipped": [{"path": "x.png", "error": "bad", "index": 0}] if skipped else []}  # fmt: skip
+    command = build_command(meta, "s p.zarr", tmp_path, repair=True)
+    if skipped:  # the first case: every option away from its default
+        assert all(getattr(options, f.name) != f.default for f in dataclasses.fields(options))
 
-    config = {"dataset": "mapillary", "version": "v2.0", "variant": "unlabeled",
-              "scales": [0.125, 1.5], "kernel": "area", "colour_kernel": "bilinear",
-              "antialias": False, "k": 4, "short_side": 512, "stats_for": ["area", "bicubic"],
-              "splits": ["train"], "weak": "blocks:0.1", "weak_seed": 3, "unlabeled": "/u x",
-              "images_per_shard": 2}  # fmt: skip
-    assert set(config) >= {f.name for f in dataclasses.fields(BuildOptions)}
-    words = shlex.split(build_command(config, "s.zarr", "/r oot"))
-    command = typer.main.get_command(app).commands["build"]
-    known = {flag for p in command.params for flag in p.opts + p.secondary_opts}
-    flags = [w for w in words if w.startswith("--")]
-    assert set(flags) <= known and len(flags) == len(set(flags)) == 16  # 12 options + 4
-    assert words[:5] == ["softprep", "build", "mapillary", "--root", "/r oot"]
-    assert " ".join(words[5:]).startswith("--scales 1/8 3/2 --kernel area --no-antialias")
-    assert words[-2:] == ["--out", "s.zarr"] and "/u x" in words
+    def parsed(m, root, url, opts, **kwargs):
+        raise Parsed(m, root, url, opts, kwargs)
+
+    monkeypatch.setattr(softprep.cli, "run_build", parsed)
+    words = shlex.split(command)
+    assert words[:2] == ["softprep", "build"]
+    r = run(*words[1:])
+    assert isinstance(r.exception, Parsed), r.output
+    m, root, url, opts, kwargs = r.exception.args
+    assert (m.dataset, m.version, m.variant) == (dataset, version, variant)
+    assert _config(m, opts) == meta["config"] and (root, url) == (tmp_path, "s p.zarr")
+    assert kwargs["repair"] and kwargs["on_error"] == ("skip" if skipped else "fail")
+
+
+def test_the_printed_command_names_a_manifest_that_is_not_built_in(tmp_path):
+    from softprep.build import BuildOptions, _config
+    from softprep.options import build_command
+
+    manifest = load_manifest("cityscapes")
+    own = manifest.to_json() | {"label_values": {"7": 1, "8": 0}}  # road and sidewalk swapped
+    meta = {"config": _config(manifest, BuildOptions(scales=(0.5,))), "manifest": own}
+    assert build_command(meta, "s.zarr").startswith(
+        "softprep build MANIFEST.json --root ROOT --scales 1/2 --out s.zarr (ROOT: the "
+        "dataset's root; MANIFEST.json: the manifest file it was built with)"
+    )
+    path = tmp_path / "roads.json"
+    assert build_command(meta, "s.zarr", "/data", manifest=str(path)) == (
+        f"softprep build {path} --root /data --scales 1/2 --out s.zarr"
+    )
+    meta["manifest"] = manifest.to_json()
+    assert build_command(meta, "s.zarr", "/data", manifest=str(path)).startswith(
+        "softprep build cityscapes --root"
+    )
 
 
 @pytest.mark.slow
