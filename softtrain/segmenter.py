@@ -99,14 +99,16 @@ def _as_image(image) -> Image.Image:
 
 class Exported(torch.nn.Module):
     """uint8 RGB (B, 3, H, W) -> uint8 train ids (B, H, W): resize to the level (antialiased
-    bilinear) at the size the store and ``predict`` use (``output_size``: round half up),
-    normalise, model, upsample, per-class decode offsets, argmax."""
+    bilinear) at the size the store and ``predict`` use (``level_size``: round half up, of
+    the image or, with ``short_side``, of the image scaled to that short side), normalise,
+    model, upsample, per-class decode offsets, argmax."""
 
     def __init__(self, segmenter: Segmenter, scale: float):
         super().__init__()
         self.model = segmenter.model.eval()
         f = Fraction(scale).limit_denominator(1 << 16)
         self.num, self.den = f.numerator, f.denominator
+        self.short_side = segmenter.meta.get("short_side")
         bias = (
             segmenter.opts.decode.bias if segmenter.opts.decode else (0.0,) * segmenter.num_classes
         )
@@ -115,10 +117,13 @@ class Exported(torch.nn.Module):
         self.register_buffer("std", STD.view(1, 3, 1, 1).clone())
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        # max(1, floor(n * scale + 0.5)) in integer arithmetic, which tracing and
-        # torch.export keep symbolic (v + 1 // (v + 1) is max(1, v) for v >= 0); a
-        # scale_factor gave floor(n * scale) rows, off by one from predict's level
-        size = [(2 * n * self.num + self.den) // (2 * self.den) for n in image.shape[-2:]]
+        # max(1, floor(n * scale * ref / m + 0.5)) in integer arithmetic, which tracing and
+        # torch.export keep symbolic (min(h, w) as (h + w - |h - w|) // 2, max(1, v) as
+        # v + 1 // (v + 1)); a scale_factor gave floor(n * scale) rows, off by one from
+        # predict's level
+        h, w = image.shape[-2:]
+        ref, m = (self.short_side, (h + w - abs(h - w)) // 2) if self.short_side else (1, 1)
+        size = [(2 * n * self.num * ref + self.den * m) // (2 * self.den * m) for n in (h, w)]
         size = [v + 1 // (v + 1) for v in size]
         x = F.interpolate(
             image.float(), size=size, mode="bilinear", align_corners=False, antialias=True
@@ -151,8 +156,6 @@ def export(segmenter: Segmenter, out: Path, fmt: str, example_hw: tuple[int, int
     dynamo exporter, which handles the antialiased resize) for (B, 3, H, W) uint8 images of
     any B, H and W; it is traced with two zero images of ``example_hw`` = (H, W)."""
     check_export_target(out, fmt, [])
-    if segmenter.meta.get("short_side"):
-        raise ValueError("export: the store scales images by their short side; not exported yet")
     module = Exported(segmenter, parse_scale(segmenter.eval_level)).to("cpu").eval()
     example = torch.zeros(2, 3, *example_hw, dtype=torch.uint8)  # 2: the batch stays free
     out = Path(out)

@@ -29,11 +29,12 @@ from softtrain.predict import predict
 runner = CliRunner()
 
 
-def trained(samples, base: Path, dataset: str, version=None) -> tuple[str, str]:
+def trained(samples, base: Path, dataset: str, version=None, short_side=None) -> tuple[str, str]:
     """A store of ``dataset``'s sample in ``base`` and a 6-step run on it: (url, last.pt)."""
     url = str(base / "s.zarr")
     key = dataset if version is None else f"{dataset}-{version}"
-    build(load_manifest(dataset, version), samples[key], url, BuildOptions(scales=(0.125, 0.25)))
+    options = BuildOptions(scales=(0.125, 0.25), short_side=short_side)
+    build(load_manifest(dataset, version), samples[key], url, options)
     cfg = FitConfig.of(
         store=url,
         out=str(base / "run"),
@@ -317,6 +318,39 @@ def test_segmenter_is_what_predict_uses_and_exports_agree_with_it(
             out = run(batch[..., :h, :w].repeat(n, 1, 1, 1)).numpy()
             expected = segmenter(rgb[:h, :w])
             assert out.shape == (n, *expected.shape) and out.dtype == np.uint8, (fmt, h, w)
+            agree = (out == expected).mean()
+            assert agree > 0.99, f"{fmt} at {h}x{w}: {agree:.4f} of pixels agree with predict"
+
+
+@pytest.mark.slow  # ~15 s: a run and two exports
+def test_an_export_of_a_short_side_store_resizes_as_predict_does(samples, tmp_path):
+    """A store built with --short-side scales each image by its own short side: the export
+    computes that size from the input's (landscape and portrait), as predict does."""
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    from softtrain.segmenter import Segmenter, export
+
+    _, ckpt = trained(samples, tmp_path, "ade20k", short_side=384)
+    segmenter = Segmenter.from_checkpoint(ckpt, "cpu")
+    assert segmenter.meta["short_side"] == 384
+    export(segmenter, tmp_path / "m.pt", "torchscript", (96, 160))
+    export(segmenter, tmp_path / "m.onnx", "onnx", (96, 160))
+    scripted, session = (
+        torch.jit.load(str(tmp_path / "m.pt")),
+        ort.InferenceSession(str(tmp_path / "m.onnx")),
+    )
+    image = next(samples["ade20k"].rglob("*.jpg"))
+    rgb = np.asarray(Image.open(image).convert("RGB"))
+    for h, w in ((170, 230), (230, 170), (97, 97)):  # other sizes, other orientations
+        crop = np.ascontiguousarray(rgb[:h, :w])
+        batch = torch.from_numpy(crop.transpose(2, 0, 1).copy())[None]
+        expected = segmenter(crop)
+        for fmt, out in (
+            ("torchscript", scripted(batch)[0].numpy()),
+            ("onnx", session.run(None, {"image": batch.numpy()})[0][0]),
+        ):
+            assert out.shape == expected.shape, (fmt, h, w)
             agree = (out == expected).mean()
             assert agree > 0.99, f"{fmt} at {h}x{w}: {agree:.4f} of pixels agree with predict"
 
