@@ -3,15 +3,16 @@
 The parent discovers pairs, reads their sizes from file headers, creates every array, then
 runs one task per shard (``G`` consecutive images: one for 2048x1024 images, more for small
 ones); with ``jobs`` N on the local (loky) backend, N - 1 worker processes and the parent
-itself take shards from one queue (``SharedTasks``), elsewhere (Dask) joblib runs them. A task decodes its pairs, computes every level (soft label, colour,
-statistics) and writes the whole shards; it returns only the small per-image statistics,
-which the parent writes in batches followed by the ``done`` flags. Killing the build at any
-point loses at most the unflushed batch; running the same command again removes the
+itself take shards from one queue (``SharedTasks``), elsewhere (Dask) joblib runs them. A
+task decodes its pairs, computes every level (soft label, colour, statistics) and writes the
+whole shards; it returns only the small per-image statistics, which the parent writes in
+batches followed by the ``done`` flags. Killing the build at any point loses at most the
+unflushed batch and the shards being built; running the same command again removes the
 temporary files a killed write left, skips completed shards and rewrites the others whole
 (their images count as not done until then). An image whose files changed since it was
 built counts as not done: each image records its files' sizes, times and CRC-32C as its
-task read them, and a file whose time alone differs is read again to compare its bytes. ``repair`` also rewrites the shards of images that ``softprep verify`` finds
-damaged.
+task read them, and a file whose time alone differs is read again to compare its bytes.
+``repair`` also rewrites the shards of images that ``softprep verify`` finds damaged.
 """
 
 from __future__ import annotations
@@ -722,7 +723,8 @@ def _source_record(images: zarr.Group, n: int) -> tuple[np.ndarray | None, bool]
     return None, True
 
 
-SIZES, TIMES, CRCS = [0, 3], [0, 1, 3, 4], [2, 5]  # columns of images/source
+# columns of images/source: the sizes, what source_stamp gives (sizes, times), the CRCs
+SIZES, STAMP, CRCS = [0, 3], [0, 1, 3, 4], [2, 5]
 
 
 def _mark_changed(
@@ -740,7 +742,7 @@ def _mark_changed(
     if record is None:
         return [], 0, replaced
     done = zroot[layout.DONE][:]
-    differ = done & (record[:, 0] > 0) & (record[:, TIMES] != stamps).any(axis=1)
+    differ = done & (record[:, 0] > 0) & (record[:, STAMP] != stamps).any(axis=1)
     resized = differ & (record[:, SIZES] != stamps[:, [0, 2]]).any(axis=1)
     retimed = np.flatnonzero(differ & ~resized)
 
@@ -761,7 +763,7 @@ def _mark_changed(
     same = (now == record[retimed][:, CRCS]).all(axis=1)
     kept = retimed[same]
     if len(kept):
-        record[np.ix_(kept, TIMES)] = stamps[kept]
+        record[np.ix_(kept, STAMP)] = stamps[kept]
         zroot[layout.SOURCE].oindex[kept, :] = record[kept]
     changed = np.union1d(np.flatnonzero(resized), retimed[~same]).astype(int)
     if len(changed):
