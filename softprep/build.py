@@ -37,7 +37,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import joblib
 import numpy as np
 import zarr
 
@@ -321,24 +320,41 @@ def local_pool(jobs: int):
     the compiled kernels from numba's cache) costs ~0.6 s of CPU before its first task,
     where this process is warm already and would otherwise only wait; on 2 cores and 701
     CamVid images (~9 s of work) that start-up was most of the gap to 2x."""
-    if jobs == 1:
+    if jobs == 1 or not default_backend():
         return None
-    backend, _ = joblib.parallel.get_active_backend()
-    if type(backend).__name__ != "LokyBackend":
-        return None
-    workers = joblib.effective_n_jobs(jobs) - 1
-    if workers < 1:
-        return None
+    workers = jobs - 1
     if _may_fork():
         return ProcessPoolExecutor(
             workers, multiprocessing.get_context("fork"), _die_with_parent, (os.getpid(),)
         )
+    import joblib
     from joblib.executor import get_memmapping_executor
 
+    backend, _ = joblib.parallel.get_active_backend()
     # the executor joblib.Parallel itself shares (loky's reusable one), set up as joblib does
     return get_memmapping_executor(
         workers, timeout=300, env=backend._prepare_worker_env(n_jobs=workers)
     )
+
+
+def default_backend() -> bool:
+    """Whether joblib's active backend is its default (loky), as it is where joblib was
+    never imported: no one set another, and the build does not import it (~70 ms of every
+    command's start-up) unless it runs on one (Dask) or on loky's own workers."""
+    if "joblib" not in sys.modules:
+        return True
+    import joblib
+
+    return type(joblib.parallel.get_active_backend()[0]).__name__ == "LokyBackend"
+
+
+def parallel(jobs: int, function, argument_lists):
+    """``function(*arguments)`` for each of ``argument_lists`` on joblib's active backend
+    (Dask), in completion order (a generator)."""
+    import joblib
+
+    calls = (joblib.delayed(function)(*arguments) for arguments in argument_lists)
+    return joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(calls)
 
 
 def _may_fork() -> bool:
@@ -876,12 +892,12 @@ def build(
     try:
         with _workers_ignore_interrupts():  # workers start with SIGINT blocked
             pool = local_pool(jobs)
-            if pool is None:  # workers start (imports, kernels) while this reads the headers
-                warming = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(
-                    joblib.delayed(_warm_up)(options) for _ in range(joblib.effective_n_jobs(jobs))
-                )
-            else:  # the same, without waiting: this process starts on the images meanwhile
+            warming = []
+            if pool is not None:  # workers start (imports, kernels) while this reads the
+                # headers, and this process starts on the images before they are ready
                 warming = [pool.submit(_warm_up, options) for _ in range(pool._max_workers)]
+            elif jobs > 1:  # the same on another joblib backend, waited for
+                warming = parallel(jobs, _warm_up, [(options,)] * jobs)
         pairs, sizes, stamps, problems = _prepare(manifest, root, options, on_error)
         if pool is None:
             for _ in warming:
@@ -929,12 +945,12 @@ def _build_locked(
         return url, meta["build_id"], shard.start, chosen, manifest, options, keep_full, parent
 
     with _workers_ignore_interrupts():
-        if pool is None:
-            results = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(
-                joblib.delayed(_task)(*arguments(shard)) for shard in shards
-            )
-        else:
+        if pool is not None:
             results = SharedTasks(pool, shards, arguments).results()
+        elif jobs > 1:
+            results = parallel(jobs, _task, (arguments(shard) for shard in shards))
+        else:
+            results = (_task(*arguments(shard)) for shard in shards)
     built, processed = 0, int(done.sum())
     loop_start = time.monotonic()
     if progress:

@@ -9,7 +9,6 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-import joblib
 import numpy as np
 import typer
 from rich.table import Column, Table
@@ -361,6 +360,8 @@ def _backend(backend: str, scheduler: str | None):
         console.print(
             f"dask scheduler {client.scheduler.address}, dashboard {client.dashboard_link}"
         )
+        import joblib
+
         with joblib.parallel_config(backend="dask"):
             yield
 

@@ -6,10 +6,9 @@ import functools
 import time
 from dataclasses import dataclass, field
 
-import joblib
 import numpy as np
 
-from softprep.build import SharedTasks, blosc_thread_lock, end_workers, local_pool
+from softprep.build import SharedTasks, blosc_thread_lock, end_workers, local_pool, parallel
 from softprep.layout import SOURCE, SOURCE_FIELDS
 from softprep.manifest import VOID
 from softprep.options import build_command
@@ -401,9 +400,7 @@ def verify(
     elif pool is not None:  # jobs - 1 workers and this process, as the build
         outputs = SharedTasks(pool, tasks, lambda t: (key, *t, quick), _check_shard).results()
     else:  # another joblib backend (Dask)
-        outputs = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(
-            joblib.delayed(_check_shard)(key, g, e, c, quick) for g, e, c in tasks
-        )
+        outputs = parallel(jobs, _check_shard, ((key, *t, quick) for t in tasks))
     done_images = len(lost)
     try:
         for shard_results in outputs:

@@ -51,6 +51,7 @@ from softprep.options import choose_images_per_shard
 from softprep.sample import write_sample
 
 SCALES = ("1/8", "1/4", "1/2")
+OPTIONS = BuildOptions(scales=(0.125, 0.25, 0.5))  # the same
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared/fixtures"
 
 
@@ -88,6 +89,18 @@ def camvid_counts(root: Path) -> dict[str, int]:
     return counts
 
 
+def first_images(manifest: str, root: Path, n: int, out: Path) -> Path:
+    """A dataset of ``root``'s first ``n`` pairs (links to its files, same layout)."""
+    if not out.is_dir():
+        pairs, _ = discover(load_manifest(manifest), root)
+        for pair in pairs[:n]:
+            for path in (pair.image, pair.label):
+                link = out / path.relative_to(root)
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(path.resolve())
+    return out
+
+
 def interleaved(arms: dict, rounds: int) -> dict[str, list[tuple[float, float]]]:
     """{name: [(wall, cpu) per round]}: every arm once per round, in turn."""
     times: dict[str, list] = {name: [] for name in arms}
@@ -109,11 +122,14 @@ def raw(runs) -> str:
 def bench_jobs(datasets: dict, tmp: Path, rounds: int) -> dict:
     """--jobs 2 vs --jobs 1 on each dataset, arms interleaved; returns the one-job seconds
     per image of each (for the comparison of generated and real)."""
-    arms = {}
+    arms, shard = {}, choose_images_per_shard(np.array([[360, 480]]), OPTIONS)
     for name, (manifest, root, _) in datasets.items():
         for jobs in (1, 2):
             out = tmp / f"jobs-{name}-{jobs}.zarr"
             arms[name, jobs] = lambda m=manifest, r=root, o=out, j=jobs: build_cli(m, r, o, j)
+        small = first_images(manifest, root, shard, tmp / f"first-{name}")
+        out = tmp / f"jobs-{name}-first.zarr"
+        arms[name, "first"] = lambda m=manifest, r=small, o=out: build_cli(m, r, o, 1)
     first = next(iter(datasets.values()))
     for jobs in (1, 2):  # this machine's own scaling of decode + resize, in the same rounds
         arms["machine", jobs] = lambda j=jobs, m=first[0], r=first[1]: _machine(m, r, j)
@@ -136,6 +152,17 @@ def bench_jobs(datasets: dict, tmp: Path, rounds: int) -> dict:
             f"{c1:.1f} s ({c2 / c1:.2f}x); raw wall --jobs 1 {raw(times[name, 1])} s, "
             f"--jobs 2 {raw(times[name, 2])} s"
         )
+        # a one-job build of one shard's images is its fixed part and one shard's work
+        small = best(times[name, "first"])[0]
+        work = (w1 - small) / (n - shard) * n
+        fixed = w1 - work
+        print(
+            f"jobs, {name}: a one-job build's serial part (process start-up, imports, store "
+            f"creation, compiled kernels, last statistics, exit; from a build of its first "
+            f"{shard} images, {small:.2f} s) {fixed:.2f} s of {w1:.2f} s: with it, 2 jobs can "
+            f"reach at most {w1 / (fixed + work / 2):.2f}x (Amdahl), measured {w1 / w2:.2f}x; "
+            f"raw {raw(times[name, 'first'])} s"
+        )
     return per_image
 
 
@@ -152,7 +179,7 @@ def bench_costs(root: Path, tmp: Path, rounds: int) -> None:
     """Start-up, per-task and parent costs of a 2-job build, measured apart."""
     from joblib.externals.loky import get_reusable_executor
 
-    options = BuildOptions(scales=(0.125, 0.25, 0.5))
+    options = OPTIONS
     forked = []
     with patch.dict(os.environ, {OWN_PROCESS: "1"}):  # what the CLI's own process does
         for _ in range(rounds):
