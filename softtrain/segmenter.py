@@ -135,6 +135,25 @@ class Exported(torch.nn.Module):
         return (up + self.bias).argmax(1).to(torch.uint8)
 
 
+class InputChecked(torch.nn.Module):
+    """The TorchScript export's outer module, scripted around the traced ``Exported``
+    (tracing drops Python's checks): an input that is not uint8 (B, 3, H, W) is refused
+    with what the model takes, where a float image in 0..1 or a channels-last one gave
+    wrong labels without a word. (ONNX Runtime checks the dtype and channels itself.)"""
+
+    def __init__(self, traced: torch.nn.Module):
+        super().__init__()
+        self.traced = traced
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        takes = "this model takes uint8 RGB images (B, 3, H, W) with values 0..255"
+        if image.dim() != 4 or image.shape[1] != 3:
+            raise ValueError(f"{takes}, not shape {list(image.shape)}")
+        if image.dtype != torch.uint8:
+            raise ValueError(f"{takes}; this one is not uint8 (floats in 0..1: (x * 255).round())")
+        return self.traced(image)
+
+
 FORMATS = ("torchscript", "onnx")
 
 
@@ -164,7 +183,8 @@ def export(segmenter: Segmenter, out: Path, fmt: str, example_hw: tuple[int, int
         # it (libtorch, Triton): its FutureWarning says nothing to a user of the export
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", r".*torch\.jit\.\w+` is deprecated", FutureWarning)
-            torch.jit.trace(module, example, check_trace=False).save(str(out))
+            traced = torch.jit.trace(module, example, check_trace=False)
+            torch.jit.script(InputChecked(traced)).save(str(out))
     else:  # weights inside the one file (no model.onnx.data beside it): models here < 2 GB;
         # batch, height and width symbolic, as the traced TorchScript's are
         Dim = torch.export.Dim

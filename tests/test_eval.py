@@ -3,6 +3,7 @@ upsampling, label-less splits refused, prediction formats through the manifest, 
 official Cityscapes evaluator scoring our predictions exactly as ``softtrain eval`` does."""
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -320,6 +321,17 @@ def test_segmenter_is_what_predict_uses_and_exports_agree_with_it(
             assert out.shape == (n, *expected.shape) and out.dtype == np.uint8, (fmt, h, w)
             agree = (out == expected).mean()
             assert agree > 0.99, f"{fmt} at {h}x{w}: {agree:.4f} of pixels agree with predict"
+        # a float image in 0..1 and a channels-last one are refused, saying why (TorchScript
+        # once took both and gave wrong labels)
+        for wrong, why in (
+            (batch.float() / 255, "uint8"),
+            (
+                batch.permute(0, 2, 3, 1).contiguous(),
+                "Expected: 3" if fmt == "onnx" else "(B, 3, H, W)",
+            ),
+        ):
+            with pytest.raises(Exception, match=re.escape(why)):
+                run(wrong)
 
 
 @pytest.mark.slow  # ~15 s: a run and two exports
