@@ -299,7 +299,7 @@ def build(
             splits=tuple(split) if split else None,
             weak=weak,
             weak_seed=weak_seed,
-            unlabeled=str(unlabeled.resolve()) if unlabeled else None,
+            unlabeled=str(unlabeled) if unlabeled else None,
             images_per_shard=images_per_shard,
         )
         url = out_url or f"{m.dataset}.zarr"

@@ -52,6 +52,10 @@ class BuildOptions:
     images_per_shard: int | None = None  # None: from the image size (``choose_images_per_shard``)
 
     def __post_init__(self):
+        if self.unlabeled is not None:  # recorded as the absolute folder, as the CLI gives
+            # it: a relative one read differently from another directory (and a printed
+            # build command, resolved by the CLI, was refused as another option)
+            object.__setattr__(self, "unlabeled", str(Path(self.unlabeled).resolve()))
         if not self.scales:
             raise ValueError("give at least one scale")
         if self.weak is not None:

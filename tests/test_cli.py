@@ -277,9 +277,9 @@ def test_the_printed_build_command_parses_back_to_the_store_s_options(
     from softprep.build import BuildOptions, _config
     from softprep.options import build_command
 
-    unlabeled = tmp_path / "un labeled"
-    unlabeled.mkdir()
-    options = BuildOptions(**options, unlabeled=str(unlabeled) if skipped else None)
+    (tmp_path / "un labeled").mkdir()
+    monkeypatch.chdir(tmp_path)  # given relative through the API (the CLI resolves it)
+    options = BuildOptions(**options, unlabeled="un labeled" if skipped else None)
     manifest = load_manifest(dataset, version, variant)
     meta = {"config": _config(manifest, options), "manifest": manifest.to_json(),
             "skipped": [{"path": "x.png", "error": "bad", "index": 0}] if skipped else []}  # fmt: skip
