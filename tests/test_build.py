@@ -610,6 +610,29 @@ def test_dask_backend_equals_loky(samples, tmp_path):
     assert_same_store(a, b)
 
 
+def test_a_build_on_the_default_backend_imports_no_joblib(samples, tmp_path):
+    """Two jobs as the CLI runs them (forked workers), and one: joblib's import (~50 ms of
+    every command's start-up) is left to Dask and loky's workers."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys\n"
+        "from softprep import OWN_PROCESS\n"
+        "from softprep.build import BuildOptions, build\n"
+        "from softprep.manifest import load_manifest\n"
+        "m, opts = load_manifest('cityscapes'), BuildOptions(scales=(0.25,))\n"
+        "os.environ[OWN_PROCESS] = '1'  # first: it forks before zarr starts a thread\n"
+        "s = build(m, sys.argv[1], sys.argv[2] + '/2.zarr', opts, jobs=2, keep_workers=False)\n"
+        "build(m, sys.argv[1], sys.argv[2] + '/1.zarr', opts)\n"
+        "assert s.built > 0\n"
+        "sys.exit('joblib' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(samples["cityscapes"]), str(tmp_path)])
+    assert r.returncode == 0
+    assert_same_store(str(tmp_path / "1.zarr"), str(tmp_path / "2.zarr"))
+
+
 @pytest.mark.parametrize(
     "name,version,folder,short_side",
     [
