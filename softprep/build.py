@@ -311,9 +311,10 @@ def _task(url, build_id, first, pairs, manifest, options, keep_full, parent) -> 
 
 
 def local_pool(jobs: int):
-    """For ``jobs`` > 1 on the default (loky) backend: ``jobs - 1`` worker processes, as
-    this process builds shards too (``SharedTasks``); None for one job or another joblib
-    backend (Dask), which run through ``joblib.Parallel``. The workers are forked where
+    """For ``jobs`` > 1 (or joblib's -1, -2, ...) on the default (loky) backend: ``jobs - 1``
+    worker processes, as
+    this process builds shards too (``SharedTasks``); None for one job (run here) or another
+    joblib backend (Dask), which runs them (``parallel``). The workers are forked where
     that is safe (``_may_fork``), else loky's reusable executor (fresh interpreters).
 
     Why the build process works: a loky worker's start-up (a fresh interpreter, imports,
@@ -322,7 +323,11 @@ def local_pool(jobs: int):
     CamVid images (~9 s of work) that start-up was most of the gap to 2x."""
     if jobs == 1 or not default_backend():
         return None
+    if jobs < 1 or multiprocessing.current_process().daemon:  # joblib's rules: -1 is one
+        jobs = _effective_jobs(jobs)  # per core, -2 all but one; a daemon process starts none
     workers = jobs - 1
+    if workers < 1:
+        return None
     if _may_fork():
         return ProcessPoolExecutor(
             workers, multiprocessing.get_context("fork"), _die_with_parent, (os.getpid(),)
@@ -339,9 +344,10 @@ def local_pool(jobs: int):
 
 def default_backend() -> bool:
     """Whether joblib's active backend is its default (loky), as it is where joblib was
-    never imported: no one set another, and the build does not import it (~70 ms of every
-    command's start-up) unless it runs on one (Dask) or on loky's own workers."""
-    if "joblib" not in sys.modules:
+    never imported and ``JOBLIB_MULTIPROCESSING`` (0: threads) is not set: no one chose
+    another, and the build does not import joblib (~50 ms of every command's start-up)
+    unless it runs on another (Dask) or on loky's own workers."""
+    if "joblib" not in sys.modules and "JOBLIB_MULTIPROCESSING" not in os.environ:
         return True
     import joblib
 
@@ -355,6 +361,13 @@ def parallel(jobs: int, function, argument_lists):
 
     calls = (joblib.delayed(function)(*arguments) for arguments in argument_lists)
     return joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(calls)
+
+
+def _effective_jobs(jobs: int) -> int:
+    """How many processes ``jobs`` is on joblib's active backend (-1: all its workers)."""
+    import joblib
+
+    return joblib.effective_n_jobs(jobs)
 
 
 def _may_fork() -> bool:
@@ -651,7 +664,9 @@ def _open_or_create(url, manifest, options, pairs, sizes, root, repair):
     except StoreError:
         existing = None  # layout.create refuses to overwrite anything that is not a store
     if existing is not None:
-        old, new = existing.meta.get("config", {}), _config(manifest, options)
+        old, new = dict(existing.meta.get("config", {})), _config(manifest, options)
+        if old.get("unlabeled"):  # relative in stores built through the API before BuildOptions resolved it
+            old["unlabeled"] = str(Path(old["unlabeled"]).resolve())
         stored = existing.meta.get("manifest")
         same_manifest = not stored or same_labels(stored, manifest.to_json())
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -896,8 +911,8 @@ def build(
             if pool is not None:  # workers start (imports, kernels) while this reads the
                 # headers, and this process starts on the images before they are ready
                 warming = [pool.submit(_warm_up, options) for _ in range(pool._max_workers)]
-            elif jobs > 1:  # the same on another joblib backend, waited for
-                warming = parallel(jobs, _warm_up, [(options,)] * jobs)
+            elif jobs != 1:  # the same on another joblib backend (Dask: -1), waited for
+                warming = parallel(jobs, _warm_up, [(options,)] * _effective_jobs(jobs))
         pairs, sizes, stamps, problems = _prepare(manifest, root, options, on_error)
         if pool is None:
             for _ in warming:
@@ -947,7 +962,7 @@ def _build_locked(
     with _workers_ignore_interrupts():
         if pool is not None:
             results = SharedTasks(pool, shards, arguments).results()
-        elif jobs > 1:
+        elif jobs != 1:
             results = parallel(jobs, _task, (arguments(shard) for shard in shards))
         else:
             results = (_task(*arguments(shard)) for shard in shards)

@@ -285,8 +285,6 @@ def build(
     with user_errors():
         if on_error not in ("fail", "skip"):
             raise ValueError(f"--on-error {on_error}: use fail or skip")
-        if jobs == 0:
-            raise ValueError("--jobs 0: give 1 or more processes (-1: one per core)")
         m = _manifest(dataset, root, version, labels)
         options = BuildOptions(
             scales=_scales(scales),

@@ -55,7 +55,8 @@ class BuildOptions:
         if self.unlabeled is not None:  # recorded as the absolute folder, as the CLI gives
             # it: a relative one read differently from another directory (and a printed
             # build command, resolved by the CLI, was refused as another option)
-            object.__setattr__(self, "unlabeled", str(Path(self.unlabeled).resolve()))
+            folder = str(Path(self.unlabeled).resolve()) if self.unlabeled else None
+            object.__setattr__(self, "unlabeled", folder)
         if not self.scales:
             raise ValueError("give at least one scale")
         if self.weak is not None:

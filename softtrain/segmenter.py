@@ -149,8 +149,13 @@ class InputChecked(torch.nn.Module):
         takes = "this model takes uint8 RGB images (B, 3, H, W) with values 0..255"
         if image.dim() != 4 or image.shape[1] != 3:
             raise ValueError(f"{takes}, not shape {list(image.shape)}")
+        if image.is_floating_point():
+            raise ValueError(
+                f"{takes}, not floats: x.round().to(torch.uint8), or from 0..1 "
+                "(x * 255).round().to(torch.uint8)"
+            )
         if image.dtype != torch.uint8:
-            raise ValueError(f"{takes}; this one is not uint8 (floats in 0..1: (x * 255).round())")
+            raise ValueError(f"{takes}; this one is of another integer type: x.to(torch.uint8)")
         return self.traced(image)
 
 
@@ -184,7 +189,7 @@ def export(segmenter: Segmenter, out: Path, fmt: str, example_hw: tuple[int, int
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", r".*torch\.jit\.\w+` is deprecated", FutureWarning)
             traced = torch.jit.trace(module, example, check_trace=False)
-            torch.jit.script(InputChecked(traced)).save(str(out))
+            torch.jit.script(InputChecked(traced).eval()).save(str(out))  # eval: freezable
     else:  # weights inside the one file (no model.onnx.data beside it): models here < 2 GB;
         # batch, height and width symbolic, as the traced TorchScript's are
         Dim = torch.export.Dim

@@ -593,8 +593,11 @@ def test_verify_detects_damage(samples, tmp_path):
     )
 
 
-def test_dask_backend_equals_loky(samples, tmp_path):
+@pytest.mark.parametrize("jobs", [2, -1])  # -1: the CLI's --backend dask --jobs auto
+def test_dask_backend_equals_loky(samples, tmp_path, monkeypatch, jobs):
     pytest.importorskip("dask.distributed")
+    import threading
+
     import joblib
     from dask.distributed import Client
 
@@ -602,12 +605,74 @@ def test_dask_backend_equals_loky(samples, tmp_path):
     a, b = str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")
     opts = BuildOptions(scales=(0.25,), images_per_shard=2)
     build(m, samples["cityscapes"], a, opts)
+    task, log = build_module._task, tmp_path / "threads.txt"
+
+    def recorded(*args):  # Dask pickles it (a copy of a list would record nothing here)
+        with open(log, "a") as f:
+            f.write(threading.current_thread().name + "\n")
+        return task(*args)
+
+    monkeypatch.setattr(build_module, "_task", recorded)
     with (
         Client(processes=False, n_workers=1, threads_per_worker=2),
         joblib.parallel_config(backend="dask"),
     ):
-        build(m, samples["cityscapes"], b, opts, jobs=2)
+        build(m, samples["cityscapes"], b, opts, jobs=jobs)
     assert_same_store(a, b)
+    ran_in = log.read_text().split()
+    assert ran_in and "MainThread" not in ran_in  # on Dask's workers, not in the caller
+
+
+def test_negative_jobs_and_a_daemon_process_build_as_joblib_counts_them(samples, tmp_path):
+    """jobs=-1 is one process per core (joblib's rule, through the API); a daemon process,
+    which may start none, builds with one; so does JOBLIB_MULTIPROCESSING=0 (threads)."""
+    from softprep.verify import verify
+
+    m, opts = load_manifest("cityscapes"), BuildOptions(scales=(0.25,), images_per_shard=2)
+    one, many = str(tmp_path / "1.zarr"), str(tmp_path / "many.zarr")
+    build(m, samples["cityscapes"], one, opts)
+    build(m, samples["cityscapes"], many, opts, jobs=-1)
+    assert_same_store(one, many)
+    assert verify(SoftStore(many), jobs=-1).ok
+    for way in ("daemon", "threads"):
+        code = (
+            "import multiprocessing as mp, sys\n"
+            "from softprep.build import BuildOptions, build\n"
+            "from softprep.manifest import load_manifest\n"
+            "def run():\n"
+            "    opts = BuildOptions(scales=(0.25,), images_per_shard=2)\n"
+            "    build(load_manifest('cityscapes'), sys.argv[1], sys.argv[2], opts, jobs=2)\n"
+            "if __name__ == '__main__':\n"
+            "    if sys.argv[3] == 'daemon':\n"
+            "        p = mp.get_context('spawn').Process(target=run, daemon=True)\n"
+            "        p.start(); p.join(); sys.exit(p.exitcode)\n"
+            "    run()\n"
+        )
+        script, out = tmp_path / "run.py", str(tmp_path / f"{way}.zarr")
+        script.write_text(code)
+        env = os.environ | ({"JOBLIB_MULTIPROCESSING": "0"} if way == "threads" else {})
+        args = [sys.executable, str(script), str(samples["cityscapes"]), out, way]
+        r = subprocess.run(args, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, (way, r.stderr[-2000:])
+        assert_same_store(one, out)
+
+
+def test_a_store_that_recorded_a_relative_unlabeled_folder_resumes(samples, tmp_path, monkeypatch):
+    """Built through the API before BuildOptions resolved --unlabeled, a store records the
+    folder as given; the same folder resolved is the same option (was refused)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (64, 32), (90, 120, 40)).save(tmp_path / "photos" / "a.png")
+    m, opts = load_manifest("cityscapes"), BuildOptions(scales=(0.5,), unlabeled="photos")
+    assert opts.unlabeled == str(tmp_path / "photos")
+    assert BuildOptions(scales=(0.5,), unlabeled="").unlabeled is None  # no folder, not "."
+    first = build(m, samples["cityscapes"], "s.zarr", opts)
+    group = zarr.open_group("s.zarr", mode="r+")
+    meta = dict(group.attrs[layout_module.NAMESPACE])
+    meta["config"] = meta["config"] | {"unlabeled": "photos"}  # as such a store has it
+    group.attrs[layout_module.NAMESPACE] = meta
+    again = build(m, samples["cityscapes"], "s.zarr", opts)
+    assert again.built == 0 and again.already_done == first.built > 0
 
 
 def test_a_build_on_the_default_backend_imports_no_joblib(samples, tmp_path):

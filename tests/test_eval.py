@@ -3,7 +3,6 @@ upsampling, label-less splits refused, prediction formats through the manifest, 
 official Cityscapes evaluator scoring our predictions exactly as ``softtrain eval`` does."""
 
 import json
-import re
 import warnings
 from pathlib import Path
 
@@ -323,15 +322,21 @@ def test_segmenter_is_what_predict_uses_and_exports_agree_with_it(
             assert agree > 0.99, f"{fmt} at {h}x{w}: {agree:.4f} of pixels agree with predict"
         # a float image in 0..1 and a channels-last one are refused, saying why (TorchScript
         # once took both and gave wrong labels)
+        script = fmt == "torchscript"
         for wrong, why in (
-            (batch.float() / 255, "uint8"),
-            (
-                batch.permute(0, 2, 3, 1).contiguous(),
-                "Expected: 3" if fmt == "onnx" else "(B, 3, H, W)",
-            ),
+            (batch.float() / 255, "(x * 255).round().to(torch.uint8)" if script else "uint8"),
+            (batch.long(), "x.to(torch.uint8)" if script else "uint8"),
+            (batch.permute(0, 2, 3, 1).contiguous(), "(B, 3, H, W)" if script else "Expected: 3"),
         ):
-            with pytest.raises(Exception, match=re.escape(why)):
+            with pytest.raises(Exception) as raised:  # TorchScript: torch.jit.Error
                 run(wrong)
+            said = str(raised.value)  # TorchScript's ends with the message (its source before)
+            assert why in (said.strip().splitlines()[-1] if script else said), said
+        hinted = (batch.float() / 255 * 255).round().to(torch.uint8)  # what the error says
+        assert torch.equal(run(hinted), run(batch))
+        if script:  # loads in eval mode, so TorchScript's freeze takes it
+            frozen = torch.jit.freeze(torch.jit.load(str(moved)))
+            assert torch.equal(frozen(batch), run(batch))
 
 
 @pytest.mark.slow  # ~15 s: a run and two exports
