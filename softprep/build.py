@@ -665,7 +665,8 @@ def _open_or_create(url, manifest, options, pairs, sizes, root, repair):
         existing = None  # layout.create refuses to overwrite anything that is not a store
     if existing is not None:
         old, new = dict(existing.meta.get("config", {})), _config(manifest, options)
-        if old.get("unlabeled"):  # relative in stores built through the API before BuildOptions resolved it
+        if old.get("unlabeled"):  # relative in stores built through the API before
+            # BuildOptions resolved it: the same folder from here
             old["unlabeled"] = str(Path(old["unlabeled"]).resolve())
         stored = existing.meta.get("manifest")
         same_manifest = not stored or same_labels(stored, manifest.to_json())
