@@ -193,7 +193,10 @@ def bench_costs(root: Path, tmp: Path, rounds: int) -> None:
             deadline = time.monotonic() + 5  # its manager thread ends too: the next round forks
             while threading.active_count() > 1 and time.monotonic() < deadline:
                 time.sleep(0.01)
-    if forked:
+    if not forked:
+        print("costs, worker start-up (forked): not measured, this process runs other threads "
+              "now (zarr's, after other parts): run --what costs alone")  # fmt: skip
+    else:
         wall, cpu = min(forked)
         print(
             f"costs, worker start-up (forked, as the CLI does: this process's imports, "
