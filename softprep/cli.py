@@ -31,6 +31,7 @@ from softprep.store import SoftStore, StoreError, parse_scale
 from softprep.terminal import (
     make_console,
     note_if_scored_where_fitted,
+    output_files,
     progress_bar,
     run_app,
     show_notes,
@@ -476,6 +477,7 @@ def show(
     nearest-neighbour label (evaluation images, whose full label is stored), with the
     image's name and a colour key of its classes."""
     with user_errors():
+        output_files(output)
         s = SoftStore(store)
         if name is not None:
             index = find_image(s, name)
@@ -514,6 +516,7 @@ def priors(
 ):
     """Per-class prior discrepancy D = p_original - p_d (x1e4, paper Table V) per level."""
     with user_errors():
+        output_files(csv_path, json_path, plot)
         if store:
             report = from_store(SoftStore(store), compare, split)
         elif dataset and root:
@@ -578,6 +581,7 @@ def fidelity(
     if set(kinds) & set(DECODES) - {"argmax"}:  # fitted decodes
         note_if_scored_where_fitted(fit_split, split)
     with user_errors():
+        output_files(csv_path, json_path, plot)
         if store:
             with progress_bar("scoring labels") as bar:
                 report = fidelity_from_store(

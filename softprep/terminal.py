@@ -179,6 +179,19 @@ def user_errors(errors: tuple):
         raise typer.Exit(2) from None
 
 
+def output_files(*paths: Path | None) -> None:
+    """Before any work: each output file's folder exists, created as ``build``, ``fit``
+    and ``predict`` create their ``--out``, and no path is a folder; else ``ValueError``
+    naming it (a missing folder once ended a long report with a traceback). None: skipped."""
+    for path in map(Path, filter(None, paths)):
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder; give a file name such as {path / 'out.png'}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"{path}: cannot create its folder {path.parent} ({e})") from None
+
+
 def run_app(app: typer.Typer, argv: list[str], options, prog_name: str) -> None:
     """A CLI's entry point: multi-value options expanded (``expand_multi_value``), a refused
     expansion as one error line and exit code 2, then the Typer app."""

@@ -22,6 +22,7 @@ from rich.table import Table
 from softprep.terminal import (
     make_console,
     note_if_scored_where_fitted,
+    output_files,
     progress_bar,
     run_app,
     show_notes,
@@ -398,6 +399,7 @@ def evaluate(
         from softprep.decode import KINDS
         from softprep.store import SoftStore
 
+        output_files(csv_path, json_path, save_decode)
         names = [c["name"] for c in SoftStore(store).classes]  # a bad store: before torch
         from softtrain.evaluate import eval_checkpoint
         from softtrain.metrics import eval_record
@@ -484,6 +486,7 @@ def export(
         from softtrain.segmenter import export as run_export
 
         check_export_target(out_path, fmt, [Path(checkpoint), *([decode] if decode else [])])
+        output_files(out_path)
         opts = _inference("whole", "", "", False, [], False, decode)
         hw = parse_crop(size)
         run_export(Segmenter.from_checkpoint(checkpoint, "cpu", opts), out_path, fmt, hw)

@@ -82,22 +82,16 @@ def test_sample_build_info_verify_show_priors(tmp_path, monkeypatch):
     r = run("info", store)
     assert r.exit_code == 0 and "1/4" in r.text and "3 image(s) per shard" in r.text
     assert run("verify", store).exit_code == 0
-    r = run("show", store, "--index", 3, "--level", "1/4", "--out", tmp_path / "s.png")
-    assert r.exit_code == 0 and (tmp_path / "s.png").stat().st_size > 1000
-    r = run(
-        "priors",
-        "--store",
-        store,
-        "--compare",
-        "nn",
-        "nn-floor",
-        "--csv",
-        tmp_path / "p.csv",
-        "--plot",
-        tmp_path / "p.png",
-    )
+    shown = tmp_path / "new" / "s.png"  # outputs' missing folders are made, as build's
+    r = run("show", store, "--index", 3, "--level", "1/4", "--out", shown)
+    assert r.exit_code == 0 and shown.stat().st_size > 1000
+    reports = tmp_path / "reports"
+    r = run("priors", "--store", store, "--compare", "nn", "nn-floor",
+            "--csv", reports / "p.csv", "--plot", reports / "plots" / "p.png")  # fmt: skip
     assert r.exit_code == 0 and "nearest neighbour drops" in r.text
-    assert (tmp_path / "p.png").exists() and (tmp_path / "p.csv").exists()
+    assert (reports / "plots/p.png").exists() and (reports / "p.csv").exists()
+    r = run("priors", "--store", store, "--plot", reports)  # a folder: refused before work
+    assert r.exit_code == 2 and f"{reports} is a folder" in r.text and "nearest" not in r.text
 
 
 @pytest.mark.parametrize(

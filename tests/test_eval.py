@@ -262,12 +262,12 @@ def test_decodes_equal_a_dense_reference_and_a_fitted_bias_never_loses_on_its_sp
             "--split",
             "val",
             "--save-decode",
-            str(Path(ckpt).parent / "d.json"),
+            str(Path(ckpt).parent / "decodes" / "d.json"),  # its missing folder is made
         ],
     )
     assert r.exit_code == 0 and "optimistic" in r.output, r.output
     image = next((samples["cityscapes"] / "leftImg8bit/val").rglob("*.png"))
-    decode_file = Path(ckpt).parent / "d.json"
+    decode_file = Path(ckpt).parent / "decodes" / "d.json"
     args = ["predict", str(image), "--checkpoint", ckpt, "--out", str(Path(ckpt).parent / "p")]
     assert runner.invoke(app, [*args, "--decode", str(decode_file)]).exit_code == 0
     decode_file.write_text("{}")
@@ -386,3 +386,6 @@ def test_export_refuses_a_folder_its_own_checkpoint_and_unknown_formats(cityscap
                             "--save-decode", ckpt])  # fmt: skip
     assert r.exit_code == 2 and "is an input" in r.output, r.output
     assert Path(ckpt).read_bytes() == before and not (tmp_path / "m.tfl").exists()
+    made = tmp_path / "new" / "m.pt"  # a missing folder is made (was torch's RuntimeError)
+    r = runner.invoke(app, ["export", "--checkpoint", ckpt, "--out", str(made), "--size", "32x64"])
+    assert r.exit_code == 0 and made.stat().st_size > 0, r.output

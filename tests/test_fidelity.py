@@ -109,14 +109,15 @@ def test_training_split_is_refused(store):
 
 
 def test_cli_tables_and_files(store, tmp_path):
-    args = ["fidelity", "--store", store, "--compare", "nn", "--json", str(tmp_path / "f.json"),
-            "--csv", str(tmp_path / "f.csv"), "--plot", str(tmp_path / "f.png")]  # fmt: skip
+    out = tmp_path / "reports"  # missing: made (it once ended the scoring with a traceback)
+    args = ["fidelity", "--store", store, "--compare", "nn", "--json", str(out / "f.json"),
+            "--csv", str(out / "f.csv"), "--plot", str(out / "plots" / "f.png")]  # fmt: skip
     r = CliRunner().invoke(app, expand_multi_value(args, MULTI_VALUE, app))
     assert r.exit_code == 0, r.output
     assert "1/8: IoU (%) at full resolution" in r.output
-    doc = json.loads((tmp_path / "f.json").read_text())
+    doc = json.loads((out / "f.json").read_text())
     assert {row["strategy"] for row in doc["summary"]} == {"soft", "soft-argmax", "nn"}
-    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "plots/f.png").read_bytes()[:4] == b"\x89PNG"
     assert "optimistic" not in r.output
     r = CliRunner().invoke(app, ["fidelity", "--store", store, "--decode", "prior"])
     assert r.exit_code == 0 and "fitted on the split it is scored on (val)" in r.output

@@ -76,10 +76,10 @@ def test_fit_eval_predict_with_nearest_store_and_config_replay(samples, tmp_path
         "--device",
         "cpu",
         "--json",
-        tmp_path / "iou.json",
+        tmp_path / "metrics" / "iou.json",  # a missing folder is made (was a traceback)
     )
     assert r.exit_code == 0, r.output
-    record = json.loads((tmp_path / "iou.json").read_text())
+    record = json.loads((tmp_path / "metrics/iou.json").read_text())
     assert len(record["classes"]) == 19
     assert f"{out / 'best.pt'} on {url} (val, 1/4, whole)\n" in r.output  # whole, one line
     assert r.output.splitlines()[-1].startswith(f"mIoU {100 * record['mIoU']:.2f}  aAcc")
