@@ -199,7 +199,10 @@ def soft_planes_description(k: int) -> str:
 
 def open_group(url: str, mode: str, **kwargs) -> zarr.Group:
     """``zarr.open_group``; for writing to a ``file://`` URL with folders made as needed
-    (fsspec's local file system makes none unless asked, so new chunk folders failed)."""
+    (fsspec's local file system makes none unless asked, so new chunk folders failed). A
+    local file is refused (``StoreError``): zarr's own error read as a failed write."""
+    if "://" not in str(url) and Path(url).is_file():
+        raise StoreError(f"{url} is a file, not a store (a store is a folder)")
     if mode != "r" and str(url).startswith("file://"):
         kwargs["storage_options"] = {"auto_mkdir": True}
     return zarr.open_group(url, mode=mode, **kwargs)
@@ -235,6 +238,8 @@ def create(
     ``eval_mask`` (N,) bool: images whose full-resolution labels are kept;
     ``images_per_shard``: consecutive images sharing one shard (one file) per image array.
     """
+    if "://" not in str(url) and Path(url).is_file():
+        raise StoreError(f"{url} is a file, not a store (a folder); choose another --out")
     if holds_data(url) and not _interrupted_creation(url):
         raise StoreError(
             f"{url} exists, is not empty and is not a softprep store; refusing to overwrite it "

@@ -100,6 +100,10 @@ def test_sample_build_info_verify_show_priors(tmp_path, monkeypatch):
         (["build", "cityscapes", "--root", "/nonexistent"], "dataset root not found"),
         (["build", "pascal", "--root", "."], "unknown dataset"),
         (["build", "cityscapes", "--root", ".", "--kernel", "lanczos"], "unknown kernel"),
+        (
+            ["build", "cityscapes", "--root", ".", "--scales", "1/8", "1/4", "0.125"],
+            "scale 1/8 is given twice",
+        ),  # fmt: skip
         (["build", "cityscapes", "--root", ".", "--scales", "1/0"], "is not a scale"),
         (
             ["build", "cityscapes", "--root", ".", "--scales", "1/8,1/4"],
@@ -113,6 +117,15 @@ def test_bad_input_exit_code_2_and_message(args, message):
     r = run(*args)
     assert r.exit_code == 2
     assert message in r.text
+
+
+def test_a_file_given_as_the_store_is_refused_and_kept(samples, tmp_path):
+    notes = tmp_path / "notes.md"
+    notes.write_text("mine")
+    r = run("build", "cityscapes", "--root", samples["cityscapes"], "--scales", "1/8",
+            "--out", notes)  # fmt: skip
+    assert r.exit_code == 2 and f"{notes} is a file, not a store (a folder)" in r.text, r.output
+    assert notes.read_text() == "mine" and "resume" not in r.text  # nothing to resume
 
 
 def test_sample_writes_a_test_split_where_the_dataset_has_one(tmp_path):
