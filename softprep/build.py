@@ -671,19 +671,22 @@ def _open_or_create(url, manifest, options, pairs, sizes, root, repair):
         stored = existing.meta.get("manifest")
         same_manifest = not stored or same_labels(stored, manifest.to_json())
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        # what deleting it loses: after a first run stopped by a bad file, often nothing
+        finished = int(existing.done().sum())
+        anew = f"use another --out or delete it ({finished} finished image(s) in it)"
         if diff:
             changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
             given = manifest.source if same_manifest else None
             command = build_command(existing.meta, url, root, repair=repair, manifest=given)
             raise BuildError(
                 f"{url} was built with other options ({changes}); to resume or repair it, "
-                f"give its options: {command}; to build anew, use another --out or delete it"
+                f"give its options: {command}; to build anew, {anew}"
             )
         if not same_manifest:  # the same name, other classes or label values
             raise BuildError(
                 f"{url} was built with another {manifest.dataset} manifest (its classes or "
                 f"label values differ from {manifest.source}'s); give the manifest it was "
-                "built with, or use another --out"
+                f"built with; to build anew, {anew}"
             )
         if list(existing.names()) != names:
             raise BuildError(

@@ -373,14 +373,16 @@ def test_a_resume_with_another_manifest_of_the_same_name_is_refused(tmp_path):
     raw = json.loads(path.read_text())
     swapped = tmp_path / "swapped.json"
     swapped.write_text(json.dumps(raw | {"label_values": {"0": 1, "1": 0, "2": 2}}))
-    with pytest.raises(BuildError, match="built with another folder manifest"):
+    with pytest.raises(BuildError, match="built with another folder manifest") as refused:
         build(load_manifest(str(swapped)), tmp_path / "data", url, opts)
+    assert "delete it (2 finished image(s) in it)" in str(refused.value)  # what it would lose
     assert build(m, tmp_path / "data", url, opts).already_done == 2  # its own: resumes
     with pytest.raises(BuildError) as refused:  # its own, an option left out
         build(m, tmp_path / "data", url, BuildOptions(scales=(0.5,)))
     assert f"give its options: softprep build {path} --root {tmp_path / 'data'}" in str(
         refused.value
     )
+    assert "delete it (2 finished image(s) in it)" in str(refused.value)
 
 
 def test_an_unreadable_source_record_is_replaced_and_verify_names_it(tmp_path):
