@@ -22,10 +22,14 @@ package.module:Class``, constructed with the run folder::
 
 from __future__ import annotations
 
+import os
 from importlib import import_module
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
+
+from softtrain.errors import TrainingError
 
 
 class Tracker:
@@ -81,11 +85,17 @@ class MLflowTracker(Tracker):
     def start(self, options: dict, resume_step: int | None) -> None:
         import mlflow
 
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_experiment("softtrain")
+        if urlparse(self.uri).scheme in ("", "file"):  # a folder, as --help offers: MLflow 3
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # refuses it unless set
         saved = self.out / "mlflow_run_id"
         run_id = saved.read_text().strip() if resume_step is not None and saved.exists() else None
-        self.run = mlflow.start_run(run_id=run_id, run_name=self.out.name)
+        try:
+            mlflow.set_tracking_uri(self.uri)
+            mlflow.set_experiment("softtrain")
+            self.run = mlflow.start_run(run_id=run_id, run_name=self.out.name)
+        except Exception as e:  # noqa: BLE001 (MLflow's many store errors: a bad --mlflow)
+            said = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrainingError(f"--mlflow {self.uri}: MLflow cannot use it ({said})") from None
         saved.write_text(self.run.info.run_id)
         if run_id is None:
             mlflow.log_params({k: str(v)[:500] for k, v in options.items()})

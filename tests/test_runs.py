@@ -252,7 +252,12 @@ def test_mlflow_file_store_and_a_users_tracker_get_params_metrics_and_images(
     store, tmp_path, monkeypatch
 ):
     mlflow = pytest.importorskip("mlflow")
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 prefers a database
+    # MLflow 3 refuses a file store unless this is set: the tracker sets it (--help offers
+    # file:./mlruns, which failed with a traceback)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "")  # recorded: undone after the test
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
+    with pytest.raises(TrainingError, match="--mlflow nosuch://x: MLflow cannot use it"):
+        fit(tiny(store, tmp_path / "bad", iters=1, mlflow="nosuch://x"))  # one line, exit 2
     out, uri = tmp_path / "run", (tmp_path / "mlruns").as_uri()
     Recorder.seen = []
     fit(tiny(store, out, iters=2, eval_every=2, mlflow=uri, tracker=f"{__name__}:Recorder"))
