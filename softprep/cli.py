@@ -84,10 +84,36 @@ LabelsOpt = typer.Option(
     help="Label variant, e.g. trainIds to read the labelTrainIds files of Cityscapes.",
 )
 # how the reports (priors, fidelity) compute their levels from a dataset, without a store
-ReportScalesOpt = typer.Option(["1/8", "1/4", "1/2"], help="Without a store: levels to compute.")
-ReportKernelOpt = typer.Option("bilinear", help="Without a store: the soft-label kernel.")
-ReportAntialiasOpt = typer.Option(True, help="Without a store: antialiased kernel.")
+REPORT_DEFAULTS = {"scales": ["1/8", "1/4", "1/2"], "kernel": "bilinear", "antialias": True}
+ReportScalesOpt = typer.Option(
+    REPORT_DEFAULTS["scales"], help="Without a store: levels to compute."
+)
+ReportKernelOpt = typer.Option(
+    REPORT_DEFAULTS["kernel"], help="Without a store: the soft-label kernel."
+)
+ReportAntialiasOpt = typer.Option(
+    REPORT_DEFAULTS["antialias"], help="Without a store: antialiased kernel."
+)
 ReportShortSideOpt = typer.Option(None, help="Without a store: reference short side.")
+
+
+def _only_without_store(store: str | None, **given) -> None:
+    """``--store`` reads the store's own levels and kernel: a dataset, ``--root`` or a
+    report option set away from its default beside it is refused (they were ignored
+    without a word: ``--scales 1/8`` still scored every level)."""
+    if not store:
+        return
+    shown = {"dataset": "a dataset", "antialias": "--no-antialias"}
+    set_ = [
+        shown.get(name, f"--{name.replace('_', '-')}")
+        for name, value in given.items()
+        if value is not None and value != REPORT_DEFAULTS.get(name)
+    ]
+    if set_:
+        raise ValueError(
+            f"{', '.join(set_)}: for computing from a dataset; with --store, the store's own "
+            f"levels and kernel are used ('softprep info {store}' lists them)"
+        )
 
 
 def _scales(values: list[str]) -> tuple[float, ...]:
@@ -516,6 +542,8 @@ def priors(
 ):
     """Per-class prior discrepancy D = p_original - p_d (x1e4, paper Table V) per level."""
     with user_errors():
+        _only_without_store(store, dataset=dataset, root=root, scales=scales, kernel=kernel,
+                            antialias=antialias, short_side=short_side)  # fmt: skip
         output_files(csv_path, json_path, plot)
         if store:
             report = from_store(SoftStore(store), compare, split)
@@ -581,6 +609,8 @@ def fidelity(
     if set(kinds) & set(DECODES) - {"argmax"}:  # fitted decodes
         note_if_scored_where_fitted(fit_split, split)
     with user_errors():
+        _only_without_store(store, dataset=dataset, root=root, scales=scales, kernel=kernel,
+                            antialias=antialias, short_side=short_side)  # fmt: skip
         output_files(csv_path, json_path, plot)
         if store:
             with progress_bar("scoring labels") as bar:

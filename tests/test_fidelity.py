@@ -121,6 +121,13 @@ def test_cli_tables_and_files(store, tmp_path):
     assert "optimistic" not in r.output
     r = CliRunner().invoke(app, ["fidelity", "--store", store, "--decode", "prior"])
     assert r.exit_code == 0 and "fitted on the split it is scored on (val)" in r.output
+    for command in ("fidelity", "priors"):  # dataset options beside a store: refused, they
+        # were ignored (--scales 1/8 scored every level)
+        r = CliRunner().invoke(app, [command, "--store", store, "--scales", "1/8",
+                                     "--no-antialias"])  # fmt: skip
+        said = " ".join(r.output.split())
+        assert r.exit_code == 2 and "--scales, --no-antialias: for computing from a dataset" in said
+        assert "IoU" not in said and "D =" not in said
 
 
 @pytest.mark.slow  # 2-6 s: keeps the fast tier under a minute
