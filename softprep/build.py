@@ -677,6 +677,8 @@ def _open_or_create(url, manifest, options, pairs, sizes, root, repair):
         if diff:
             changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
             given = manifest.source if same_manifest else None
+            if old.get("dataset") != manifest.dataset:  # this root is another dataset's
+                root = None  # (printed as ROOT, explained)
             command = build_command(existing.meta, url, root, repair=repair, manifest=given)
             raise BuildError(
                 f"{url} was built with other options ({changes}); to resume or repair it, "

@@ -403,7 +403,9 @@ def info(
         out.print_json(json.dumps(d))
         return
     out.print(
-        f"[bold]{d['url']}[/bold]: {d['dataset']} {d['dataset_version']}, {d['classes']} classes, "
+        f"[bold]{d['url']}[/bold]: "
+        + " ".join(filter(None, (d["dataset"], d["dataset_version"])))
+        + f", {d['classes']} classes, "
         f"kernel {d['kernel']} ({'antialiased' if d['antialias'] else 'no antialias'})"
         + (f", colour {d['colour_kernel']}" if d["colour_kernel"] else "")
         + f", K={d['k']}, "

@@ -360,7 +360,9 @@ def _inference(mode, window, stride, flip, tta_levels, bf16, decode_file=None):
         try:
             decode = Decode.from_dict(json.loads(Path(decode_file).read_text()))
         except FileNotFoundError:
-            raise FileNotFoundError(f"{decode_file}: no such decode file") from None
+            raise FileNotFoundError(
+                f"--decode {decode_file}: neither argmax, prior nor bias, and no such decode file"
+            ) from None
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(
                 f"{decode_file}: not a decode written by --save-decode ({e})"

@@ -249,6 +249,10 @@ def test_refusals_and_verify_give_the_command_with_the_store_s_options(tmp_path)
     given = re.search(r"give its options: softprep build (.*?); to build anew", r.text).group(1)
     r = run("build", *shlex.split(given))
     assert r.exit_code == 0 and "0 built, 3 already done" in r.text, r.output
+    run("sample", "camvid", tmp_path / "cv", "--train", 1)
+    r = run("build", "camvid", "--root", tmp_path / "cv", "--scales", "1/8", "--out", url)
+    said = " ".join(r.output.split())  # another dataset into it: not its root with cityscapes
+    assert r.exit_code == 2 and "softprep build cityscapes --root ROOT " in said, said
     (url / "levels/x0.5/soft/c.1.0.0.0").unlink()  # the shard of the third image
     r = run("verify", url)
     advice = re.search(r"rebuild them: softprep build (.*?) \(ROOT: the dataset's root\)", r.text)

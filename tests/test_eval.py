@@ -385,6 +385,9 @@ def test_export_refuses_a_folder_its_own_checkpoint_and_unknown_formats(cityscap
     r = runner.invoke(app, ["eval", "--store", url, "--checkpoint", ckpt, "--decode", "prior",
                             "--save-decode", ckpt])  # fmt: skip
     assert r.exit_code == 2 and "is an input" in r.output, r.output
+    r = runner.invoke(app, ["eval", "--store", url, "--checkpoint", ckpt, "--decode", "biass"])
+    said = " ".join(r.output.split())  # a typo: the choices, not only "no such file"
+    assert r.exit_code == 2 and "biass: neither argmax, prior nor bias, and no such" in said
     assert Path(ckpt).read_bytes() == before and not (tmp_path / "m.tfl").exists()
     made = tmp_path / "new" / "m.pt"  # a missing folder is made (was torch's RuntimeError)
     r = runner.invoke(app, ["export", "--checkpoint", ckpt, "--out", str(made), "--size", "32x64"])
