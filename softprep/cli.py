@@ -215,11 +215,25 @@ def scan(
                 f"{n / total:.4%}",
             )
         out.print(hist)
-    for p in report.problems:
-        console.print(tagged("problem", "red", p), highlight=False)
+    for line in _grouped(report.problems):
+        console.print(tagged("problem", "red", line), highlight=False)
     if report.problems:
         console.print(f"[red]{len(report.problems)} problem(s)[/red]")
         raise typer.Exit(1)
+
+
+def _grouped(problems: list, shown: int = 3) -> list[str]:
+    """Problems as lines, at most ``shown`` files per message, then how many more have it
+    (one label value missing from a manifest was one line per file: hundreds)."""
+    by_message: dict[str, list] = {}
+    for p in problems:
+        by_message.setdefault(p.message, []).append(p)
+    lines = []
+    for message, group in by_message.items():
+        lines += [str(p) for p in group[:shown]]
+        if len(group) > shown:
+            lines.append(f"... and {len(group) - shown} more file(s): {message}")
+    return lines
 
 
 @app.command()
@@ -365,8 +379,8 @@ def build(
             f"({summary.seconds:.1f} s in all)",
         )
     )
-    for p in summary.skipped:
-        console.print(tagged("skipped", "yellow", p), highlight=False)
+    for line in _grouped(summary.skipped):
+        console.print(tagged("skipped", "yellow", line), highlight=False)
 
 
 @contextmanager

@@ -119,6 +119,20 @@ def test_bad_input_exit_code_2_and_message(args, message):
     assert message in r.text
 
 
+def test_scan_groups_files_with_the_same_problem(tmp_path):
+    data = tmp_path / "cs"
+    run("sample", "cityscapes", data, "--train", 5, "--val", 1)
+    images = sorted((data / "leftImg8bit/train").rglob("*.png"))
+    for image in images[:4]:  # four labels without their images: one message
+        image.unlink()
+    r = run("scan", "cityscapes", "--root", data)
+    lines = [line for line in r.output.splitlines() if line.startswith("problem:")]
+    assert r.exit_code == 1 and "4 problem(s)" in r.text, r.output
+    assert len(lines) == 4 and lines[-1] == (
+        "problem: ... and 1 more file(s): label without an image"
+    ), lines
+
+
 def test_a_file_given_as_the_store_is_refused_and_kept(samples, tmp_path):
     notes = tmp_path / "notes.md"
     notes.write_text("mine")
