@@ -35,6 +35,7 @@ import warnings
 from concurrent.futures import BrokenExecutor, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -671,9 +672,11 @@ def _open_or_create(url, manifest, options, pairs, sizes, root, repair):
         stored = existing.meta.get("manifest")
         same_manifest = not stored or same_labels(stored, manifest.to_json())
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        # what deleting it loses: after a first run stopped by a bad file, often nothing
-        finished = int(existing.done().sum())
-        anew = f"use another --out or delete it ({finished} finished image(s) in it)"
+        anew = "use another --out or delete it"
+        try:  # what deleting it loses: after a first run stopped by a bad file, often nothing
+            anew += f" ({int(existing.done().sum())} finished image(s) in it)"
+        except Exception:  # noqa: BLE001 (its flags unreadable: the refusal without the count)
+            pass
         if diff:
             changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
             given = manifest.source if same_manifest else None
@@ -904,6 +907,12 @@ def build(
     """
     if on_error not in ("fail", "skip"):
         raise ValueError("on_error must be 'fail' or 'skip'")
+    if "://" not in str(url) and Path(url).is_file():
+        raise BuildError(f"{url} is a file, not a store (a folder); choose another --out")
+    twice = [s for i, s in enumerate(options.scales) if s in options.scales[:i]]
+    if twice and not layout.holds_data(url):  # a new store (one built so still resumes)
+        shown = Fraction(twice[0]).limit_denominator(1 << 16)
+        raise BuildError(f"scale {shown} is given twice; give each scale once")
     if repair:
         try:
             SoftStore(url)

@@ -103,11 +103,14 @@ def _only_without_store(store: str | None, **given) -> None:
     without a word: ``--scales 1/8`` still scored every level)."""
     if not store:
         return
+    if given.get("scales") is not None:  # compared as scales: 0.125 is 1/8
+        given["scales"] = _scales(given["scales"])
+    defaults = REPORT_DEFAULTS | {"scales": _scales(REPORT_DEFAULTS["scales"])}
     shown = {"dataset": "a dataset", "antialias": "--no-antialias"}
     set_ = [
         shown.get(name, f"--{name.replace('_', '-')}")
         for name, value in given.items()
-        if value is not None and value != REPORT_DEFAULTS.get(name)
+        if value is not None and value != defaults.get(name)
     ]
     if set_:
         raise ValueError(
@@ -519,7 +522,7 @@ def show(
     nearest-neighbour label (evaluation images, whose full label is stored), with the
     image's name and a colour key of its classes."""
     with user_errors():
-        output_files(output)
+        output_files({"--out": output})
         s = SoftStore(store)
         if name is not None:
             index = find_image(s, name)
@@ -559,8 +562,9 @@ def priors(
     """Per-class prior discrepancy D = p_original - p_d (x1e4, paper Table V) per level."""
     with user_errors():
         _only_without_store(store, dataset=dataset, root=root, scales=scales, kernel=kernel,
-                            antialias=antialias, short_side=short_side)  # fmt: skip
-        output_files(csv_path, json_path, plot)
+                            antialias=antialias, short_side=short_side, version=version,
+                            labels=labels)  # fmt: skip
+        output_files({"--csv": csv_path, "--json": json_path, "--plot": plot})
         if store:
             report = from_store(SoftStore(store), compare, split)
         elif dataset and root:
@@ -626,8 +630,9 @@ def fidelity(
         note_if_scored_where_fitted(fit_split, split)
     with user_errors():
         _only_without_store(store, dataset=dataset, root=root, scales=scales, kernel=kernel,
-                            antialias=antialias, short_side=short_side)  # fmt: skip
-        output_files(csv_path, json_path, plot)
+                            antialias=antialias, short_side=short_side, version=version,
+                            labels=labels)  # fmt: skip
+        output_files({"--csv": csv_path, "--json": json_path, "--plot": plot})
         if store:
             with progress_bar("scoring labels") as bar:
                 report = fidelity_from_store(

@@ -238,8 +238,6 @@ def create(
     ``eval_mask`` (N,) bool: images whose full-resolution labels are kept;
     ``images_per_shard``: consecutive images sharing one shard (one file) per image array.
     """
-    if "://" not in str(url) and Path(url).is_file():
-        raise StoreError(f"{url} is a file, not a store (a folder); choose another --out")
     if holds_data(url) and not _interrupted_creation(url):
         raise StoreError(
             f"{url} exists, is not empty and is not a softprep store; refusing to overwrite it "

@@ -59,10 +59,6 @@ class BuildOptions:
             object.__setattr__(self, "unlabeled", folder)
         if not self.scales:
             raise ValueError("give at least one scale")
-        for i, scale in enumerate(self.scales):
-            if scale in self.scales[:i]:
-                shown = Fraction(scale).limit_denominator(1 << 16)
-                raise ValueError(f"scale {shown} is given twice; give each scale once")
         if self.weak is not None:
             WeakProtocol.parse(self.weak)
         for kernel in (self.kernel, self.colour_kernel or self.kernel):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -179,17 +180,23 @@ def user_errors(errors: tuple):
         raise typer.Exit(2) from None
 
 
-def output_files(*paths: Path | None) -> None:
+def output_files(paths: dict[str, Path | None]) -> None:
     """Before any work: each output file's folder exists, created as ``build``, ``fit``
-    and ``predict`` create their ``--out``, and no path is a folder; else ``ValueError``
-    naming it (a missing folder once ended a long report with a traceback). None: skipped."""
-    for path in map(Path, filter(None, paths)):
+    and ``predict`` create their ``--out`` (a missing folder once ended a long report with a
+    traceback); a folder or a URL given as the file is refused (``ValueError`` naming the
+    option). ``paths``: {option: path or None (not given)}."""
+    for option, path in paths.items():
+        if path is None:
+            continue
+        path = Path(path)
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:/", str(path)):  # s3://b/x reads as s3:/b/x
+            raise ValueError(f"{option} {path}: give a local file (URLs are not written)")
         if path.is_dir():
-            raise ValueError(f"{path} is a folder; give a file name such as {path / 'out.png'}")
+            raise ValueError(f"{option} {path} is a folder; give a file's name")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ValueError(f"{path}: cannot create its folder {path.parent} ({e})") from None
+            raise ValueError(f"{option} {path}: its folder cannot be made ({e})") from None
 
 
 def run_app(app: typer.Typer, argv: list[str], options, prog_name: str) -> None:

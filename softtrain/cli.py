@@ -401,7 +401,6 @@ def evaluate(
         from softprep.decode import KINDS
         from softprep.store import SoftStore
 
-        output_files(csv_path, json_path, save_decode)
         names = [c["name"] for c in SoftStore(store).classes]  # a bad store: before torch
         from softtrain.evaluate import eval_checkpoint
         from softtrain.metrics import eval_record
@@ -411,6 +410,7 @@ def evaluate(
             Path(store).resolve(),
         ):
             raise ValueError(f"--save-decode {save_decode} is an input; give another file name")
+        output_files({"--csv": csv_path, "--json": json_path, "--save-decode": save_decode})
         kind = decode if decode in KINDS else None
         opts = _inference(mode, window, stride, flip, tta_levels, bf16, None if kind else decode)
         if kind == "argmax":
@@ -488,7 +488,7 @@ def export(
         from softtrain.segmenter import export as run_export
 
         check_export_target(out_path, fmt, [Path(checkpoint), *([decode] if decode else [])])
-        output_files(out_path)
+        output_files({"--out": out_path})
         opts = _inference("whole", "", "", False, [], False, decode)
         hw = parse_crop(size)
         run_export(Segmenter.from_checkpoint(checkpoint, "cpu", opts), out_path, fmt, hw)

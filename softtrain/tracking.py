@@ -86,16 +86,29 @@ class MLflowTracker(Tracker):
         import mlflow
 
         if urlparse(self.uri).scheme in ("", "file"):  # a folder, as --help offers: MLflow 3
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # refuses it unless set
+            # refuses it unless this is set (kept for the rest of this process, a user's
+            # own "false" respected)
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         saved = self.out / "mlflow_run_id"
         run_id = saved.read_text().strip() if resume_step is not None and saved.exists() else None
-        try:
+        try:  # MLflow's many store errors: one line (TrainingError), not a traceback
             mlflow.set_tracking_uri(self.uri)
             mlflow.set_experiment("softtrain")
+        except Exception as e:  # noqa: BLE001
+            raise TrainingError(
+                f"--mlflow {self.uri}: MLflow cannot use it ({_first(e)})"
+            ) from None
+        try:
             self.run = mlflow.start_run(run_id=run_id, run_name=self.out.name)
-        except Exception as e:  # noqa: BLE001 (MLflow's many store errors: a bad --mlflow)
-            said = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TrainingError(f"--mlflow {self.uri}: MLflow cannot use it ({said})") from None
+        except Exception as e:  # noqa: BLE001
+            if run_id is None:
+                raise TrainingError(
+                    f"--mlflow {self.uri}: MLflow cannot start a run ({_first(e)})"
+                ) from None
+            raise TrainingError(
+                f"--mlflow {self.uri}: the resumed run's MLflow run {run_id} ({saved}) cannot "
+                f"be continued ({_first(e)}); delete {saved} to log to a new MLflow run"
+            ) from None
         saved.write_text(self.run.info.run_id)
         if run_id is None:
             mlflow.log_params({k: str(v)[:500] for k, v in options.items()})
@@ -110,6 +123,12 @@ class MLflowTracker(Tracker):
 
     def close(self) -> None:
         self.mlflow.end_run()
+
+
+def _first(e: Exception) -> str:
+    """An exception's first line (its type where it has no message)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def picture(colour: np.ndarray, truth: np.ndarray, pred: np.ndarray, palette: np.ndarray):

@@ -659,6 +659,36 @@ def test_negative_jobs_and_a_daemon_process_build_as_joblib_counts_them(samples,
         assert_same_store(one, out)
 
 
+def test_a_scale_twice_is_refused_for_a_new_store_and_an_old_one_so_built_resumes(
+    samples, tmp_path
+):
+    m, root = load_manifest("cityscapes"), samples["cityscapes"]
+    twice = BuildOptions(scales=(0.125, 0.25, 0.125))
+    with pytest.raises(BuildError, match="scale 1/8 is given twice"):
+        build(m, root, str(tmp_path / "new.zarr"), twice)
+    url = str(tmp_path / "old.zarr")  # as the old code built one: its records say it twice
+    first = build(m, root, url, BuildOptions(scales=(0.125, 0.25)))
+    group = zarr.open_group(url, mode="r+")
+    meta = dict(group.attrs[layout_module.NAMESPACE])
+    meta["config"] = meta["config"] | {"scales": list(twice.scales)}
+    meta["scales"] = list(twice.scales)
+    group.attrs[layout_module.NAMESPACE] = meta
+    assert build(m, root, url, twice).already_done == first.built  # resumes with them
+    from softprep.fidelity import from_store
+
+    assert from_store(SoftStore(url), ["nn"], "val").levels  # and reads
+
+
+def test_a_refused_resume_is_said_when_the_done_flags_are_unreadable(samples, tmp_path):
+    m, root, url = load_manifest("cityscapes"), samples["cityscapes"], str(tmp_path / "s.zarr")
+    build(m, root, url, BuildOptions(scales=(0.25,)))
+    for chunk in Path(url, layout_module.DONE).rglob("c/*"):
+        chunk.write_bytes(b"garbage")
+    with pytest.raises(BuildError, match="built with other options") as refused:
+        build(m, root, url, BuildOptions(scales=(0.5,)))
+    assert "use another --out or delete it" in str(refused.value)
+
+
 def test_a_store_that_recorded_a_relative_unlabeled_folder_resumes(samples, tmp_path, monkeypatch):
     """Built through the API before BuildOptions resolved --unlabeled, a store records the
     folder as given; the same folder resolved is the same option (was refused)."""

@@ -91,7 +91,10 @@ def test_sample_build_info_verify_show_priors(tmp_path, monkeypatch):
     assert r.exit_code == 0 and "nearest neighbour drops" in r.text
     assert (reports / "plots/p.png").exists() and (reports / "p.csv").exists()
     r = run("priors", "--store", store, "--plot", reports)  # a folder: refused before work
-    assert r.exit_code == 2 and f"{reports} is a folder" in r.text and "nearest" not in r.text
+    assert r.exit_code == 2 and f"--plot {reports} is a folder" in r.text, r.output
+    assert "nearest" not in r.text
+    r = run("priors", "--store", store, "--csv", "s3://bucket/p.csv")  # not written locally
+    assert r.exit_code == 2 and "give a local file (URLs are not written)" in r.text, r.output
 
 
 @pytest.mark.parametrize(
@@ -140,6 +143,13 @@ def test_a_file_given_as_the_store_is_refused_and_kept(samples, tmp_path):
             "--out", notes)  # fmt: skip
     assert r.exit_code == 2 and f"{notes} is a file, not a store (a folder)" in r.text, r.output
     assert notes.read_text() == "mine" and "resume" not in r.text  # nothing to resume
+    r = run("build", "cityscapes", "--root", samples["cityscapes"], "--scales", "1/8",
+            "--out", notes, "--repair")  # fmt: skip
+    assert r.exit_code == 2 and "is a file, not a store" in r.text and "without" not in r.text
+    for command in (["info", notes], ["verify", notes]):
+        r = run(*command)
+        assert r.exit_code == 2 and f"{notes} is a file, not a store" in r.text, r.output
+    assert notes.read_text() == "mine"
 
 
 def test_sample_writes_a_test_split_where_the_dataset_has_one(tmp_path):

@@ -382,9 +382,10 @@ def test_export_refuses_a_folder_its_own_checkpoint_and_unknown_formats(cityscap
     ]:
         r = runner.invoke(app, ["export", "--checkpoint", ckpt, "--out", str(out), "--format", fmt])
         assert r.exit_code == 2 and why in r.output and "Traceback" not in r.output, r.output
-    r = runner.invoke(app, ["eval", "--store", url, "--checkpoint", ckpt, "--decode", "prior",
-                            "--save-decode", ckpt])  # fmt: skip
-    assert r.exit_code == 2 and "is an input" in r.output, r.output
+    for given in (ckpt, url):  # the store (a folder) too: "an input", not "a folder"
+        r = runner.invoke(app, ["eval", "--store", url, "--checkpoint", ckpt, "--decode",
+                                "prior", "--save-decode", given])  # fmt: skip
+        assert r.exit_code == 2 and "is an input" in r.output, r.output
     r = runner.invoke(app, ["eval", "--store", url, "--checkpoint", ckpt, "--decode", "biass"])
     said = " ".join(r.output.split())  # a typo: the choices, not only "no such file"
     assert r.exit_code == 2 and "biass: neither argmax, prior nor bias, and no such" in said

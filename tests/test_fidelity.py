@@ -128,6 +128,12 @@ def test_cli_tables_and_files(store, tmp_path):
         said = " ".join(r.output.split())
         assert r.exit_code == 2 and "--scales, --no-antialias: for computing from a dataset" in said
         assert "IoU" not in said and "D =" not in said
+        r = CliRunner().invoke(app, [command, "--store", store, "--version", "gtFine"])
+        assert r.exit_code == 2 and "--version: for computing from a dataset" in r.output
+    # the defaults, spelled otherwise, are the defaults
+    r = CliRunner().invoke(app, ["priors", "--store", store, "--scales", "0.125", "--scales",
+                                 "0.25", "--scales", "0.5"])  # fmt: skip
+    assert r.exit_code == 0, r.output
 
 
 @pytest.mark.slow  # 2-6 s: keeps the fast tier under a minute

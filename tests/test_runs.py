@@ -278,6 +278,11 @@ def test_mlflow_file_store_and_a_users_tracker_get_params_metrics_and_images(
         "train/lr",
     ]
     assert ("scalars", 1, train_keys) in Recorder.seen
+    from softtrain.tracking import MLflowTracker
+
+    (out / "mlflow_run_id").write_text("0" * 32)  # a resume whose MLflow run is gone
+    with pytest.raises(TrainingError, match="cannot be continued .*delete .*mlflow_run_id"):
+        MLflowTracker(out, uri).start({}, resume_step=2)
     with pytest.raises(ValueError, match="--tracker nowhere:Thing: cannot import it"):
         fit(tiny(store, tmp_path / "other", tracker="nowhere:Thing"))
     assert not (tmp_path / "other").exists()
