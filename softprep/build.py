@@ -313,10 +313,10 @@ def _task(url, build_id, first, pairs, manifest, options, keep_full, parent) -> 
 
 def local_pool(jobs: int):
     """For ``jobs`` > 1 (or joblib's -1, -2, ...) on the default (loky) backend: ``jobs - 1``
-    worker processes, as
-    this process builds shards too (``SharedTasks``); None for one job (run here) or another
-    joblib backend (Dask), which runs them (``parallel``). The workers are forked where
-    that is safe (``_may_fork``), else loky's reusable executor (fresh interpreters).
+    worker processes, as this process builds shards too (``SharedTasks``); None for one job
+    (run here) or another joblib backend (Dask), which runs them (``parallel``). The workers
+    are forked where that is safe (``_may_fork``), else loky's reusable executor (fresh
+    interpreters).
 
     Why the build process works: a loky worker's start-up (a fresh interpreter, imports,
     the compiled kernels from numba's cache) costs ~0.6 s of CPU before its first task,
