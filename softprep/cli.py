@@ -218,16 +218,16 @@ def scan(
                 f"{n / total:.4%}",
             )
         out.print(hist)
-    for line in _grouped(report.problems):
+    for line in _grouped(report.problems, "--json lists them all"):
         console.print(tagged("problem", "red", line), highlight=False)
     if report.problems:
         console.print(f"[red]{len(report.problems)} problem(s)[/red]")
         raise typer.Exit(1)
 
 
-def _grouped(problems: list, shown: int = 3) -> list[str]:
+def _grouped(problems: list, where_all: str, shown: int = 3) -> list[str]:
     """Problems as lines, at most ``shown`` files per message, then how many more have it
-    (one label value missing from a manifest was one line per file: hundreds)."""
+    and ``where_all`` (one label value missing from a manifest was one line per file)."""
     by_message: dict[str, list] = {}
     for p in problems:
         by_message.setdefault(p.message, []).append(p)
@@ -235,7 +235,7 @@ def _grouped(problems: list, shown: int = 3) -> list[str]:
     for message, group in by_message.items():
         lines += [str(p) for p in group[:shown]]
         if len(group) > shown:
-            lines.append(f"... and {len(group) - shown} more file(s): {message}")
+            lines.append(f"... and {len(group) - shown} more file(s): {message} ({where_all})")
     return lines
 
 
@@ -382,7 +382,7 @@ def build(
             f"({summary.seconds:.1f} s in all)",
         )
     )
-    for line in _grouped(summary.skipped):
+    for line in _grouped(summary.skipped, f"'softprep info {summary.url}' lists them all"):
         console.print(tagged("skipped", "yellow", line), highlight=False)
 
 

@@ -132,7 +132,7 @@ def test_scan_groups_files_with_the_same_problem(tmp_path):
     lines = [line for line in r.output.splitlines() if line.startswith("problem:")]
     assert r.exit_code == 1 and "4 problem(s)" in r.text, r.output
     assert len(lines) == 4 and lines[-1] == (
-        "problem: ... and 1 more file(s): label without an image"
+        "problem: ... and 1 more file(s): label without an image (--json lists them all)"
     ), lines
 
 
