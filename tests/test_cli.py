@@ -212,6 +212,7 @@ def test_ctrl_c_during_a_parallel_build_says_one_line_and_resumes(tmp_path):
     tracebacks or resource-tracker warnings; the resumed store equals a clean build."""
     import os
     import re
+    import shutil
     import signal
     import subprocess
     import sys
@@ -242,8 +243,9 @@ def test_ctrl_c_during_a_parallel_build_says_one_line_and_resumes(tmp_path):
             time.sleep(0.02)
         os.killpg(p.pid, signal.SIGINT)
         out, err = p.communicate(timeout=60)
-        if p.returncode == 0:
-            break  # it finished first: nothing left to interrupt
+        if p.returncode == 0:  # it finished first (a loaded machine is slow to signal; it
+            shutil.rmtree(url)  # once did on CI): the next try starts afresh
+            continue
         interrupted += 1
         assert p.returncode == 130, err
         for junk in ("Traceback", "leaked", "TerminatedWorkerError", "Error"):
