@@ -212,7 +212,6 @@ def test_ctrl_c_during_a_parallel_build_says_one_line_and_resumes(tmp_path):
     tracebacks or resource-tracker warnings; the resumed store equals a clean build."""
     import os
     import re
-    import shutil
     import signal
     import subprocess
     import sys
@@ -222,6 +221,8 @@ def test_ctrl_c_during_a_parallel_build_says_one_line_and_resumes(tmp_path):
     from softprep.sample import write_sample
     from tests.test_build import assert_same_store
 
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # inherited by the builds too
+        pytest.skip("SIGINT is ignored in this session (run in the background or by nohup)")
     data = tmp_path / "cs"
     write_sample(load_manifest("cityscapes"), data, {"train": 22, "val": 2}, (384, 768), seed=3)
     cmd = [sys.executable, "-m", "softprep", "build", "cityscapes", "--root", str(data),
@@ -243,9 +244,8 @@ def test_ctrl_c_during_a_parallel_build_says_one_line_and_resumes(tmp_path):
             time.sleep(0.02)
         os.killpg(p.pid, signal.SIGINT)
         out, err = p.communicate(timeout=60)
-        if p.returncode == 0:  # it finished first (a loaded machine is slow to signal; it
-            shutil.rmtree(url)  # once did on CI): the next try starts afresh
-            continue
+        if p.returncode == 0:
+            break  # it finished first: nothing left to interrupt
         interrupted += 1
         assert p.returncode == 130, err
         for junk in ("Traceback", "leaked", "TerminatedWorkerError", "Error"):
