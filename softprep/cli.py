@@ -83,40 +83,52 @@ LabelsOpt = typer.Option(
     "--labels",
     help="Label variant, e.g. trainIds to read the labelTrainIds files of Cityscapes.",
 )
-# how the reports (priors, fidelity) compute their levels from a dataset, without a store
-REPORT_DEFAULTS = {"scales": ["1/8", "1/4", "1/2"], "kernel": "bilinear", "antialias": True}
+DEFAULT_SCALES = ["1/8", "1/4", "1/2"]  # build's, and the reports' without a store
+# how the reports (priors, fidelity) compute their levels from a dataset, without a store:
+# None where not given (beside --store, any given is refused, the default included)
 ReportScalesOpt = typer.Option(
-    REPORT_DEFAULTS["scales"], help="Without a store: levels to compute."
+    None, help=f"Without a store: levels to compute (default {' '.join(DEFAULT_SCALES)})."
 )
 ReportKernelOpt = typer.Option(
-    REPORT_DEFAULTS["kernel"], help="Without a store: the soft-label kernel."
+    None, help=f"Without a store: the soft-label kernel (default {BuildOptions.kernel})."
 )
 ReportAntialiasOpt = typer.Option(
-    REPORT_DEFAULTS["antialias"], help="Without a store: antialiased kernel."
+    None,
+    "--antialias/--no-antialias",
+    help="Without a store: antialiased kernel (default "
+    f"{'--antialias' if BuildOptions.antialias else '--no-antialias'}).",
 )
 ReportShortSideOpt = typer.Option(None, help="Without a store: reference short side.")
 
 
 def _only_without_store(store: str | None, **given) -> None:
     """``--store`` reads the store's own levels and kernel: a dataset, ``--root`` or a
-    report option set away from its default beside it is refused (they were ignored
-    without a word: ``--scales 1/8`` still scored every level)."""
+    report option given beside it is refused (they were ignored without a word:
+    ``--scales 1/8`` still scored every level)."""
     if not store:
         return
-    if given.get("scales") is not None:  # compared as scales: 0.125 is 1/8
-        given["scales"] = _scales(given["scales"])
-    defaults = REPORT_DEFAULTS | {"scales": _scales(REPORT_DEFAULTS["scales"])}
-    shown = {"dataset": "a dataset", "antialias": "--no-antialias"}
+    shown = {"dataset": "a dataset", "antialias": "--antialias/--no-antialias"}
     set_ = [
         shown.get(name, f"--{name.replace('_', '-')}")
         for name, value in given.items()
-        if value is not None and value != defaults.get(name)
+        if value is not None
     ]
     if set_:
         raise ValueError(
             f"{', '.join(set_)}: for computing from a dataset; with --store, the store's own "
             f"levels and kernel are used ('softprep info {store}' lists them)"
         )
+
+
+def _report_options(scales, kernel, antialias, short_side) -> BuildOptions:
+    """The levels a report computes from a dataset: the report options, None where not
+    given (the defaults: ``DEFAULT_SCALES``, ``BuildOptions``')."""
+    return BuildOptions(
+        scales=_scales(scales or DEFAULT_SCALES),
+        kernel=kernel or BuildOptions.kernel,
+        antialias=BuildOptions.antialias if antialias is None else antialias,
+        short_side=short_side,
+    )
 
 
 def _scales(values: list[str]) -> tuple[float, ...]:
@@ -244,7 +256,7 @@ def build(
     dataset: str = DatasetArg,
     root: Path = typer.Option(..., help="Dataset root."),
     scales: list[str] = typer.Option(
-        ["1/8", "1/4", "1/2"],
+        DEFAULT_SCALES,
         help="Levels as fractions of each image's size: 1/8 1/4 1/2 (above 1 up-samples).",
     ),
     kernel: str = typer.Option(
@@ -546,9 +558,9 @@ def priors(
         help="Strategies to compare with the soft labels: nn, nn-floor, and what the build recorded (--stats-for).",
     ),
     split: str = typer.Option("train", help="A split name, or 'all'."),
-    scales: list[str] = ReportScalesOpt,
-    kernel: str = ReportKernelOpt,
-    antialias: bool = ReportAntialiasOpt,
+    scales: list[str] | None = ReportScalesOpt,
+    kernel: str | None = ReportKernelOpt,
+    antialias: bool | None = ReportAntialiasOpt,
     short_side: int | None = ReportShortSideOpt,
     csv_path: Path | None = typer.Option(None, "--csv", help="Write all rows as CSV."),
     json_path: Path | None = typer.Option(None, "--json", help="Write rows and summary as JSON."),
@@ -569,12 +581,7 @@ def priors(
                 report = from_store(SoftStore(store), compare, split)
             elif dataset and root:
                 m = _manifest(dataset, root, version, labels)
-                options = BuildOptions(
-                    scales=_scales(scales),
-                    kernel=kernel,
-                    antialias=antialias,
-                    short_side=short_side,
-                )
+                options = _report_options(scales, kernel, antialias, short_side)
                 with progress_bar("reading labels") as bar:
                     report = from_dataset(m, root, options, compare, split, progress=bar)
             else:
@@ -608,9 +615,9 @@ def fidelity(
         "bias (per-class, for mIoU), or all; prior and bias are fitted on --fit-split.",
     ),
     fit_split: str = typer.Option("val", help="The split the decodes are fitted on."),
-    scales: list[str] = ReportScalesOpt,
-    kernel: str = ReportKernelOpt,
-    antialias: bool = ReportAntialiasOpt,
+    scales: list[str] | None = ReportScalesOpt,
+    kernel: str | None = ReportKernelOpt,
+    antialias: bool | None = ReportAntialiasOpt,
     short_side: int | None = ReportShortSideOpt,
     csv_path: Path | None = typer.Option(None, "--csv", help="Write per-class IoU as CSV."),
     json_path: Path | None = typer.Option(None, "--json", help="Write mIoU and per-class IoU."),
@@ -640,12 +647,7 @@ def fidelity(
                     )
             elif dataset and root:
                 m = _manifest(dataset, root, version, labels)
-                options = BuildOptions(
-                    scales=_scales(scales),
-                    kernel=kernel,
-                    antialias=antialias,
-                    short_side=short_side,
-                )
+                options = _report_options(scales, kernel, antialias, short_side)
                 with progress_bar("scoring labels") as bar:
                     report = fidelity_from_dataset(
                         m, root, options, compare, split, bar, kinds, fit_split

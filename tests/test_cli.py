@@ -1,5 +1,6 @@
 """The softprep CLI end to end, as a user runs it."""
 
+import json
 import os
 from contextlib import contextmanager
 
@@ -664,3 +665,21 @@ def test_the_console_entry_called_in_process_freezes_nothing(tmp_path, monkeypat
         if cli is not None:
             atexit.unregister(cli.report)
         sys.modules.pop("fakecli", None)
+
+
+def test_reports_from_a_dataset_use_the_options_a_build_would(tmp_path):
+    """``priors DATASET`` without options computes the levels a default build stores, and
+    its options act as build's do (compared through the store's report of the same data)."""
+    data = tmp_path / "cs"
+    run("sample", "cityscapes", data, "--train", 2, "--val", 0, "--size", "64x128")
+    for options in ([], ["--scales", "1/4", "--no-antialias", "--kernel", "area"]):
+        store = tmp_path / f"s{len(options)}.zarr"
+        assert run("build", "cityscapes", "--root", data, *options, "--out", store).exit_code == 0
+        reports = []
+        for source in (["cityscapes", "--root", data, *options], ["--store", store]):
+            r = run("priors", *source, "--json", tmp_path / "p.json")
+            assert r.exit_code == 0, r.output
+            reports.append(json.loads((tmp_path / "p.json").read_text())["rows"])
+        assert reports[0] == reports[1] and len(reports[0]) > 0
+        levels = {row["level"] for row in reports[0]}
+        assert levels == ({"1/4"} if options else {"1/8", "1/4", "1/2"}), levels
