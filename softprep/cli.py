@@ -148,7 +148,8 @@ def _scales(values: list[str]) -> tuple[float, ...]:
 @app.command()
 def datasets():
     """List the built-in dataset manifests."""
-    table = Table("dataset", "version", "classes", "description")
+    # the descriptions wrap at a readable width where the output is not a terminal, too
+    table = Table("dataset", "version", "classes", Column("description", max_width=72))
     for m in manifests.available():
         table.add_row(
             m["dataset"],

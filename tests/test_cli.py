@@ -7,6 +7,7 @@ from contextlib import contextmanager
 import pytest
 from typer.testing import CliRunner
 
+from softprep import manifest as manifests
 from softprep.cli import MULTI_VALUE, app
 from softprep.manifest import load_manifest
 from softprep.terminal import expand_multi_value
@@ -683,3 +684,11 @@ def test_reports_from_a_dataset_use_the_options_a_build_would(tmp_path):
         assert reports[0] == reports[1] and len(reports[0]) > 0
         levels = {row["level"] for row in reports[0]}
         assert levels == ({"1/4"} if options else {"1/8", "1/4", "1/2"}), levels
+
+
+def test_datasets_lists_every_manifest_readably_when_piped():
+    r = run("datasets")  # CliRunner's output is not a terminal, as a pipe
+    assert r.exit_code == 0
+    for m in manifests.available():
+        assert f"│ {m['dataset']} " in r.output and m["description"].split()[0] in r.output
+    assert max(len(line) for line in r.output.splitlines()) <= 120, r.output
