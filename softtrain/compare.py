@@ -20,7 +20,7 @@ import numpy as np
 from softprep.fidelity import from_store as fidelity_from_store
 from softprep.store import SoftStore, parse_scale, scale_label
 from softtrain.checkpoint import load_checkpoint
-from softtrain.config import LOSSES, MC_MODES, FitConfig
+from softtrain.config import LOSSES, MC_MODES, NO_EVAL, FitConfig
 from softtrain.runlog import read_metrics
 
 
@@ -164,6 +164,8 @@ def compare(base: FitConfig, arms: list[Arm], seeds: list[int], out: Path, on_ru
 
     if not arms or not seeds:
         raise ValueError("give at least one arm (--arm STORE[:loss[:mc]]) and one seed")
+    if base.run.eval_split == NO_EVAL:
+        raise ValueError(f"--eval-split {NO_EVAL}: compare scores every run on it; give a split")
     stores = {a.store: SoftStore(a.store) for a in arms}
     tables = {json.dumps(s.classes) for s in stores.values()}
     if len(tables) > 1:

@@ -37,6 +37,7 @@ POTTS = (
 )
 XENT = ("standard", "reverse", "collision")
 IPIX = ("none", "kl", "corr")
+NO_EVAL = "none"  # --eval-split none: no evaluation during or after training
 # Model names fit accepts (softtrain.models builds them): name -> (head class, timm trunk);
 # an entry added here (``softtrain.MODELS``) is a model like the others.
 MODELS = {
@@ -227,8 +228,9 @@ class RunOptions:
         "", "Level to evaluate at.", shown="the largest training level", resumable=True
     )
     eval_split: str = option(
-        "val", "Split to evaluate on; a store without it trains unevaluated.", resumable=True
-    )
+        "val", f"Split to evaluate on; {NO_EVAL}: train unevaluated (no best.pt), as a store "
+        "without evaluation splits does.", resumable=True,
+    )  # fmt: skip
     save_every: int = option(
         500, "Save last.pt every N steps (0: only at evaluations and the end).", minimum=0,
         resumable=True,

@@ -38,7 +38,7 @@ from softtrain.checkpoint import (
     resume_checkpoint,
     rng_state,
 )
-from softtrain.config import FitConfig, parse_crop
+from softtrain.config import NO_EVAL, FitConfig, parse_crop
 from softtrain.data import CropDataset, EvalDataset, normalise
 from softtrain.distributed import Ranks
 from softtrain.errors import TrainingError
@@ -85,6 +85,29 @@ def _resume_checks(cfg: FitConfig, ckpt: dict, store: SoftStore, path: Path) -> 
         )
 
 
+def _evaluation_set(cfg: FitConfig, store: SoftStore, level: str, main: bool):
+    """What the run evaluates on (``EvalDataset``); None for ``--eval-split none`` and for a
+    store without evaluation splits (said, where ``main``). A split or level the store
+    cannot evaluate is refused (a typo once trained a whole run unevaluated)."""
+    split = cfg.run.eval_split
+    if split == NO_EVAL:
+        return None
+    evaluable = [s for s in store.splits if s in store.meta.get("eval_splits", [])]
+    if split not in store.splits and evaluable:
+        raise TrainingError(
+            f"--eval-split {split}: {cfg.data.store} has no such split; its evaluation "
+            f"split(s): {', '.join(evaluable)} (or none: train unevaluated)"
+        )
+    try:
+        return eval_dataset(cfg.data.store, level, split)
+    except StoreError as e:
+        if evaluable:  # a level or split asked for that the store cannot evaluate at
+            raise TrainingError(f"--eval-level/--eval-split: {e}") from None
+        if main:
+            log.warning("evaluation skipped, best.pt not written: %s", e)
+        return None
+
+
 def open_inputs(cfg: FitConfig, ranks: Ranks, resume: bool, overwrite: bool, cleanup: ExitStack):
     """``RunInputs``; the run folder's lock (rank 0) is taken last and released by
     ``cleanup``, so a refused run writes nothing."""
@@ -109,21 +132,7 @@ def open_inputs(cfg: FitConfig, ranks: Ranks, resume: bool, overwrite: bool, cle
             f"batch of {cfg.optim.batch_size} per process x {ranks.world} process(es)"
         )
     eval_level = cfg.run.eval_level or scale_label(max(train.scales))
-    split, evaluable = cfg.run.eval_split, [s for s in store.splits if s in store.meta.get(
-        "eval_splits", [])]  # fmt: skip
-    if split not in store.splits and evaluable:
-        raise TrainingError(
-            f"--eval-split {split}: {cfg.data.store} has no such split; its evaluation "
-            f"split(s): {', '.join(evaluable)}"
-        )
-    try:
-        evalset = eval_dataset(cfg.data.store, eval_level, split)
-    except StoreError as e:
-        if evaluable:  # a level or split asked for that the store cannot evaluate at
-            raise TrainingError(f"--eval-level/--eval-split: {e}") from None
-        evalset = None
-        if ranks.main:
-            log.warning("evaluation skipped, best.pt not written: %s", e)
+    evalset = _evaluation_set(cfg, store, eval_level, ranks.main)
     model = build_model(cfg.optim.model, store.num_classes, cfg.optim.pretrained)
     out = Path(cfg.run.out)
     check_run_folder(out, resume, overwrite)

@@ -65,3 +65,13 @@ def test_tiny_compare_writes_the_table_and_does_not_retrain(stores, tmp_path):
     r = runner.invoke(app, expand_multi_value(args, MULTI_VALUE, app))
     assert r.exit_code == 0 and r.output.count("done:") == 4, r.output
     assert (out / "bilinear-soft/seed0/last.pt").stat().st_mtime_ns == stamp
+
+
+def test_compare_refuses_eval_split_none_before_training(stores, tmp_path):
+    from softtrain.compare import compare
+    from softtrain.config import FitConfig
+
+    base = FitConfig.of(store=stores["bilinear"], iters=2, device="cpu", eval_split="none")
+    with pytest.raises(ValueError, match="--eval-split none: compare scores every run on it"):
+        compare(base, [Arm.parse(stores["bilinear"])], [0], tmp_path / "cmp")
+    assert not (tmp_path / "cmp").exists()

@@ -154,6 +154,19 @@ def test_an_eval_level_the_store_lacks_is_refused_before_training(store, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+def test_eval_split_none_trains_unevaluated_without_a_word(store, tmp_path, caplog):
+    """``--eval-split none`` (benchmarks that score the final weights themselves): no
+    evaluation at the end or every N steps, no best.pt, no warning; a store with a val
+    split and a typo beside it is still refused (the test above)."""
+    from softtrain.runlog import read_metrics
+
+    result = fit(tiny_config(store, tmp_path / "run", iters=2, eval_every=1, eval_split="none"))
+    assert (tmp_path / "run/last.pt").exists() and not (tmp_path / "run/best.pt").exists()
+    assert result["last_miou"] is None
+    assert not [r for r in read_metrics(tmp_path / "run/metrics.jsonl") if "mIoU" in r]
+    assert "evaluation skipped" not in caplog.text
+
+
 def test_an_accumulated_step_logs_the_mean_of_its_micro_batches(store, tmp_path, monkeypatch):
     """With --accum 2 the logged loss and KL are the step's, not its last micro-batch's."""
     real, seen = weak_module.soft_label_loss, []
