@@ -535,13 +535,13 @@ def show(
     nearest-neighbour label (evaluation images, whose full label is stored), with the
     image's name and a colour key of its classes."""
     with user_errors():
-        with output_files({"--out": output}):
-            s = SoftStore(store)
-            if name is not None:
-                index = find_image(s, name)
-            if not 0 <= index < len(s):
-                raise StoreError(f"{store}: index {index} out of range 0..{len(s) - 1}")
-            render(s, index, level).save(output)
+        output_files({"--out": output})
+        s = SoftStore(store)
+        if name is not None:
+            index = find_image(s, name)
+        if not 0 <= index < len(s):
+            raise StoreError(f"{store}: index {index} out of range 0..{len(s) - 1}")
+        render(s, index, level).save(output)
     out.print(f"wrote {output} ({s.names()[index]})")
 
 
@@ -577,16 +577,16 @@ def priors(
         _only_without_store(store, dataset=dataset, root=root, scales=scales, kernel=kernel,
                             antialias=antialias, short_side=short_side, version=version,
                             labels=labels)  # fmt: skip
-        with output_files({"--csv": csv_path, "--json": json_path, "--plot": plot}):
-            if store:
-                report = from_store(SoftStore(store), compare, split)
-            elif dataset and root:
-                m = _manifest(dataset, root, version, labels)
-                options = _report_options(scales, kernel, antialias, short_side)
-                with progress_bar("reading labels") as bar:
-                    report = from_dataset(m, root, options, compare, split, progress=bar)
-            else:
-                raise ValueError("give --store STORE, or a dataset and --root PATH")
+        output_files({"--csv": csv_path, "--json": json_path, "--plot": plot})
+        if store:
+            report = from_store(SoftStore(store), compare, split)
+        elif dataset and root:
+            m = _manifest(dataset, root, version, labels)
+            options = _report_options(scales, kernel, antialias, short_side)
+            with progress_bar("reading labels") as bar:
+                report = from_dataset(m, root, options, compare, split, progress=bar)
+        else:
+            raise ValueError("give --store STORE, or a dataset and --root PATH")
     print_priors(report)
     if csv_path:
         report.write_csv(csv_path)
@@ -640,21 +640,21 @@ def fidelity(
         _only_without_store(store, dataset=dataset, root=root, scales=scales, kernel=kernel,
                             antialias=antialias, short_side=short_side, version=version,
                             labels=labels)  # fmt: skip
-        with output_files({"--csv": csv_path, "--json": json_path, "--plot": plot}):
-            if store:
-                with progress_bar("scoring labels") as bar:
-                    report = fidelity_from_store(
-                        SoftStore(store), compare, split, bar, kinds, fit_split
-                    )
-            elif dataset and root:
-                m = _manifest(dataset, root, version, labels)
-                options = _report_options(scales, kernel, antialias, short_side)
-                with progress_bar("scoring labels") as bar:
-                    report = fidelity_from_dataset(
-                        m, root, options, compare, split, bar, kinds, fit_split
-                    )
-            else:
-                raise ValueError("give --store STORE, or a dataset and --root PATH")
+        output_files({"--csv": csv_path, "--json": json_path, "--plot": plot})
+        if store:
+            with progress_bar("scoring labels") as bar:
+                report = fidelity_from_store(
+                    SoftStore(store), compare, split, bar, kinds, fit_split
+                )
+        elif dataset and root:
+            m = _manifest(dataset, root, version, labels)
+            options = _report_options(scales, kernel, antialias, short_side)
+            with progress_bar("scoring labels") as bar:
+                report = fidelity_from_dataset(
+                    m, root, options, compare, split, bar, kinds, fit_split
+                )
+        else:
+            raise ValueError("give --store STORE, or a dataset and --root PATH")
     for level in report.levels:
         table = Table(
             "class", *report.strategies, title=f"{level}: IoU (%) at full resolution ({split})"

@@ -180,36 +180,23 @@ def user_errors(errors: tuple):
         raise typer.Exit(2) from None
 
 
-@contextmanager
-def output_files(paths: dict[str, Path | None]):
-    """Around a command's work: each output file's folder exists, created as ``build``,
-    ``fit`` and ``predict`` create their ``--out`` (a missing folder once ended a long report
-    with a traceback), and the folders it made are removed again if the work fails (while
-    still empty); a folder or a URL given as the file is refused (``ValueError`` naming the
+def output_files(paths: dict[str, Path | None]) -> None:
+    """Before any work: each output file's folder exists, created as ``build``, ``fit``
+    and ``predict`` create their ``--out`` (a missing folder once ended a long report with a
+    traceback); a folder or a URL given as the file is refused (``ValueError`` naming the
     option). ``paths``: {option: path or None (not given)}."""
-    made: list[Path] = []
-    try:
-        for option, path in paths.items():
-            if path is None:
-                continue
-            path = Path(path)
-            if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:/", str(path)):  # s3://b/x reads as s3:/b/x
-                raise ValueError(f"{option} {path}: give a local file (URLs are not written)")
-            if path.is_dir():
-                raise ValueError(f"{option} {path} is a folder; give a file's name")
-            made += reversed([f for f in (path.parent, *path.parent.parents) if not f.exists()])
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise ValueError(f"{option} {path}: its folder cannot be made ({e})") from None
-        yield
-    except BaseException:
-        for folder in reversed(made):
-            try:
-                folder.rmdir()  # only while empty
-            except OSError:
-                pass
-        raise
+    for option, path in paths.items():
+        if path is None:
+            continue
+        path = Path(path)
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:/", str(path)):  # s3://b/x reads as s3:/b/x
+            raise ValueError(f"{option} {path}: give a local file (URLs are not written)")
+        if path.is_dir():
+            raise ValueError(f"{option} {path} is a folder; give a file's name")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"{option} {path}: its folder cannot be made ({e})") from None
 
 
 def run_app(app: typer.Typer, argv: list[str], options, prog_name: str) -> None:

@@ -410,20 +410,18 @@ def evaluate(
             Path(store).resolve(),
         ):
             raise ValueError(f"--save-decode {save_decode} is an input; give another file name")
-        with output_files({"--csv": csv_path, "--json": json_path, "--save-decode": save_decode}):
-            kind = decode if decode in KINDS else None
-            opts = _inference(
-                mode, window, stride, flip, tta_levels, bf16, None if kind else decode
+        output_files({"--csv": csv_path, "--json": json_path, "--save-decode": save_decode})
+        kind = decode if decode in KINDS else None
+        opts = _inference(mode, window, stride, flip, tta_levels, bf16, None if kind else decode)
+        if kind == "argmax":
+            kind = None
+        if kind:
+            note_if_scored_where_fitted(fit_split, split)
+        with progress_bar("evaluating") as progress:
+            confusion, context = eval_checkpoint(
+                checkpoint, store, level, split, device, opts, progress, kind, fit_split
             )
-            if kind == "argmax":
-                kind = None
-            if kind:
-                note_if_scored_where_fitted(fit_split, split)
-            with progress_bar("evaluating") as progress:
-                confusion, context = eval_checkpoint(
-                    checkpoint, store, level, split, device, opts, progress, kind, fit_split
-                )
-            record = eval_record(confusion, names, **context)
+        record = eval_record(confusion, names, **context)
     how = [split, record["level"], mode] + ["flip"] * flip
     how += [f"TTA levels {' '.join(tta_levels)}"] if tta_levels else []
     print_eval(record, f"{checkpoint} on {store} ({', '.join(how)})")
@@ -490,10 +488,10 @@ def export(
         from softtrain.segmenter import export as run_export
 
         check_export_target(out_path, fmt, [Path(checkpoint), *([decode] if decode else [])])
-        with output_files({"--out": out_path}):
-            opts = _inference("whole", "", "", False, [], False, decode)
-            hw = parse_crop(size)
-            run_export(Segmenter.from_checkpoint(checkpoint, "cpu", opts), out_path, fmt, hw)
+        output_files({"--out": out_path})
+        opts = _inference("whole", "", "", False, [], False, decode)
+        hw = parse_crop(size)
+        run_export(Segmenter.from_checkpoint(checkpoint, "cpu", opts), out_path, fmt, hw)
     out.print(f"wrote {out_path} ({fmt}, uint8 RGB images of any size; traced at {hw[0]}x{hw[1]})")
 
 
