@@ -107,7 +107,10 @@ def _only_without_store(store: str | None, **given) -> None:
     ``--scales 1/8`` still scored every level)."""
     if not store:
         return
-    shown = {"dataset": "a dataset", "antialias": "--antialias/--no-antialias"}
+    shown = {
+        "dataset": "a dataset",
+        "antialias": f"--{'' if given.get('antialias') else 'no-'}antialias",
+    }
     set_ = [
         shown.get(name, f"--{name.replace('_', '-')}")
         for name, value in given.items()
@@ -261,7 +264,7 @@ def build(
         help="Levels as fractions of each image's size: 1/8 1/4 1/2 (above 1 up-samples).",
     ),
     kernel: str = typer.Option(
-        "bilinear",
+        BuildOptions.kernel,
         help=f"One of {', '.join(KERNELS)}; the colour image gets the same kernel.",
     ),
     colour_kernel: str = typer.Option(
@@ -270,7 +273,7 @@ def build(
         "--colour-kernel bilinear is mmsegmentation's pipeline (the baseline users run).",
     ),
     antialias: bool = typer.Option(
-        True,
+        BuildOptions.antialias,
         help="--no-antialias: the paper's exact variant (fixed 2-tap bilinear / 4-tap bicubic).",
     ),
     k: int = typer.Option(6, "--k", help="Classes kept per pixel (top-K)."),

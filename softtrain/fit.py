@@ -265,6 +265,8 @@ def banner(cfg: FitConfig, inputs: RunInputs, ranks: Ranks) -> list[str]:
         for s, hw in ((s, train.hw[s][train.items]) for s in train.scales)
     )
     device = f"{ranks.device}" + (f" x {ranks.world} processes" if ranks.distributed else "")
+    unevaluated = f"--eval-split {NO_EVAL}" if cfg.run.eval_split == NO_EVAL else (
+        "no evaluation split")  # fmt: skip
     lines = [
         f"{cfg.regime} training of {cfg.optim.model} ({params:.1f} M parameters) on {device}"
         + (", bf16" if cfg.speed.bf16 else ""),
@@ -273,7 +275,7 @@ def banner(cfg: FitConfig, inputs: RunInputs, ranks: Ranks) -> list[str]:
         f"crops {ch}x{cw} from levels {sizes} (height x width)",
         f"evaluation: {cfg.run.eval_split} at {inputs.eval_level}"
         if inputs.evalset is not None
-        else "evaluation: none (no evaluation split)",
+        else f"evaluation: none ({unevaluated})",
     ]
     padding = train.padding_note()
     if padding:

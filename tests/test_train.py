@@ -154,17 +154,18 @@ def test_an_eval_level_the_store_lacks_is_refused_before_training(store, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
-def test_eval_split_none_trains_unevaluated_without_a_word(store, tmp_path, caplog):
+def test_eval_split_none_trains_unevaluated(store, tmp_path):
     """``--eval-split none`` (benchmarks that score the final weights themselves): no
-    evaluation at the end or every N steps, no best.pt, no warning; a store with a val
-    split and a typo beside it is still refused (the test above)."""
+    evaluation at the end or every N steps, no best.pt, and the banner says why."""
     from softtrain.runlog import read_metrics
 
-    result = fit(tiny_config(store, tmp_path / "run", iters=2, eval_every=1, eval_split="none"))
+    said = []
+    cfg = tiny_config(store, tmp_path / "run", iters=2, eval_every=1, eval_split="none")
+    result = fit(cfg, on_start=said.extend)
     assert (tmp_path / "run/last.pt").exists() and not (tmp_path / "run/best.pt").exists()
     assert result["last_miou"] is None
     assert not [r for r in read_metrics(tmp_path / "run/metrics.jsonl") if "mIoU" in r]
-    assert "evaluation skipped" not in caplog.text
+    assert "evaluation: none (--eval-split none)" in said
 
 
 def test_an_accumulated_step_logs_the_mean_of_its_micro_batches(store, tmp_path, monkeypatch):
