@@ -1,0 +1,32 @@
+"""The real-data benchmark runs end to end on a generated CamVid (tiny schedule): CI runs
+no benchmark, and a change to fit's options once broke this one without a test noticing."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from softprep.manifest import load_manifest
+from softprep.sample import write_sample
+
+BENCHMARKS = Path(__file__).parent / "benchmarks"
+
+
+@pytest.mark.slow  # trains four tiny runs: ~20 s
+def test_bench_camvid_trains_and_scores_both_arms_on_generated_camvid(tmp_path):
+    root, out = tmp_path / "CamVid", tmp_path / "out"
+    write_sample(load_manifest("camvid"), root, {"train": 8, "val": 2, "test": 2}, size=(72, 96))
+    command = [sys.executable, str(BENCHMARKS / "bench_camvid.py"), "--root", str(root),
+               "--out", str(out), "--what", "train", "--levels", "1/8", "--seeds", "0",
+               "--iters", "1/8=2", "--scales", "1/8", "--batch", "4"]  # fmt: skip
+    r = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads((out / "camvid_train.json").read_text())
+    runs = {(run["arm"], run["seed"]) for run in result["runs"]}
+    assert runs == {("soft", 0), ("nearest", 0)}, runs
+    for run in result["runs"]:  # every decode scored on test, the final weights
+        assert set(run["scores"]) == {"argmax", "prior", "bias"}
+        assert all(0 <= s["mIoU"] <= 1 for s in run["scores"].values())
+    assert not list(out.rglob("best.pt"))  # trained unevaluated (--eval-split none)
