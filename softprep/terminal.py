@@ -33,8 +33,8 @@ def make_console(stderr: bool = False) -> Console:
     """A console for messages, summaries and tables. At a terminal it wraps at the terminal's
     width; piped or redirected (log files, ``| tee``) every message is one whole line and
     tables keep their natural width (but for columns of prose given a ``max_width``), instead
-    of both being cut at 80 columns. ``COLUMNS``,
-    when set, is the width either way (errors excepted: ``user_errors`` never wraps them)."""
+    of both being cut at 80 columns. ``COLUMNS``, when set, is the width either way (errors
+    excepted: ``user_errors`` never wraps them)."""
     console = Console(stderr=stderr)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console = Console(stderr=stderr, soft_wrap=True, width=WIDE)
