@@ -538,7 +538,7 @@ def show(
     nearest-neighbour label (evaluation images, whose full label is stored), with the
     image's name and a colour key of its classes."""
     with user_errors():
-        output_files({"--out": output})
+        output_files({"--out": output}, (store,))
         s = SoftStore(store)
         if name is not None:
             index = find_image(s, name)
@@ -580,7 +580,7 @@ def priors(
         _only_without_store(store, dataset=dataset, root=root, scales=scales, kernel=kernel,
                             antialias=antialias, short_side=short_side, version=version,
                             labels=labels)  # fmt: skip
-        output_files({"--csv": csv_path, "--json": json_path, "--plot": plot})
+        output_files({"--csv": csv_path, "--json": json_path, "--plot": plot}, (store,))
         if store:
             report = from_store(SoftStore(store), compare, split)
         elif dataset and root:
@@ -643,7 +643,7 @@ def fidelity(
         _only_without_store(store, dataset=dataset, root=root, scales=scales, kernel=kernel,
                             antialias=antialias, short_side=short_side, version=version,
                             labels=labels)  # fmt: skip
-        output_files({"--csv": csv_path, "--json": json_path, "--plot": plot})
+        output_files({"--csv": csv_path, "--json": json_path, "--plot": plot}, (store,))
         if store:
             with progress_bar("scoring labels") as bar:
                 report = fidelity_from_store(

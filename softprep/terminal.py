@@ -181,17 +181,29 @@ def user_errors(errors: tuple):
         raise typer.Exit(2) from None
 
 
-def output_files(paths: dict[str, Path | None]) -> None:
+def output_files(paths: dict[str, Path | None], inputs: tuple = ()) -> None:
     """Before any work: each output file's folder exists, created as ``build``, ``fit``
     and ``predict`` create their ``--out`` (a missing folder once ended a long report with a
-    traceback); a folder or a URL given as the file is refused (``ValueError`` naming the
-    option). ``paths``: {option: path or None (not given)}."""
+    traceback); a folder or a URL given as the file, or a file that is one of ``inputs`` or
+    lies inside one (a store is a folder), is refused (``ValueError`` naming the option).
+    ``paths``: {option: path or None (not given)}; ``inputs``: paths or URLs (None: none)."""
+    local = [Path(i).resolve() for i in inputs if i is not None and "://" not in str(i)]
     for option, path in paths.items():
         if path is None:
             continue
         path = Path(path)
         if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:/", str(path)):  # s3://b/x reads as s3:/b/x
             raise ValueError(f"{option} {path}: give a local file (URLs are not written)")
+        target = path.resolve()
+        for given in local:
+            if target == given:
+                raise ValueError(
+                    f"{option} {path} is an input (it is the input {given}); give another file name"
+                )
+            if given in target.parents:
+                raise ValueError(
+                    f"{option} {path} lies inside the input {given}; give another file name"
+                )
         if path.is_dir():
             raise ValueError(f"{option} {path} is a folder; give a file's name")
         try:

@@ -405,12 +405,8 @@ def evaluate(
         from softtrain.evaluate import eval_checkpoint
         from softtrain.metrics import eval_record
 
-        if save_decode and save_decode.resolve() in (
-            Path(checkpoint).resolve(),
-            Path(store).resolve(),
-        ):
-            raise ValueError(f"--save-decode {save_decode} is an input; give another file name")
-        output_files({"--csv": csv_path, "--json": json_path, "--save-decode": save_decode})
+        outputs = {"--csv": csv_path, "--json": json_path, "--save-decode": save_decode}
+        output_files(outputs, (checkpoint, store))
         kind = decode if decode in KINDS else None
         opts = _inference(mode, window, stride, flip, tta_levels, bf16, None if kind else decode)
         if kind == "argmax":
@@ -487,8 +483,8 @@ def export(
         from softtrain.segmenter import Segmenter, check_export_target
         from softtrain.segmenter import export as run_export
 
-        check_export_target(out_path, fmt, [Path(checkpoint), *([decode] if decode else [])])
-        output_files({"--out": out_path})
+        check_export_target(out_path, fmt)
+        output_files({"--out": out_path}, (checkpoint, decode))
         opts = _inference("whole", "", "", False, [], False, decode)
         hw = parse_crop(size)
         run_export(Segmenter.from_checkpoint(checkpoint, "cpu", opts), out_path, fmt, hw)

@@ -162,24 +162,21 @@ class InputChecked(torch.nn.Module):
 FORMATS = ("torchscript", "onnx")
 
 
-def check_export_target(out: Path, fmt: str, inputs: list[Path]) -> None:
-    """Refuse, before any work, an export format we do not write, an ``out`` that is a
-    folder, or one that is an input (the checkpoint, the decode file)."""
+def check_export_target(out: Path, fmt: str) -> None:
+    """Refuse, before any work, an export format we do not write or an ``out`` that is a
+    folder (the CLI also refuses an input as ``out``: ``output_files``)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format '{fmt}'; choose {' or '.join(FORMATS)}")
     out = Path(out)
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give a file name such as {out / 'model.pt'}")
-    for given in inputs:
-        if out.resolve() == Path(given).resolve():
-            raise ValueError(f"--out {out} is the input {given}; give another file name")
 
 
 def export(segmenter: Segmenter, out: Path, fmt: str, example_hw: tuple[int, int]) -> Path:
     """Write the segmenter as ``torchscript`` (traced) or ``onnx`` (``torch.onnx.export``'s
     dynamo exporter, which handles the antialiased resize) for (B, 3, H, W) uint8 images of
     any B, H and W; it is traced with two zero images of ``example_hw`` = (H, W)."""
-    check_export_target(out, fmt, [])
+    check_export_target(out, fmt)
     module = Exported(segmenter, parse_scale(segmenter.eval_level)).to("cpu").eval()
     example = torch.zeros(2, 3, *example_hw, dtype=torch.uint8)  # 2: the batch stays free
     out = Path(out)

@@ -97,6 +97,11 @@ def test_sample_build_info_verify_show_priors(tmp_path, monkeypatch):
     assert "nearest" not in r.text
     r = run("priors", "--store", store, "--csv", "s3://bucket/p.csv")  # not written locally
     assert r.exit_code == 2 and "give a local file (URLs are not written)" in r.text, r.output
+    meta = (store / "zarr.json").read_bytes()  # an output inside the store it reads: refused
+    for args in (["show", store, "--out"], ["priors", "--store", store, "--json"]):
+        r = run(*args, store / "zarr.json")
+        assert r.exit_code == 2 and f"lies inside the input {store}" in r.text, r.output
+    assert (store / "zarr.json").read_bytes() == meta
 
 
 @pytest.mark.parametrize(
