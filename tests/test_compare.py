@@ -15,6 +15,7 @@ from softprep.terminal import expand_multi_value
 from softtrain.cli import MULTI_VALUE, app
 from softtrain.compare import Arm
 from softtrain.runlog import read_metrics
+from tests.tinynet import TINY
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_arm_parsing():
 def test_tiny_compare_writes_the_table_and_does_not_retrain(stores, tmp_path):
     out = tmp_path / "cmp"
     args = ["compare", "--arm", stores["bilinear"], stores["nearest"], "--seeds", "0", "1",
-            "--model", "deeplabv3plus_r18", "--crop", "32x64", "--batch-size", "2", "--iters", "2",
+            "--model", TINY, "--crop", "32x64", "--batch-size", "2", "--iters", "2",
             "--workers", "0", "--device", "cpu", "--out", str(out)]  # fmt: skip
     runner = CliRunner()
     r = runner.invoke(app, expand_multi_value(args, MULTI_VALUE, app))

@@ -19,6 +19,8 @@ from softtrain.evaluate import eval_checkpoint
 from softtrain.fit import fit
 from softtrain.loader import RunSampler
 from softtrain.runlog import read_metrics
+from tests.conftest import REPO
+from tests.tinynet import TINY
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +57,11 @@ def test_ranks_share_each_epoch_disjointly(n, batch, world):
 def torchrun(*args, timeout=300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "softtrain", "fit", *map(str, args)]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    # from the repository, whose folder -m puts on the path: the model is tests.tinynet's
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
-COMMON = ["--model", "deeplabv3plus_r18", "--crop", "32x64", "--levels", "1/8", "--lr", "0.05",
+COMMON = ["--model", TINY, "--crop", "32x64", "--levels", "1/8", "--lr", "0.05",
           "--workers", "0", "--device", "cpu", "--log-every", "1"]  # fmt: skip
 
 

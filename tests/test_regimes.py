@@ -10,6 +10,7 @@ from softtrain.config import REGIMES, FitConfig, declared
 from softtrain.fit import fit
 from softtrain.losses import LossOutput
 from softtrain.supervised import Supervised
+from tests.tinynet import TINY
 
 
 class Toy(Supervised):
@@ -40,7 +41,7 @@ def test_a_new_regime_plugs_in_with_one_registration_line(samples, tmp_path, mon
     build(load_manifest("cityscapes"), samples["cityscapes"], url, BuildOptions(scales=(0.125,)))
     monkeypatch.setitem(REGIMES, "toy", f"{__name__}:Toy")  # the one line
     options = dict(
-        store=url, out=str(tmp_path / "run"), model="deeplabv3plus_r18", crop="32x64",
+        store=url, out=str(tmp_path / "run"), model=TINY, crop="32x64",
         batch_size=2, workers=0, device="cpu", regime="toy",
     )  # fmt: skip
     fit(FitConfig.of(iters=2, **options))

@@ -19,6 +19,8 @@ from softtrain.checkpoint import CheckpointError, load_checkpoint
 from softtrain.config import FitConfig
 from softtrain.fit import TrainingError, fit
 from softtrain.runlog import curves_figure, read_metrics
+from tests.conftest import REPO
+from tests.tinynet import TINY
 
 runner = CliRunner()
 
@@ -34,7 +36,7 @@ def tiny(store, out, **kw):
     options = dict(
         store=store,
         out=str(out),
-        model="deeplabv3plus_r18",
+        model=TINY,
         crop="32x64",
         batch_size=2,
         iters=6,
@@ -67,7 +69,8 @@ def start_fit(cfg: FitConfig, log_path, workers: int = 0):
     under nohup / SLURM)."""
     log = open(log_path, "w")
     cmd = [sys.executable, "-m", "softtrain", "fit", *cli_args(cfg), "--workers", str(workers)]
-    return subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True), log
+    # from the repository, whose folder -m puts on the path: the model is tests.tinynet's
+    return subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True, cwd=REPO), log
 
 
 def wait_for_steps(out, n: int, proc, timeout=120):
@@ -81,11 +84,16 @@ def wait_for_steps(out, n: int, proc, timeout=120):
     raise TimeoutError
 
 
+# steps of the runs that are killed after step 2: a step of tests.tinynet takes ~30 ms, so
+# a run of 6 could end before the signal lands
+KILL_ITERS = 12
+
+
 @pytest.fixture(scope="module")
 def reference(store, tmp_path_factory):
     """An uninterrupted run: the weights every interrupted + resumed run must end with."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    fit(tiny(store, out, eval_every=3))
+    fit(tiny(store, out, iters=KILL_ITERS, eval_every=5))
     return out
 
 
@@ -93,7 +101,7 @@ def reference(store, tmp_path_factory):
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "SIGTERM to the group, 2 workers"])
 def test_killed_run_resumes_to_the_uninterrupted_weights(store, reference, tmp_path, how):
     out = tmp_path / "run"
-    cfg = tiny(store, out, eval_every=3, save_every=0 if how.startswith("SIGTERM") else 1)
+    cfg = tiny(store, out, iters=KILL_ITERS, eval_every=5, save_every=0 if "TERM" in how else 1)
     proc, log = start_fit(cfg, tmp_path / "log.txt", workers=2 if "workers" in how else 0)
     wait_for_steps(out, 2, proc)
     if "group" in how:  # what SLURM does: every process of the job, loader workers too
@@ -109,14 +117,14 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(store, reference, tmp_p
         assert load_checkpoint(out / "last.pt")["step"] >= 2
     else:
         assert rc == -9
-    assert "step 1/6 loss" in text  # plain lines reach a log file
+    assert f"step 1/{KILL_ITERS} loss" in text  # plain lines reach a log file
     saved = load_checkpoint(out / "last.pt")["step"]
-    assert saved < 6
+    assert saved < KILL_ITERS
     resumed = fit(FitConfig.from_toml(out / "config.toml"), resume=True)
-    assert resumed["step"] == 6
+    assert resumed["step"] == KILL_ITERS
     assert_same_weights(reference / "last.pt", out / "last.pt")
     steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["type"] == "train"]
-    assert steps == [1, 2, 3, 4, 5, 6]  # records past the checkpoint were written once
+    assert steps == list(range(1, KILL_ITERS + 1))  # records past the checkpoint: once
 
 
 @pytest.mark.slow
@@ -263,7 +271,7 @@ def test_mlflow_file_store_and_a_users_tracker_get_params_metrics_and_images(
     fit(tiny(store, out, iters=2, eval_every=2, mlflow=uri, tracker=f"{__name__}:Recorder"))
     mlflow.set_tracking_uri(uri)
     run = mlflow.get_run((out / "mlflow_run_id").read_text())
-    assert run.info.run_name == "run" and run.data.params["model"] == "deeplabv3plus_r18"
+    assert run.info.run_name == "run" and run.data.params["model"] == TINY
     history = mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "train_loss")
     assert [m.step for m in history] == [1, 2] and "val_mIoU" in run.data.metrics
     artifacts = [a.path for a in mlflow.MlflowClient(uri).list_artifacts(run.info.run_id)]

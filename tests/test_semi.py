@@ -19,6 +19,7 @@ from softtrain.evaluate import model_from_checkpoint
 from softtrain.fit import TrainingError, _prepare, fit, open_inputs
 from softtrain.regime import ema_update
 from softtrain.semi import dynamic_soft_labels, partition, relation_loss
+from tests.tinynet import TINY
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,7 @@ def test_inter_pixel_loss(kind):
 
 def semi_config(store, out, **kw):
     return FitConfig.of(
-        store=store, out=str(out), model="deeplabv3plus_r18", crop=kw.pop("crop", "32x64"),
+        store=store, out=str(out), model=TINY, crop=kw.pop("crop", "32x64"),
         batch_size=kw.pop("batch_size", 1), unlabeled_batch=kw.pop("unlabeled_batch", 2), iters=kw.pop("iters", 4), lr=0.02, workers=0, device="cpu",
         log_every=1, labeled=kw.pop("labeled", "1/2"), semi_esl=True, semi_ipix="corr", semi_threshold=0.3,
         semi_ema=0.9, **kw,

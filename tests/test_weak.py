@@ -24,6 +24,7 @@ from softtrain.weak_losses import (
     weak_loss,
     xent,
 )
+from tests.tinynet import TINY
 
 CS = load_manifest("cityscapes")
 YP = torch.tensor([[0.5, 0.5, 0.0]]).T[None]  # (1, C=3, 1) distributions
@@ -184,7 +185,7 @@ def test_fit_with_each_regime(samples, tmp_path, regime):
     url = str(tmp_path / "w.zarr")
     build(CS, samples["cityscapes"], url, BuildOptions(scales=(0.125,), weak="blocks:0.3:32"))
     cfg = FitConfig.of(
-        store=url, out=str(tmp_path / "run"), model="deeplabv3plus_r18", crop="32x64",
+        store=url, out=str(tmp_path / "run"), model=TINY, crop="32x64",
         batch_size=2, iters=3, workers=0, device="cpu", weak_loss=regime, weak_steps=5,
     )  # fmt: skip
     result = fit(cfg)
@@ -256,7 +257,7 @@ def test_self_labelling_resumes_exactly_with_bf16_and_accumulation(samples, tmp_
 
     def config(out, **kw):
         return FitConfig.of(
-            store=url, out=str(out), model="deeplabv3plus_r18", crop="32x64", batch_size=2,
+            store=url, out=str(out), model=TINY, crop="32x64", batch_size=2,
             accum=2, bf16=True, iters=3, workers=0, device="cpu", weak_loss="self-label",
             weak_steps=3, weak_start=1, log_every=1, **kw,
         )  # fmt: skip
