@@ -263,16 +263,21 @@ def test_hrnet_takes_any_input_size():
         torch.testing.assert_close(model(x), plain)
 
 
-@pytest.mark.slow  # 14 s: the ONNX exporter
-def test_hrnet_exported_to_onnx_takes_any_input_size(tmp_path):
-    """The export's sizes are symbolic; the crop to ceil(h / 4) once read -(-h // 4), whose
-    floor division of a negative number the export truncated (11 rows, not 12, at 45x60).
-    Against eager PyTorch at sizes other than the traced one."""
+@pytest.mark.slow  # 10-14 s each: the ONNX exporter
+@pytest.mark.parametrize(
+    "head,trunk", [("HRNetV2", "hrnet_w18_small"), ("DeepLabV3Plus", "resnet18")]
+)
+def test_the_heads_exported_to_onnx_take_any_input_size(tmp_path, head, trunk):
+    """The export's sizes are symbolic; HRNet's crop to ceil(h / 4) once read -(-h // 4), whose
+    floor division of a negative number the export truncated (11 rows, not 12, at 45x60);
+    DeepLabV3+ pools the whole image (ASPP) and resizes to its stride-4 features. Against
+    eager PyTorch at sizes other than the traced one. (The export's own tests use a tiny
+    model: ``tests.tinynet``.)"""
     ort = pytest.importorskip("onnxruntime")
-    from softtrain.models import HRNetV2
+    from softtrain.models import HEADS
 
     torch.manual_seed(0)
-    model, path = HRNetV2("hrnet_w18_small", 5).eval(), tmp_path / "hrnet.onnx"
+    model, path = HEADS[head](trunk, 5).eval(), tmp_path / "model.onnx"
     dims = {2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
     torch.onnx.export(
         model, (torch.randn(1, 3, 64, 96),), str(path), input_names=["x"], dynamo=True,
