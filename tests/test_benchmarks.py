@@ -1,5 +1,5 @@
-"""The real-data benchmark runs end to end on a generated CamVid (tiny schedule): CI runs
-no benchmark, and a change to fit's options once broke this one without a test noticing."""
+"""The benchmarks run end to end at tiny sizes (the real-data one on a generated CamVid): CI
+times no benchmark, and a change to fit's options once broke one without a test noticing."""
 
 import json
 import subprocess
@@ -30,3 +30,21 @@ def test_bench_camvid_trains_and_scores_both_arms_on_generated_camvid(tmp_path):
         assert set(run["scores"]) == {"argmax", "prior", "bias"}
         assert all(0 <= s["mIoU"] <= 1 for s in run["scores"].values())
     assert not list(out.rglob("best.pt"))  # trained unevaluated (--eval-split none)
+
+
+# (script and tiny arguments, a line its report must print): ~60 s together on 2 cores
+SMOKE = [
+    ("bench_loader.py --images 2 --batches 2 --batch 2 --workers 1", "crops/s per worker"),
+    ("bench_semi.py --images 16 --labeled 1/4 --steps 1 --device cpu", "1.00x baseline"),
+    ("bench_weak.py --images 4 --steps 1 --solver-steps 1 --device cpu", "1.00x baseline"),
+    ("bench_build.py --images 2 --what size", "vs source PNGs"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command,said", SMOKE, ids=[c.split()[0] for c, _ in SMOKE])
+def test_each_benchmark_runs_at_a_tiny_size(tmp_path, command, said):
+    script, *args = command.split()
+    r = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0 and said in r.stdout, r.stdout + r.stderr
