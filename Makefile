@@ -33,7 +33,7 @@ demo: install
 test: install
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
-# The fast tier while editing: no process-spawning or seconds-long training tests (< 1 min).
+# The fast tier while editing: no process-spawning or seconds-long training tests (~1 min).
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
