@@ -32,12 +32,13 @@ def test_bench_camvid_trains_and_scores_both_arms_on_generated_camvid(tmp_path):
     assert not list(out.rglob("best.pt"))  # trained unevaluated (--eval-split none)
 
 
-# (script and tiny arguments, a line its report must print): ~60 s together on 2 cores
+# (script and tiny arguments, a line its report must print): ~80 s together on 2 cores
 SMOKE = [
     ("bench_loader.py --images 2 --batches 2 --batch 2 --workers 1", "crops/s per worker"),
     ("bench_semi.py --images 16 --labeled 1/4 --steps 1 --device cpu", "1.00x baseline"),
     ("bench_weak.py --images 4 --steps 1 --solver-steps 1 --device cpu", "1.00x baseline"),
     ("bench_build.py --images 2 --what size", "vs source PNGs"),
+    ("bench_realdata.py --rounds 1 --images 24 --what jobs per-mp costs verify", "verify, gen"),
 ]
 
 
