@@ -258,7 +258,8 @@ def _fit(cfg: FitConfig, ranks, resume, overwrite, on_log, on_eval, on_start, cl
 def banner(cfg: FitConfig, inputs: RunInputs, ranks: Ranks) -> list[str]:
     """What a run uses, said once at its start: device, model, data, crop against levels."""
     train = inputs.regime.labelled
-    params = sum(p.numel() for p in inputs.model.parameters()) / 1e6
+    n = sum(p.numel() for p in inputs.model.parameters())
+    params = f"{n / 1e6:.1f} M" if n >= 100_000 else f"{n / 1e3:.1f} k"  # a user's small model
     ch, cw = train.crop
     sizes = ", ".join(
         f"{scale_label(s)} up to {hw[:, 0].max()}x{hw[:, 1].max()}"
@@ -268,7 +269,7 @@ def banner(cfg: FitConfig, inputs: RunInputs, ranks: Ranks) -> list[str]:
     unevaluated = f"--eval-split {NO_EVAL}" if cfg.run.eval_split == NO_EVAL else (
         "no evaluation split")  # fmt: skip
     lines = [
-        f"{cfg.regime} training of {cfg.optim.model} ({params:.1f} M parameters) on {device}"
+        f"{cfg.regime} training of {cfg.optim.model} ({params} parameters) on {device}"
         + (", bf16" if cfg.speed.bf16 else ""),
         f"data: {len(train)} training images of {cfg.data.store}; batch {cfg.optim.batch_size}"
         f" x {cfg.optim.accum} accumulated, {cfg.optim.iters} steps",

@@ -19,8 +19,7 @@ from softtrain.evaluate import eval_checkpoint
 from softtrain.fit import fit
 from softtrain.loader import RunSampler
 from softtrain.runlog import read_metrics
-from tests.conftest import REPO
-from tests.tinynet import TINY
+from tests.tinynet import TINY, child_env
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +56,8 @@ def test_ranks_share_each_epoch_disjointly(n, batch, world):
 def torchrun(*args, timeout=300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "softtrain", "fit", *map(str, args)]  # fmt: skip
-    # from the repository, whose folder -m puts on the path: the model is tests.tinynet's
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    env = child_env()  # the model is tests.tinynet's
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 COMMON = ["--model", TINY, "--crop", "32x64", "--levels", "1/8", "--lr", "0.05",

@@ -19,8 +19,7 @@ from softtrain.checkpoint import CheckpointError, load_checkpoint
 from softtrain.config import FitConfig
 from softtrain.fit import TrainingError, fit
 from softtrain.runlog import curves_figure, read_metrics
-from tests.conftest import REPO
-from tests.tinynet import TINY
+from tests.tinynet import TINY, child_env
 
 runner = CliRunner()
 
@@ -69,8 +68,8 @@ def start_fit(cfg: FitConfig, log_path, workers: int = 0):
     under nohup / SLURM)."""
     log = open(log_path, "w")
     cmd = [sys.executable, "-m", "softtrain", "fit", *cli_args(cfg), "--workers", str(workers)]
-    # from the repository, whose folder -m puts on the path: the model is tests.tinynet's
-    return subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True, cwd=REPO), log
+    env = child_env()  # the model is tests.tinynet's
+    return subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True, env=env), log
 
 
 def wait_for_steps(out, n: int, proc, timeout=120):
@@ -118,6 +117,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(store, reference, tmp_p
     else:
         assert rc == -9
     assert f"step 1/{KILL_ITERS} loss" in text  # plain lines reach a log file
+    assert f"training of {TINY} (5.8 k parameters)" in text  # not "0.0 M"
     saved = load_checkpoint(out / "last.pt")["step"]
     assert saved < KILL_ITERS
     resumed = fit(FitConfig.from_toml(out / "config.toml"), resume=True)

@@ -1,5 +1,7 @@
 """softtrain: loss identities, mIoU against torchmetrics, a tiny model learning, resume."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -267,30 +269,37 @@ def test_hrnet_takes_any_input_size():
 @pytest.mark.parametrize(
     "head,trunk", [("HRNetV2", "hrnet_w18_small"), ("DeepLabV3Plus", "resnet18")]
 )
-def test_the_heads_exported_to_onnx_take_any_input_size(tmp_path, head, trunk):
-    """The export's sizes are symbolic; HRNet's crop to ceil(h / 4) once read -(-h // 4), whose
-    floor division of a negative number the export truncated (11 rows, not 12, at 45x60);
-    DeepLabV3+ pools the whole image (ASPP) and resizes to its stride-4 features. Against
-    eager PyTorch at sizes other than the traced one. (The export's own tests use a tiny
-    model: ``tests.tinynet``.)"""
+def test_the_heads_exported_take_any_input_size(tmp_path, head, trunk):
+    """Traced TorchScript and ONNX (symbolic sizes) against eager PyTorch at sizes other than
+    the traced one: HRNet's crop to ceil(h / 4) once read -(-h // 4), whose floor division of
+    a negative number the ONNX export truncated (11 rows, not 12, at 45x60); DeepLabV3+ pools
+    the whole image (ASPP) and resizes to its stride-4 features. (The tests of ``export``
+    itself wrap a tiny model: ``tests.tinynet``.)"""
     ort = pytest.importorskip("onnxruntime")
     from softtrain.models import HEADS
 
     torch.manual_seed(0)
     model, path = HEADS[head](trunk, 5).eval(), tmp_path / "model.onnx"
+    example = torch.randn(1, 3, 64, 96)
     dims = {2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
     torch.onnx.export(
-        model, (torch.randn(1, 3, 64, 96),), str(path), input_names=["x"], dynamo=True,
+        model, (example,), str(path), input_names=["x"], dynamo=True,
         external_data=False, verbose=False, dynamic_shapes=(dims,),
     )  # fmt: skip
     session = ort.InferenceSession(str(path))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation
+        traced = torch.jit.trace(model, example, check_trace=False)
     for h, w in [(45, 60), (33, 97), (64, 96)]:
         x = torch.randn(1, 3, h, w)
         with torch.no_grad():
-            eager = model(x).numpy()
-        out = session.run(None, {"x": x.numpy()})[0]
-        assert out.shape == eager.shape == (1, 5, -(-h // 4), -(-w // 4))
-        assert np.abs(out - eager).max() < 1e-5 * np.abs(eager).max()
+            eager, scripted = model(x).numpy(), traced(x).numpy()
+        for fmt, out in (
+            ("onnx", session.run(None, {"x": x.numpy()})[0]),
+            ("torchscript", scripted),
+        ):
+            assert out.shape == eager.shape == (1, 5, -(-h // 4), -(-w // 4)), (fmt, h, w)
+            assert np.abs(out - eager).max() < 1e-5 * np.abs(eager).max(), (fmt, h, w)
 
 
 def test_pretrained_trunk_weights_come_from_a_local_file(tmp_path):

@@ -5,8 +5,9 @@ background load; raw times are printed beside each ratio.
     python tests/benchmarks/bench_realdata.py --root /data/CamVid [--rounds 2]
         [--what jobs per-mp costs verify jobs16] [--tmp DIR] [--images N]
 
-Without ``--root``, only the generated arm runs, with CamVid's 701 images or ``--images``
-(a quick run; its figures are dominated by start-up and are no evidence).
+Without ``--root``, only the generated arm runs, with CamVid's 701 images or ``--images N``
+in CamVid's split proportions (a quick run; its figures are dominated by start-up and are no
+evidence).
 
 - jobs: ``softprep build --jobs 2`` vs ``--jobs 1`` (fresh processes, as a user runs them;
   scales 1/8 1/4 1/2) on real CamVid (``--root``: 701 photos, 480x360) and on generated
@@ -364,13 +365,17 @@ def main() -> None:
     ap.add_argument("--what", nargs="+", default=["jobs", "per-mp", "costs", "verify", "jobs16"])
     ap.add_argument("--images", type=int, default=None, help="generated images without --root")
     args = ap.parse_args()
+    if args.images is not None and (args.root or args.images < 3):
+        ap.error("--images takes 3 or more, and only without --root (CamVid's count is its own)")
     load = os.getloadavg()[0]
     print(f"{usable_cores()} usable cores, 1-minute load {load:.1f} at the start")
     with tempfile.TemporaryDirectory(dir=args.tmp) as d:
         tmp = Path(d)
         counts = camvid_counts(args.root) if args.root else {"train": 367, "val": 101, "test": 233}
-        if args.images and not args.root:  # CamVid's splits, scaled
-            counts = {s: max(1, round(n * args.images / 701)) for s, n in counts.items()}
+        if args.images is not None:  # CamVid's splits, scaled to N images
+            counts["val"], counts["test"] = (max(1, round(counts[s] * args.images / 701))
+                                             for s in ("val", "test"))  # fmt: skip
+            counts["train"] = args.images - counts["val"] - counts["test"]
         datasets = {}
         if args.root:
             datasets["real CamVid"] = ("camvid", args.root, sum(counts.values()))
