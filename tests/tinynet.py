@@ -8,10 +8,11 @@ as long per step and wrote ~130 MB checkpoints (weights and momentum); the tests
 architectures themselves (their TorchScript and ONNX export included) keep the real models."""
 
 import os
+from pathlib import Path
 
 from torch import nn
 
-from tests.conftest import REPO
+REPO = Path(__file__).resolve().parents[1]  # not conftest's: a child would import pytest
 
 TINY = f"{__name__}:tinynet"
 

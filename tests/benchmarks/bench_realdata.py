@@ -363,7 +363,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tmp", default=None, help="folder for the generated data and stores")
     ap.add_argument("--what", nargs="+", default=["jobs", "per-mp", "costs", "verify", "jobs16"])
-    ap.add_argument("--images", type=int, default=None, help="generated images without --root")
+    ap.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="without --root: N >= 3 generated images in CamVid's split proportions",
+    )
     args = ap.parse_args()
     if args.images is not None and (args.root or args.images < 3):
         ap.error("--images takes 3 or more, and only without --root (CamVid's count is its own)")
