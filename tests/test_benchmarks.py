@@ -11,6 +11,7 @@ import pytest
 
 from softprep.manifest import load_manifest
 from softprep.sample import write_sample
+from tests.tinynet import TINY, child_env
 
 BENCHMARKS = Path(__file__).parent / "benchmarks"
 
@@ -33,12 +34,19 @@ def test_bench_camvid_trains_and_scores_both_arms_on_generated_camvid(tmp_path):
     assert not list(out.rglob("best.pt"))  # trained unevaluated (--eval-split none)
 
 
-# (script and tiny arguments, a line its report prints last): ~85 s together on 2 cores.
+# (script and tiny arguments, a line its report prints last): ~70 s together on 2 cores; the
+# training benchmarks train tests.tinynet (their own default is deeplabv3plus_r18).
 # bench_build's marginal, scaling, parent and memory parts have fixed sizes: not run here
 SMOKE = [
     ("bench_loader.py --images 2 --batches 2 --batch 2 --workers 1", "crops/s per worker"),
-    ("bench_semi.py --images 16 --labeled 1/4 --steps 1 --device cpu", "1.00x baseline"),
-    ("bench_weak.py --images 4 --steps 1 --solver-steps 1 --device cpu", "1.00x baseline"),
+    (
+        f"bench_semi.py --images 16 --labeled 1/4 --steps 1 --device cpu --model {TINY}",
+        "1.00x baseline",
+    ),
+    (
+        f"bench_weak.py --images 4 --steps 1 --solver-steps 1 --device cpu --model {TINY}",
+        "1.00x baseline",
+    ),
     ("bench_build.py --images 2 --what throughput jobs size", "vs source PNGs"),
     ("bench_realdata.py --rounds 1 --images 24 --what jobs per-mp costs verify", "verify, gen"),
 ]
@@ -49,5 +57,5 @@ SMOKE = [
 def test_each_benchmark_runs_at_a_tiny_size(tmp_path, command, said):
     script, *args = command.split()
     r = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=600)  # fmt: skip
+                       env=child_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0 and said in r.stdout, r.stdout + r.stderr

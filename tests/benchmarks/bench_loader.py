@@ -81,16 +81,17 @@ def crops_per_second(dataset, workers: int, batch: int, batches: int) -> float:
 
 def bench_images_per_shard(tmp: Path, args) -> None:
     """One worker's 256x256 crops/s from ADE20K-size stores built with one image per shard
-    and with the build's default (5 for 683x512)."""
+    and with the build's default (5 for 683x512): 5x ``--images`` images, 2x ``--batches``
+    batches (40 and 96 by default)."""
     manifest, root = load_manifest("ade20k"), tmp / "ade20k"
-    write_sample(manifest, root, {"train": 40}, size=(512, 683))
+    write_sample(manifest, root, {"train": 5 * args.images}, size=(512, 683))
     rate = {}
     for per_shard in (1, None):
         url = str(tmp / f"ade-{per_shard}.zarr")
         options = BuildOptions(scales=(0.25, 0.5, 1.0), images_per_shard=per_shard)
         build(manifest, root, url, options, jobs=2)
         dataset = CropDataset(url, (256, 256))
-        rate[per_shard] = crops_per_second(dataset, 1, args.batch, max(96, args.batches))
+        rate[per_shard] = crops_per_second(dataset, 1, args.batch, 2 * args.batches)
     print(
         f"ADE20K-size, 256x256, 1 worker: default images per shard {rate[None]:.1f} crops/s vs "
         f"one image per shard {rate[1]:.1f} crops/s -> {rate[None] / rate[1]:.2f}x"

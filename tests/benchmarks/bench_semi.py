@@ -52,6 +52,11 @@ def main() -> None:
     ap.add_argument("--labeled", default="1/8")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--device", default="auto")
+    ap.add_argument(
+        "--model",
+        default="deeplabv3plus_r18",
+        help="a registered model or a factory, module:function (the smoke test's tinynet)",
+    )
     args = ap.parse_args()
     cityscapes = load_manifest("cityscapes")
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,7 +69,7 @@ def main() -> None:
         few = str(tmp / "labelled.zarr")
         build(cityscapes, labelled_only(root, full, args.labeled, 0, tmp / "few"), few, opts)
         common = dict(
-            model="deeplabv3plus_r18", crop="64x128", batch_size=4, iters=args.steps, lr=0.02,
+            model=args.model, crop="64x128", batch_size=4, iters=args.steps, lr=0.02,
             workers=2, device=args.device,
         )  # fmt: skip
         semi = dict(store=full, labeled=args.labeled, semi_ema=0.99, semi_threshold=0.9)

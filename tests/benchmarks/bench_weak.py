@@ -52,6 +52,11 @@ def main() -> None:
     ap.add_argument("--eta", type=float, default=1.0, help="weight of H(y, s)")
     ap.add_argument("--device", default="auto")
     ap.add_argument(
+        "--model",
+        default="deeplabv3plus_r18",
+        help="a registered model or a factory, module:function (the smoke test's tinynet)",
+    )
+    ap.add_argument(
         "--only", nargs="+", default=["full", "potts", "self-label"],
         help="regimes besides the baseline: full, potts, self-label",
     )  # fmt: skip
@@ -77,7 +82,7 @@ def main() -> None:
             cfg = FitConfig.of(
                 store=stores[store],
                 out=str(Path(tmp) / f"run-{store}-{regime}"),
-                model="deeplabv3plus_r18",
+                model=args.model,
                 crop="64x128",
                 batch_size=4,
                 iters=args.steps,
