@@ -30,7 +30,7 @@ demo: install
 	$(BIN)/softtrain fit --store demo/cityscapes.zarr --model deeplabv3plus_r18 --crop 32x64 \
 		--levels 1/8 1/4 --batch-size 4 --iters 60 --eval-every 30 --out demo/run --overwrite
 
-# Two pytest workers (pytest-xdist): on 2 cores the suite took 6 min 54 s against 10 min 5 s
+# Two pytest workers (pytest-xdist): on 2 cores the suite took 6 min 20 s against 9 min 1 s
 # on one, as many tests wait on processes they spawn; pytest -n 0 runs it on one.
 test: install
 	$(PY) -m pytest -q -n 2; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
