@@ -35,8 +35,8 @@ demo: install
 test: install
 	$(PY) -m pytest -q -n 2; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
-# The fast tier while editing: no process-spawning or seconds-long training tests (~1 min).
+# The fast tier while editing: no process-spawning or seconds-long training tests (~1.5 min).
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 .PHONY: install demo test test-fast
