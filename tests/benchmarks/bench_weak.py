@@ -54,7 +54,8 @@ def main() -> None:
     ap.add_argument(
         "--model",
         default="deeplabv3plus_r18",
-        help="a registered model or a factory, module:function (the smoke test's tinynet)",
+        help="a registered model or a factory, module:function (default %(default)s; the smoke "
+        "test trains tests.tinynet:tinynet)",
     )
     ap.add_argument(
         "--only", nargs="+", default=["full", "potts", "self-label"],
