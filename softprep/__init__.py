@@ -97,6 +97,23 @@ def gc_paused():
             gc.enable()
 
 
+def keep_freed_buffers() -> None:
+    """Have glibc keep freed buffers up to 32 MiB for the next image instead of handing them
+    back to the OS: each image's decode otherwise pays its buffers again in page faults
+    (build: ~40 MiB, ~25 ms of a 2048x1024 image's ~100 ms; verify of 701 CamVid images:
+    596k faults, 1.0 s of its 2.5 s; measured). For the process (up to 512 MiB stays
+    mapped), called where it works image by image. No-op without glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
+    libc.mallopt(m_mmap_threshold, 32 << 20)
+    libc.mallopt(m_trim_threshold, 512 << 20)
+
+
 def _forget_handled_interrupt() -> None:
     """CPython 3.11 marks the process to end by SIGINT (silently, whatever its exit code)
     once a KeyboardInterrupt has passed through code that ``exec`` or ``eval`` of a string

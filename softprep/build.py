@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from softprep import OWN_PROCESS, __version__, gc_paused, layout, writer
+from softprep import OWN_PROCESS, __version__, gc_paused, keep_freed_buffers, layout, writer
 from softprep.datasets import (
     UNLABELED_SPLIT,
     DatasetError,
@@ -160,23 +160,11 @@ def _open_for_write(url: str, build_id: str) -> writer.ImageWriter:
 
     - one zarr IO thread: parallelism comes from ``--jobs``, and one thread per job
       avoids oversubscribing the cores (2 jobs on 2 cores: ~10% more images/s, measured);
-    - glibc keeps freed buffers up to 32 MiB for the next image instead of handing them
-      back to the OS, which otherwise costs every image ~40 MiB of page faults (~25 ms
-      of 2048x1024 images' ~100 ms, measured). No-op without glibc.
+    - freed buffers kept for the next image (``keep_freed_buffers``).
     """
     zarr.config.set({"threading.max_workers": 1})
-    _keep_freed_buffers()
+    keep_freed_buffers()
     return writer.ImageWriter(layout.open_group(url, mode="r+"))
-
-
-def _keep_freed_buffers() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
-    libc.mallopt(m_mmap_threshold, 32 << 20)
-    libc.mallopt(m_trim_threshold, 512 << 20)
 
 
 def _local_worker(parent: tuple[str, int]) -> bool:
@@ -341,6 +329,19 @@ def local_pool(jobs: int):
     return get_memmapping_executor(
         workers, timeout=300, env=backend._prepare_worker_env(n_jobs=workers)
     )
+
+
+def start_workers(jobs: int):
+    """``local_pool(jobs)`` with its workers started now (forked where ``_may_fork``), SIGINT
+    blocked in them (``_workers_ignore_interrupts``): for a command that must start them
+    before it opens a store. None for one job or another joblib backend."""
+    if jobs == 1:
+        return None  # and no resource tracker started (a fresh interpreter) for nothing
+    with _workers_ignore_interrupts():
+        pool = local_pool(jobs)
+        for _ in range(pool._max_workers if pool is not None else 0):
+            pool.submit(blosc_thread_lock)
+    return pool
 
 
 def default_backend() -> bool:

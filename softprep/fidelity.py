@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from softprep import keep_freed_buffers
 from softprep.datasets import decode_label, labelled_pairs
 from softprep.decode import Decode, DecodeSample, fit_decode, iou
 from softprep.manifest import VOID
@@ -303,6 +304,7 @@ def _report(images, count, classes, options, strategies, decodes, split, progres
 
 def _run(source, classes, options, compare, split, decodes, fit_split, progress):
     """Fit the decodes on ``fit_split`` (if any asked), then score ``split``."""
+    keep_freed_buffers()  # each image's full-resolution arrays reuse the last one's memory
     strategies = _strategies(list(compare), list(decodes))
     count, images = source(split)
     fitted, done, total = {}, 0, count

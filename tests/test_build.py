@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -15,7 +16,9 @@ from PIL import Image
 
 from softprep import OWN_PROCESS
 from softprep import build as build_module
+from softprep import fidelity as fidelity_module
 from softprep import layout as layout_module
+from softprep import verify as verify_module
 from softprep.build import BuildError, BuildOptions, build
 from softprep.manifest import VOID, load_manifest
 from softprep.options import choose_images_per_shard
@@ -132,6 +135,48 @@ def test_soft_statistics_are_the_stored_planes_totals(samples, tmp_path):
             totals = np.bincount(index.ravel(), q.ravel() / 255, minlength=256)
             expected = np.concatenate([totals[:c], totals[255:]])
             np.testing.assert_allclose(stats[i], expected, rtol=0, atol=1e-6)
+
+
+FAULTS = """
+import resource, sys
+import numpy as np
+if sys.argv[1] == "keep":
+    from softprep import keep_freed_buffers
+    keep_freed_buffers()
+def rounds(n):  # 20 MiB in 2 MiB buffers made and freed, as per image or shard
+    for _ in range(n):
+        buffers = [np.ones(2 << 20, np.uint8) for _ in range(10)]
+        del buffers
+rounds(1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+rounds(10)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc settings")
+def test_keep_freed_buffers_ends_the_page_faults_of_buffers_freed_and_made_again():
+    """glibc hands freed buffers back and faults them in again for the next image (verify
+    of 701 CamVid images: 596k faults, 1.0 s of 2.5 s); kept, they cost nothing again."""
+    faults = {}
+    for mode in ("keep", "default"):  # fresh processes: the setting is for the process
+        r = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True,
+                           text=True, timeout=60, check=True)  # fmt: skip
+        faults[mode] = int(r.stdout)
+    assert faults["keep"] * 20 < faults["default"], faults
+
+
+def test_build_verify_and_fidelity_keep_freed_buffers(samples, tmp_path, monkeypatch):
+    """The commands that work image by image (or shard by shard) set it up."""
+    calls = []
+    for module in (build_module, verify_module, fidelity_module):
+        name = module.__name__
+        monkeypatch.setattr(module, "keep_freed_buffers", lambda n=name: calls.append(n))
+    url = str(tmp_path / "cs.zarr")
+    build(load_manifest("cityscapes"), samples["cityscapes"], url, BuildOptions(scales=(0.25,)))
+    assert verify(SoftStore(url)).ok
+    fidelity_module.from_store(SoftStore(url), [], "val")
+    assert calls == ["softprep.build", "softprep.verify", "softprep.fidelity"]
 
 
 def test_fidelity_and_priors_on_sample(samples, tmp_path):

@@ -366,10 +366,26 @@ def test_the_printed_command_names_a_manifest_that_is_not_built_in(tmp_path):
     )
 
 
+# the softprep CLI, saying which pool local_pool made: "pool ProcessPoolExecutor" (forked)
+RECORD_POOL = """
+import sys
+from softprep import build, run_console
+made = build.local_pool
+def recorded(jobs):
+    pool = made(jobs)
+    print("pool", type(pool).__name__, flush=True)
+    return pool
+build.local_pool = recorded
+sys.argv = ["softprep", *sys.argv[1:]]
+run_console("softprep")
+"""
+
+
 @pytest.mark.slow
-def test_a_parallel_verify_ends_without_warnings(tmp_path):
-    """verify's workers are loky's (zarr's I/O thread rules out a fork); Blosc's lock in
-    one was a named semaphore, and ending the workers left "leaked semaphore objects"."""
+def test_a_parallel_verify_forks_its_workers_and_ends_without_warnings(tmp_path):
+    """The CLI's verify starts its workers before it opens the store, so they are forked
+    (once zarr's I/O thread runs, fresh interpreters: ~0.7 s each); Blosc's lock in a loky
+    worker was a named semaphore, and ending the workers left "leaked semaphore objects"."""
     import subprocess
     import sys
 
@@ -378,10 +394,11 @@ def test_a_parallel_verify_ends_without_warnings(tmp_path):
     build = ["build", "cityscapes", "--root", data, "--scales", "1/8", "--images-per-shard", 1]
     assert run(*build, "--out", url, "--jobs", 1).exit_code == 0
     r = subprocess.run(
-        [sys.executable, "-m", "softprep", "verify", str(url), "--jobs", "2"],
-        capture_output=True, text=True,
+        [sys.executable, "-c", RECORD_POOL, "verify", str(url), "--jobs", "2"],
+        capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 0 and "ok: 8 images" in r.stdout, r.stdout + r.stderr
+    assert r.stdout.startswith("pool ProcessPoolExecutor\n"), r.stdout
     assert "leaked" not in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
