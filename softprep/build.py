@@ -211,9 +211,10 @@ def _workers_ignore_interrupts():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    from multiprocessing import resource_tracker
+    if not _may_fork():  # loky's workers register semaphores with it (a fork's are unlinked)
+        from multiprocessing import resource_tracker
 
-    resource_tracker.ensure_running()  # its start unblocks SIGINT: started first, it does not
+        resource_tracker.ensure_running()  # its start unblocks SIGINT: started first, it does not
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
@@ -332,11 +333,13 @@ def local_pool(jobs: int):
 
 
 def start_workers(jobs: int):
-    """``local_pool(jobs)`` with its workers started now (forked where ``_may_fork``), SIGINT
-    blocked in them (``_workers_ignore_interrupts``): for a command that must start them
-    before it opens a store. None for one job or another joblib backend."""
-    if jobs == 1:
-        return None  # and no resource tracker started (a fresh interpreter) for nothing
+    """``local_pool(jobs)``'s workers forked now, SIGINT blocked in them
+    (``_workers_ignore_interrupts``), where ``_may_fork``: for a command that must start them
+    before it opens a store (zarr's I/O thread rules out a fork). None elsewhere (a fresh
+    interpreter gains nothing from starting early), and where ``local_pool`` gives none
+    (one job, another joblib backend, a daemon process)."""
+    if not _may_fork():
+        return None
     with _workers_ignore_interrupts():
         pool = local_pool(jobs)
         for _ in range(pool._max_workers if pool is not None else 0):

@@ -323,7 +323,9 @@ def from_store(
 ) -> FidelityReport:  # fmt: skip
     """Fidelity of a store's soft labels (and of nearest-neighbour labels of the same
     images) on an evaluation split, against its full-resolution labels; ``decodes``
-    (``prior``, ``bias``) are fitted on ``fit_split`` and scored on ``split``."""
+    (``prior``, ``bias``) are fitted on ``fit_split`` and scored on ``split``. Like
+    ``from_dataset``, sets glibc to keep freed buffers for the rest of the process
+    (``softprep.keep_freed_buffers``)."""
     options = BuildOptions(scales=tuple(store.scales), short_side=store.meta.get("short_side"))
     return _run(
         lambda s: _store_images(store, s), store.manifest.class_names, options, compare,

@@ -358,14 +358,15 @@ def verify(
     ``damaged`` lists the finished images with a problem (what ``build --repair`` rebuilds);
     temporary files of an interrupted write are removed (a note; see ``_clean_litter``).
 
-    ``store``: an open store, or its path or URL: then the worker processes of ``jobs`` > 1
-    start before this process opens it, which lets the CLI fork them (``local_pool``: not
-    once zarr's I/O thread runs), ready at once instead of fresh interpreters (~0.7 s each).
+    ``store``: an open store, or its path or URL: then the CLI forks the worker processes of
+    ``jobs`` > 1 before it opens the store (``start_workers``: not once zarr's I/O thread
+    runs), ready at once instead of fresh interpreters (~0.7 s each).
     ``jobs``: processes checking shards in parallel (joblib, as the build).
     ``quick``: metadata, statistics sums, shard indexes and every chunk's checksum, without
     decoding: finds lost, truncated and flipped bytes, not invalid planes written with valid
     checksums or statistics that disagree with the labels. ``progress(done, total)`` is
-    called after each shard. ``keep_workers``: see ``softprep.build.end_workers``."""
+    called after each shard. ``keep_workers``: see ``softprep.build.end_workers``. Sets
+    glibc to keep freed buffers for the rest of the process (``keep_freed_buffers``)."""
     start, pool = time.monotonic(), None
     try:
         if not isinstance(store, SoftStore):

@@ -158,11 +158,18 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_keep_freed_buffers_ends_the_page_faults_of_buffers_freed_and_made_again():
     """glibc hands freed buffers back and faults them in again for the next image (verify
     of 701 CamVid images: 596k faults, 1.0 s of 2.5 s); kept, they cost nothing again."""
+    env = {  # glibc's defaults: no malloc tuning or other allocator from the environment
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")
+    }
     faults = {}
     for mode in ("keep", "default"):  # fresh processes: the setting is for the process
         r = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True,
-                           text=True, timeout=60, check=True)  # fmt: skip
+                           text=True, timeout=60, check=True, env=env)  # fmt: skip
         faults[mode] = int(r.stdout)
+    if faults["default"] < 1000:  # e.g. the heap on huge pages: nothing to keep
+        pytest.skip(f"this glibc does not fault freed buffers in again ({faults})")
     assert faults["keep"] * 20 < faults["default"], faults
 
 
@@ -176,7 +183,7 @@ def test_build_verify_and_fidelity_keep_freed_buffers(samples, tmp_path, monkeyp
     build(load_manifest("cityscapes"), samples["cityscapes"], url, BuildOptions(scales=(0.25,)))
     assert verify(SoftStore(url)).ok
     fidelity_module.from_store(SoftStore(url), [], "val")
-    assert calls == ["softprep.build", "softprep.verify", "softprep.fidelity"]
+    assert set(calls) == {"softprep.build", "softprep.verify", "softprep.fidelity"}
 
 
 def test_fidelity_and_priors_on_sample(samples, tmp_path):

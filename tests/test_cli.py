@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 from contextlib import contextmanager
 
 import pytest
@@ -382,12 +383,15 @@ run_console("softprep")
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or sys.version_info < (3, 10, 5),
+    reason="forks only on Linux, Python 3.10.5 and later (softprep.build._may_fork)",
+)
 def test_a_parallel_verify_forks_its_workers_and_ends_without_warnings(tmp_path):
     """The CLI's verify starts its workers before it opens the store, so they are forked
     (once zarr's I/O thread runs, fresh interpreters: ~0.7 s each); Blosc's lock in a loky
     worker was a named semaphore, and ending the workers left "leaked semaphore objects"."""
     import subprocess
-    import sys
 
     data, url = tmp_path / "cs", tmp_path / "cs.zarr"
     run("sample", "cityscapes", data, "--train", 6, "--val", 2)
