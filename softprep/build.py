@@ -860,17 +860,18 @@ def _shards_to_build(zroot: zarr.Group, options: BuildOptions) -> tuple[np.ndarr
     return done, shards
 
 
-def _mark_damaged(url: str, zroot: zarr.Group, jobs: int = 1, checking=None) -> int:
+def _mark_damaged(url: str, zroot: zarr.Group, jobs: int, checking, pool) -> int:
     """For ``repair``: clear the ``done`` flag of every image ``verify`` finds damaged (data
     missing, unreadable or invalid, statistics that do not add up), so that the build
     rewrites their shards whole. Returns their number; metadata damage is refused.
-    ``checking``: see ``build``."""
+    ``checking``: see ``build``; ``pool``: the build's workers (``local_pool``), checking
+    shards too."""
     from softprep.verify import verify
 
     progress = (
         (lambda done, total: checking("checking the store", done, total)) if checking else None
     )
-    report = verify(SoftStore(url), jobs=jobs, progress=progress)
+    report = verify(SoftStore(url), jobs=jobs, progress=progress, workers=pool)
     if not report.layout:
         raise BuildError(
             f"{url}: its metadata is damaged ({report.problems[0]}); --repair rebuilds "
@@ -917,21 +918,21 @@ def build(
     if twice and not layout.holds_data(url):  # a new store (one built so still resumes)
         shown = Fraction(twice[0]).limit_denominator(1 << 16)
         raise BuildError(f"scale {shown} is given twice; give each scale once")
-    if repair:
-        try:
-            SoftStore(url)
-        except StoreError as e:
-            raise BuildError(f"{e}: nothing to repair; build it without --repair") from None
     start, pool = time.monotonic(), None
     try:
         with _workers_ignore_interrupts():  # workers start with SIGINT blocked
-            pool = local_pool(jobs)
+            pool = local_pool(jobs)  # before zarr's I/O thread runs: forked (_may_fork)
             warming = []
             if pool is not None:  # workers start (imports, kernels) while this reads the
                 # headers, and this process starts on the images before they are ready
                 warming = [pool.submit(_warm_up, options) for _ in range(pool._max_workers)]
             elif jobs != 1:  # the same on another joblib backend (Dask: -1), waited for
                 warming = parallel(jobs, _warm_up, [(options,)] * _effective_jobs(jobs))
+        if repair:
+            try:
+                SoftStore(url)
+            except StoreError as e:
+                raise BuildError(f"{e}: nothing to repair; build it without --repair") from None
         pairs, sizes, stamps, problems = _prepare(manifest, root, options, on_error)
         if pool is None:
             for _ in warming:
@@ -958,7 +959,7 @@ def _build_locked(
         zroot, meta = _open_or_create(url, manifest, options, pairs, sizes, root, repair)
         litter = len(writer.remove_litter(url))  # what a killed write left; nothing reads it
         _refuse_resized(zroot, url, pairs, sizes)
-        repaired = _mark_damaged(url, zroot, jobs, checking) if repair else 0
+        repaired = _mark_damaged(url, zroot, jobs, checking, pool) if repair else 0
         changed, retimed, record_replaced = _mark_changed(zroot, pairs, stamps, checking)
         done, shards = _shards_to_build(zroot, options)
     except (KeyError, json.JSONDecodeError) as e:  # zarr: an array's metadata lost or cut

@@ -350,6 +350,7 @@ def verify(
     jobs: int = 1,
     quick: bool = False,
     keep_workers: bool = True,
+    workers=None,
 ) -> VerifyReport:
     """Metadata consistent with the arrays; every image complete (or skipped on purpose,
     listed apart); every finished image's shards present and readable (CRC32C-checked in
@@ -365,20 +366,24 @@ def verify(
     ``quick``: metadata, statistics sums, shard indexes and every chunk's checksum, without
     decoding: finds lost, truncated and flipped bytes, not invalid planes written with valid
     checksums or statistics that disagree with the labels. ``progress(done, total)`` is
-    called after each shard. ``keep_workers``: see ``softprep.build.end_workers``. Sets
-    glibc to keep freed buffers for the rest of the process (``keep_freed_buffers``)."""
-    start, pool = time.monotonic(), None
+    called after each shard. ``keep_workers``: see ``softprep.build.end_workers``.
+    ``workers``: a running pool (``local_pool``'s) to check the shards on instead, left
+    running (``build --repair``: the build's own, forked). Sets glibc to keep freed buffers
+    for the rest of the process (``keep_freed_buffers``)."""
+    start, pool = time.monotonic(), workers
     try:
         if not isinstance(store, SoftStore):
-            pool = start_workers(jobs)
+            pool = pool or start_workers(jobs)
             store = SoftStore(store)
-        return _verify(store, progress, jobs, quick, keep_workers, start, pool)
+        if pool is None and jobs != 1 and len(store) > store.images_per_shard:
+            pool = local_pool(jobs)  # fresh interpreters here, in a process running zarr
+        return _verify(store, progress, jobs, quick, start, pool)
     finally:
-        if not keep_workers:
+        if not keep_workers and pool is not workers:
             end_workers(pool)
 
 
-def _verify(store, progress, jobs, quick, keep_workers, start, pool) -> VerifyReport:
+def _verify(store, progress, jobs, quick, start, pool) -> VerifyReport:
     report = VerifyReport(quick=quick)
     _clean_litter(store.url, report)
     report.problems += check_attributes(store)
@@ -421,8 +426,6 @@ def _verify(store, progress, jobs, quick, keep_workers, start, pool) -> VerifyRe
     total = len(finished)
     if progress:
         progress(len(lost), total)
-    if pool is None and len(tasks) > 1:
-        pool = local_pool(jobs)
     key = (store.url, store.meta.get("build_id"))
     if jobs == 1 or len(tasks) <= 1:
         outputs = (_check_shard(checker, g, e, c, quick) for g, e, c in tasks)
@@ -441,9 +444,7 @@ def _verify(store, progress, jobs, quick, keep_workers, start, pool) -> VerifyRe
             if progress:
                 progress(done_images, total)
     finally:
-        outputs.close()  # no more shards sent, before the workers go
-        if not keep_workers:
-            end_workers(pool)
+        outputs.close()  # no more shards sent, before the workers go (``verify``)
 
     def problem(i: int, problems: list[str]) -> None:
         report.problems.extend(problems)

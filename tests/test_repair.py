@@ -21,7 +21,7 @@ from softprep.verify import verify
 from softprep.writer import writer_lock
 from softtrain.data import CropDataset, EvalDataset
 from tests.test_build import assert_same_store
-from tests.test_cli import recorded_bar, run
+from tests.test_cli import RECORD_POOL, recorded_bar, run
 
 CS = load_manifest("cityscapes")
 SCALES = (0.125, 0.25)
@@ -162,6 +162,27 @@ def test_cli_verify_names_the_repair_and_build_repair_fixes_it(
     assert run("verify", url).exit_code == 0
     r = run(*args[:-1], tmp_path / "none.zarr", "--repair")
     assert r.exit_code == 2 and "nothing to repair" in r.text
+
+
+@pytest.mark.slow  # starts worker processes
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or sys.version_info < (3, 10, 5),
+    reason="forks only on Linux, Python 3.10.5 and later (softprep.build._may_fork)",
+)
+def test_a_parallel_repair_checks_and_builds_on_one_forked_pool(samples, clean, tmp_path):
+    """``build --repair --jobs 2`` in the CLI: one pool, forked before the store is opened,
+    checks the store and rebuilds the damaged images (no second pool of fresh interpreters)."""
+    url = copy_of(clean[2], tmp_path)
+    damage(url, "bit-flip")
+    command = ["build", "cityscapes", "--root", str(samples["cityscapes"]), "--scales", "1/8",
+               "1/4", "--images-per-shard", "2", "--out", url, "--repair", "--jobs", "2"]  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", RECORD_POOL, *command], capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0 and "1 damaged image(s) found, 2 built" in r.stdout, r
+    pools = [line for line in r.stdout.splitlines() if line.startswith("pool ")]
+    assert pools == ["pool ProcessPoolExecutor"], r.stdout
+    assert "Traceback" not in r.stderr and "leaked" not in r.stderr, r.stderr
+    assert verify(SoftStore(url)).ok
 
 
 @pytest.mark.parametrize("kind", ["deleted", "truncated"])
