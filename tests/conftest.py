@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,11 @@ for _name in ("COLUMNS", "LINES"):
 
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=FIXTURES_ABSENT)
 needs_facts = pytest.mark.skipif(not FACTS.is_dir(), reason=FACTS_ABSENT)
+# where softprep's CLI forks its workers (softprep.build._may_fork): Linux, Python >= 3.10.5
+needs_fork = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or sys.version_info < (3, 10, 5),
+    reason="softprep forks its workers only on Linux, Python 3.10.5 and later",
+)
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ from softprep.resample import Resampler
 from softprep.sample import write_sample
 from softprep.store import SoftStore, StoreError
 from softprep.verify import verify
+from tests.conftest import needs_fork
 
 SCALES = (0.125, 0.25, 0.5)
 
@@ -955,7 +956,7 @@ def _wait_for_workers(p, count: int) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forks only on Linux")
+@needs_fork
 def test_forked_workers_die_with_the_build_process(tmp_path):
     """kill -9 of the build process while its forked workers are idle (started, never
     given a shard): they end too, at once, instead of living on holding its pipes."""

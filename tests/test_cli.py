@@ -12,6 +12,7 @@ from softprep import manifest as manifests
 from softprep.cli import MULTI_VALUE, app
 from softprep.manifest import load_manifest
 from softprep.terminal import expand_multi_value
+from tests.conftest import needs_fork
 
 runner = CliRunner()
 
@@ -383,10 +384,7 @@ run_console("softprep")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not sys.platform.startswith("linux") or sys.version_info < (3, 10, 5),
-    reason="forks only on Linux, Python 3.10.5 and later (softprep.build._may_fork)",
-)
+@needs_fork
 def test_a_parallel_verify_forks_its_workers_and_ends_without_warnings(tmp_path):
     """The CLI's verify starts its workers before it opens the store, so they are forked
     (once zarr's I/O thread runs, fresh interpreters: ~0.7 s each); Blosc's lock in a loky

@@ -20,6 +20,7 @@ from softprep.store import SoftStore, StoreError
 from softprep.verify import verify
 from softprep.writer import writer_lock
 from softtrain.data import CropDataset, EvalDataset
+from tests.conftest import needs_fork
 from tests.test_build import assert_same_store
 from tests.test_cli import RECORD_POOL, recorded_bar, run
 
@@ -165,10 +166,7 @@ def test_cli_verify_names_the_repair_and_build_repair_fixes_it(
 
 
 @pytest.mark.slow  # starts worker processes
-@pytest.mark.skipif(
-    not sys.platform.startswith("linux") or sys.version_info < (3, 10, 5),
-    reason="forks only on Linux, Python 3.10.5 and later (softprep.build._may_fork)",
-)
+@needs_fork
 def test_a_parallel_repair_checks_and_builds_on_one_forked_pool(samples, clean, tmp_path):
     """``build --repair --jobs 2`` in the CLI: one pool, forked before the store is opened,
     checks the store and rebuilds the damaged images (no second pool of fresh interpreters)."""
