@@ -496,10 +496,8 @@ def verify(
         n_jobs = 1 if quick and jobs == "auto" else parse_jobs(jobs)
         with progress_bar("verifying") as bar:  # the path: workers start before it opens
             report = run_verify(store, progress=bar, jobs=n_jobs, quick=quick, keep_workers=False)
-        s = SoftStore(store)
     if as_json:
-        names = s.names() if report.layout else None
-        out.print_json(json.dumps(report.to_dict(store, names)))
+        out.print_json(json.dumps(report.to_dict(store)))
         if not report.ok:
             raise typer.Exit(1)
         return
@@ -517,7 +515,7 @@ def verify(
         raise typer.Exit(1)
     mode = "quick: checksums, no decoding" if quick else "full"
     out.print(
-        f"[green]ok[/green]: {report.checked} images, {len(s.scales)} levels ({mode}, "
+        f"[green]ok[/green]: {report.checked} images, {len(report.meta['scales'])} levels ({mode}, "
         f"{report.seconds:.1f} s)"
     )
 

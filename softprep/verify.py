@@ -46,6 +46,7 @@ class VerifyReport:
     images: int = 0  # images in the store
     seconds: float = 0.0
     meta: dict | None = None  # the store's metadata (its build options), for the advice
+    names: np.ndarray | None = None  # (images,) the store's image names, where readable
 
     @property
     def ok(self) -> bool:
@@ -68,10 +69,10 @@ class VerifyReport:
             )
         return f"{url}: the build did not finish; resume it: {command}"
 
-    def to_dict(self, url: str, names=None) -> dict:
-        """The report as plain data (``softprep verify --json``); ``names``: the store's
-        image names, to name the damaged images."""
+    def to_dict(self, url: str) -> dict:
+        """The report as plain data (``softprep verify --json``)."""
         damaged = sorted(self.damaged)
+        names = self.names
         return {
             "store": url,
             "ok": self.ok,
@@ -396,7 +397,7 @@ def _verify(store, progress, jobs, quick, start, pool) -> VerifyReport:
     checker = _Checker(store)
     report.images = len(store)
     done = store.done()
-    names = checker.names
+    names = report.names = checker.names
     skipped = {
         s["index"]: f"{s['path']}: {s['error']}"
         for s in store.meta.get("skipped", [])

@@ -351,6 +351,8 @@ def test_cli_verify_json(clean, tmp_path):
         6,
         [],
     )
+    levels = len(SoftStore(url).scales)
+    assert f"ok: 6 images, {levels} levels (full" in run("verify", url, "--jobs", 1).stdout
     i, _ = damage(url, "bit-flip")
     r = run("verify", url, "--json", "--quick")
     report = json.loads(r.stdout)
