@@ -901,10 +901,11 @@ def build(
     whole), and rebuild the shards of every damaged image too; the result equals a clean
     build. Temporary files an interrupted write left in the store are removed in any case.
 
-    ``on_error``: ``fail`` stops at the first bad pair (after saving finished images),
-    ``skip`` records it in the store's ``skipped`` list and goes on. Tasks run on the active
-    joblib backend (default loky processes; wrap the call in
-    ``joblib.parallel_config(backend="dask")`` with a dask Client to use a cluster).
+    ``jobs``: processes (one task: one shard of images); one for a store in this process's
+    memory (``layout.in_process``). ``on_error``: ``fail`` stops at the first bad pair
+    (after saving finished images), ``skip`` records it in the store's ``skipped`` list and
+    goes on. Tasks run on the active joblib backend (default loky processes; wrap the call
+    in ``joblib.parallel_config(backend="dask")`` with a dask Client to use a cluster).
     ``progress(done, total)`` is called after each image; ``checking(what, done, total)``
     during the reads before them: "checking the store" (``repair``) and "checking changed
     files" (files whose times changed since they were built, compared by CRC-32C: all of
@@ -912,6 +913,7 @@ def build(
     """
     if on_error not in ("fail", "skip"):
         raise ValueError("on_error must be 'fail' or 'skip'")
+    jobs = 1 if layout.in_process(url) else jobs
     if "://" not in str(url) and Path(url).is_file():
         raise BuildError(f"{url} is a file, not a store (a folder); choose another --out")
     twice = [s for i, s in enumerate(options.scales) if s in options.scales[:i]]

@@ -208,6 +208,13 @@ def open_group(url: str, mode: str, **kwargs) -> zarr.Group:
     return zarr.open_group(url, mode=mode, **kwargs)
 
 
+def in_process(url: str) -> bool:
+    """Whether the store at ``url`` lives in this process's memory (fsspec's ``memory://``):
+    worker processes cannot see it (a fork sees a copy, a fresh interpreter nothing), so its
+    work stays in this process."""
+    return str(url).startswith("memory://")
+
+
 def holds_data(url: str) -> bool:
     """Whether ``url`` (a path or fsspec URL) exists and holds anything."""
     if "://" not in str(url):

@@ -17,7 +17,7 @@ from softprep.build import (
     parallel,
     start_workers,
 )
-from softprep.layout import SOURCE, SOURCE_FIELDS
+from softprep.layout import SOURCE, SOURCE_FIELDS, in_process
 from softprep.manifest import VOID
 from softprep.options import build_command
 from softprep.planes import TOTAL
@@ -363,7 +363,8 @@ def verify(
     ``store``: an open store, or its path or URL: then the CLI forks the worker processes of
     ``jobs`` > 1 before it opens the store (``start_workers``: not once zarr's I/O thread
     runs), ready at once instead of fresh interpreters (~0.7 s each).
-    ``jobs``: processes checking shards in parallel (joblib, as the build).
+    ``jobs``: processes checking shards in parallel (joblib, as the build); one for a store
+    in this process's memory (``layout.in_process``).
     ``quick``: metadata, statistics sums, shard indexes and every chunk's checksum, without
     decoding: finds lost, truncated and flipped bytes, not invalid planes written with valid
     checksums or statistics that disagree with the labels. ``progress(done, total)`` is
@@ -372,6 +373,7 @@ def verify(
     running (``build --repair``: the build's own, forked). Sets glibc to keep freed buffers
     for the rest of the process (``keep_freed_buffers``)."""
     start, pool = time.monotonic(), workers
+    jobs = 1 if in_process(getattr(store, "url", store)) else jobs
     try:
         if not isinstance(store, SoftStore):
             pool = pool or start_workers(jobs)

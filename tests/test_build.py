@@ -330,6 +330,20 @@ def test_an_fsspec_url_store_equals_a_local_one(samples, tmp_path):
     assert type(SoftStore(url).root.store).__name__ == "FsspecStore"
 
 
+def test_a_store_in_memory_is_built_and_verified_in_this_process_whatever_the_jobs(
+    samples, tmp_path
+):
+    """fsspec's ``memory://`` files belong to one process: workers would write into and
+    check a copy of them (forked) or nothing (fresh interpreters)."""
+    m, opts = load_manifest("cityscapes"), BuildOptions(scales=(0.25,), images_per_shard=2)
+    local, url = tmp_path / "a.zarr", f"memory://{tmp_path.name}.zarr"
+    build(m, samples["cityscapes"], str(local), opts)
+    assert build(m, samples["cityscapes"], url, opts, jobs=2).built == len(SoftStore(local))
+    assert_same_store(str(local), url)
+    report = verify(url, jobs=2)
+    assert report.ok and report.checked == len(SoftStore(local)), report.problems
+
+
 def test_resume_after_interruptions_equals_uninterrupted(samples, tmp_path, monkeypatch):
     m = load_manifest("cityscapes")
     opts = BuildOptions(scales=SCALES, images_per_shard=2)
