@@ -3,7 +3,8 @@ measured in the same run, the arms interleaved (A B A B ...) so that both see th
 background load; raw times are printed beside each ratio.
 
     python tests/benchmarks/bench_realdata.py --root /data/CamVid [--rounds 2]
-        [--what jobs per-mp costs verify jobs16] [--tmp DIR] [--images N]
+        [--what jobs per-mp costs verify jobs16] [--tmp DIR] [--images N] [--many 16]
+        [--city 128]
 
 Without ``--root``, only the generated arm runs, with CamVid's 701 images or ``--images N``
 in CamVid's split proportions (a quick run; its figures are dominated by start-up and are no
@@ -25,14 +26,16 @@ evidence).
   and the total CPU of all processes with 2 jobs against 1 job.
 - verify: ``softprep verify`` (full and ``--quick``) against ``softprep build`` on the
   same store, both with ``--jobs 2`` and both with ``--jobs 1`` (target: verify <= 0.5x).
-- jobs16: ``--jobs 16`` vs ``--jobs 1`` on CamVid and on 128 Cityscapes-size generated
-  images; runs only where this process may use >= 16 cores.
+- jobs16: ``--jobs 16`` (``--many N``) vs ``--jobs 1`` on CamVid and on 128 (``--city N``)
+  Cityscapes-size generated images: wall-clock and build-loop speed-ups, and the most the
+  one-job serial part allows; runs only where this process may use that many cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -62,6 +65,12 @@ FIXTURES = Path(__file__).resolve().parents[2].parent / "shared/fixtures"
 def cli(*args) -> tuple[float, float]:
     """(wall, CPU of the process and every worker it waited for) of ``softprep ARGS`` in a
     fresh process."""
+    wall, cpu, _ = cli_output(*args)
+    return wall, cpu
+
+
+def cli_output(*args) -> tuple[float, float, str]:
+    """``cli``'s (wall, CPU) and what the command printed."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "softprep", *map(str, args)], capture_output=True)
@@ -69,13 +78,33 @@ def cli(*args) -> tuple[float, float]:
     if r.returncode:
         raise SystemExit(f"softprep {' '.join(map(str, args))} failed:\n{r.stderr.decode()}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, r.stdout.decode()
+
+
+def build_args(dataset, root, out, jobs) -> tuple:
+    """``softprep build``'s arguments for ``cli``, the store at ``out`` removed first."""
+    shutil.rmtree(out, ignore_errors=True)
+    return "build", dataset, "--root", root, "--scales", *SCALES, "--out", out, "--jobs", jobs
 
 
 def build_cli(dataset, root, out, jobs) -> tuple[float, float]:
-    shutil.rmtree(out, ignore_errors=True)
-    return cli("build", dataset, "--root", root, "--scales", *SCALES, "--out", out,
-               "--jobs", jobs)  # fmt: skip
+    return cli(*build_args(dataset, root, out, jobs))
+
+
+def build_rate(dataset, root, out, jobs) -> tuple[float, float]:
+    """(wall, images/s of the build's loop as its summary line reports it: from its first
+    shard on, without process start-up, imports, header reads and store creation)."""
+    wall, _, printed = cli_output(*build_args(dataset, root, out, jobs))
+    return wall, float(re.search(r"([0-9.]+) img/s", printed)[1])
+
+
+def serial_part(whole: float, small: float, n: int, shard: int) -> tuple[float, float]:
+    """(serial, divisible) seconds of a one-job build of ``n`` images that took ``whole``
+    seconds, from a one-job build of its first ``shard`` images (one shard) that took
+    ``small``: the serial part is what the small build spends beyond one shard's work."""
+    work = (whole - small) / (n - shard) * n
+    return whole - work, work
 
 
 def camvid_like(out: Path, counts: dict[str, int]) -> Path:
@@ -158,8 +187,7 @@ def bench_jobs(datasets: dict, tmp: Path, rounds: int) -> dict:
         )
         # a one-job build of one shard's images is its fixed part and one shard's work
         small = best(times[name, "first"])[0]
-        work = (w1 - small) / (n - shard) * n
-        fixed = w1 - work
+        fixed, work = serial_part(w1, small, n, shard)
         print(
             f"jobs, {name}: a one-job build's serial part (process start-up, imports, store "
             f"creation, compiled kernels, last statistics, exit; from a build of its first "
@@ -335,23 +363,36 @@ def bench_per_megapixel(datasets: dict, tmp: Path, rounds: int) -> None:
         )
 
 
-def bench_jobs16(datasets: dict, tmp: Path) -> None:
+def bench_many(datasets: dict, tmp: Path, jobs: int, city_images: int, rounds: int) -> None:
+    """``--jobs N`` vs ``--jobs 1`` (N = ``jobs``) on each dataset and on ``city_images``
+    Cityscapes-size generated images: the wall-clock speed-up, the speed-up of the build's
+    loop (its summary's img/s: start-up, header reads and store creation left out), and the
+    most N jobs can give beside the one-job build's serial part (Amdahl)."""
     cores = usable_cores()
-    if cores < 16:
-        print(f"jobs16: skipped ({cores} usable cores; needs >= 16)")
+    if cores < jobs:
+        print(f"jobs{jobs}: skipped ({cores} usable cores; needs >= {jobs})")
         return
-    city = tmp / "cityscapes-128"
-    write_sample(load_manifest("cityscapes"), city, {"train": 128}, size=(1024, 2048),
-                 photo_like=True)  # fmt: skip
-    runs = dict(datasets) | {"cityscapes-size generated": ("cityscapes", city, 128)}
+    city = tmp / f"cityscapes-{city_images}"
+    if not city.is_dir():
+        write_sample(load_manifest("cityscapes"), city, {"train": city_images},
+                     size=(1024, 2048), photo_like=True)  # fmt: skip
+    runs = dict(datasets) | {"cityscapes-size generated": ("cityscapes", city, city_images)}
     for name, (manifest, root, n) in runs.items():
-        out = tmp / f"j16-{name}.zarr"
-        arms = {j: lambda j=j, m=manifest, r=root, o=out: build_cli(m, r, o, j) for j in (1, 16)}
-        times = interleaved(arms, 2)
-        w1, w16 = best(times[1])[0], best(times[16])[0]
+        hw = (1024, 2048) if manifest == "cityscapes" else (360, 480)
+        shard = choose_images_per_shard(np.array([hw]), OPTIONS)
+        small = first_images(manifest, root, shard, tmp / f"first-{name}")
+        out = tmp / f"many-{name}.zarr"
+        arms = {j: lambda j=j, m=manifest, r=root, o=out: build_rate(m, r, o, j) for j in (1, jobs)}
+        arms["first"] = lambda m=manifest, r=small, o=out: build_cli(m, r, o, 1)
+        times = interleaved(arms, rounds)
+        (w1, rate1), (wn, raten) = best(times[1]), best(times[jobs])
+        fixed, work = serial_part(w1, best(times["first"])[0], n, shard)
         print(
-            f"jobs16, {name} ({n} images): --jobs 16 {w16:.2f} s vs --jobs 1 {w1:.2f} s -> "
-            f"{w1 / w16:.2f}x (goal >= 12x); raw {raw(times[1])} / {raw(times[16])} s"
+            f"jobs{jobs}, {name} ({n} images): --jobs {jobs} {wn:.2f} s vs --jobs 1 {w1:.2f} s "
+            f"-> {w1 / wn:.2f}x (goal >= 12x at 16 jobs); the build loop {raten:.1f} vs "
+            f"{rate1:.1f} img/s -> {raten / rate1:.2f}x; the one-job serial part {fixed:.2f} s "
+            f"caps {jobs} jobs at {w1 / (fixed + work / jobs):.2f}x (Amdahl); raw "
+            f"{raw(times[1])} / {raw(times[jobs])} s"
         )
 
 
@@ -368,6 +409,12 @@ def main() -> None:
         type=int,
         default=None,
         help="without --root: N >= 3 generated images in CamVid's split proportions",
+    )
+    ap.add_argument(
+        "--many", type=int, default=16, help="jobs16: the job count against one (default 16)"
+    )
+    ap.add_argument(
+        "--city", type=int, default=128, help="jobs16: Cityscapes-size generated images"
     )
     args = ap.parse_args()
     if args.images is not None and (args.root or args.images < 3):
@@ -404,7 +451,7 @@ def main() -> None:
         if "verify" in args.what:
             bench_verify(datasets, tmp, args.rounds)
         if "jobs16" in args.what:
-            bench_jobs16(datasets, tmp)
+            bench_many(datasets, tmp, args.many, args.city, args.rounds)
         print(f"1-minute load {os.getloadavg()[0]:.1f} at the end")
 
 
