@@ -212,7 +212,7 @@ def in_process(url: str) -> bool:
     """Whether the store at ``url`` lives in this process's memory (fsspec's ``memory://``):
     worker processes cannot see it (a fork sees a copy, a fresh interpreter nothing), so its
     work stays in this process."""
-    return str(url).startswith("memory://")
+    return "memory://" in str(url)  # also chained: simplecache::memory://...
 
 
 def holds_data(url: str) -> bool:

@@ -46,7 +46,8 @@ class VerifyReport:
     images: int = 0  # images in the store
     seconds: float = 0.0
     meta: dict | None = None  # the store's metadata (its build options), for the advice
-    names: np.ndarray | None = None  # (images,) the store's image names, where readable
+    names: np.ndarray | None = field(default=None, repr=False, compare=False)  # (images,)
+    # the store's image names, where its metadata is readable
 
     @property
     def ok(self) -> bool:
@@ -69,10 +70,11 @@ class VerifyReport:
             )
         return f"{url}: the build did not finish; resume it: {command}"
 
-    def to_dict(self, url: str) -> dict:
-        """The report as plain data (``softprep verify --json``)."""
+    def to_dict(self, url: str, names=None) -> dict:
+        """The report as plain data (``softprep verify --json``); ``names``: image names for
+        the damaged images, if not the report's own."""
         damaged = sorted(self.damaged)
-        names = self.names
+        names = self.names if names is None else names
         return {
             "store": url,
             "ok": self.ok,

@@ -340,8 +340,9 @@ def test_a_store_in_memory_is_built_and_verified_in_this_process_whatever_the_jo
     build(m, samples["cityscapes"], str(local), opts)
     assert build(m, samples["cityscapes"], url, opts, jobs=2).built == len(SoftStore(local))
     assert_same_store(str(local), url)
-    report = verify(url, jobs=2)
-    assert report.ok and report.checked == len(SoftStore(local)), report.problems
+    for store in (url, SoftStore(url)):  # a path, as the CLI gives it, or an open store
+        report = verify(store, jobs=2)
+        assert report.ok and report.checked == len(SoftStore(local)), report.problems
 
 
 def test_resume_after_interruptions_equals_uninterrupted(samples, tmp_path, monkeypatch):

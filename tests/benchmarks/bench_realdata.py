@@ -59,6 +59,14 @@ from softprep.sample import write_sample
 
 SCALES = ("1/8", "1/4", "1/2")
 OPTIONS = BuildOptions(scales=(0.125, 0.25, 0.5))  # the same
+CAMVID_HW, CITYSCAPES_HW = (360, 480), (1024, 2048)
+
+
+def images_per_shard(hw: tuple[int, int]) -> int:
+    """The build's default shard size (images) for images of ``hw`` pixels."""
+    return choose_images_per_shard(np.array([hw]), OPTIONS)
+
+
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared/fixtures"
 
 
@@ -96,15 +104,26 @@ def build_rate(dataset, root, out, jobs) -> tuple[float, float]:
     """(wall, images/s of the build's loop as its summary line reports it: from its first
     shard on, without process start-up, imports, header reads and store creation)."""
     wall, _, printed = cli_output(*build_args(dataset, root, out, jobs))
-    return wall, float(re.search(r"([0-9.]+) img/s", printed)[1])
+    found = re.search(r"([0-9.]+)\s+img/s", printed)  # the line may wrap (COLUMNS)
+    if found is None:
+        raise SystemExit(f"no img/s in the build's summary:\n{printed}")
+    return wall, float(found[1])
 
 
 def serial_part(whole: float, small: float, n: int, shard: int) -> tuple[float, float]:
-    """(serial, divisible) seconds of a one-job build of ``n`` images that took ``whole``
-    seconds, from a one-job build of its first ``shard`` images (one shard) that took
-    ``small``: the serial part is what the small build spends beyond one shard's work."""
+    """(serial, divisible) seconds of a one-job build of ``n`` > ``shard`` images that took
+    ``whole`` seconds, from a one-job build of its first ``shard`` images (one shard) that
+    took ``small``: the serial part is what the small build spends beyond one shard's work.
+    Work per image that only the build process does (header reads, its statistics writes)
+    counts as divisible here, so a cap from this (``amdahl``) is an upper bound."""
     work = (whole - small) / (n - shard) * n
     return whole - work, work
+
+
+def amdahl(whole: float, serial: float, work: float, jobs: int) -> float:
+    """The most ``jobs`` processes can speed up a build of ``serial + work`` = ``whole``
+    seconds (its divisible ``work`` split evenly, the shards' count ignored)."""
+    return whole / (serial + work / jobs)
 
 
 def camvid_like(out: Path, counts: dict[str, int]) -> Path:
@@ -155,7 +174,7 @@ def raw(runs) -> str:
 def bench_jobs(datasets: dict, tmp: Path, rounds: int) -> dict:
     """--jobs 2 vs --jobs 1 on each dataset, arms interleaved; returns the one-job seconds
     per image of each (for the comparison of generated and real)."""
-    arms, shard = {}, choose_images_per_shard(np.array([[360, 480]]), OPTIONS)
+    arms, shard = {}, images_per_shard(CAMVID_HW)
     for name, (manifest, root, _) in datasets.items():
         for jobs in (1, 2):
             out = tmp / f"jobs-{name}-{jobs}.zarr"
@@ -192,7 +211,7 @@ def bench_jobs(datasets: dict, tmp: Path, rounds: int) -> dict:
             f"jobs, {name}: a one-job build's serial part (process start-up, imports, store "
             f"creation, compiled kernels, last statistics, exit; from a build of its first "
             f"{shard} images, {small:.2f} s) {fixed:.2f} s of {w1:.2f} s: with it, 2 jobs can "
-            f"reach at most {w1 / (fixed + work / 2):.2f}x (Amdahl), measured {w1 / w2:.2f}x; "
+            f"reach at most {amdahl(w1, fixed, work, 2):.2f}x (Amdahl), measured {w1 / w2:.2f}x; "
             f"raw {raw(times[name, 'first'])} s"
         )
     return per_image
@@ -250,7 +269,7 @@ def bench_costs(root: Path, tmp: Path, rounds: int) -> None:
     )
     manifest = load_manifest("camvid")
     pairs, _ = discover(manifest, root)
-    per = choose_images_per_shard(np.array([[360, 480]]), options)
+    per = choose_images_per_shard(np.array([CAMVID_HW]), options)
     args = ("url", "id", 0, pairs[:per], manifest, options, [False] * per, ("host", 1))
     result = [build_module.ImageResult(i, np.zeros(13, np.int64)) for i in range(per)]
     trips = []
@@ -373,13 +392,11 @@ def bench_many(datasets: dict, tmp: Path, jobs: int, city_images: int, rounds: i
         print(f"jobs{jobs}: skipped ({cores} usable cores; needs >= {jobs})")
         return
     city = tmp / f"cityscapes-{city_images}"
-    if not city.is_dir():
-        write_sample(load_manifest("cityscapes"), city, {"train": city_images},
-                     size=(1024, 2048), photo_like=True)  # fmt: skip
+    write_sample(load_manifest("cityscapes"), city, {"train": city_images}, size=CITYSCAPES_HW,
+                 photo_like=True)  # fmt: skip
     runs = dict(datasets) | {"cityscapes-size generated": ("cityscapes", city, city_images)}
     for name, (manifest, root, n) in runs.items():
-        hw = (1024, 2048) if manifest == "cityscapes" else (360, 480)
-        shard = choose_images_per_shard(np.array([hw]), OPTIONS)
+        shard = images_per_shard(CITYSCAPES_HW if manifest == "cityscapes" else CAMVID_HW)
         small = first_images(manifest, root, shard, tmp / f"first-{name}")
         out = tmp / f"many-{name}.zarr"
         arms = {j: lambda j=j, m=manifest, r=root, o=out: build_rate(m, r, o, j) for j in (1, jobs)}
@@ -391,7 +408,7 @@ def bench_many(datasets: dict, tmp: Path, jobs: int, city_images: int, rounds: i
             f"jobs{jobs}, {name} ({n} images): --jobs {jobs} {wn:.2f} s vs --jobs 1 {w1:.2f} s "
             f"-> {w1 / wn:.2f}x (goal >= 12x at 16 jobs); the build loop {raten:.1f} vs "
             f"{rate1:.1f} img/s -> {raten / rate1:.2f}x; the one-job serial part {fixed:.2f} s "
-            f"caps {jobs} jobs at {w1 / (fixed + work / jobs):.2f}x (Amdahl); raw "
+            f"caps {jobs} jobs at {amdahl(w1, fixed, work, jobs):.2f}x at most (Amdahl); raw "
             f"{raw(times[1])} / {raw(times[jobs])} s"
         )
 
@@ -408,7 +425,7 @@ def main() -> None:
         "--images",
         type=int,
         default=None,
-        help="without --root: N >= 3 generated images in CamVid's split proportions",
+        help="without --root: N generated images (more than one shard) in CamVid's splits",
     )
     ap.add_argument(
         "--many", type=int, default=16, help="jobs16: the job count against one (default 16)"
@@ -417,8 +434,12 @@ def main() -> None:
         "--city", type=int, default=128, help="jobs16: Cityscapes-size generated images"
     )
     args = ap.parse_args()
-    if args.images is not None and (args.root or args.images < 3):
-        ap.error("--images takes 3 or more, and only without --root (CamVid's count is its own)")
+    one_shard = {"--images": images_per_shard(CAMVID_HW), "--city": images_per_shard(CITYSCAPES_HW)}
+    if args.images is not None and args.root:
+        ap.error("--images is for generated data only (CamVid's count is its own)")
+    for option, value in (("--images", args.images), ("--city", args.city)):
+        if value is not None and value <= one_shard[option]:  # the serial part needs more
+            ap.error(f"{option} takes more images than one shard holds ({one_shard[option]})")
     load = os.getloadavg()[0]
     print(f"{usable_cores()} usable cores, 1-minute load {load:.1f} at the start")
     with tempfile.TemporaryDirectory(dir=args.tmp) as d:
