@@ -139,3 +139,22 @@ def test_more_ranks_than_a_batch_of_images_is_refused(store, tmp_path):
     text = " ".join((r.stdout + r.stderr).split())
     assert "fewer than one step's batch of 4 per process x 2 process(es)" in text
     assert not (tmp_path / "run").exists()
+
+
+PROBE = """import atexit, sys
+atexit.register(lambda: print("exit handlers ran"))
+sys.argv = ["softtrain", *sys.argv[1:]]
+from softtrain.__main__ import main
+main()"""
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_torchrun_rank_ends_without_the_interpreters_finalisation(world):
+    """A rank (WORLD_SIZE > 1) ends at once with its exit code and output, skipping Python's
+    finalisation, where Gloo's threads, kept alive by DDP, aborted finished runs now and
+    then (softtrain.cli._exit_rank); a single process ends as usual."""
+    for args, code, said in [(["--version"], 0, "softtrain "), (["fit", "--bogus"], 2, "--bogus")]:
+        r = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True,
+                           env=child_env() | {"WORLD_SIZE": world}, timeout=120)  # fmt: skip
+        assert r.returncode == code and said in r.stdout + r.stderr, r.stdout + r.stderr
+        assert ("exit handlers ran" in r.stdout) == (world == "1"), r.stdout
