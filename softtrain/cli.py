@@ -7,13 +7,14 @@ answers at once.
 from __future__ import annotations
 
 import csv
+import ctypes
 import functools
 import json
 import logging
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn
@@ -544,4 +545,6 @@ def _exit_rank(code) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
+    with suppress(OSError, AttributeError):  # C stdio too, as exit() does
+        ctypes.CDLL(None).fflush(None)
     os._exit(code or 0)
