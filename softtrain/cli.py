@@ -7,17 +7,13 @@ answers at once.
 from __future__ import annotations
 
 import csv
-import ctypes
 import functools
 import json
-import logging
-import os
 import sys
 import time
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import NoReturn
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -519,32 +515,8 @@ def bench_loader(
 def main() -> None:
     try:
         run_app(app, sys.argv[1:], MULTI_VALUE, "softtrain")
-    except SystemExit as e:  # how every command ends, 0 included
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun rank (distributed.setup)
-            _exit_rank(e.code)
+    except BaseException as e:  # SystemExit ends every command, 0 included
+        distributed = sys.modules.get("softtrain.distributed")  # commands that may join one
+        if distributed is not None and distributed.joined():
+            distributed.exit_rank(e)
         raise
-
-
-def _exit_rank(code) -> NoReturn:
-    """End this ``torchrun`` rank with ``code`` (``SystemExit``'s) at once, its output
-    flushed, skipping the interpreter's finalisation and exit handlers.
-
-    Why: ``DistributedDataParallel`` keeps the Gloo process group alive past
-    ``destroy_process_group`` (its worker threads still run at exit, checked with torch
-    2.14; pytorch#107298), and a worker thread that frees a collective's tensors once
-    finalisation has begun needs the GIL and is ended inside C++ (pytorch#179291): a rank
-    of a finished run then aborted (SIGABRT, "terminate called without an active
-    exception"), and torchrun reported the run failed: twice in about ten runs of the test
-    suite; a two-rank script with DDP and a few collectives, 5 of 30 runs, 0 of 30 with
-    this exit (measured).
-    What the exit handlers would close is closed before: ``fit`` ends the run's trackers,
-    lock and loader workers however it ends; logging is flushed here."""
-    if code is not None and not isinstance(code, int):
-        print(code, file=sys.stderr)  # as Python prints a SystemExit message
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    with suppress(OSError, AttributeError):  # C stdio too, as exit() does
-        ctypes.CDLL(None).fflush(None)
-    os._exit(code or 0)

@@ -97,9 +97,14 @@ class RunLog:
         if resume_step is not None:  # records after the checkpoint will be written again
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self.trackers = list(trackers)
-        for tracker in self.trackers:
-            tracker.start(options or {}, resume_step)
+        self.trackers = []
+        try:
+            for tracker in trackers:
+                tracker.start(options or {}, resume_step)
+                self.trackers.append(tracker)
+        except BaseException:  # those started end their runs: no one else will
+            self.close()
+            raise
 
     def _append(self, record: dict) -> None:
         with open(self.path, "a") as f:

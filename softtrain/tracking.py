@@ -4,14 +4,16 @@ A ``Tracker`` gets the run's options once, scalars as the run goes (``train/loss
 ``val/mIoU``, ``val_iou/<class>``, ...) and, at each evaluation, a few images (colour |
 truth | prediction). TensorBoard (``--tensorboard``) and MLflow (``--mlflow URI``) are built
 in; any other (Weights & Biases, ...) is a subclass named with ``--tracker
-package.module:Class``, constructed with the run folder::
+package.module:Class``, constructed with the run folder (before the run is known to
+start: open connections in ``start``)::
 
     class WandbTracker(Tracker):
         def __init__(self, out):
-            import wandb
-            self.run = wandb.init(dir=str(out), name=out.name, resume="allow")
+            self.out = out
         def start(self, options, resume_step):
-            self.run.config.update(options, allow_val_change=True)
+            import wandb
+            self.run = wandb.init(dir=str(self.out), name=self.out.name, resume="allow",
+                                  config=options, allow_val_change=True)
         def scalars(self, step, values):
             self.run.log(values, step=step)
         def images(self, step, name, image):
@@ -45,7 +47,8 @@ class Tracker:
         """An (H, W, 3) uint8 picture at ``step``."""
 
     def close(self) -> None:
-        """The run ended (or stopped)."""
+        """The run ended (or stopped): send and flush everything now. Exit handlers do not
+        run after it in a torchrun rank (``softtrain.distributed.exit_rank``)."""
 
 
 class TensorBoardTracker(Tracker):

@@ -4,6 +4,7 @@ single-process one exactly, checkpoints move between DDP and single-process runs
 too many ranks for the data are refused with a message."""
 
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -141,20 +142,49 @@ def test_more_ranks_than_a_batch_of_images_is_refused(store, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-PROBE = """import atexit, sys
+PROBE = """import atexit, sys, torch
 atexit.register(lambda: print("exit handlers ran"))
-sys.argv = ["softtrain", *sys.argv[1:]]
-from softtrain.__main__ import main
-main()"""
+import softtrain.cli as cli
+from softtrain import distributed
 
 
-@pytest.mark.parametrize("world", ["1", "2"])
-def test_a_torchrun_rank_ends_without_the_interpreters_finalisation(world):
-    """A rank (WORLD_SIZE > 1) ends at once with its exit code and output, skipping Python's
-    finalisation, where Gloo's threads, kept alive by DDP, aborted finished runs now and
-    then (softtrain.cli._exit_rank); a single process ends as usual."""
-    for args, code, said in [(["--version"], 0, "softtrain "), (["fit", "--bogus"], 2, "--bogus")]:
-        r = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True,
-                           env=child_env() | {"WORLD_SIZE": world}, timeout=120)  # fmt: skip
-        assert r.returncode == code and said in r.stdout + r.stderr, r.stdout + r.stderr
-        assert ("exit handlers ran" in r.stdout) == (world == "1"), r.stdout
+@cli.app.command("boom")
+def boom():
+    raise RuntimeError("boom")
+
+
+if sys.argv[1] == "joined":
+    distributed.teardown(distributed.setup(torch.device("cpu")))
+sys.argv = ["softtrain", *sys.argv[2:]]
+cli.main()"""
+
+
+def ranks_running(how: str, *args) -> list[subprocess.CompletedProcess]:
+    """``softtrain ARGS`` (``PROBE``) in two processes that have joined one Gloo group and
+    left it (``how`` = "joined"), as torchrun's ranks do, or that have not ("alone")."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = child_env() | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    ranks = [subprocess.Popen([sys.executable, "-c", PROBE, how, *args], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=env | {"RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]  # fmt: skip
+    return [subprocess.CompletedProcess(p.args, p.wait(120), *p.communicate()) for p in ranks]
+
+
+@pytest.mark.slow
+def test_a_rank_ends_with_its_exit_code_and_output_but_not_the_interpreters_finalisation():
+    """Once a process has joined a group, whatever ends its command ends it at once
+    (``distributed.exit_rank``): Gloo's threads, kept alive by DDP, aborted finished runs
+    now and then during the interpreter's finalisation. A process that has not joined one
+    ends as usual, whatever WORLD_SIZE says."""
+    for args, code, said in [
+        (["--version"], 0, "softtrain "),
+        (["fit", "--bogus"], 2, "--bogus"),
+        (["boom"], 1, "RuntimeError: boom"),
+    ]:
+        for how in ("joined", "alone"):
+            for r in ranks_running(how, *args):
+                assert r.returncode == code and said in r.stdout + r.stderr, r.stdout + r.stderr
+                assert ("exit handlers ran" in r.stdout) == (how == "alone"), r.stdout

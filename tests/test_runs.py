@@ -499,3 +499,26 @@ def test_a_stop_during_evaluation_saves_and_the_resume_redoes_it(store, tmp_path
     fit(tiny(store, out, iters=4, eval_every=2), resume=True)
     evals = [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["type"] == "eval"]
     assert evals == [2, 4] and not load_checkpoint(out / "last.pt")["pending_eval"]
+
+
+def test_a_tracker_that_fails_to_start_ends_those_started_before_it(tmp_path):
+    """Nothing else would end their runs: in a torchrun rank no exit handler runs."""
+    from softtrain.runlog import RunLog
+    from softtrain.tracking import Tracker
+
+    events = []
+
+    class Recording(Tracker):
+        def start(self, options, resume_step):
+            events.append("start")
+
+        def close(self):
+            events.append("close")
+
+    class Failing(Tracker):
+        def start(self, options, resume_step):
+            raise ConnectionError("tracking server unreachable")
+
+    with pytest.raises(ConnectionError):
+        RunLog(tmp_path, [Recording(), Failing(), Recording()])
+    assert events == ["start", "close"]
