@@ -76,7 +76,7 @@ def exit_rank(ending: BaseException) -> NoReturn:
     PR #179291 describes): a rank of a finished run then aborted (SIGABRT, "terminate
     called without an active exception"), and torchrun reported the run failed: twice in
     about ten runs of the test suite; a two-rank script with DDP and a few collectives,
-    5 of 30 runs, 0 of 30 ending so (measured). What exit handlers would close is closed
+    5 and 10 of 30 runs, 0 of 30 ending so (measured). What exit handlers would close is closed
     before: ``fit`` ends the run's trackers, lock and loader workers however it ends; a
     user's script that calls ``softtrain.fit.fit`` under torchrun can end the same way."""
     if isinstance(ending, SystemExit):
