@@ -269,7 +269,7 @@ def bench_costs(root: Path, tmp: Path, rounds: int) -> None:
     )
     manifest = load_manifest("camvid")
     pairs, _ = discover(manifest, root)
-    per = choose_images_per_shard(np.array([CAMVID_HW]), options)
+    per = images_per_shard(CAMVID_HW)
     args = ("url", "id", 0, pairs[:per], manifest, options, [False] * per, ("host", 1))
     result = [build_module.ImageResult(i, np.zeros(13, np.int64)) for i in range(per)]
     trips = []
