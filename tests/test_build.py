@@ -3,6 +3,7 @@
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -552,6 +553,70 @@ def test_resume_after_sigkill_subprocess(samples, tmp_path):
     subprocess.run([*cmd, "--out", url], check=True, capture_output=True)
     assert_same_store(ref, url)
     assert verify(SoftStore(url)).ok
+
+
+@pytest.mark.parametrize("dataset,scales", [("cityscapes", (0.125, 0.5)), ("ade20k", (0.5, 1.0))])
+def test_windows_read_from_shard_files_equal_zarrs_reads(samples, tmp_path, dataset, scales):
+    """``SoftStore``'s direct reads of local shards (``ShardReader.window``) against zarr's
+    own read of the same selection: windows inside one chunk, across chunks, whole images,
+    past the images (padding) and past the array's edge; 2 images per shard, an image left
+    out of its shard and a deleted shard (both the fill value). ADE20K at full size: arrays
+    256 < H, W < 512, so shards pass the array's edge."""
+    url = str(tmp_path / "s.zarr")
+    build(
+        load_manifest(dataset),
+        samples[dataset],
+        url,
+        BuildOptions(scales=scales, images_per_shard=2),
+    )
+    store = SoftStore(url)
+    n = len(store)
+    paths = store.image_arrays()
+    some = paths[0]  # image 1 of shard 0 left out; all of image 2's shards deleted
+    data = zarr.open_group(url, mode="r+")[some]
+    data[1] = data.fill_value  # zarr drops the image's chunks (all fill) from the shard
+    for path in paths:
+        Path(url, store.shard_key(path, 2)).unlink(missing_ok=True)
+    rng = np.random.default_rng(0)
+    compared = 0
+    for path in paths:
+        arr = store.array(path)
+        h, w = arr.shape[-3:-1] if path.endswith("rgb") else arr.shape[-2:]
+        for i in range(n):
+            windows = [(0, 0, h, w), (0, 0, h + 300, w + 300), (h - 1, w - 1, 5, 5)]
+            windows += [(int(rng.integers(h)), int(rng.integers(w)), int(rng.integers(1, 300)),
+                         int(rng.integers(1, 300))) for _ in range(6)]  # fmt: skip
+            for y0, x0, hh, ww in windows:
+                space = (slice(y0, y0 + hh), slice(x0, x0 + ww))
+                planes = () if path.endswith("rgb") else (slice(None),) * (arr.ndim - 3)
+                selection = (i, *planes, *space)
+                got = store._read(path, i, selection)
+                assert got.dtype == np.uint8
+                np.testing.assert_array_equal(got, arr[selection], err_msg=f"{path} {i} {space}")
+                compared += 1
+        assert store._readers[path] is not None, f"{path}: not read directly"
+    assert compared == len(paths) * n * 9
+    assert (store._read(some, 1, (1,)) == 0).all() and (store._read(some, 2, (2,)) == 0).all()
+
+
+def test_a_damaged_shard_read_by_a_crop_names_the_store_array_and_image(samples, tmp_path):
+    url = str(tmp_path / "s.zarr")
+    options = BuildOptions(scales=(0.25,), images_per_shard=2)
+    build(load_manifest("cityscapes"), samples["cityscapes"], url, options)
+    store = SoftStore(url)
+    shard = Path(url, store.shard_key("levels/x0.25/soft", 1))
+    good = shard.read_bytes()
+    damaged = bytearray(good)
+    damaged[len(good) * 3 // 4] ^= 0x10  # a bit of image 1's chunk (the shard's second half)
+    for data, why in [
+        (bytes(damaged), "stored and computed checksum of inner chunk 0 do not match"),
+        (good[:-3], "stored and computed checksum of the shard index do not match"),
+        (good[:10], "shard of 10 bytes is shorter than its index"),
+    ]:
+        shard.write_bytes(data)
+        where = f"{url}: levels/x0.25/soft of image 1 ({store.names()[1]}) is damaged ({why})"
+        with pytest.raises(StoreError, match=re.escape(where)):
+            SoftStore(url).read_soft(0.25, 1, (0, 0, 8, 8))
 
 
 def test_images_per_shard_from_the_image_size():
