@@ -253,8 +253,12 @@ def _padded(a: np.ndarray, crop: tuple[int, int], first: int, flipped: bool) -> 
     (``first`` in channel 0), mirrored left-right if ``flipped``."""
     out = np.zeros((a.shape[0], *crop), dtype=np.uint8)
     out[0] = first
-    out[:, : a.shape[1], : a.shape[2]] = a
-    return torch.from_numpy(np.ascontiguousarray(out[..., ::-1] if flipped else out))
+    h, w = a.shape[1:]
+    if flipped:  # written mirrored: one copy
+        out[:, :h, crop[1] - w :] = a[..., ::-1]
+    else:
+        out[:, :h, :w] = a
+    return torch.from_numpy(out)
 
 
 def valid_mask(size: torch.Tensor, flipped: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:

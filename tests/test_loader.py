@@ -66,6 +66,21 @@ def test_padding_is_void_and_black(store):
     assert torch.allclose(void[0, h:, :], torch.ones(1))
 
 
+def test_a_flipped_padded_crop_is_the_mirror_of_the_unflipped_one(store):
+    """Padding of a flipped crop lies on the left: the same window without the flip, mirrored."""
+    kept = CropDataset(store, (200, 300), "train", levels=["1/4"], flip=False, seed=5)
+    flips = CropDataset(store, (200, 300), "train", levels=["1/4"], flip=True, seed=5)
+    flipped = 0
+    for i in range(2 * len(kept)):
+        a, b = kept[i], flips[i]
+        assert a["origin"].tolist() == b["origin"].tolist()
+        mirror = (lambda t: t.flip(-1)) if b["flipped"] else (lambda t: t)
+        for key in ("image", "index", "prob"):
+            assert torch.equal(b[key], mirror(a[key])), key
+        flipped += b["flipped"]
+    assert 0 < flipped < 2 * len(kept)
+
+
 def test_densify_sums_to_one_and_mc_mask(store):
     data = CropDataset(store, (48, 64), "train")
     batch = next(iter(DataLoader(data, batch_size=4)))
