@@ -24,32 +24,39 @@ class RepeatSampler(Sampler):
         return self.total
 
 
-def time_loader(dataset, workers: int, batch_size: int, batches: int) -> dict:
+def _tensor_bytes(batch) -> int:
+    """Bytes of the tensors a batch holds (a dict of stacked tensors, or a list of samples)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.numel() * batch.element_size()
+    if isinstance(batch, dict):
+        return sum(_tensor_bytes(v) for v in batch.values())
+    if isinstance(batch, list | tuple):
+        return sum(_tensor_bytes(v) for v in batch)
+    return 0
+
+
+def time_loader(dataset, workers: int, batch_size: int, batches: int, collate_fn=None) -> dict:
     """Time ``batches`` batches of any map-style dataset after one warm-up batch per worker
-    (workers started, stores opened). Returns crops/s, crops/s per worker and MB/s of the
-    tensors the samples hold."""
+    (workers started, stores opened). ``collate_fn``: None batches samples as ``softtrain
+    fit`` does (torch's default: one stacked tensor per key, in the worker); ``list`` keeps
+    them apart, as mmsegmentation's ``pseudo_collate`` does for crops of different sizes.
+    Returns crops/s, crops/s per worker and MB/s of the tensors the batches hold."""
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
         num_workers=workers,
         persistent_workers=workers > 0,
         sampler=RepeatSampler(len(dataset), batch_size * (batches + max(1, workers))),
-        collate_fn=list,
+        collate_fn=collate_fn,
     )
     it = iter(loader)
     for _ in range(max(1, workers)):
         next(it)
-    start, crops, nbytes = time.perf_counter(), 0, 0
+    start, nbytes = time.perf_counter(), 0
     for _ in range(batches):
-        samples = next(it)
-        crops += len(samples)
-        nbytes += sum(
-            v.numel() * v.element_size()
-            for s in samples
-            for v in s.values()
-            if isinstance(v, torch.Tensor)
-        )
+        nbytes += _tensor_bytes(next(it))
     seconds = time.perf_counter() - start
+    crops = batches * batch_size  # every batch is full: the sampler yields whole batches
     return {
         "crops_per_s": crops / seconds,
         "crops_per_s_per_worker": crops / seconds / max(1, workers),

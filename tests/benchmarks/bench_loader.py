@@ -1,5 +1,6 @@
 """Loader benchmark (issue 5 targets). Three loaders measured in the same run on the same
-Cityscapes-size data (2048x1024, 19 classes), DataLoader with the same workers and batch:
+data (generated Cityscapes-size images, 2048x1024, 19 classes; or a real dataset's train
+split with ``--root``), DataLoader with the same workers and batch:
 
 - ours: random-scale crops read from a softprep store (levels 1/8 1/4 1/2)
 - paper on-the-fly: decode PNGs, random resize of the colour image (bicubic), one-hot the
@@ -17,6 +18,7 @@ the smoke test runs, read too few shards to compare: 48 once gave 1.12x where 96
 twice).
 
     python tests/benchmarks/bench_loader.py [--images 8] [--workers 2] [--batches 48]
+    python tests/benchmarks/bench_loader.py --root /data/CamVid --dataset camvid --crop 96x128
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ SCALES = (0.125, 0.25, 0.5)
 class OnTheFly(Dataset):
     """Per-sample decode + resize + crop from the source files (the two baselines)."""
 
-    def __init__(self, root: Path, crop, soft: bool, seed: int = 0):
-        self.manifest = load_manifest("cityscapes")
+    def __init__(self, manifest, root: Path, crop, soft: bool, seed: int = 0):
+        self.manifest = manifest
         self.pairs, _ = discover(self.manifest, root, ["train"])
         self.crop, self.soft, self.seed = crop, soft, seed
 
@@ -62,8 +64,9 @@ class OnTheFly(Dataset):
         y0, x0 = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
         if self.soft:  # paper: bicubic colour, one-hot label interpolated bilinearly
             img = image.resize((w, h), Image.BICUBIC)
-            lab = torch.from_numpy(np.where(label == 255, 19, label).astype(np.int64))
-            onehot = F.one_hot(lab, 20).permute(2, 0, 1)[None].float()
+            c = len(self.manifest.classes)  # void as one more class
+            lab = torch.from_numpy(np.where(label == 255, c, label).astype(np.int64))
+            onehot = F.one_hot(lab, c + 1).permute(2, 0, 1)[None].float()
             target = F.interpolate(onehot, size=(h, w), mode="bilinear", align_corners=False)[0]
             target = target[:, y0 : y0 + ch, x0 : x0 + cw]
         else:  # mmseg: bilinear colour, nearest label
@@ -81,7 +84,11 @@ class OnTheFly(Dataset):
 
 
 def crops_per_second(dataset, workers: int, batch: int, batches: int) -> float:
-    return time_loader(dataset, workers, batch, batches)["crops_per_s"]
+    """Each loader batched as its training loop does: ours as ``softtrain fit`` (stacked in
+    the worker), the on-the-fly baselines as mmsegmentation (samples apart: their crops of
+    small images differ in size)."""
+    apart = isinstance(dataset, OnTheFly)
+    return time_loader(dataset, workers, batch, batches, list if apart else None)["crops_per_s"]
 
 
 def bench_direct_reads(url: str, crop, crops: int = 400) -> None:
@@ -146,29 +153,40 @@ def main() -> None:
         "below 48 that part is no comparison)",
     )
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument(
+        "--root",
+        help="a real dataset's root in its official layout (e.g. CamVid) instead of "
+        "generated Cityscapes-size images; its train split is read",
+    )
+    ap.add_argument("--dataset", default="cityscapes", help="the manifest of --root")
+    ap.add_argument("--crop", default="256x512", help="HxW of the crops compared")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    crop = tuple(int(v) for v in args.crop.split("x"))
     with tempfile.TemporaryDirectory() as d:
-        root, url = Path(d) / "cityscapes", str(Path(d) / "cs.zarr")
-        write_sample(load_manifest("cityscapes"), root, {"train": args.images}, size=(1024, 2048))
-        build(load_manifest("cityscapes"), root, url, BuildOptions(scales=SCALES), jobs=2)
-        crop = (256, 512)
+        manifest, url = load_manifest(args.dataset), str(Path(d) / "store.zarr")
+        root = Path(args.root) if args.root else Path(d) / "cityscapes"
+        if not args.root:
+            write_sample(manifest, root, {"train": args.images}, size=(1024, 2048))
+        build(manifest, root, url, BuildOptions(scales=SCALES, splits=("train",)), jobs=2)
+        what = f"{crop[0]}x{crop[1]}, {args.workers} workers, {args.root or 'generated'}"
         ours = crops_per_second(CropDataset(url, crop), args.workers, args.batch, args.batches)
-        paper = crops_per_second(
-            OnTheFly(root, crop, soft=True), args.workers, args.batch, max(2, args.batches // 6)
-        )
-        mmseg = crops_per_second(
-            OnTheFly(root, crop, soft=False), args.workers, args.batch, max(2, args.batches // 3)
+        batches = {True: max(2, args.batches // 6), False: max(2, args.batches // 3)}
+        paper, mmseg = (
+            crops_per_second(
+                OnTheFly(manifest, root, crop, soft), args.workers, args.batch, batches[soft]
+            )
+            for soft in (True, False)
         )
         print(
-            f"256x512, {args.workers} workers: store {ours:.1f} crops/s | paper on-the-fly {paper:.1f} crops/s "
-            f"-> {ours / paper:.1f}x (target >= 10x) | mmseg nearest {mmseg:.1f} crops/s -> {ours / mmseg:.1f}x "
-            f"(target >= 3x; >= 5x on 16 cores)"
+            f"{what}: store {ours:.1f} crops/s | paper on-the-fly {paper:.1f} crops/s "
+            f"-> {ours / paper:.1f}x (target >= 10x) | mmseg nearest {mmseg:.1f} crops/s -> "
+            f"{ours / mmseg:.1f}x (target >= 3x; >= 5x on 16 cores)"
         )
-        for crop in ((256, 512), (512, 1024)):
-            one = crops_per_second(CropDataset(url, crop), 1, args.batch, args.batches)
-            print(f"{crop[0]}x{crop[1]}: {one:.1f} crops/s per worker (store levels 1/8 1/4 1/2)")
-        bench_direct_reads(url, (256, 512), crops=args.batches * args.batch)
+        for size in (crop, (2 * crop[0], 2 * crop[1])):
+            one = crops_per_second(CropDataset(url, size), 1, args.batch, args.batches)
+            print(f"{size[0]}x{size[1]}: {one:.1f} crops/s per worker (store levels 1/8 1/4 1/2)")
+        bench_direct_reads(url, crop, crops=args.batches * args.batch)
         bench_images_per_shard(Path(d), args)
 
 
