@@ -10,6 +10,7 @@ import math
 import os
 from functools import cached_property
 from pathlib import Path
+from stat import S_ISREG
 
 import numpy as np
 import zarr
@@ -83,6 +84,11 @@ class ShardReader:
     def blob(self, shard: int) -> bytes | None:
         """The bytes of shard number ``shard``; None where it is absent."""
         key = _shard_key(self.arr, shard)
+        if self.folder is not None:  # a local file: read directly, as ``window`` does
+            try:
+                return (self.folder / key).read_bytes()
+            except (FileNotFoundError, IsADirectoryError):  # absent, as zarr reads it
+                return None
         buf = sync(self.arr.store.get(f"{self.arr.path}/{key}", default_buffer_prototype()))
         return None if buf is None else buf.to_bytes()
 
@@ -118,6 +124,8 @@ class ShardReader:
         chunk = self.encoder.chunk[1:]
         try:
             data = np.frombuffer(self.encoder.blosc.decode(body), np.uint8)
+        except MemoryError:  # this process's, not the store's
+            raise
         except Exception as e:  # noqa: BLE001 (numcodecs raises RuntimeError or others)
             raise ShardDamaged(f"inner chunk {number} does not decode ({e})") from None
         if data.size != math.prod(chunk):
@@ -152,9 +160,14 @@ class ShardReader:
 
     def window(self, i: int, window: tuple[slice, ...]) -> np.ndarray:
         """Image ``i``'s data in ``window`` (slices of step 1 over the axes after the image
-        axis; axes left out are whole), what ``arr[i, *window]`` returns, read from its local shard file (``folder``
-        is not None): the index, then one read spanning the inner chunks the window touches.
-        An absent shard or chunk reads as the fill value, as in zarr. Raises ``ShardDamaged``."""
+        axis; axes left out are whole): what ``arr[i, *window]`` returns, read from its local
+        shard file (``folder`` is not None): the index, then one read spanning the inner
+        chunks the window touches. An absent shard or chunk reads as the fill value, as in
+        zarr. Raises ``ShardDamaged``, and ``IndexError`` for an image the array lacks."""
+        n = self.arr.shape[0]
+        if not -n <= i < n:
+            raise IndexError(f"image {i} of an array of {n}")
+        i, per = i % n, self.encoder.grid[0]  # a negative i counts from the end, as numpy's
         chunk, grid, shape = self.encoder.chunk[1:], self.encoder.grid[1:], self.arr.shape[1:]
         window = tuple(window) + (slice(None),) * (len(shape) - len(window))
         bounds = [s.indices(n)[:2] for s, n in zip(window, shape)]
@@ -163,14 +176,16 @@ class ShardReader:
             return out
         spans = (range(a // c, (b - 1) // c + 1) for (a, b), c in zip(bounds, chunk))
         touched = list(itertools.product(*spans))
-        per = self.encoder.grid[0]
         path = self.folder / _shard_key(self.arr, i // per)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return out
         try:
-            size = os.fstat(fd).st_size
+            stat = os.fstat(fd)
+            if not S_ISREG(stat.st_mode):  # absent, as zarr reads it
+                return out
+            size = stat.st_size
             if size < self._index_bytes:
                 raise ShardDamaged(f"shard of {size} bytes is shorter than its index")
             end = size - self._index_bytes

@@ -102,9 +102,9 @@ class ShardEncoder:
 
     @classmethod
     def for_array(cls, arr: zarr.AsyncArray) -> ShardEncoder | None:
-        """The encoder of a uint8 array with this module's layout (one image per inner chunk;
-        one sharding codec over bytes, blosc and crc32c; index with crc32c, at the end);
-        None for any other."""
+        """The encoder of a uint8 array with this module's layout (one image per inner chunk,
+        whole images per shard; one sharding codec over bytes, blosc and crc32c; index with
+        crc32c, at the end); None for any other."""
         meta = arr.metadata.to_dict()
         codecs = meta["codecs"]
         if arr.dtype != np.uint8 or [c["name"] for c in codecs] != ["sharding_indexed"]:
@@ -124,6 +124,8 @@ class ShardEncoder:
             b["cname"], b["clevel"], cls.SHUFFLES[b["shuffle"]], blocksize=b["blocksize"]
         )
         shard = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        if any(s < n for s, n in zip(shard[1:], arr.shape[1:])):  # images split over shards
+            return None
         return cls(shard, tuple(conf["chunk_shape"]), blosc)
 
     def encode(self, images: list[np.ndarray | None]) -> bytes:

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from softprep import keep_freed_buffers
 from softprep.manifest import VOID
 from softprep.options import build_command
 from softprep.planes import TOTAL
@@ -91,8 +90,6 @@ class _LazyStore:
     @property
     def store(self) -> SoftStore:
         if self._store is None:
-            if torch.utils.data.get_worker_info() is not None:  # a loader worker: crop after
-                keep_freed_buffers()  # crop reuses memory (measured: 2.9 -> 2.3 ms a crop)
             self._store = SoftStore(self.url)
         return self._store
 

@@ -577,6 +577,7 @@ def test_windows_read_from_shard_files_equal_zarrs_reads(samples, tmp_path, data
     data[1] = data.fill_value  # zarr drops the image's chunks (all fill) from the shard
     for path in paths:
         Path(url, store.shard_key(path, 2)).unlink(missing_ok=True)
+    Path(url, store.shard_key(paths[-1], 2)).mkdir()  # a folder there: absent, as for zarr
     rng = np.random.default_rng(0)
     compared = 0
     for path in paths:
@@ -597,6 +598,24 @@ def test_windows_read_from_shard_files_equal_zarrs_reads(samples, tmp_path, data
         assert store._readers[path] is not None, f"{path}: not read directly"
     assert compared == len(paths) * n * 9
     assert (store._read(some, 1, (1,)) == 0).all() and (store._read(some, 2, (2,)) == 0).all()
+    np.testing.assert_array_equal(store._read(some, -1, (-1,)), store.array(some)[-1])
+    with pytest.raises(IndexError, match=f"image {n} of an array of {n}"):
+        store._read(some, n, (n,))
+
+
+def test_arrays_whose_images_span_several_shards_are_read_through_zarr(tmp_path):
+    """The direct reader and writer take whole images per shard; another sharding of the
+    same codecs is left to zarr."""
+    from softprep.layout import LABEL_CODECS
+    from softprep.store import ShardReader
+
+    group = zarr.open_group(str(tmp_path / "z.zarr"), mode="w")
+    for shards, direct in [((1, 512, 512), True), ((1, 256, 256), False)]:
+        arr = group.create_array(
+            f"a{shards[1]}", shape=(2, 300, 400), chunks=(1, 256, 256), shards=shards,
+            dtype="uint8", compressors=LABEL_CODECS,
+        )  # fmt: skip
+        assert (ShardReader.for_array(arr) is not None) == direct, shards
 
 
 def test_a_damaged_shard_read_by_a_crop_names_the_store_array_and_image(samples, tmp_path):
