@@ -33,6 +33,7 @@ from softprep.terminal import (
     note_if_scored_where_fitted,
     output_files,
     progress_bar,
+    reflow_help,
     run_app,
     show_notes,
     tagged,
@@ -728,6 +729,9 @@ def _interrupted(e: BaseException) -> bool:
             return True
         e = e.__context__
     return False
+
+
+reflow_help(app)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ so both CLIs answer ``--help`` at once."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -128,6 +129,16 @@ def _install_value_names() -> None:
 
 
 _install_value_names()
+
+
+def reflow_help(app: typer.Typer) -> None:
+    """Each command's help text as paragraphs of one line, which ``--help`` wraps at the
+    terminal's width: Typer's rich mode keeps a docstring's own line breaks, which broke its
+    lines early. Called by each CLI once its commands are registered."""
+    for command in app.registered_commands:
+        text = inspect.cleandoc(command.help or command.callback.__doc__ or "")
+        paragraphs = (" ".join(line.strip() for line in p.splitlines()) for p in text.split("\n\n"))
+        command.help = "\n\n".join(paragraphs)
 
 
 def tagged(tag: str, style: str, text) -> Text:

@@ -24,6 +24,7 @@ from softprep.terminal import (
     note_if_scored_where_fitted,
     output_files,
     progress_bar,
+    reflow_help,
     run_app,
     show_notes,
     tagged,
@@ -510,6 +511,9 @@ def bench_loader(
         f"{r['crops_per_s']:.1f} crops/s ({r['crops_per_s_per_worker']:.1f} per worker), "
         f"{r['mb_per_s']:.1f} MB/s at {crop} with {workers} workers"
     )
+
+
+reflow_help(app)
 
 
 def main() -> None:

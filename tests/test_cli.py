@@ -523,6 +523,11 @@ def test_help_shows_value_names_and_cuts_nothing_at_80_columns():
             assert "'softprep'" not in r.output, name  # rich ate an extra's [brackets]
     r = runner.invoke(app, ["build", "--help"], env={"COLUMNS": "80"})
     assert "FRACTION ..." in r.output and "--json" not in r.output
+    for cli in (app, softtrain_app):  # a docstring's line breaks are not the terminal's
+        for name, command in typer.main.get_command(cli).commands.items():
+            assert all("\n" not in p for p in command.help.split("\n\n")), (name, command.help)
+    help_text = typer.main.get_command(softtrain_app).commands["fit"].help
+    assert "pass --resume or --overwrite. SIGTERM / Ctrl-C save last.pt" in help_text
     r = runner.invoke(app, ["info", "--help"], env={"COLUMNS": "80"})
     line = next(x for x in r.output.splitlines() if "--json" in x)
     assert "TEXT" not in line and "BOOL" not in line.upper().replace("--JSON", "")
