@@ -390,13 +390,13 @@ def build(
     for note in summary.notes():
         console.print(tagged("note", "yellow", note), highlight=False)
     repaired = f"{summary.repaired} damaged image(s) found, " if repair else ""
+    rate = f", {summary.images_per_second:.2f} img/s" if summary.built else ""
     out.print(
         tagged(
             summary.url,
             "green",
             f"{repaired}{summary.built} built, {summary.already_done} already done, "
-            f"{len(summary.skipped)} skipped, {summary.images_per_second:.2f} img/s "
-            f"({summary.seconds:.1f} s in all)",
+            f"{len(summary.skipped)} skipped{rate} ({summary.seconds:.1f} s in all)",
         )
     )
     for line in _grouped(summary.skipped, f"'softprep info {summary.url}' lists them all"):

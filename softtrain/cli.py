@@ -423,6 +423,9 @@ def evaluate(
     how += [f"TTA levels {' '.join(tta_levels)}"] if tta_levels else []
     print_eval(record, f"{checkpoint} on {store} ({', '.join(how)})")
     write_eval(record, csv_path, json_path)
+    for path in (csv_path, json_path):
+        if path:
+            out.print(f"wrote {path}")
     if save_decode and record["decode"]:
         save_decode.write_text(json.dumps(record["decode"], indent=1))
         out.print(f"wrote the {record['decode']['kind']} decode to {save_decode}")
@@ -507,9 +510,10 @@ def bench_loader(
         r = run_bench_loader(store, crop, workers, batch_size, batches)
     if r["note"]:
         console.print(tagged("note", "yellow", r["note"]), highlight=False)
+    where = f"{r['crops_per_s_per_worker']:.1f} per worker" if workers else "in this process"
     out.print(
-        f"{r['crops_per_s']:.1f} crops/s ({r['crops_per_s_per_worker']:.1f} per worker), "
-        f"{r['mb_per_s']:.1f} MB/s at {crop} with {workers} workers"
+        f"{r['crops_per_s']:.1f} crops/s ({where}), {r['mb_per_s']:.1f} MB/s at {crop} with "
+        f"{workers} workers"
     )
 
 

@@ -62,9 +62,9 @@ def test_sample_build_info_verify_show_priors(tmp_path, monkeypatch):
     args = ["build", "cityscapes", "--root", data, "--scales", "1/8", "1/4", "--out", store]
     r = run(*args, "--jobs", 2, "--images-per-shard", 3)
     assert r.exit_code == 0, r.output
-    assert "4 built" in r.text
+    assert "4 built" in r.text and " img/s (" in r.text
     r = run(*args, "--images-per-shard", 3)
-    assert "0 built, 4 already done" in r.text
+    assert "0 built, 4 already done, 0 skipped (" in r.text  # no rate of nothing built
     photo = next((data / "leftImg8bit/val").rglob("*.png"))
     photo.write_bytes(photo.read_bytes() + b"\0")  # the same name, another file
     r = run(*args, "--images-per-shard", 3)
