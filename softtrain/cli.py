@@ -159,14 +159,17 @@ def write_eval(record: dict, csv_path: Path | None, json_path: Path | None) -> N
 
 
 def _shown(d) -> str:
-    """A declared option's default as ``--help`` says it."""
-    if d.shown:
+    """A declared option's default (and choices) as ``--help`` says it, in brackets."""
+    if d.shown and d.shown.startswith("required"):
         return d.shown
-    if d.type is bool:
-        return "on" if d.default else "off"
-    if d.choices:
-        return f"{d.default} ({', '.join(map(str, d.choices))})"
-    return "none" if d.default is None else str(d.default)
+    if d.shown:
+        default = d.shown
+    elif d.type is bool:
+        default = "on" if d.default else "off"
+    else:
+        default = "none" if d.default is None else str(d.default)
+    choices = f"; choices: {', '.join(map(str, d.choices))}" if d.choices else ""
+    return f"default: {default}{choices}"
 
 
 def config_options(keys=None):
@@ -184,7 +187,7 @@ def config_options(keys=None):
         names = [f"{d.flag}/--no-{d.flag[2:]}"] if d.type is bool else [d.flag]
         also = f" (also {', '.join(d.aliases)})" if d.aliases else ""
         opt = typer.Option(
-            None, *names, help=f"{d.help}{also} \\[default: {_shown(d)}]",
+            None, *names, help=f"{d.help}{also} \\[{_shown(d)}]",
             rich_help_panel=d.panel, show_default=False,
         )  # fmt: skip
         params.append(

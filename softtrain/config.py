@@ -78,7 +78,8 @@ def option(
 ):
     """A config field: ``help`` for ``--help``; ``key`` the flat name (and flag) when it is
     not the section prefix + field name; ``choices``/``minimum`` checked on creation;
-    ``resumable``: a ``--resume`` may change it; ``shown``: the default as ``--help`` says it;
+    ``resumable``: a ``--resume`` may change it; ``shown``: the default as ``--help`` says it
+    (or "required..." for an option without one);
     ``aliases``: more flags for it."""
     meta = dict(help=help, key=key, choices=choices, minimum=minimum, resumable=resumable,
                 shown=shown, aliases=aliases)  # fmt: skip
@@ -118,7 +119,10 @@ class DataOptions:
     PANEL = "Data"
     PREFIX = ""
     store: str = option(
-        "", "Store built by 'softprep build'.", resumable=True, shown="none: required"
+        "",
+        "Store built by 'softprep build'.",
+        resumable=True,
+        shown="required, unless --config gives it",
     )  # may move
     crop: str = option("256x512", "Crop HEIGHTxWIDTH.")
     levels: list[str] = option([], "Store levels to draw scales from.", shown="all")

@@ -526,8 +526,11 @@ def test_help_shows_value_names_and_cuts_nothing_at_80_columns():
     for cli in (app, softtrain_app):  # a docstring's line breaks are not the terminal's
         for name, command in typer.main.get_command(cli).commands.items():
             assert all("\n" not in p for p in command.help.split("\n\n")), (name, command.help)
-    help_text = typer.main.get_command(softtrain_app).commands["fit"].help
-    assert "pass --resume or --overwrite. SIGTERM / Ctrl-C save last.pt" in help_text
+    fit = typer.main.get_command(softtrain_app).commands["fit"]
+    assert "pass --resume or --overwrite. SIGTERM / Ctrl-C save last.pt" in fit.help
+    helps = {p.opts[0]: p.help for p in fit.params}
+    assert helps["--optimizer"].endswith("[default: sgd; choices: sgd, adamw]")
+    assert helps["--store"].endswith("[required, unless --config gives it]")
     r = runner.invoke(app, ["info", "--help"], env={"COLUMNS": "80"})
     line = next(x for x in r.output.splitlines() if "--json" in x)
     assert "TEXT" not in line and "BOOL" not in line.upper().replace("--JSON", "")
