@@ -261,9 +261,10 @@ def banner(cfg: FitConfig, inputs: RunInputs, ranks: Ranks) -> list[str]:
     n = sum(p.numel() for p in inputs.model.parameters())
     params = f"{n / 1e6:.1f} M" if n >= 100_000 else f"{n / 1e3:.1f} k"  # a user's small model
     ch, cw = train.crop
+    levels = ", ".join(scale_label(s) for s in train.scales)
     sizes = ", ".join(
-        f"{scale_label(s)} up to {hw[:, 0].max()}x{hw[:, 1].max()}"
-        for s, hw in ((s, train.hw[s][train.items]) for s in train.scales)
+        f"{hw[:, 0].max()}x{hw[:, 1].max()}"
+        for hw in (train.hw[s][train.items] for s in train.scales)
     )
     device = f"{ranks.device}" + (f" x {ranks.world} processes" if ranks.distributed else "")
     unevaluated = f"--eval-split {NO_EVAL}" if cfg.run.eval_split == NO_EVAL else (
@@ -273,7 +274,7 @@ def banner(cfg: FitConfig, inputs: RunInputs, ranks: Ranks) -> list[str]:
         + (", bf16" if cfg.speed.bf16 else ""),
         f"data: {len(train)} training images of {cfg.data.store}; batch {cfg.optim.batch_size}"
         f" x {cfg.optim.accum} accumulated, {cfg.optim.iters} steps",
-        f"crops {ch}x{cw} from levels {sizes} (height x width)",
+        f"crops {ch}x{cw} (height x width) from levels {levels}, whose largest images are {sizes}",
         f"evaluation: {cfg.run.eval_split} at {inputs.eval_level}"
         if inputs.evalset is not None
         else f"evaluation: none ({unevaluated})",

@@ -177,7 +177,7 @@ def test_the_banner_says_what_a_run_uses_and_best_pt_has_no_optimiser(tmp_path, 
     fit(cfg, on_start=said.extend)
     text = "\n".join(said)
     assert "supervised training of deeplabv3plus_r18 (16.6 M parameters) on cpu" in text
-    assert "crops 64x128 from levels 1/8 up to 32x64" in text
+    assert "crops 64x128 (height x width) from levels 1/8, whose largest images are 32x64" in text
     assert "1/8 (75% of each crop is void padding)" in text  # 32x64 of 64x128
     best, last = (load_checkpoint(tmp_path / f"run/{n}.pt") for n in ("best", "last"))
     assert "optimizer" not in best and "optimizer" in last
