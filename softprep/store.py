@@ -64,8 +64,8 @@ class ShardReader:
     verify`` uses) or one image's window from a local shard file (its index, then the inner
     chunks the window touches: what crops and evaluation images use). zarr's read path costs
     an async round trip and a thread hand-off per call (~1 ms each, several per read):
-    measured, a 256x512 crop of a Cityscapes-size store (soft label and colour) takes
-    ~2x as long through zarr."""
+    measured, a crop (soft label and colour) takes 3-4x as long through zarr at 256x512 of
+    a Cityscapes-size store, 5-7x at 96x128 of real CamVid (``bench_loader.py``)."""
 
     def __init__(self, arr: zarr.Array, encoder: ShardEncoder):
         self.arr, self.encoder = arr, encoder
@@ -164,13 +164,13 @@ class ShardReader:
         shard file (``folder`` is not None): the index, then one read spanning the inner
         chunks the window touches. An absent shard or chunk reads as the fill value, as in
         zarr. Raises ``ShardDamaged``, and ``IndexError`` for an image the array lacks."""
-        n = self.arr.shape[0]
-        if not -n <= i < n:
-            raise IndexError(f"image {i} of an array of {n}")
-        i, per = i % n, self.encoder.grid[0]  # a negative i counts from the end, as numpy's
+        images = self.arr.shape[0]
+        if not -images <= i < images:
+            raise IndexError(f"image {i} of an array of {images}")
+        i, per = i % images, self.encoder.grid[0]  # a negative i counts from the end, as numpy's
         chunk, grid, shape = self.encoder.chunk[1:], self.encoder.grid[1:], self.arr.shape[1:]
         window = tuple(window) + (slice(None),) * (len(shape) - len(window))
-        bounds = [s.indices(n)[:2] for s, n in zip(window, shape)]
+        bounds = [s.indices(size)[:2] for s, size in zip(window, shape)]
         out = np.full([max(0, b - a) for a, b in bounds], self.fill, np.uint8)
         if out.size == 0:
             return out
@@ -191,11 +191,11 @@ class ShardReader:
             end = size - self._index_bytes
             entries = self.index(os.pread(fd, self._index_bytes, end))[i % per]
             numbers = [int(np.ravel_multi_index(coords, grid)) for coords in touched]
-            stored = [n for n in numbers if entries[n, 0] != ABSENT or entries[n, 1] != ABSENT]
+            stored = {k for k in numbers if entries[k, 0] != ABSENT or entries[k, 1] != ABSENT}
             if not stored:
                 return out
-            base = min(int(entries[n, 0]) for n in stored)
-            stop = min(end, max(int(entries[n, 0]) + int(entries[n, 1]) for n in stored))
+            base = min(int(entries[k, 0]) for k in stored)
+            stop = min(end, max(int(entries[k, 0]) + int(entries[k, 1]) for k in stored))
             data = os.pread(fd, stop - base, base) if stop > base else b""
         finally:
             os.close(fd)
