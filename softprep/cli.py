@@ -324,7 +324,8 @@ def build(
     ),
     backend: str = typer.Option(
         "loky",
-        help="loky (local processes) or dask (the cluster at --scheduler, else a local one).",
+        help="loky (local processes: forked copies of this one where that is safe, else "
+        "loky's workers) or dask (the cluster at --scheduler, else a local one).",
     ),
     scheduler: str | None = typer.Option(
         None, help="Dask scheduler address, e.g. tcp://host:8786."
