@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import typer
+from rich.markup import escape
 from rich.table import Column, Table
 
 from softprep import OWN_PROCESS
@@ -188,7 +189,7 @@ def sample(
         hw = tuple(int(v) for v in size.lower().split("x")) if size else None
         counts = {"train": train, "val": val} | ({"test": test} if test else {})
         n = write_sample_folder(m, directory, counts, hw, seed)
-    out.print(f"wrote {n} {m.dataset} {m.version} pairs under {directory}")
+    out.print(f"wrote {n} {m.dataset} {m.version} pairs under {directory}", markup=False)
 
 
 @app.command()
@@ -438,7 +439,7 @@ def info(
         out.print_json(json.dumps(d))
         return
     out.print(
-        f"[bold]{d['url']}[/bold]: "
+        f"[bold]{escape(d['url'])}[/bold]: "
         + " ".join(filter(None, (d["dataset"], d["dataset_version"])))
         + f", {d['classes']} classes, "
         f"kernel {d['kernel']} ({'antialiased' if d['antialias'] else 'no antialias'})"
@@ -510,7 +511,7 @@ def verify(
     for p in report.problems[:100]:
         console.print(tagged("problem", "red", p), highlight=False)
     if not report.ok:
-        console.print(f"[red]{len(report.problems)} problem(s)[/red] in {store}")
+        console.print(f"[red]{len(report.problems)} problem(s)[/red] in {escape(store)}")
         console.print(  # one line: a command to copy whole
             tagged("next step", "bold", report.advice(store)), highlight=False, soft_wrap=True
         )
@@ -545,7 +546,7 @@ def show(
         if not 0 <= index < len(s):
             raise StoreError(f"{store}: index {index} out of range 0..{len(s) - 1}")
         render(s, index, level).save(output)
-    out.print(f"wrote {output} ({s.names()[index]})")
+    out.print(f"wrote {output} ({s.names()[index]})", markup=False)
 
 
 @app.command()
@@ -599,7 +600,7 @@ def priors(
         report.plot(plot)
     for p in (csv_path, json_path, plot):
         if p:
-            out.print(f"wrote {p}")
+            out.print(f"wrote {p}", markup=False)
 
 
 @app.command()
@@ -682,7 +683,7 @@ def fidelity(
     ):
         if path:
             write(path)
-            out.print(f"wrote {path}")
+            out.print(f"wrote {path}", markup=False)
 
 
 def print_priors(report: PriorReport) -> None:

@@ -137,8 +137,12 @@ def reflow_help(app: typer.Typer) -> None:
     lines early. Called by each CLI once its commands are registered."""
     for command in app.registered_commands:
         text = inspect.cleandoc(command.help or command.callback.__doc__ or "")
-        paragraphs = (" ".join(line.strip() for line in p.splitlines()) for p in text.split("\n\n"))
-        command.help = "\n\n".join(paragraphs)
+        shown, hidden = text.partition("\f")[::2]  # Click hides what follows a form feed
+        paragraphs = (
+            p if p.startswith("\b") else " ".join(line.strip() for line in p.splitlines())
+            for p in shown.split("\n\n")  # a \b paragraph keeps its lines, as in Click
+        )
+        command.help = "\n\n".join(paragraphs) + ("\f" + hidden if hidden else "")
 
 
 def tagged(tag: str, style: str, text) -> Text:

@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -268,7 +269,7 @@ def fit(
         return
     out.print(
         f"[green]done[/green]: {result['step']} steps, last mIoU {_percent(result['last_miou'])}"
-        f", best {_percent(result['best_miou'])}; run in {cfg.run.out}"
+        f", best {_percent(result['best_miou'])}; run in {escape(str(cfg.run.out))}"
     )
 
 
@@ -323,7 +324,7 @@ def compare(
     report.write_csv(out_dir / "compare.csv")
     report.write_json(out_dir / "compare.json")
     report.plot(out_dir / "compare.png")
-    out.print(f"wrote {out_dir / 'compare.csv'}, compare.json, compare.png")
+    out.print(f"wrote {out_dir / 'compare.csv'}, compare.json, compare.png", markup=False)
 
 
 @app.command()
@@ -428,10 +429,10 @@ def evaluate(
     write_eval(record, csv_path, json_path)
     for path in (csv_path, json_path):
         if path:
-            out.print(f"wrote {path}")
+            out.print(f"wrote {path}", markup=False)
     if save_decode and record["decode"]:
         save_decode.write_text(json.dumps(record["decode"], indent=1))
-        out.print(f"wrote the {record['decode']['kind']} decode to {save_decode}")
+        out.print(f"wrote the {record['decode']['kind']} decode to {save_decode}", markup=False)
 
 
 @app.command()
@@ -467,7 +468,7 @@ def predict(
                 checkpoint, images, out_dir, fmt, overlays, device, opts, progress
             )
     pngs = "label PNG" if len(written) == 1 else "label PNGs"
-    out.print(f"wrote {len(written)} {pngs} ({fmt}) to {out_dir}", highlight=False)
+    out.print(f"wrote {len(written)} {pngs} ({fmt}) to {out_dir}", highlight=False, markup=False)
 
 
 @app.command()
@@ -495,7 +496,10 @@ def export(
         opts = _inference("whole", "", "", False, [], False, decode)
         hw = parse_crop(size)
         run_export(Segmenter.from_checkpoint(checkpoint, "cpu", opts), out_path, fmt, hw)
-    out.print(f"wrote {out_path} ({fmt}, uint8 RGB images of any size; traced at {hw[0]}x{hw[1]})")
+    out.print(
+        f"wrote {out_path} ({fmt}, uint8 RGB images of any size; traced at {hw[0]}x{hw[1]})",
+        markup=False,
+    )
 
 
 @app.command("bench-loader")

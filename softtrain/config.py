@@ -122,7 +122,7 @@ class DataOptions:
         "",
         "Store built by 'softprep build'.",
         resumable=True,
-        shown="required, unless --config gives it",
+        shown="required, unless --config or --resume gives it",
     )  # may move
     crop: str = option("256x512", "Crop HEIGHTxWIDTH.")
     levels: list[str] = option([], "Store levels to draw scales from.", shown="all")

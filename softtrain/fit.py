@@ -274,7 +274,7 @@ def banner(cfg: FitConfig, inputs: RunInputs, ranks: Ranks) -> list[str]:
         + (", bf16" if cfg.speed.bf16 else ""),
         f"data: {len(train)} training images of {cfg.data.store}; batch {cfg.optim.batch_size}"
         f" x {cfg.optim.accum} accumulated, {cfg.optim.iters} steps",
-        f"crops {ch}x{cw} (height x width) from levels {levels}, whose largest images are {sizes}",
+        f"crops {ch}x{cw} (height x width) from levels {levels}, whose images are up to {sizes}",
         f"evaluation: {cfg.run.eval_split} at {inputs.eval_level}"
         if inputs.evalset is not None
         else f"evaluation: none ({unevaluated})",

@@ -530,10 +530,42 @@ def test_help_shows_value_names_and_cuts_nothing_at_80_columns():
     assert "pass --resume or --overwrite. SIGTERM / Ctrl-C save last.pt" in fit.help
     helps = {p.opts[0]: p.help for p in fit.params}
     assert helps["--optimizer"].endswith("[default: sgd; choices: sgd, adamw]")
-    assert helps["--store"].endswith("[required, unless --config gives it]")
+    assert helps["--store"].endswith("[required, unless --config or --resume gives it]")
     r = runner.invoke(app, ["info", "--help"], env={"COLUMNS": "80"})
     line = next(x for x in r.output.splitlines() if "--json" in x)
     assert "TEXT" not in line and "BOOL" not in line.upper().replace("--JSON", "")
+
+
+def test_reflowed_help_keeps_what_click_hides_and_keeps_unwrapped_paragraphs():
+    import typer
+
+    from softprep.terminal import reflow_help
+
+    demo = typer.Typer()
+
+    @demo.command()
+    def one():
+        """Summary.
+
+        \b
+        kept:
+        - as laid out
+
+        A paragraph
+        over two lines.
+        \f
+        :param x: hidden, as Click hides it.
+        """
+
+    @demo.command()
+    def two():
+        pass
+
+    reflow_help(demo)
+    r = runner.invoke(demo, ["one", "--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
+    assert r.exit_code == 0 and "A paragraph over two lines." in r.output, r.output
+    assert "kept:\n" in r.output.replace(" ", "").replace("│", "") and "hidden" not in r.output
+    assert runner.invoke(demo, ["two", "--help"]).exit_code == 0
 
 
 @pytest.mark.slow

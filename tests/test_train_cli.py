@@ -76,15 +76,15 @@ def test_fit_eval_predict_with_nearest_store_and_config_replay(samples, tmp_path
         "--device",
         "cpu",
         "--json",
-        tmp_path / "metrics" / "iou.json",  # a missing folder is made (was a traceback)
+        tmp_path / "metrics[1]" / "iou.json",  # a missing folder is made; brackets kept
     )
     assert r.exit_code == 0, r.output
-    record = json.loads((tmp_path / "metrics/iou.json").read_text())
+    record = json.loads((tmp_path / "metrics[1]/iou.json").read_text())
     assert len(record["classes"]) == 19
     assert f"{out / 'best.pt'} on {url} (val, 1/4, whole)\n" in r.output  # whole, one line
     table, wrote = r.output.split("\nwrote ")
     assert table.splitlines()[-1].startswith(f"mIoU {100 * record['mIoU']:.2f}  aAcc")
-    assert "".join(wrote.split()) == str(tmp_path / "metrics" / "iou.json")
+    assert "".join(wrote.split()) == str(tmp_path / "metrics[1]" / "iou.json")
     image = next((samples["cityscapes"] / "leftImg8bit/val").rglob("*.png"))
     r = run(
         "predict",
@@ -177,7 +177,7 @@ def test_the_banner_says_what_a_run_uses_and_best_pt_has_no_optimiser(tmp_path, 
     fit(cfg, on_start=said.extend)
     text = "\n".join(said)
     assert "supervised training of deeplabv3plus_r18 (16.6 M parameters) on cpu" in text
-    assert "crops 64x128 (height x width) from levels 1/8, whose largest images are 32x64" in text
+    assert "crops 64x128 (height x width) from levels 1/8, whose images are up to 32x64" in text
     assert "1/8 (75% of each crop is void padding)" in text  # 32x64 of 64x128
     best, last = (load_checkpoint(tmp_path / f"run/{n}.pt") for n in ("best", "last"))
     assert "optimizer" not in best and "optimizer" in last
