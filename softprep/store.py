@@ -93,14 +93,15 @@ class ShardReader:
         return None if buf is None else buf.to_bytes()
 
     @property
-    def _index_bytes(self) -> int:
+    def index_bytes(self) -> int:
+        """The length of a shard's index: (offset, nbytes) uint64 per inner chunk, CRC32C."""
         return 16 * math.prod(self.encoder.grid) + 4
 
     def index(self, blob: bytes) -> np.ndarray:
         """(G, chunks per image, 2) uint64 (offset, nbytes) of the inner chunks from a
         shard's bytes, or its last bytes (``ABSENT`` where a chunk is not stored); raises
         ``ShardDamaged``."""
-        n = self._index_bytes
+        n = self.index_bytes
         if len(blob) < n:
             raise ShardDamaged(f"shard of {len(blob)} bytes is shorter than its index")
         table = blob[-n:]
@@ -134,7 +135,7 @@ class ShardReader:
 
     def _chunks(self, blob: bytes, entries: np.ndarray):
         """(number, body) of one image's stored inner chunks, each CRC-checked."""
-        end = len(blob) - self._index_bytes
+        end = len(blob) - self.index_bytes
         for number, (offset, nbytes) in enumerate(entries.tolist()):
             if offset == ABSENT and nbytes == ABSENT:
                 continue
@@ -186,10 +187,10 @@ class ShardReader:
             if not S_ISREG(stat.st_mode):  # absent, as zarr reads it
                 return out
             size = stat.st_size
-            if size < self._index_bytes:
+            if size < self.index_bytes:
                 raise ShardDamaged(f"shard of {size} bytes is shorter than its index")
-            end = size - self._index_bytes
-            entries = self.index(os.pread(fd, self._index_bytes, end))[i % per]
+            end = size - self.index_bytes
+            entries = self.index(os.pread(fd, self.index_bytes, end))[i % per]
             numbers = [int(np.ravel_multi_index(coords, grid)) for coords in touched]
             stored = {k for k in numbers if entries[k, 0] != ABSENT or entries[k, 1] != ABSENT}
             if not stored:
@@ -354,21 +355,21 @@ class SoftStore:
     def _shard_index(self, path: str, i: int) -> np.ndarray | None:
         """(G, chunks per image) uint64 offsets of the inner chunks in image ``i``'s shard
         (``ABSENT`` where not stored), from the shard's last bytes; None if they are not an
-        index (a damaged shard, which reading it reports)."""
-        arr = self.array(path)
-        per_image = math.prod(s // c for s, c in zip(arr.shards[1:], arr.chunks[1:]))
-        n = self.images_per_shard * per_image
+        index (a damaged shard, which reading it reports, or another layout's)."""
+        reader = ShardReader.for_array(self.array(path))
+        if reader is None:
+            return None
         blob = sync(
-            arr.store.get(
+            reader.arr.store.get(
                 self.shard_key(path, i),
                 default_buffer_prototype(),
-                byte_range=SuffixByteRequest(16 * n + 4),
+                byte_range=SuffixByteRequest(reader.index_bytes),
             )
         )
-        data = blob.to_bytes()
-        if len(data) != 16 * n + 4 or _crc32c(data[:-4]) != data[-4:]:
+        try:
+            return reader.index(blob.to_bytes())[..., 0]
+        except ShardDamaged:
             return None
-        return np.frombuffer(data[:-4], "<u8").reshape(-1, per_image, 2)[..., 0]
 
     def hw(self, scale) -> np.ndarray:
         """(N, 2) int32 true sizes at a level."""
