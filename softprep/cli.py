@@ -85,6 +85,7 @@ LabelsOpt = typer.Option(
     "--labels",
     help="Label variant, e.g. trainIds to read the labelTrainIds files of Cityscapes.",
 )
+LEVELS, RUNNING = "Levels", "Store and processes"  # build --help's panels
 DEFAULT_SCALES = ["1/8", "1/4", "1/2"]  # build's, and the reports' without a store
 # how the reports (priors, fidelity) compute their levels from a dataset, without a store:
 # None where not given (beside --store, any given is refused, the default included)
@@ -264,28 +265,34 @@ def build(
     scales: list[str] = typer.Option(
         DEFAULT_SCALES,
         help="Levels as fractions of each image's size: 1/8 1/4 1/2 (above 1 up-samples).",
+        rich_help_panel=LEVELS,
     ),
     kernel: str = typer.Option(
         BuildOptions.kernel,
         help=f"One of {', '.join(KERNELS)}; the colour image gets the same kernel.",
+        rich_help_panel=LEVELS,
     ),
     colour_kernel: str = typer.Option(
         None,
         help="Resize the colour image with another kernel than the labels: --kernel nearest "
         "--colour-kernel bilinear is mmsegmentation's pipeline (the baseline users run).",
+        rich_help_panel=LEVELS,
     ),
     antialias: bool = typer.Option(
         BuildOptions.antialias,
         help="--no-antialias: the paper's exact variant (fixed 2-tap bilinear / 4-tap bicubic).",
+        rich_help_panel=LEVELS,
     ),
-    k: int = typer.Option(6, "--k", help="Classes kept per pixel (top-K)."),
+    k: int = typer.Option(6, "--k", help="Classes kept per pixel (top-K).", rich_help_panel=LEVELS),
     short_side: int | None = typer.Option(
         None,
         help="Scales are relative to this short side in px (varied-size datasets: ADE20K, Mapillary).",
+        rich_help_panel=LEVELS,
     ),
     stats_for: list[str] = typer.Option(
         [],
         help="Extra strategies whose class priors are recorded for 'priors --compare': area, bilinear, bicubic (-noaa suffix for no antialias).",
+        rich_help_panel=LEVELS,
     ),
     split: list[str] = typer.Option(
         None,
@@ -305,13 +312,17 @@ def build(
     ),
     weak_seed: int = typer.Option(0, help="Seed of the --weak thinning."),
     out_url: str | None = typer.Option(
-        None, "--out", help="Store path or fsspec URL (default: <dataset>.zarr)."
+        None,
+        "--out",
+        help="Store path or fsspec URL (default: <dataset>.zarr).",
+        rich_help_panel=RUNNING,
     ),
     jobs: str = typer.Option(
         "auto",
         help="Parallel jobs (one shard of images per task), or auto: the cores this process "
         "may use less the load already on them (1-minute load average), at least 1, so a "
         "busy machine gets no more processes than it has idle cores.",
+        rich_help_panel=RUNNING,
     ),
     images_per_shard: int | None = typer.Option(
         None,
@@ -319,23 +330,30 @@ def build(
         "built by one task. Default: about 2 megapixels of images per shard, at most 16 "
         "(1 for Cityscapes, 5 for 683x512 images). Readers need not know it; 1 makes "
         "crop reads of small images ~10% faster, for more files.",
+        rich_help_panel=RUNNING,
     ),
     on_error: str = typer.Option(
-        "fail", help="fail: stop at a bad pair; skip: list it in the store and go on."
+        "fail",
+        help="fail: stop at a bad pair; skip: list it in the store and go on.",
+        rich_help_panel=RUNNING,
     ),
     backend: str = typer.Option(
         "loky",
         help="loky (local processes: forked copies of this one where that is safe, else "
         "loky's workers) or dask (the cluster at --scheduler, else a local one).",
+        rich_help_panel=RUNNING,
     ),
     scheduler: str | None = typer.Option(
-        None, help="Dask scheduler address, e.g. tcp://host:8786."
+        None,
+        help="Dask scheduler address, e.g. tcp://host:8786.",
+        rich_help_panel=RUNNING,
     ),
     repair: bool = typer.Option(
         False,
         "--repair",
         help="Check the existing store as 'softprep verify' does and rebuild the shards of "
         "every damaged image (give the options of the original build).",
+        rich_help_panel=RUNNING,
     ),
     version: str | None = VersionOpt,
     labels: str | None = LabelsOpt,

@@ -523,6 +523,10 @@ def test_help_shows_value_names_and_cuts_nothing_at_80_columns():
             assert "'softprep'" not in r.output, name  # rich ate an extra's [brackets]
     r = runner.invoke(app, ["build", "--help"], env={"COLUMNS": "80"})
     assert "FRACTION ..." in r.output and "--json" not in r.output
+    # build's options in panels, so that one long flag pair does not narrow every help text
+    levels, running = r.output.index("─ Levels ─"), r.output.index("─ Store and processes ─")
+    assert levels < r.output.index("--no-antialias") < running < r.output.index("--jobs")
+    assert "--weak-seed" in r.output[:levels]
     for cli in (app, softtrain_app):  # a docstring's line breaks are not the terminal's
         for name, command in typer.main.get_command(cli).commands.items():
             assert all("\n" not in p for p in command.help.split("\n\n")), (name, command.help)
