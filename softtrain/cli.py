@@ -344,7 +344,7 @@ StrideOpt = typer.Option("", help="Slide stride HxW. (default: 2/3 of the window
 FlipOpt = typer.Option(False, "--flip", help="Test-time augmentation: add the flipped image.")
 TtaOpt = typer.Option(None, help="Test-time augmentation: more stored levels, e.g. 1/4 1/2.")
 DeviceOpt = typer.Option("auto", help="cuda, cpu or auto.")
-Bf16Opt = typer.Option(False, "--bf16", help="bf16 autocast (GPU).")
+Bf16Opt = typer.Option(False, "--bf16", help="bf16 autocast.")
 
 
 DecodeFileOpt = typer.Option(
