@@ -161,8 +161,8 @@ def write_eval(record: dict, csv_path: Path | None, json_path: Path | None) -> N
 
 def _shown(d) -> str:
     """A declared option's default (and choices) as ``--help`` says it, in brackets."""
-    if d.shown and d.shown.startswith("required"):
-        return d.shown
+    if d.required:
+        return f"required, {d.required}"
     if d.shown:
         default = d.shown
     elif d.type is bool:

@@ -74,15 +74,16 @@ def option(
     minimum: float | None = None,
     resumable: bool = False,
     shown: str | None = None,
+    required: str | None = None,
     aliases: tuple[str, ...] = (),
 ):
     """A config field: ``help`` for ``--help``; ``key`` the flat name (and flag) when it is
     not the section prefix + field name; ``choices``/``minimum`` checked on creation;
-    ``resumable``: a ``--resume`` may change it; ``shown``: the default as ``--help`` says it
-    (or "required..." for an option without one);
+    ``resumable``: a ``--resume`` may change it; ``shown``: the default as ``--help`` says it;
+    ``required``: for an option without a default, when it must be given (``--help``);
     ``aliases``: more flags for it."""
     meta = dict(help=help, key=key, choices=choices, minimum=minimum, resumable=resumable,
-                shown=shown, aliases=aliases)  # fmt: skip
+                shown=shown, required=required, aliases=aliases)  # fmt: skip
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -122,7 +123,7 @@ class DataOptions:
         "",
         "Store built by 'softprep build'.",
         resumable=True,
-        shown="required, unless --config or --resume gives it",
+        required="unless --config or --resume gives it",
     )  # may move
     crop: str = option("256x512", "Crop HEIGHTxWIDTH.")
     levels: list[str] = option([], "Store levels to draw scales from.", shown="all")
@@ -388,6 +389,7 @@ class Declared:
     panel: str
     resumable: bool
     shown: str | None
+    required: str | None
     aliases: tuple[str, ...]
     choices: tuple | None
 
@@ -407,8 +409,8 @@ def declared() -> dict[str, Declared]:
             kind = str if kind == (str | None) else kind
             found[key_of(cls, f)] = Declared(
                 key_of(cls, f), section, f.name, kind, default, f.metadata["help"],
-                cls.PANEL, f.metadata["resumable"], f.metadata["shown"], f.metadata["aliases"],
-                f.metadata["choices"],
+                cls.PANEL, f.metadata["resumable"], f.metadata["shown"], f.metadata["required"],
+                f.metadata["aliases"], f.metadata["choices"],
             )  # fmt: skip
     return found
 
