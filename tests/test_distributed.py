@@ -170,7 +170,16 @@ def ranks_running(how: str, *args) -> list[subprocess.CompletedProcess]:
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env=env | {"RANK": str(r), "LOCAL_RANK": str(r)})
              for r in range(2)]  # fmt: skip
-    return [subprocess.CompletedProcess(p.args, p.wait(120), *p.communicate()) for p in ranks]
+    done = []
+    try:
+        for p in ranks:  # communicate, not wait: a rank's full pipe cannot stall it
+            out, err = p.communicate(timeout=120)
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    finally:
+        for p in ranks:  # a rank that hung is not left behind
+            p.kill()
+            p.wait()
+    return done
 
 
 @pytest.mark.slow
